@@ -43,7 +43,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class SimulatorConfig(_Section):
+class SimulatorConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``relay simulate``: the stand-in for OpenAI's Realtime server."""
 
     host: str = "127.0.0.1"
@@ -64,7 +64,7 @@ class SimulatorConfig(_Section):
     faults_enabled: bool = False
 
 
-class ServeConfig(_Section):
+class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``relay serve``: the relay."""
 
     host: str = "127.0.0.1"
@@ -97,7 +97,7 @@ class ServeConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 
-class DemoConfig(_Section):
+class DemoConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``relay demo``: a scripted voice session that prints the event flow."""
 
     url: str = ""

@@ -1,0 +1,189 @@
+"""Dialing the upstream Realtime endpoint, before the client's upgrade is answered.
+
+This module owns the upstream leg's handshake: URL = configured base +
+``/realtime`` + the client's query string exactly as sent (``model``,
+``call_id``, ``intent`` and any other parameter preserved, in order),
+``Authorization: Bearer <relay key>``, no ``OpenAI-Beta`` header and no beta
+subprotocol, no compression offered, TLS verified against the system store or a
+configured CA file.
+
+Failures come back as :class:`UpstreamRefused` carrying the HTTP answer the
+client should get on *its* handshake, so a refusal is never a ``101`` followed by
+a close: the upstream's own 401/403/404/429 (and other 4xx) with its error body;
+502 when it is unreachable or not speaking WebSocket; 504 when the handshake
+does not finish in time.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from relay.net import http
+from relay.net.transport import Transport, TransportClosed, open_transport
+from relay.net.websocket import WebSocket
+from relay.protocol import handshake
+from relay.protocol.events import http_error_body
+from relay.protocol.handshake import HandshakeError, UpstreamTarget
+
+#: Upstream HTTP statuses whose body is passed to the client unchanged.
+PASSED_THROUGH_STATUSES: Final = frozenset(range(400, 500))
+USER_AGENT: Final = "openai-realtime-relay/0.1"
+
+
+class UpstreamRefused(Exception):
+    """The upstream could not be opened; answer the client's handshake with this."""
+
+    def __init__(self, status: int, body: bytes, *, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.body = body
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamEndpoint:
+    """Where and how to dial; built once from configuration."""
+
+    target: UpstreamTarget
+    api_key: str
+    ssl_context: ssl.SSLContext | None
+
+    @classmethod
+    def from_config(cls, url: str, api_key: str, ca_file: str = "") -> UpstreamEndpoint:
+        target = UpstreamTarget.from_url(url)
+        context: ssl.SSLContext | None = None
+        if target.tls:
+            context = ssl.create_default_context(cafile=ca_file or None)
+        return cls(target=target, api_key=api_key, ssl_context=context)
+
+    def request_target(self, client_query: str) -> str:
+        path = f"{self.target.base_path}/realtime"
+        return f"{path}?{client_query}" if client_query else path
+
+    def __repr__(self) -> str:  # never show the key
+        return f"UpstreamEndpoint({self.target!r})"
+
+
+async def dial_upstream(
+    endpoint: UpstreamEndpoint,
+    *,
+    client_query: str,
+    extra_headers: Sequence[tuple[str, str]] = (),
+    max_message_bytes: int,
+    timeout_s: float,
+) -> WebSocket:
+    """Open the upstream WebSocket or raise :class:`UpstreamRefused`."""
+    target = endpoint.target
+    transport: Transport | None = None
+    try:
+        with trio.fail_after(timeout_s):
+            try:
+                transport = await open_transport(
+                    target.host, target.port, ssl_context=endpoint.ssl_context
+                )
+            except (OSError, ssl.SSLError) as exc:
+                raise UpstreamRefused(
+                    502,
+                    http_error_body(
+                        "The relay could not reach the upstream Realtime API.",
+                        error_type="server_error",
+                        code="upstream_unreachable",
+                    ),
+                    detail=f"connect to {target.host}:{target.port} failed: {_describe(exc)}",
+                ) from None
+            key = handshake.new_websocket_key()
+            headers = [
+                ("Authorization", f"Bearer {endpoint.api_key}"),
+                ("User-Agent", USER_AGENT),
+                *extra_headers,
+            ]
+            await transport.send_all(
+                handshake.upgrade_request(
+                    host_header=target.host_header,
+                    target=endpoint.request_target(client_query),
+                    key=key,
+                    headers=headers,
+                )
+            )
+            response = await http.read_response_head(transport)
+            if response.status != 101:
+                body = await _read_error_body(transport, response)
+                raise _refusal(response.status, body)
+            problem = handshake.upgrade_response_problem(response, key)
+            if problem is not None:
+                raise UpstreamRefused(502, _bad_gateway(), detail=problem)
+    except trio.TooSlowError:
+        if transport is not None:
+            transport.close()
+        raise UpstreamRefused(
+            504,
+            http_error_body(
+                "The upstream Realtime API did not answer the handshake in time.",
+                error_type="server_error",
+                code="upstream_timeout",
+            ),
+            detail=f"handshake with {target.host}:{target.port} timed out after {timeout_s}s",
+        ) from None
+    except (TransportClosed, HandshakeError) as exc:
+        if transport is not None:
+            transport.close()
+        raise UpstreamRefused(502, _bad_gateway(), detail=f"upstream handshake failed: {exc}") from None
+    except BaseException:
+        if transport is not None:
+            transport.close()
+        raise
+    return WebSocket(
+        transport,
+        client_side=True,
+        max_message_bytes=max_message_bytes,
+        initial_data=response.trailing,
+    )
+
+
+async def _read_error_body(transport: Transport, response: handshake.ResponseHead) -> bytes:
+    try:
+        return await http.read_body(
+            transport,
+            response.trailing,
+            response.content_length,
+            max_bytes=handshake.MAX_ERROR_BODY_BYTES,
+        )
+    except (HandshakeError, TransportClosed):
+        return b""
+    finally:
+        transport.close()
+
+
+def _refusal(status: int, body: bytes) -> UpstreamRefused:
+    if status in PASSED_THROUGH_STATUSES:
+        if not body.lstrip().startswith(b"{"):
+            body = http_error_body(
+                f"The upstream refused the session (HTTP {status}).", code="upstream_refused"
+            )
+        return UpstreamRefused(status, body, detail=f"upstream answered HTTP {status}")
+    return UpstreamRefused(
+        502,
+        http_error_body(
+            f"The upstream Realtime API failed (HTTP {status}).",
+            error_type="server_error",
+            code="upstream_error",
+        ),
+        detail=f"upstream answered HTTP {status}",
+    )
+
+
+def _bad_gateway() -> bytes:
+    return http_error_body(
+        "The upstream Realtime API sent an invalid handshake.",
+        error_type="server_error",
+        code="bad_gateway",
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__

@@ -1,0 +1,275 @@
+"""Try-first socket I/O for Trio: the cheapest way Trio can move bytes.
+
+This module owns the byte transport under every WebSocket the relay, the simulator
+and the bench speak: a stdlib socket (plain, or ``ssl.SSLSocket`` for TLS) in
+non-blocking mode. Each operation is attempted at once; only when the kernel (or
+OpenSSL) says it would block do we await ``trio.lowlevel.wait_readable`` /
+``wait_writable``. ``trio.SocketStream`` instead passes through the scheduler on
+every call (a checkpoint before and after), and most of a relay's CPU per message
+is scheduler passes, not parsing. To stay fair and cancellable while data keeps
+flowing, a transport yields to the scheduler once every
+:data:`CHECKPOINT_EVERY_OPS` operations that did not block.
+
+Backpressure: :meth:`Transport.send_all` returns only when the kernel took every
+byte; with ``TCP_NOTSENT_LOWAT`` at :data:`NOTSENT_LOWAT_BYTES` the kernel holds
+at most that much unsent data per socket before the socket stops being writable,
+so a slow peer stops our reader quickly instead of filling buffers.
+
+Errors are translated here, once: any reset, broken pipe or TLS failure becomes
+:class:`TransportClosed`.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+import ssl
+from typing import Any, Final
+
+import trio
+
+#: Operations that complete without blocking before we yield to the scheduler anyway.
+CHECKPOINT_EVERY_OPS: Final = 32
+#: Unsent bytes the kernel may hold per socket before it stops being writable.
+NOTSENT_LOWAT_BYTES: Final = 64 * 1024
+#: Receive size per read; also the per-direction read buffer of a session.
+RECEIVE_BYTES: Final = 64 * 1024
+#: Listen backlog for our own listeners.
+LISTEN_BACKLOG: Final = 1024
+
+_TCP_NOTSENT_LOWAT: Final = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+
+
+class TransportClosed(Exception):
+    """The peer reset the connection, or it was closed under us."""
+
+
+def tune_stream_socket(sock: socket.socket) -> None:
+    """Non-blocking, no Nagle delay, bounded unsent bytes."""
+    sock.setblocking(False)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
+        except OSError:  # pragma: no cover - not on every kernel
+            pass
+
+
+class Transport:
+    """One connected stream socket with try-first async reads and writes.
+
+    Not safe for two tasks writing at once: callers serialise writes (see
+    ``relay.net.websocket``). One reader task and one writer task at a time is fine.
+    """
+
+    __slots__ = ("_closed", "_ops_without_yield", "peer", "sock")
+
+    def __init__(self, sock: socket.socket, *, peer: tuple[str, int] | None = None) -> None:
+        self.sock = sock
+        self.peer = peer
+        self._ops_without_yield = 0
+        self._closed = False
+
+    @property
+    def is_tls(self) -> bool:
+        return isinstance(self.sock, ssl.SSLSocket)
+
+    async def _maybe_yield(self) -> None:
+        self._ops_without_yield += 1
+        if self._ops_without_yield >= CHECKPOINT_EVERY_OPS:
+            self._ops_without_yield = 0
+            await trio.lowlevel.checkpoint()
+
+    async def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
+        """Read what is available into ``buffer``; 0 means the peer ended the stream."""
+        sock = self.sock
+        while True:
+            try:
+                received = sock.recv_into(buffer, nbytes)
+            except (BlockingIOError, ssl.SSLWantReadError):
+                self._ops_without_yield = 0
+                await self._wait(readable=True)
+                continue
+            except ssl.SSLWantWriteError:
+                await self._wait(readable=False)
+                continue
+            except ssl.SSLZeroReturnError:
+                return 0
+            except (OSError, ValueError) as exc:
+                raise TransportClosed(_describe(exc)) from None
+            await self._maybe_yield()
+            return received
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write every byte, waiting for the socket to drain when the kernel is full."""
+        sock = self.sock
+        view = memoryview(data)
+        total = len(view)
+        sent = 0
+        while sent < total:
+            try:
+                sent += sock.send(view[sent:] if sent else view)
+            except (BlockingIOError, ssl.SSLWantWriteError):
+                self._ops_without_yield = 0
+                await self._wait(readable=False)
+            except ssl.SSLWantReadError:
+                await self._wait(readable=True)
+            except (OSError, ValueError) as exc:
+                raise TransportClosed(_describe(exc)) from None
+        await self._maybe_yield()
+
+    async def _wait(self, *, readable: bool) -> None:
+        if self._closed:
+            raise TransportClosed("connection closed")
+        try:
+            if readable:
+                await trio.lowlevel.wait_readable(self.sock)
+            else:
+                await trio.lowlevel.wait_writable(self.sock)
+        except trio.ClosedResourceError:
+            raise TransportClosed("connection closed") from None
+
+    def shutdown_write(self) -> None:
+        """Half-close (TCP FIN) after the last bytes; errors mean the peer is gone anyway."""
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        """Close now. Wakes any task waiting on this socket with ``TransportClosed``."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            trio.lowlevel.notify_closing(self.sock)
+        except (RuntimeError, ValueError, OSError):  # outside trio, or already closed
+            pass
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        """Close with a TCP reset (SO_LINGER 0): a dropped connection, no FIN."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00" * 2)
+        except (OSError, ValueError):
+            pass
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    return type(exc).__name__
+
+
+async def open_transport(
+    host: str,
+    port: int,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+) -> Transport:
+    """Connect (and for TLS, handshake) to ``host:port``. Raises ``OSError`` on failure.
+
+    The caller bounds the time with a Trio cancel scope.
+    """
+    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    last_error: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
+    for family, type_, proto, _, address in infos:
+        sock = socket.socket(family, type_, proto)
+        try:
+            tune_stream_socket(sock)
+            await _connect(sock, address)
+        except OSError as exc:
+            sock.close()
+            last_error = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        if ssl_context is None:
+            return Transport(sock, peer=(str(address[0]), int(address[1])))
+        return await _tls_client(sock, ssl_context, server_hostname or host, address)
+    raise last_error
+
+
+async def _connect(sock: socket.socket, address: tuple[object, ...]) -> None:
+    code = sock.connect_ex(address)
+    if code == 0:
+        return
+    if code not in (errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+        raise OSError(code, errno.errorcode.get(code, "connect failed"))
+    await trio.lowlevel.wait_writable(sock)
+    code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+    if code != 0:
+        raise OSError(code, errno.errorcode.get(code, "connect failed"))
+
+
+async def _tls_client(
+    sock: socket.socket, context: ssl.SSLContext, server_hostname: str, address: tuple[Any, ...]
+) -> Transport:
+    tls = context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    transport = Transport(tls, peer=(str(address[0]), int(address[1])))
+    try:
+        await tls_handshake(transport)
+    except BaseException:
+        transport.close()
+        raise
+    return transport
+
+
+async def tls_handshake(transport: Transport) -> None:
+    """Run the TLS handshake of an ``ssl.SSLSocket`` transport. Raises ``OSError``."""
+    sock = transport.sock
+    assert isinstance(sock, ssl.SSLSocket)
+    while True:
+        try:
+            sock.do_handshake()
+            return
+        except ssl.SSLWantReadError:
+            await trio.lowlevel.wait_readable(sock)
+        except ssl.SSLWantWriteError:
+            await trio.lowlevel.wait_writable(sock)
+
+
+def open_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket (``SO_REUSEADDR``)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, address = infos[0]
+    listener = socket.socket(family, type_, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(address)
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except BaseException:
+        listener.close()
+        raise
+    return listener
+
+
+async def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int]]:
+    """Accept one connection, waiting while none is pending."""
+    while True:
+        try:
+            sock, address = listener.accept()
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(listener)
+            continue
+        except OSError as exc:
+            # Out of file descriptors, or a connection aborted before accept: back off.
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                await trio.sleep(0.1)
+                continue
+            if exc.errno == errno.ECONNABORTED:
+                continue
+            raise
+        tune_stream_socket(sock)
+        return sock, (str(address[0]), int(address[1]))

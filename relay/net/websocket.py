@@ -1,0 +1,283 @@
+"""A WebSocket endpoint on a :class:`~relay.net.transport.Transport`, after the handshake.
+
+This module owns the Trio shell around the sans-I/O frame codec
+(:mod:`relay.protocol.frames`) for one connection and one role:
+
+- writes are serialised by one lock per connection, taken without a scheduler
+  pass when free (``acquire_nowait``), so a frame is never interleaved with
+  another task's frame, and a write cancelled half-way marks the connection
+  broken rather than leaving a torn frame for the next writer;
+- :meth:`WebSocket.next_frame_event` hands out raw frame events for the relay's
+  verbatim pumps; :meth:`WebSocket.receive_message` assembles whole messages and
+  runs the control-frame duties (answer pings, note pongs, answer a close) for
+  endpoints such as the simulator, the demo and the bench;
+- the close handshake, per hop, with a bounded wait.
+
+Memory per connection: one read buffer of :data:`~relay.net.transport.RECEIVE_BYTES`
+plus what the frame reader holds (at most one read plus a partial header, or one
+whole frame up to its whole-frame limit), plus, in :meth:`receive_message`, the
+message being assembled (bounded by ``max_message_bytes``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Final
+
+import trio
+
+from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed
+from relay.protocol import frames
+from relay.protocol.frames import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    Frame,
+    FrameChunk,
+    FrameProtocolError,
+    FrameReader,
+    FrameStart,
+)
+
+#: How long we wait for the peer's close frame after sending ours.
+DEFAULT_CLOSE_TIMEOUT_S: Final = 2.0
+
+FrameEvent = Frame | FrameStart | FrameChunk
+
+
+class ConnectionClosed(Exception):
+    """The WebSocket is closed: ``code``/``reason`` are what the peer (or we) sent.
+
+    ``code`` is 1006 when the TCP connection ended without a close frame.
+    """
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
+
+
+class WebSocket:
+    """One WebSocket connection in one role (``client_side`` masks what it sends)."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        client_side: bool,
+        max_message_bytes: int,
+        initial_data: bytes = b"",
+    ) -> None:
+        self.transport = transport
+        self.client_side = client_side
+        self.max_message_bytes = max_message_bytes
+        self.reader = FrameReader(expect_masked=not client_side, max_message_bytes=max_message_bytes)
+        if initial_data:
+            self.reader.feed(initial_data)
+        self._read_buffer = bytearray(RECEIVE_BYTES)
+        self._read_view = memoryview(self._read_buffer)
+        self._send_lock = trio.Lock()
+        self._send_broken = False
+        #: Set once we sent a close frame: (code, reason).
+        self.close_sent: tuple[int, str] | None = None
+        #: Set once the peer's close frame arrived: (code, reason).
+        self.close_received: tuple[int, str] | None = None
+        self.last_pong_at = trio.current_time()
+        #: When our last unanswered-or-answered ping went out (dead-peer detection).
+        self.ping_sent_at: float | None = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+
+    # ------------------------------------------------------------------ writing
+
+    async def send_raw(self, data: bytes | bytearray | memoryview) -> None:
+        """Write wire bytes (one or more whole frames, or part of a frame the caller owns)."""
+        if self._send_broken:
+            raise TransportClosed("connection broken by an interrupted write")
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self.transport.send_all(data)
+            self.bytes_sent += len(data)
+        except BaseException:
+            self._send_broken = True
+            raise
+        finally:
+            lock.release()
+
+    def mark_broken(self) -> None:
+        """A write was interrupted mid-frame: nothing more may be written."""
+        self._send_broken = True
+
+    def lock_for_frame(self) -> trio.Lock:
+        """The write lock, for a caller that writes one frame in several pieces."""
+        return self._send_lock
+
+    def _encode(self, opcode: int, payload: bytes | bytearray | memoryview) -> bytes:
+        mask_key = os.urandom(4) if self.client_side else None
+        return frames.encode_frame(opcode, payload, mask_key=mask_key)
+
+    async def send_text(self, payload: bytes | bytearray | memoryview) -> None:
+        """Send one TEXT message; ``payload`` is already UTF-8 (JSON from orjson)."""
+        await self.send_raw(self._encode(OP_TEXT, payload))
+
+    async def send_binary(self, payload: bytes | bytearray | memoryview) -> None:
+        await self.send_raw(self._encode(OP_BINARY, payload))
+
+    async def send_ping(self, payload: bytes = b"") -> None:
+        await self.send_raw(self._encode(OP_PING, payload))
+
+    async def send_pong(self, payload: bytes) -> None:
+        await self.send_raw(self._encode(OP_PONG, payload))
+
+    async def send_close(self, code: int | None, reason: str = "") -> None:
+        """Send our close frame once; later calls do nothing."""
+        if self.close_sent is not None:
+            return
+        self.close_sent = (code if code is not None else frames.CLOSE_NO_STATUS, reason)
+        await self.send_raw(self._encode(OP_CLOSE, frames.encode_close_payload(code, reason)))
+
+    # ------------------------------------------------------------------ reading
+
+    async def fill(self) -> bool:
+        """Read once from the socket into the frame reader; ``False`` at end of stream."""
+        received = await self.transport.recv_into(self._read_view)
+        if received == 0:
+            return False
+        self.bytes_received += received
+        self.reader.feed(self._read_view[:received])
+        return True
+
+    async def next_frame_event(self) -> FrameEvent:
+        """The next frame event, reading as needed.
+
+        Raises :class:`ConnectionClosed` (1006) when the stream ends without a close
+        frame, and :class:`~relay.protocol.frames.FrameProtocolError` on a violation.
+        """
+        reader = self.reader
+        while True:
+            event = reader.next_event()
+            if event is not None:
+                return event
+            if not await self.fill():
+                raise ConnectionClosed(frames.CLOSE_ABNORMAL, "connection dropped without a close frame")
+
+    async def receive_message(self) -> tuple[int, bytes]:
+        """The next whole data message as ``(opcode, payload)``; handles control frames.
+
+        Raises :class:`ConnectionClosed` with the peer's code once the peer closed (our
+        close reply is sent before raising), or 1006 when the stream just ended.
+        On a protocol violation we close with its code and raise ``ConnectionClosed``.
+        """
+        parts: list[bytes] = []
+        opcode = 0
+        size = 0
+        while True:
+            try:
+                event = await self.next_frame_event()
+            except FrameProtocolError as exc:
+                await self.close_quietly(exc.close_code, exc.reason)
+                raise ConnectionClosed(exc.close_code, exc.reason) from None
+            if isinstance(event, Frame):
+                op = event.opcode
+                if op >= OP_CLOSE:
+                    await self._on_control(event)
+                    continue
+                payload = event.payload()
+                if op != OP_CONTINUATION:
+                    opcode = op
+                if event.fin and not parts:
+                    return opcode, payload
+                parts.append(payload)
+                size += len(payload)
+                if event.fin:
+                    return opcode, b"".join(parts)
+            elif isinstance(event, FrameStart):
+                if event.opcode != OP_CONTINUATION:
+                    opcode = event.opcode
+                mask_key = event.mask_key
+                chunk_parts: list[bytes] = []
+                while True:
+                    chunk = await self.next_frame_event()
+                    assert isinstance(chunk, FrameChunk)
+                    data = bytes(chunk.data)
+                    if mask_key is not None:
+                        data = frames.xor_mask(data, mask_key, chunk.offset)
+                    chunk_parts.append(data)
+                    if chunk.last:
+                        break
+                payload = b"".join(chunk_parts)
+                parts.append(payload)
+                size += len(payload)
+                if event.fin:
+                    return opcode, b"".join(parts)
+            else:  # pragma: no cover - FrameChunk outside a FrameStart cannot happen
+                raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "unexpected frame chunk")
+
+    async def _on_control(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op == OP_PING:
+            if self.close_sent is None:
+                await self.send_pong(frame.payload())
+        elif op == OP_PONG:
+            self.last_pong_at = trio.current_time()
+        else:
+            code, reason = frames.decode_close_payload(frame.payload())
+            self.close_received = (code, reason)
+            # Echo the code back (RFC 6455 §5.5.1), then our side is done.
+            reply = None if code == frames.CLOSE_NO_STATUS else code
+            try:
+                await self.send_close(reply, reason if reply is not None else "")
+            except TransportClosed:
+                pass
+            raise ConnectionClosed(code, reason)
+
+    # ------------------------------------------------------------------ closing
+
+    async def close(
+        self,
+        code: int | None = frames.CLOSE_NORMAL,
+        reason: str = "",
+        *,
+        timeout_s: float = DEFAULT_CLOSE_TIMEOUT_S,
+    ) -> None:
+        """Close handshake: send ours, wait (bounded) for the peer's, then close TCP.
+
+        ``code`` None sends a close frame without a status (the peer sees 1005).
+        Safe to call from a ``finally`` under cancellation: it shields itself and
+        always returns within ``timeout_s`` (plus a little).
+        """
+        with trio.move_on_after(timeout_s, shield=True):
+            try:
+                await self.send_close(code, reason)
+                while self.close_received is None:
+                    event = await self.next_frame_event()
+                    if isinstance(event, Frame) and event.opcode == OP_CLOSE:
+                        self.close_received = frames.decode_close_payload(event.payload())
+            except (TransportClosed, ConnectionClosed, FrameProtocolError):
+                pass
+        self.transport.close()
+
+    async def close_quietly(self, code: int, reason: str) -> None:
+        """Send a close frame if we can (bounded), then drop the TCP connection."""
+        with trio.move_on_after(DEFAULT_CLOSE_TIMEOUT_S, shield=True):
+            try:
+                await self.send_close(code, reason)
+            except TransportClosed:
+                pass
+        self.transport.close()
+
+
+__all__ = [
+    "OP_BINARY",
+    "OP_TEXT",
+    "ConnectionClosed",
+    "FrameEvent",
+    "WebSocket",
+]

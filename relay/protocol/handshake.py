@@ -1,0 +1,353 @@
+"""Sans-I/O HTTP/1.1 WebSocket handshakes (RFC 6455 §4), both roles. No trio, no sockets.
+
+This module owns:
+
+- reading a request head (:func:`parse_request_head`, h11 does the HTTP syntax) and
+  checking it is a valid WebSocket upgrade (:func:`websocket_request_problem`);
+- what the Realtime API reads from a handshake: the client credential
+  (``Authorization: Bearer``, Azure-style ``api-key``, or the browser subprotocol
+  ``openai-insecure-api-key.<key>``), the offered subprotocols, and the retired beta
+  marker (``OpenAI-Beta: realtime=v1`` / ``openai-beta.realtime-v1``);
+- the server's answers: ``101`` with exactly ``Sec-WebSocket-Protocol: realtime`` when
+  it was offered (never the key-bearing entry) and never a ``Sec-WebSocket-Extensions``
+  header, so permessage-deflate is always declined; or an ordinary HTTP error with
+  OpenAI's JSON error envelope;
+- the client role used to dial the upstream: the request bytes and the response head.
+
+Secrets: nothing here logs; :class:`RequestHead` ``repr`` omits header values.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Final
+from urllib.parse import urlsplit
+
+import h11
+
+#: A request or response head larger than this is refused (431 / upstream error).
+MAX_HEAD_BYTES: Final = 16 * 1024
+#: An upstream error body is read up to this size and passed on to the client.
+MAX_ERROR_BODY_BYTES: Final = 64 * 1024
+WEBSOCKET_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+REALTIME_SUBPROTOCOL: Final = "realtime"
+API_KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
+BETA_SUBPROTOCOL: Final = "openai-beta.realtime-v1"
+BETA_HEADER: Final = b"openai-beta"
+_HEAD_END: Final = b"\r\n\r\n"
+
+
+class HandshakeError(Exception):
+    """A head that cannot be answered with a WebSocket: ``status`` is the HTTP answer."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """One parsed HTTP request head. Header names are lower-case bytes."""
+
+    method: str
+    target: str
+    headers: tuple[tuple[bytes, bytes], ...] = field(repr=False)
+    #: Bytes that followed the head in the same read (pipelined data).
+    trailing: bytes = field(default=b"", repr=False)
+    #: The exact bytes of the head, for handing the connection to another server.
+    raw: bytes = field(default=b"", repr=False)
+
+    @property
+    def path(self) -> str:
+        return self.target.partition("?")[0]
+
+    @property
+    def query(self) -> str:
+        return self.target.partition("?")[2]
+
+    def header(self, name: bytes) -> str | None:
+        """The first value of a header, or ``None``."""
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    def header_tokens(self, name: bytes) -> list[str]:
+        """All comma-separated tokens of every instance of a header, stripped."""
+        out: list[str] = []
+        for key, value in self.headers:
+            if key == name:
+                out.extend(t.strip() for t in value.decode("latin-1").split(",") if t.strip())
+        return out
+
+    @property
+    def subprotocols(self) -> list[str]:
+        return self.header_tokens(b"sec-websocket-protocol")
+
+    def is_websocket_upgrade(self) -> bool:
+        return "websocket" in (t.lower() for t in self.header_tokens(b"upgrade"))
+
+
+def find_head_end(buffer: bytes | bytearray) -> int:
+    """Index just past the blank line ending a head, or -1 if it has not arrived."""
+    index = buffer.find(_HEAD_END)
+    return -1 if index < 0 else index + len(_HEAD_END)
+
+
+def parse_request_head(buffer: bytes | bytearray) -> RequestHead | None:
+    """Parse a request head once complete; ``None`` means read more.
+
+    Raises :class:`HandshakeError` (400, 431) for a malformed or oversized head.
+    """
+    end = find_head_end(buffer)
+    if end < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise HandshakeError(431, "Request header fields too large.")
+        return None
+    if end > MAX_HEAD_BYTES:
+        raise HandshakeError(431, "Request header fields too large.")
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
+    raw = bytes(buffer[:end])
+    try:
+        conn.receive_data(raw)
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise HandshakeError(400, f"Malformed HTTP request: {exc}") from None
+    if not isinstance(event, h11.Request):
+        raise HandshakeError(400, "Malformed HTTP request.")
+    return RequestHead(
+        method=event.method.decode("ascii", "replace"),
+        target=event.target.decode("ascii", "replace"),
+        headers=tuple((bytes(k), bytes(v)) for k, v in event.headers),
+        trailing=bytes(buffer[end:]),
+        raw=raw,
+    )
+
+
+def websocket_request_problem(head: RequestHead) -> HandshakeError | None:
+    """Why this request is not a valid RFC 6455 opening handshake, or ``None``."""
+    if head.method != "GET":
+        return HandshakeError(405, "WebSocket upgrades must use GET.")
+    if not head.is_websocket_upgrade():
+        return HandshakeError(426, "This endpoint requires a WebSocket upgrade.")
+    if "upgrade" not in (t.lower() for t in head.header_tokens(b"connection")):
+        return HandshakeError(400, "Missing 'Connection: Upgrade' header.")
+    if head.header(b"sec-websocket-version") != "13":
+        return HandshakeError(426, "Unsupported WebSocket version; use 13.")
+    key = head.header(b"sec-websocket-key")
+    try:
+        valid_key = key is not None and len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        valid_key = False
+    if not valid_key:
+        return HandshakeError(400, "Missing or malformed 'Sec-WebSocket-Key' header.")
+    return None
+
+
+def client_credential(head: RequestHead) -> str | None:
+    """The key a Realtime client presented: header first, then the browser subprotocol."""
+    authorization = head.header(b"authorization")
+    if authorization is not None:
+        scheme, _, value = authorization.strip().partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    api_key = head.header(b"api-key")
+    if api_key:
+        return api_key.strip()
+    for protocol in head.subprotocols:
+        if protocol.startswith(API_KEY_SUBPROTOCOL_PREFIX):
+            value = protocol[len(API_KEY_SUBPROTOCOL_PREFIX) :]
+            return value or None
+    return None
+
+
+def offers_realtime(head: RequestHead) -> bool:
+    return REALTIME_SUBPROTOCOL in head.subprotocols
+
+
+def has_beta_marker(head: RequestHead) -> bool:
+    """Whether the client sent the retired beta marker (header or subprotocol)."""
+    beta = head.header(BETA_HEADER)
+    if beta is not None and "realtime=v1" in beta.replace(" ", "").lower():
+        return True
+    return BETA_SUBPROTOCOL in head.subprotocols
+
+
+def accept_token(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 §4.2.2)."""
+    digest = hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()  # noqa: S324
+    return base64.b64encode(digest).decode("ascii")
+
+
+def accept_response(
+    head: RequestHead, *, extra_headers: Iterable[tuple[str, str]] = ()
+) -> bytes:
+    """The ``101`` answer: ``realtime`` selected if offered, no extensions ever."""
+    key = head.header(b"sec-websocket-key") or ""
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {accept_token(key)}",
+    ]
+    if offers_realtime(head):
+        lines.append(f"Sec-WebSocket-Protocol: {REALTIME_SUBPROTOCOL}")
+    lines.extend(f"{name}: {value}" for name, value in extra_headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def http_response(
+    status: int,
+    body: bytes,
+    *,
+    content_type: str = "application/json",
+    extra_headers: Iterable[tuple[str, str]] = (),
+    keep_alive: bool = False,
+) -> bytes:
+    """A complete HTTP/1.1 response with a body (used for handshake refusals)."""
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    lines = [
+        f"HTTP/1.1 {status} {phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: keep-alive" if keep_alive else "Connection: close",
+    ]
+    lines.extend(f"{name}: {value}" for name, value in extra_headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+# ---------------------------------------------------------------- client role
+
+
+def new_websocket_key() -> str:
+    return base64.b64encode(os.urandom(16)).decode("ascii")
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """Where a ``ws://`` or ``wss://`` URL points."""
+
+    tls: bool
+    host: str
+    port: int
+    #: Path prefix of the base URL, without a trailing slash (``/v1``).
+    base_path: str
+
+    @classmethod
+    def from_url(cls, url: str) -> UpstreamTarget:
+        parts = urlsplit(url)
+        if parts.scheme not in ("ws", "wss", "http", "https"):
+            raise ValueError(f"upstream URL scheme must be ws:// or wss://, not {parts.scheme!r}")
+        tls = parts.scheme in ("wss", "https")
+        if not parts.hostname:
+            raise ValueError("upstream URL has no host")
+        return cls(
+            tls=tls,
+            host=parts.hostname,
+            port=parts.port or (443 if tls else 80),
+            base_path=parts.path.rstrip("/"),
+        )
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.tls else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == default else f"{host}:{self.port}"
+
+
+def upgrade_request(
+    *,
+    host_header: str,
+    target: str,
+    key: str,
+    headers: Sequence[tuple[str, str]] = (),
+    subprotocols: Sequence[str] = (),
+) -> bytes:
+    """The client's opening handshake (no ``Sec-WebSocket-Extensions``: no compression)."""
+    lines = [
+        f"GET {target} HTTP/1.1",
+        f"Host: {host_header}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Key: {key}",
+        "Sec-WebSocket-Version: 13",
+    ]
+    if subprotocols:
+        lines.append(f"Sec-WebSocket-Protocol: {', '.join(subprotocols)}")
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    status: int
+    headers: tuple[tuple[bytes, bytes], ...] = field(repr=False)
+    trailing: bytes = field(default=b"", repr=False)
+
+    def header(self, name: bytes) -> str | None:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("latin-1")
+        return None
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.header(b"content-length")
+        if value is None or not value.strip().isdigit():
+            return None
+        return int(value.strip())
+
+
+def parse_response_head(buffer: bytes | bytearray) -> ResponseHead | None:
+    """Parse the upstream's response head once complete; ``None`` means read more.
+
+    Raises :class:`HandshakeError` (502) when the upstream does not speak HTTP.
+    """
+    end = find_head_end(buffer)
+    if end < 0:
+        if len(buffer) > MAX_HEAD_BYTES:
+            raise HandshakeError(502, "Upstream sent an oversized response head.")
+        return None
+    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD_BYTES)
+    # h11 only parses a response after it has seen its own request go out.
+    conn.send(
+        h11.Request(
+            method="GET",
+            target="/",
+            headers=[("Host", "upstream"), ("Connection", "Upgrade"), ("Upgrade", "websocket")],
+        )
+    )
+    try:
+        conn.receive_data(bytes(buffer[:end]))
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise HandshakeError(502, f"Upstream sent a malformed response: {exc}") from None
+    if not isinstance(event, h11.InformationalResponse | h11.Response):
+        raise HandshakeError(502, "Upstream sent a malformed response.")
+    return ResponseHead(
+        status=event.status_code,
+        headers=tuple((bytes(k), bytes(v)) for k, v in event.headers),
+        trailing=bytes(buffer[end:]),
+    )
+
+
+def upgrade_response_problem(response: ResponseHead, key: str) -> str | None:
+    """Why a ``101`` answer is not a valid acceptance of our handshake, or ``None``."""
+    if response.status != 101:
+        return f"upstream answered HTTP {response.status}"
+    if response.header(b"sec-websocket-accept") != accept_token(key):
+        return "upstream sent a wrong Sec-WebSocket-Accept"
+    if response.header(b"sec-websocket-extensions"):
+        return "upstream negotiated an extension we did not offer"
+    return None

@@ -1,0 +1,350 @@
+"""The simulator's Trio shell: a listener that speaks OpenAI's Realtime wire protocol.
+
+This module owns the I/O around the sans-I/O session engine
+(:mod:`relay.simulator.engine`) and client-secret store
+(:mod:`relay.simulator.secrets`):
+
+- one accept loop, one task per connection; the head is read with a timeout;
+- ``POST /v1/realtime/client_secrets`` (standard key only) mints ``ek_`` secrets;
+- ``GET /v1/realtime`` (or ``/realtime``) upgrades: auth by ``Authorization: Bearer``
+  or the browser subprotocol, else 401 with OpenAI's envelope; the answer selects
+  exactly ``realtime`` when offered; the beta marker is accepted and then refused
+  the way OpenAI does (``error`` event, close 4000
+  ``invalid_request_error.beta_api_shape_disabled``);
+- modes: ``normal`` (the engine), ``echo`` (the engine's lean echo path, replies
+  sent from the reading task itself: no extra scheduler pass), ``raw-echo`` (every
+  data frame written back unchanged, text or binary);
+- test hooks when ``faults_enabled``: ``?sim_mode=normal|echo|raw-echo`` picks the
+  mode per connection and ``?sim_fault=`` injects a fault:
+  ``close:<code>:<reason>`` (after ``session.created``), ``stall`` (stop reading and
+  writing), ``garbage`` (bytes that are not a WebSocket frame), ``drop`` (TCP reset,
+  no close frame), ``refuse:<status>`` (HTTP error on the handshake),
+  ``hang`` (never answer the handshake).
+
+The simulator uses the same frame codec and transport as the relay, so it is never
+the bottleneck of a benchmark that puts the relay in front of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import math
+import time
+from typing import Final
+from urllib.parse import parse_qs
+
+import trio
+
+from relay.config import SimulatorConfig, SimulatorMode
+from relay.net import http
+from relay.net.transport import Transport, TransportClosed, accept, open_listener
+from relay.net.websocket import ConnectionClosed, WebSocket
+from relay.protocol import frames, handshake
+from relay.protocol.events import error_event
+from relay.protocol.frames import OP_BINARY, OP_TEXT, Frame, FrameChunk, FrameProtocolError, FrameStart
+from relay.protocol.handshake import HandshakeError, RequestHead
+from relay.simulator.engine import SimulatedSession
+from relay.simulator.secrets import ClientSecretStore
+
+LOGGER = logging.getLogger("relay.simulator")
+
+HANDSHAKE_TIMEOUT_S: Final = 10.0
+#: ``client_secrets`` request bodies are small JSON documents.
+MAX_SECRETS_BODY_BYTES: Final = 256 * 1024
+REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
+CLIENT_SECRETS_PATHS: Final = frozenset({"/v1/realtime/client_secrets", "/realtime/client_secrets"})
+BETA_CLOSE_CODE: Final = 4000
+BETA_CLOSE_REASON: Final = "invalid_request_error.beta_api_shape_disabled"
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+
+
+class Simulator:
+    """Shared state of one simulator: accepted keys, minted secrets, connection count."""
+
+    def __init__(self, config: SimulatorConfig) -> None:
+        self.config = config
+        self._key_digests = tuple(_digest(k) for k in config.api_keys)
+        self.secrets = ClientSecretStore()
+        self.sessions_opened = 0
+        self.live_sessions = 0
+
+    def is_api_key(self, credential: str) -> bool:
+        """Constant-time check against every configured key (digests, so lengths don't leak)."""
+        candidate = _digest(credential)
+        found = False
+        for digest in self._key_digests:
+            found |= hmac.compare_digest(candidate, digest)
+        return found
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve forever; ``task_status.started(port)``."""
+        listener = open_listener(self.config.host, self.config.port)
+        try:
+            port = int(listener.getsockname()[1])
+            LOGGER.info("simulator listening on %s:%d mode=%s", self.config.host, port, self.config.mode)
+            async with trio.open_nursery() as nursery:
+                task_status.started(port)
+                while True:
+                    sock, peer = await accept(listener)
+                    nursery.start_soon(self._handle_connection, Transport(sock, peer=peer))
+                    await trio.lowlevel.checkpoint()
+        finally:
+            listener.close()
+
+    async def _handle_connection(self, transport: Transport) -> None:
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                head = await http.read_request_head(transport)
+            if head is None:
+                return
+            await self._route(transport, head)
+        except HandshakeError as exc:
+            await http.send_error(transport, exc.status, exc.message, code=exc.code)
+        except (TransportClosed, trio.TooSlowError):
+            pass
+        finally:
+            transport.close()
+
+    async def _route(self, transport: Transport, head: RequestHead) -> None:
+        path = head.path
+        if path in CLIENT_SECRETS_PATHS:
+            await self._client_secrets(transport, head)
+            return
+        if path not in REALTIME_PATHS:
+            raise HandshakeError(404, f"Invalid URL ({head.method} {path})", code="not_found")
+        problem = handshake.websocket_request_problem(head)
+        if problem is not None:
+            raise problem
+        query = {k: v[-1] for k, v in parse_qs(head.query, keep_blank_values=True).items()}
+        fault = query.get("sim_fault", "") if self.config.faults_enabled else ""
+        if fault == "hang":
+            await trio.sleep_forever()
+        if fault.startswith("refuse:"):
+            status = int(fault.partition(":")[2] or "500")
+            raise HandshakeError(status, f"Simulated refusal with HTTP {status}.", code="simulated")
+        credential = handshake.client_credential(head)
+        if credential is None:
+            raise HandshakeError(
+                401,
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                code="missing_api_key",
+            )
+        now = time.time()
+        initial_session: dict[str, object] | None = None
+        if credential.startswith("ek_"):
+            initial_session = self.secrets.lookup(credential, now)
+            if initial_session is None:
+                raise HandshakeError(401, "Invalid or expired ephemeral key.", code="invalid_api_key")
+        elif not self.is_api_key(credential):
+            raise HandshakeError(
+                401, "Incorrect API key provided.", code="invalid_api_key"
+            )
+        if "call_id" in query:
+            raise HandshakeError(
+                404, "No session found for the provided call_id", code="call_id_not_found"
+            )
+        model = query.get("model") or str((initial_session or {}).get("model") or "")
+        if not model and query.get("intent") != "transcription":
+            raise HandshakeError(400, "Missing required parameter: 'model'.", code="missing_model")
+        mode: SimulatorMode = self.config.mode
+        requested_mode = query.get("sim_mode") if self.config.faults_enabled else None
+        if requested_mode in ("normal", "echo", "raw-echo"):
+            mode = requested_mode  # type: ignore[assignment]
+
+        await transport.send_all(handshake.accept_response(head))
+        ws = WebSocket(
+            transport,
+            client_side=False,
+            max_message_bytes=self.config.max_message_bytes,
+            initial_data=head.trailing,
+        )
+        self.sessions_opened += 1
+        self.live_sessions += 1
+        try:
+            if handshake.has_beta_marker(head):
+                await ws.send_text(
+                    error_event(
+                        message="The Realtime Beta API is no longer supported. "
+                        "Please use /v1/realtime for the GA API.",
+                        code="beta_api_shape_disabled",
+                    )
+                )
+                await ws.close(BETA_CLOSE_CODE, BETA_CLOSE_REASON)
+                return
+            if mode == "raw-echo":
+                await _raw_echo(ws)
+                return
+            engine = SimulatedSession(
+                self._engine_config(mode), model=model or "gpt-realtime", now=now,
+                initial_session=initial_session,
+            )
+            await _run_session(ws, engine, fault)
+        finally:
+            self.live_sessions -= 1
+
+    def _engine_config(self, mode: SimulatorMode) -> SimulatorConfig:
+        if mode == self.config.mode:
+            return self.config
+        fields = {f: getattr(self.config, f) for f in self.config.__struct_fields__}
+        fields["mode"] = mode
+        return SimulatorConfig(**fields)
+
+    async def _client_secrets(self, transport: Transport, head: RequestHead) -> None:
+        if head.method != "POST":
+            raise HandshakeError(405, "Use POST.", code="method_not_allowed")
+        credential = handshake.client_credential(head)
+        if credential is None or not self.is_api_key(credential):
+            raise HandshakeError(401, "Incorrect API key provided.", code="invalid_api_key")
+        body = await http.read_body(
+            transport, head.trailing, _content_length(head), max_bytes=MAX_SECRETS_BODY_BYTES
+        )
+        status, payload = self.secrets.mint(body, time.time())
+        await transport.send_all(handshake.http_response(status, payload))
+
+
+def _content_length(head: RequestHead) -> int | None:
+    value = head.header(b"content-length")
+    return int(value) if value is not None and value.strip().isdigit() else None
+
+
+async def _run_session(ws: WebSocket, engine: SimulatedSession, fault: str) -> None:
+    """Drive one engine: the reading task answers at once; a timer task sends paced events."""
+    send_lock = trio.Lock()
+    wakeup = trio.Event()
+
+    async def flush() -> None:
+        # Popping and sending under one lock keeps server events in engine order.
+        try:
+            send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await send_lock.acquire()
+        try:
+            for payload in engine.pop_due(trio.current_time() + _clock_offset):
+                await ws.send_text(payload)
+        finally:
+            send_lock.release()
+
+    async def timer() -> None:
+        nonlocal wakeup
+        while True:
+            due = engine.next_due()
+            deadline = math.inf if due is None else due - _clock_offset
+            with trio.move_on_at(deadline):
+                await wakeup.wait()
+            wakeup = trio.Event()
+            await flush()
+            if engine.close_request is not None:
+                code, reason = engine.close_request
+                await ws.close(code, reason)
+                raise ConnectionClosed(code, reason)
+
+    _clock_offset = time.time() - trio.current_time()
+    engine.start(time.time())
+    await flush()
+    if await _apply_fault(ws, fault):
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(timer)
+            while True:
+                opcode, payload = await ws.receive_message()
+                if opcode == OP_BINARY:
+                    # OpenAI's Realtime API speaks JSON text only.
+                    await ws.send_text(
+                        error_event(
+                            message="Binary frames are not supported; send JSON text events.",
+                            code="invalid_event",
+                        )
+                    )
+                    continue
+                engine.receive(payload, time.time())
+                await flush()
+                if engine.next_due() is not None:
+                    wakeup.set()
+                if engine.close_request is not None:
+                    wakeup.set()
+    except ConnectionClosed:
+        pass
+    except TransportClosed:
+        pass
+    finally:
+        await ws.close(frames.CLOSE_NORMAL, "")
+
+
+async def _apply_fault(ws: WebSocket, fault: str) -> bool:
+    """Inject a fault after ``session.created``; ``True`` when the session is over."""
+    if not fault:
+        return False
+    kind, _, argument = fault.partition(":")
+    if kind == "close":
+        code_text, _, reason = argument.partition(":")
+        await ws.close(int(code_text or "1000"), reason)
+        return True
+    if kind == "stall":
+        await trio.sleep_forever()
+    if kind == "garbage":
+        # A reserved opcode with RSV bits set: no WebSocket peer may accept this.
+        await ws.send_raw(b"\xff\xff\x00garbage-not-a-frame")
+        await trio.sleep(0.5)
+        ws.transport.close()
+        return True
+    if kind == "drop":
+        ws.transport.abort()
+        return True
+    return False
+
+
+async def _raw_echo(ws: WebSocket) -> None:
+    """Write every data frame back unchanged (re-framed unmasked), text or binary."""
+    try:
+        while True:
+            try:
+                event = await ws.next_frame_event()
+            except FrameProtocolError as exc:
+                await ws.close_quietly(exc.close_code, exc.reason)
+                return
+            if isinstance(event, Frame):
+                if event.opcode >= frames.OP_CLOSE:
+                    if event.opcode == frames.OP_CLOSE:
+                        code, reason = frames.decode_close_payload(event.payload())
+                        await ws.close(code if code != frames.CLOSE_NO_STATUS else 1000, reason)
+                        return
+                    if event.opcode == frames.OP_PING:
+                        await ws.send_pong(event.payload())
+                    continue
+                await ws.send_raw(
+                    frames.encode_frame(event.opcode, event.payload(), fin=event.fin)
+                )
+            elif isinstance(event, FrameStart):
+                parts: list[bytes] = []
+                mask_key = event.mask_key
+                while True:
+                    chunk = await ws.next_frame_event()
+                    assert isinstance(chunk, FrameChunk)
+                    data = bytes(chunk.data)
+                    parts.append(
+                        frames.xor_mask(data, mask_key, chunk.offset) if mask_key else data
+                    )
+                    if chunk.last:
+                        break
+                await ws.send_raw(frames.encode_frame(event.opcode, b"".join(parts), fin=event.fin))
+    except (ConnectionClosed, TransportClosed):
+        pass
+    finally:
+        ws.transport.close()
+
+
+async def serve_simulator(
+    config: SimulatorConfig, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a simulator until cancelled; ``task_status.started(port)``."""
+    await Simulator(config).serve(task_status=task_status)
+
+
+__all__ = ["OP_TEXT", "Simulator", "serve_simulator"]

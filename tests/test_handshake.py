@@ -1,0 +1,162 @@
+"""Sans-I/O handshake parsing and answers, without an event loop."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay.protocol import handshake
+from relay.protocol.handshake import HandshakeError
+
+
+def request(*lines: str, target: str = "/v1/realtime?model=gpt-realtime") -> bytes:
+    base = [
+        f"GET {target} HTTP/1.1",
+        "Host: relay.example",
+        "Upgrade: websocket",
+        "Connection: keep-alive, Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *lines,
+    ]
+    return ("\r\n".join(base) + "\r\n\r\n").encode()
+
+
+def test_incomplete_head_needs_more() -> None:
+    data = request()
+    assert handshake.parse_request_head(data[:-3]) is None
+    head = handshake.parse_request_head(data + b"extra")
+    assert head is not None
+    assert head.trailing == b"extra"
+    assert head.path == "/v1/realtime"
+    assert head.query == "model=gpt-realtime"
+    assert handshake.websocket_request_problem(head) is None
+
+
+def test_accept_token_matches_rfc_example() -> None:
+    # RFC 6455 §1.3 worked example.
+    assert handshake.accept_token("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_browser_subprotocols_give_key_and_realtime_only() -> None:
+    head = handshake.parse_request_head(
+        request(
+            "Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.ek_abc123, "
+            "openai-agents-sdk.0.3.1",
+            "Sec-WebSocket-Protocol: openai-organization.org_1",
+        )
+    )
+    assert head is not None
+    assert handshake.client_credential(head) == "ek_abc123"
+    answer = handshake.accept_response(head).decode()
+    assert "Sec-WebSocket-Protocol: realtime\r\n" in answer
+    assert "ek_abc123" not in answer
+    assert "Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in answer
+    assert "extensions" not in answer.lower()
+
+
+def test_no_subprotocol_selected_when_none_offered() -> None:
+    head = handshake.parse_request_head(request("Authorization: Bearer sk-1"))
+    assert head is not None
+    assert "Sec-WebSocket-Protocol" not in handshake.accept_response(head).decode()
+    assert handshake.client_credential(head) == "sk-1"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("Authorization: Bearer   tok  ", "tok"),
+        ("authorization: bearer tok", "tok"),
+        ("Authorization: Basic abc", None),
+        ("api-key: azure-style", "azure-style"),
+    ],
+)
+def test_credential_sources(line: str, expected: str | None) -> None:
+    head = handshake.parse_request_head(request(line))
+    assert head is not None
+    assert handshake.client_credential(head) == expected
+
+
+@pytest.mark.parametrize(
+    ("line", "beta"),
+    [
+        ("OpenAI-Beta: realtime=v1", True),
+        ("OpenAI-Beta: assistants=v2", False),
+        ("Sec-WebSocket-Protocol: realtime, openai-beta.realtime-v1", True),
+    ],
+)
+def test_beta_marker(line: str, beta: bool) -> None:
+    head = handshake.parse_request_head(request(line))
+    assert head is not None
+    assert handshake.has_beta_marker(head) is beta
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (request("Sec-WebSocket-Version: 8").replace(b"Version: 13\r\n", b""), 426),
+        (request().replace(b"GET", b"POST"), 405),
+        (request().replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Key: x"), 400),
+        (request().replace(b"Upgrade: websocket\r\n", b""), 426),
+    ],
+)
+def test_invalid_upgrades(data: bytes, status: int) -> None:
+    head = handshake.parse_request_head(data)
+    assert head is not None
+    problem = handshake.websocket_request_problem(head)
+    assert problem is not None
+    assert problem.status == status
+
+
+def test_oversized_and_malformed_heads() -> None:
+    with pytest.raises(HandshakeError) as info:
+        handshake.parse_request_head(b"GET / HTTP/1.1\r\nX: " + b"a" * 20_000)
+    assert info.value.status == 431
+    with pytest.raises(HandshakeError) as info:
+        handshake.parse_request_head(b"NOT HTTP AT ALL\r\n\r\n")
+    assert info.value.status == 400
+
+
+def test_response_head_and_accept_check() -> None:
+    key = handshake.new_websocket_key()
+    good = (
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Accept: {handshake.accept_token(key)}\r\n\r\n"
+    ).encode() + b"\x81\x00"
+    response = handshake.parse_response_head(good)
+    assert response is not None
+    assert response.trailing == b"\x81\x00"
+    assert handshake.upgrade_response_problem(response, key) is None
+    assert handshake.upgrade_response_problem(response, handshake.new_websocket_key()) is not None
+    refused = handshake.parse_response_head(
+        b'HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}'
+    )
+    assert refused is not None
+    assert refused.status == 401
+    assert refused.content_length == 2
+
+
+def test_upstream_target_keeps_query_and_base_path() -> None:
+    target = handshake.UpstreamTarget.from_url("wss://api.openai.com/v1/")
+    assert (target.tls, target.host, target.port, target.base_path) == (
+        True, "api.openai.com", 443, "/v1"
+    )
+    assert target.host_header == "api.openai.com"
+    plain = handshake.UpstreamTarget.from_url("ws://127.0.0.1:9000/openai/v1")
+    assert plain.host_header == "127.0.0.1:9000"
+    with pytest.raises(ValueError):
+        handshake.UpstreamTarget.from_url("ftp://x")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=4096))
+def test_random_heads_never_raise_anything_but_handshake_error(data: bytes) -> None:
+    try:
+        head = handshake.parse_request_head(data)
+    except HandshakeError:
+        return
+    if head is not None:
+        handshake.websocket_request_problem(head)
+        handshake.client_credential(head)
+        handshake.has_beta_marker(head)
