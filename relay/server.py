@@ -24,9 +24,9 @@ becomes this handshake's HTTP answer); only then ``101`` with exactly
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import logging
-import math
 import socket
 from typing import Final
 
@@ -132,7 +132,6 @@ class RelayServer:
 
     async def _handle_connection(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         transport = Transport(sock, peer=peer)
-        handed_over = False
         try:
             with trio.fail_after(self.config.handshake_timeout_s):
                 head = await http.read_request_head(transport)
@@ -143,7 +142,7 @@ class RelayServer:
             elif head.is_websocket_upgrade():
                 raise HandshakeError(404, f"No WebSocket endpoint at {head.path}.", code="not_found")
             else:
-                handed_over = True
+                # hypercorn closes the socket itself; our close below is then a no-op.
                 await self.control.handle(sock, head.raw + head.trailing)
         except HandshakeError as exc:
             await http.send_error(transport, exc.status, exc.message, code=exc.code)
@@ -154,8 +153,7 @@ class RelayServer:
         except TransportClosed:
             pass
         finally:
-            if not handed_over:
-                transport.close()
+            transport.close()
 
     async def _realtime(self, transport: Transport, head: RequestHead) -> None:
         problem = handshake.websocket_request_problem(head)
@@ -222,7 +220,7 @@ class RelayServer:
             client,
             upstream,
             self.limits,
-            remask_upstream=self.config.remask_plain_upstream and not upstream.transport.is_tls,
+            remask_upstream=_needs_remask(self.config, upstream),
             session_id=session_id,
         )
         self.sessions[session_id] = session
@@ -243,5 +241,18 @@ class RelayServer:
             session.end(Ending(kind))
 
 
-def _inf_or(value: float) -> float:
-    return value if value > 0 else math.inf
+def _needs_remask(config: ServeConfig, upstream: WebSocket) -> bool:
+    """Re-mask client frames only where RFC 6455 §10.3's threat exists.
+
+    Masking protects intermediaries on a cleartext path from attacker-chosen
+    bytes. Over TLS nobody on the path sees them; on loopback there is no path.
+    """
+    if not config.remask_plain_upstream or upstream.transport.is_tls:
+        return False
+    peer = upstream.transport.peer
+    if peer is None:
+        return True
+    try:
+        return not ipaddress.ip_address(peer[0]).is_loopback
+    except ValueError:
+        return True

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
+import trio_websocket
 import trio
 
 from relay.config import ServeConfig, SimulatorConfig
@@ -101,3 +103,77 @@ async def run_asyncio(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 __all__ = ["CLIENT_KEY", "SIM_KEY", "RunningRelay", "RunningSimulator", "run_asyncio", "threading"]
+
+
+@dataclass
+class HandshakeAnswer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        import json
+
+        return json.loads(self.body or b"{}")
+
+
+async def raw_handshake(
+    port: int,
+    target: str,
+    headers: list[tuple[str, str]] | None = None,
+    subprotocols: list[str] | None = None,
+) -> HandshakeAnswer:
+    """Send an opening handshake on a plain socket and read the HTTP answer.
+
+    Used for refusals: trio-websocket leaves its socket open when a handshake is
+    refused, which ResourceWarning (an error in this suite) would report.
+    """
+    from relay.protocol import handshake
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(
+            handshake.upgrade_request(
+                host_header=f"127.0.0.1:{port}",
+                target=target,
+                key=handshake.new_websocket_key(),
+                headers=headers or [],
+                subprotocols=subprotocols or [],
+            )
+        )
+        data = b""
+        with trio.fail_after(10):
+            while True:
+                response = handshake.parse_response_head(data)
+                if response is not None and (
+                    response.status == 101
+                    or len(response.trailing) >= (response.content_length or 0)
+                ):
+                    break
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    break
+                data += chunk
+    assert response is not None
+    return HandshakeAnswer(
+        status=response.status,
+        headers={k.decode(): v.decode() for k, v in response.headers},
+        body=response.trailing if response.status != 101 else b"",
+    )
+
+
+@asynccontextmanager
+async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """trio-websocket's client, with its TCP stream always closed on exit.
+
+    trio-websocket 0.12 leaves the client socket open when the *server* closes
+    first (reproduced with trio-websocket on both ends), which this suite's
+    ResourceWarning-as-error policy would report against the relay.
+    """
+    kwargs.setdefault("max_message_size", 32 * 1024 * 1024)
+    async with trio_websocket.open_websocket_url(url, **kwargs) as ws:
+        try:
+            yield ws
+        finally:
+            with trio.CancelScope(shield=True):
+                await ws._stream.aclose()

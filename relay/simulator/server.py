@@ -230,19 +230,23 @@ async def _run_session(ws: WebSocket, engine: SimulatedSession, fault: str) -> N
         finally:
             send_lock.release()
 
-    async def timer() -> None:
+    async def timer(cancel_scope: trio.CancelScope) -> None:
         nonlocal wakeup
-        while True:
-            due = engine.next_due()
-            deadline = math.inf if due is None else due - _clock_offset
-            with trio.move_on_at(deadline):
-                await wakeup.wait()
-            wakeup = trio.Event()
-            await flush()
-            if engine.close_request is not None:
-                code, reason = engine.close_request
-                await ws.close(code, reason)
-                raise ConnectionClosed(code, reason)
+        try:
+            while True:
+                due = engine.next_due()
+                deadline = math.inf if due is None else due - _clock_offset
+                with trio.move_on_at(deadline):
+                    await wakeup.wait()
+                wakeup = trio.Event()
+                await flush()
+                if engine.close_request is not None:
+                    code, reason = engine.close_request
+                    await ws.close(code, reason)
+                    break
+        except TransportClosed:
+            pass
+        cancel_scope.cancel()
 
     _clock_offset = time.time() - trio.current_time()
     engine.start(time.time())
@@ -251,28 +255,26 @@ async def _run_session(ws: WebSocket, engine: SimulatedSession, fault: str) -> N
         return
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(timer)
-            while True:
-                opcode, payload = await ws.receive_message()
-                if opcode == OP_BINARY:
-                    # OpenAI's Realtime API speaks JSON text only.
-                    await ws.send_text(
-                        error_event(
-                            message="Binary frames are not supported; send JSON text events.",
-                            code="invalid_event",
+            nursery.start_soon(timer, nursery.cancel_scope)
+            try:
+                while True:
+                    opcode, payload = await ws.receive_message()
+                    if opcode == OP_BINARY:
+                        # OpenAI's Realtime API speaks JSON text only.
+                        await ws.send_text(
+                            error_event(
+                                message="Binary frames are not supported; send JSON text events.",
+                                code="invalid_event",
+                            )
                         )
-                    )
-                    continue
-                engine.receive(payload, time.time())
-                await flush()
-                if engine.next_due() is not None:
-                    wakeup.set()
-                if engine.close_request is not None:
-                    wakeup.set()
-    except ConnectionClosed:
-        pass
-    except TransportClosed:
-        pass
+                        continue
+                    engine.receive(payload, time.time())
+                    await flush()
+                    if engine.next_due() is not None or engine.close_request is not None:
+                        wakeup.set()
+            except (ConnectionClosed, TransportClosed):
+                pass
+            nursery.cancel_scope.cancel()
     finally:
         await ws.close(frames.CLOSE_NORMAL, "")
 
