@@ -24,7 +24,9 @@ LOGGER = logging.getLogger("relay.cli")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", metavar="FILE", help="TOML file with [serve]/[simulate]/[demo] tables")
+    parser.add_argument(
+        "--config", metavar="FILE", help="TOML file with [serve]/[simulate]/[demo] tables"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run the relay (starts the built-in simulator as upstream when no upstream key is set)",
+        help="run the relay (the built-in simulator is the upstream when no upstream key is set)",
     )
     _add_common(serve)
     serve.add_argument("--host")
@@ -43,11 +45,18 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--upstream-url", dest="upstream_url")
     serve.add_argument("--upstream-ca-file", dest="upstream_ca_file")
     serve.add_argument(
-        "--client-key", dest="client_keys", action="append",
+        "--client-key",
+        dest="client_keys",
+        action="append",
         help="accept this client key (repeatable; prefer RELAY_SERVE_CLIENT_KEY_SHA256)",
     )
-    serve.add_argument("--no-auth", dest="no_auth", action="store_const", const=True,
-                       help="LOCAL DEVELOPMENT ONLY: accept clients without a credential")
+    serve.add_argument(
+        "--no-auth",
+        dest="no_auth",
+        action="store_const",
+        const=True,
+        help="LOCAL DEVELOPMENT ONLY: accept clients without a credential",
+    )
     serve.add_argument("--max-sessions", dest="max_sessions", type=int)
     serve.add_argument("--idle-timeout-s", dest="idle_timeout_s", type=float)
     serve.add_argument("--max-session-s", dest="max_session_s", type=float)
@@ -59,12 +68,23 @@ def _parser() -> argparse.ArgumentParser:
     simulate.add_argument("--host")
     simulate.add_argument("--port", type=int)
     simulate.add_argument("--mode", choices=["normal", "echo", "raw-echo"])
-    simulate.add_argument("--fast", dest="realtime_pacing", action="store_const", const=False,
-                          help="send audio deltas as fast as possible instead of at real time")
-    simulate.add_argument("--api-key", dest="api_keys", action="append",
-                          help="accept this key (repeatable)")
-    simulate.add_argument("--faults", dest="faults_enabled", action="store_const", const=True,
-                          help="honour the ?sim_fault= and ?sim_mode= test hooks")
+    simulate.add_argument(
+        "--fast",
+        dest="realtime_pacing",
+        action="store_const",
+        const=False,
+        help="send audio deltas as fast as possible instead of at real time",
+    )
+    simulate.add_argument(
+        "--api-key", dest="api_keys", action="append", help="accept this key (repeatable)"
+    )
+    simulate.add_argument(
+        "--faults",
+        dest="faults_enabled",
+        action="store_const",
+        const=True,
+        help="honour the ?sim_fault= and ?sim_mode= test hooks",
+    )
 
     demo = sub.add_parser(
         "demo",
@@ -75,12 +95,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--url", help="ws:// or wss:// base, e.g. ws://127.0.0.1:8080/v1")
     demo.add_argument("--model")
     demo.add_argument("--turns", type=int)
-    demo.add_argument("--direct", action="store_true",
-                      help="without --url: talk to the simulator directly, no relay in between")
+    demo.add_argument(
+        "--direct",
+        action="store_true",
+        help="without --url: talk to the simulator directly, no relay in between",
+    )
 
     keys = sub.add_parser("keys", help="client key helpers")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    keys_sub.add_parser("hash", help="read a key from stdin (or a prompt), print its SHA-256 digest")
+    keys_sub.add_parser(
+        "hash", help="read a key from stdin (or a prompt), print its SHA-256 digest"
+    )
     return parser
 
 

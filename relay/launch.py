@@ -52,7 +52,8 @@ async def open_relay(config: ServeConfig) -> AsyncIterator[RunningRelay]:
             url, key = await _start_builtin_simulator(nursery)
             LOGGER.warning(
                 "no upstream API key configured: using the BUILT-IN SIMULATOR at %s "
-                "(set RELAY_SERVE_UPSTREAM_API_KEY to relay to OpenAI)", url
+                "(set RELAY_SERVE_UPSTREAM_API_KEY to relay to OpenAI)",
+                url,
             )
             config = msgspec.structs.replace(config, upstream_url=url, upstream_api_key=key)
         endpoint = UpstreamEndpoint.from_config(
@@ -78,8 +79,12 @@ async def run_demo_stack(config: DemoConfig, direct: bool = False) -> bool:
 
     if config.url:
         report = await run_demo(
-            config.url, config.api_key, model=config.model, turns=config.turns,
-            speech_ms=config.speech_ms, chunk_ms=config.chunk_ms,
+            config.url,
+            config.api_key,
+            model=config.model,
+            turns=config.turns,
+            speech_ms=config.speech_ms,
+            chunk_ms=config.chunk_ms,
         )
         return report.ok
     async with trio.open_nursery() as nursery:
@@ -99,8 +104,12 @@ async def run_demo_stack(config: DemoConfig, direct: bool = False) -> bool:
                 "(no API key needed)"
             )
         report = await run_demo(
-            url, key, model=config.model, turns=config.turns,
-            speech_ms=config.speech_ms, chunk_ms=config.chunk_ms,
+            url,
+            key,
+            model=config.model,
+            turns=config.turns,
+            speech_ms=config.speech_ms,
+            chunk_ms=config.chunk_ms,
         )
         nursery.cancel_scope.cancel()
     return report.ok

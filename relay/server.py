@@ -120,7 +120,9 @@ class RelayServer:
                 await nursery.start(self.control.run)
                 LOGGER.info(
                     "relay listening on %s:%d, upstream %s",
-                    self.config.host, port, self.upstream.target.host_header,
+                    self.config.host,
+                    port,
+                    self.upstream.target.host_header,
                 )
                 task_status.started(port)
                 while True:
@@ -140,7 +142,9 @@ class RelayServer:
             if head.path in REALTIME_PATHS and head.is_websocket_upgrade():
                 await self._realtime(transport, head)
             elif head.is_websocket_upgrade():
-                raise HandshakeError(404, f"No WebSocket endpoint at {head.path}.", code="not_found")
+                raise HandshakeError(
+                    404, f"No WebSocket endpoint at {head.path}.", code="not_found"
+                )
             else:
                 # hypercorn closes the socket itself; our close below is then a no-op.
                 await self.control.handle(sock, head.raw + head.trailing)
@@ -162,20 +166,30 @@ class RelayServer:
         decision = self.checker.check(handshake.client_credential(head), head)
         if isinstance(decision, AuthRefusal):
             await http.send_error(
-                transport, decision.status, decision.message,
-                error_type=decision.error_type, code=decision.code,
+                transport,
+                decision.status,
+                decision.message,
+                error_type=decision.error_type,
+                code=decision.code,
             )
             return
         if self._draining:
             await http.send_error(
-                transport, 503, "The relay is shutting down; retry shortly.",
-                error_type="server_error", code="server_shutdown",
+                transport,
+                503,
+                "The relay is shutting down; retry shortly.",
+                error_type="server_error",
+                code="server_shutdown",
             )
             return
         if len(self.sessions) + self._pending_handshakes >= self.config.max_sessions:
             await http.send_error(
-                transport, 503, "The relay is at its session limit; retry shortly.",
-                error_type="server_error", code="server_busy", extra_headers=(("Retry-After", "1"),),
+                transport,
+                503,
+                "The relay is at its session limit; retry shortly.",
+                error_type="server_error",
+                code="server_busy",
+                extra_headers=(("Retry-After", "1"),),
             )
             return
         if handshake.has_beta_marker(head):
@@ -232,8 +246,12 @@ class RelayServer:
         stats = session.stats
         LOGGER.info(
             "session %s ended: %s by %s code=%s up=%d down=%d",
-            session_id, ending.kind.value, ending.side.value if ending.side else "relay",
-            ending.code, stats.messages_up, stats.messages_down,
+            session_id,
+            ending.kind.value,
+            ending.side.value if ending.side else "relay",
+            ending.code,
+            stats.messages_up,
+            stats.messages_down,
         )
 
     def end_all_sessions(self, kind: EndKind = EndKind.SHUTDOWN) -> None:

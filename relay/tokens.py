@@ -112,7 +112,9 @@ class SigningKey:
 
 
 def new_signing_key(kid: str | None = None) -> SigningKey:
-    return SigningKey(kid=kid or secrets.token_urlsafe(6), secret=secrets.token_bytes(SIGNING_KEY_BYTES))
+    return SigningKey(
+        kid=kid or secrets.token_urlsafe(6), secret=secrets.token_bytes(SIGNING_KEY_BYTES)
+    )
 
 
 class Keyring:

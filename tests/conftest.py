@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pytest
-import trio_websocket
 import trio
+import trio_websocket
 
 from relay.config import ServeConfig, SimulatorConfig
 from relay.dataplane.upstream import UpstreamEndpoint
@@ -56,8 +56,13 @@ class RunningRelay:
 
 async def start_simulator(nursery: trio.Nursery, **overrides: Any) -> RunningSimulator:
     fields: dict[str, Any] = {
-        "host": "127.0.0.1", "port": 0, "api_keys": (SIM_KEY,), "faults_enabled": True,
-        "realtime_pacing": False, "response_audio_ms": 400, "delta_audio_ms": 100,
+        "host": "127.0.0.1",
+        "port": 0,
+        "api_keys": (SIM_KEY,),
+        "faults_enabled": True,
+        "realtime_pacing": False,
+        "response_audio_ms": 400,
+        "delta_audio_ms": 100,
     }
     fields.update(overrides)
     sim = Simulator(SimulatorConfig(**fields))
@@ -69,8 +74,11 @@ async def start_relay(
     nursery: trio.Nursery, upstream_url: str, upstream_key: str = SIM_KEY, **overrides: Any
 ) -> RunningRelay:
     fields: dict[str, Any] = {
-        "host": "127.0.0.1", "port": 0, "upstream_url": upstream_url,
-        "upstream_api_key": upstream_key, "client_keys": (CLIENT_KEY,),
+        "host": "127.0.0.1",
+        "port": 0,
+        "upstream_url": upstream_url,
+        "upstream_api_key": upstream_key,
+        "client_keys": (CLIENT_KEY,),
         "upstream_connect_timeout_s": 5.0,
     }
     fields.update(overrides)
@@ -84,13 +92,13 @@ async def start_relay(
 
 
 @pytest.fixture
-async def simulator(nursery: trio.Nursery) -> AsyncIterator[RunningSimulator]:
-    yield await start_simulator(nursery)
+async def simulator(nursery: trio.Nursery) -> RunningSimulator:
+    return await start_simulator(nursery)
 
 
 @pytest.fixture
-async def relay(nursery: trio.Nursery, simulator: RunningSimulator) -> AsyncIterator[RunningRelay]:
-    yield await start_relay(nursery, simulator.ws_base)
+async def relay(nursery: trio.Nursery, simulator: RunningSimulator) -> RunningRelay:
+    return await start_relay(nursery, simulator.ws_base)
 
 
 async def run_asyncio(fn: Callable[[], Awaitable[T]]) -> T:
@@ -177,3 +185,8 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[trio_websocket.WebSo
         finally:
             with trio.CancelScope(shield=True):
                 await ws._stream.aclose()
+
+
+def close_reason(exc: trio_websocket.ConnectionClosed) -> trio_websocket.CloseReason:
+    assert exc.reason is not None
+    return exc.reason

@@ -97,7 +97,12 @@ def test_beta_marker(line: str, beta: bool) -> None:
     [
         (request("Sec-WebSocket-Version: 8").replace(b"Version: 13\r\n", b""), 426),
         (request().replace(b"GET", b"POST"), 405),
-        (request().replace(b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Key: x"), 400),
+        (
+            request().replace(
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Key: x"
+            ),
+            400,
+        ),
         (request().replace(b"Upgrade: websocket\r\n", b""), 426),
     ],
 )
@@ -130,7 +135,7 @@ def test_response_head_and_accept_check() -> None:
     assert handshake.upgrade_response_problem(response, key) is None
     assert handshake.upgrade_response_problem(response, handshake.new_websocket_key()) is not None
     refused = handshake.parse_response_head(
-        b'HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}'
+        b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\n{}"
     )
     assert refused is not None
     assert refused.status == 401
@@ -140,7 +145,10 @@ def test_response_head_and_accept_check() -> None:
 def test_upstream_target_keeps_query_and_base_path() -> None:
     target = handshake.UpstreamTarget.from_url("wss://api.openai.com/v1/")
     assert (target.tls, target.host, target.port, target.base_path) == (
-        True, "api.openai.com", 443, "/v1"
+        True,
+        "api.openai.com",
+        443,
+        "/v1",
     )
     assert target.host_header == "api.openai.com"
     plain = handshake.UpstreamTarget.from_url("ws://127.0.0.1:9000/openai/v1")

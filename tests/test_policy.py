@@ -45,7 +45,12 @@ def test_no_status_close_is_passed_as_no_status() -> None:
         (Ending(EndKind.TOO_BIG, Side.CLIENT, 1009, "x"), 1009, "message_too_big", 1001),
         (Ending(EndKind.TOO_BIG, Side.UPSTREAM, 1009, "x"), 1009, "message_too_big", 1009),
         (Ending(EndKind.PROTOCOL_ERROR, Side.CLIENT, 1002, "x"), 1002, None, 1001),
-        (Ending(EndKind.PROTOCOL_ERROR, Side.UPSTREAM, 1002, "x"), 1011, "upstream_protocol_error", 1002),
+        (
+            Ending(EndKind.PROTOCOL_ERROR, Side.UPSTREAM, 1002, "x"),
+            1011,
+            "upstream_protocol_error",
+            1002,
+        ),
         (Ending(EndKind.DEAD_PEER, Side.UPSTREAM), 1011, "upstream_timeout", None),
         (Ending(EndKind.IDLE_TIMEOUT), 1008, "idle_timeout", 1000),
         (Ending(EndKind.SESSION_EXPIRED), 1008, "session_expired", 1000),
@@ -81,7 +86,9 @@ def test_tap_sums_usage_and_learns_session() -> None:
         "response": {
             "status": "completed",
             "usage": {
-                "total_tokens": 30, "input_tokens": 20, "output_tokens": 10,
+                "total_tokens": 30,
+                "input_tokens": 20,
+                "output_tokens": 10,
                 "input_token_details": {"text_tokens": 5, "audio_tokens": 15, "cached_tokens": 4},
                 "output_token_details": {"text_tokens": 3, "audio_tokens": 7},
             },

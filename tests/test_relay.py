@@ -20,8 +20,10 @@ from relay.dataplane import policy
 from relay.protocol import handshake
 from tests.conftest import (
     CLIENT_KEY,
+    SIM_KEY,
     RunningRelay,
     RunningSimulator,
+    close_reason,
     open_ws,
     raw_handshake,
     start_relay,
@@ -106,7 +108,9 @@ async def test_upstream_unreachable_is_502(nursery: trio.Nursery) -> None:
     assert answer.json()["error"]["code"] == "upstream_unreachable"
 
 
-async def test_upstream_401_is_passed_on(nursery: trio.Nursery, simulator: RunningSimulator) -> None:
+async def test_upstream_401_is_passed_on(
+    nursery: trio.Nursery, simulator: RunningSimulator
+) -> None:
     relay = await start_relay(nursery, simulator.ws_base, upstream_key="sk-wrong-upstream-key")
     answer = await raw_handshake(relay.port, f"/v1/realtime?model={MODEL}", bearer())
     assert answer.status == 401
@@ -142,8 +146,8 @@ async def test_upstream_close_code_and_reason_reach_client_verbatim(relay: Runni
         assert (await next_event(ws))["type"] == "session.created"
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-    assert info.value.reason.code == 4000
-    assert info.value.reason.reason == reason
+    assert close_reason(info.value).code == 4000
+    assert close_reason(info.value).reason == reason
 
 
 async def test_client_close_code_reaches_upstream(relay: RunningRelay) -> None:
@@ -159,7 +163,9 @@ async def test_client_close_code_reaches_upstream(relay: RunningRelay) -> None:
     assert ws.closed.reason == "client says bye"
 
 
-async def test_beta_marker_stripped_by_relay(relay: RunningRelay, simulator: RunningSimulator) -> None:
+async def test_beta_marker_stripped_by_relay(
+    relay: RunningRelay, simulator: RunningSimulator
+) -> None:
     beta = [("OpenAI-Beta", "realtime=v1")]
     # Straight to the simulator: refused like OpenAI does.
     async with open_ws(
@@ -168,7 +174,7 @@ async def test_beta_marker_stripped_by_relay(relay: RunningRelay, simulator: Run
         assert (await next_event(ws))["type"] == "error"
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-        assert info.value.reason.code == 4000
+        assert close_reason(info.value).code == 4000
     # Through the relay: stripped, the session works.
     async with open_ws(
         realtime_url(relay.ws_base),
@@ -210,7 +216,7 @@ async def test_oversize_message_closes_1009_and_tells_client(
         assert error["error"]["code"] == "message_too_big"  # type: ignore[index]
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-    assert info.value.reason.code == 1009
+    assert close_reason(info.value).code == 1009
 
 
 async def test_upstream_drop_gives_error_event_and_1011(relay: RunningRelay) -> None:
@@ -222,7 +228,7 @@ async def test_upstream_drop_gives_error_event_and_1011(relay: RunningRelay) -> 
         assert error["error"]["code"] == "upstream_connection_lost"  # type: ignore[index]
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-    assert info.value.reason.code == 1011
+    assert close_reason(info.value).code == 1011
 
 
 async def test_upstream_garbage_is_a_protocol_error(relay: RunningRelay) -> None:
@@ -234,7 +240,7 @@ async def test_upstream_garbage_is_a_protocol_error(relay: RunningRelay) -> None
         assert error["error"]["code"] == "upstream_protocol_error"  # type: ignore[index]
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-    assert info.value.reason.code == 1011
+    assert close_reason(info.value).code == 1011
 
 
 @pytest.mark.parametrize(
@@ -244,7 +250,7 @@ async def test_upstream_garbage_is_a_protocol_error(relay: RunningRelay) -> None
 async def test_limits_send_error_then_close_1008(
     nursery: trio.Nursery, simulator: RunningSimulator, limit: dict[str, float], code: str
 ) -> None:
-    relay = await start_relay(nursery, simulator.ws_base, **limit)
+    relay = await start_relay(nursery, simulator.ws_base, SIM_KEY, **limit)
     async with open_ws(realtime_url(relay.ws_base), extra_headers=bearer()) as ws:
         assert (await next_event(ws))["type"] == "session.created"
         error = await next_event(ws)
@@ -252,8 +258,8 @@ async def test_limits_send_error_then_close_1008(
         assert error["error"]["code"] == code  # type: ignore[index]
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-    assert info.value.reason.code == 1008
-    assert info.value.reason.reason == code
+    assert close_reason(info.value).code == 1008
+    assert close_reason(info.value).reason == code
 
 
 async def test_session_limit_gives_503(nursery: trio.Nursery, simulator: RunningSimulator) -> None:
@@ -292,8 +298,10 @@ async def test_a_crashing_session_leaves_others_running(
 
     monkeypatch.setattr(policy.UpstreamTap, "observe_text", exploding)
     echo = realtime_url(relay.ws_base, f"model={MODEL}&sim_mode=raw-echo")
-    async with open_ws(echo, extra_headers=bearer()) as healthy, \
-            open_ws(echo, extra_headers=bearer()) as doomed:
+    async with (
+        open_ws(echo, extra_headers=bearer()) as healthy,
+        open_ws(echo, extra_headers=bearer()) as doomed,
+    ):
         await doomed.send_message('{"type":"CRASH"}')
         # The echo itself was forwarded before the tap blew up.
         assert (await next_event(doomed))["type"] == "CRASH"
@@ -301,22 +309,30 @@ async def test_a_crashing_session_leaves_others_running(
         assert error["error"]["code"] == "internal_error"  # type: ignore[index]
         with pytest.raises(ConnectionClosed) as info:
             await doomed.get_message()
-        assert info.value.reason.code == 1011
+        assert close_reason(info.value).code == 1011
         await healthy.send_message('{"type":"still.alive"}')
         assert await healthy.get_message() == '{"type":"still.alive"}'
 
 
 def _task_count() -> int:
     def walk(task: trio.lowlevel.Task) -> int:
-        return 1 + sum(walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks)
+        return 1 + sum(
+            walk(child) for nursery in task.child_nurseries for child in nursery.child_tasks
+        )
 
-    return walk(trio.lowlevel.current_root_task())
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return walk(root)
 
 
 async def test_no_task_outlives_its_session(relay: RunningRelay) -> None:
     await trio.sleep(0.1)
     baseline = _task_count()
-    for query in (f"model={MODEL}", f"model={MODEL}&sim_fault=drop", f"model={MODEL}&sim_mode=raw-echo"):
+    for query in (
+        f"model={MODEL}",
+        f"model={MODEL}&sim_fault=drop",
+        f"model={MODEL}&sim_mode=raw-echo",
+    ):
         async with open_ws(realtime_url(relay.ws_base, query), extra_headers=bearer()) as ws:
             if "raw-echo" in query:
                 await ws.send_message("x")
@@ -342,7 +358,9 @@ async def test_client_that_stops_reading_keeps_relay_memory_bounded(
     stream = trio.SocketStream(sock)
     await stream.send_all(
         handshake.upgrade_request(
-            host_header="relay", target=f"/v1/realtime?model={MODEL}", key=key,
+            host_header="relay",
+            target=f"/v1/realtime?model={MODEL}",
+            key=key,
             headers=bearer(),
         )
     )

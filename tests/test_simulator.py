@@ -9,7 +9,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tests.conftest import RunningSimulator, open_ws, raw_handshake
+from tests.conftest import RunningSimulator, close_reason, open_ws, raw_handshake
 from tests.sdk_client import sdk_voice_turn
 
 MODEL = "gpt-realtime"
@@ -34,7 +34,9 @@ async def test_openai_sdk_voice_turn_direct(simulator: RunningSimulator) -> None
     assert usage["input_token_details"]["audio_tokens"] > 0
 
 
-async def test_browser_subprotocols_answered_with_realtime_only(simulator: RunningSimulator) -> None:
+async def test_browser_subprotocols_answered_with_realtime_only(
+    simulator: RunningSimulator,
+) -> None:
     protocols = ["realtime", f"openai-insecure-api-key.{simulator.key}", "openai-agents-sdk.1.0"]
     async with open_ws(f"{simulator.ws_base}/realtime?model={MODEL}", subprotocols=protocols) as ws:
         assert ws.subprotocol == "realtime"
@@ -86,8 +88,13 @@ async def test_echo_mode_answers_each_append_with_same_event_id_and_audio(
         assert (await next_event(ws))["type"] == "session.created"
         for index in range(3):
             await ws.send_message(
-                json.dumps({"type": "input_audio_buffer.append", "event_id": f"e{index}",
-                            "audio": "AAAAAA=="})
+                json.dumps(
+                    {
+                        "type": "input_audio_buffer.append",
+                        "event_id": f"e{index}",
+                        "audio": "AAAAAA==",
+                    }
+                )
             )
             delta = await next_event(ws)
             assert delta["type"] == "response.output_audio.delta"
@@ -113,7 +120,10 @@ async def test_close_fault_sends_the_given_code(simulator: RunningSimulator) -> 
         assert (await next_event(ws))["type"] == "session.created"
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-    assert (info.value.reason.code, info.value.reason.reason) == (4001, "custom_reason")
+    assert (close_reason(info.value).code, close_reason(info.value).reason) == (
+        4001,
+        "custom_reason",
+    )
 
 
 async def test_drop_fault_ends_without_close_frame(simulator: RunningSimulator) -> None:
@@ -123,7 +133,7 @@ async def test_drop_fault_ends_without_close_frame(simulator: RunningSimulator) 
         assert (await next_event(ws))["type"] == "session.created"
         with pytest.raises(ConnectionClosed) as info:
             await next_event(ws)
-    assert info.value.reason.code == 1006
+    assert close_reason(info.value).code == 1006
 
 
 async def test_client_secret_minted_and_used(simulator: RunningSimulator) -> None:
@@ -133,7 +143,11 @@ async def test_client_secret_minted_and_used(simulator: RunningSimulator) -> Non
             headers={"Authorization": f"Bearer {simulator.key}"},
             json={
                 "expires_after": {"anchor": "created_at", "seconds": 120},
-                "session": {"type": "realtime", "model": MODEL, "instructions": "Speak like a pirate."},
+                "session": {
+                    "type": "realtime",
+                    "model": MODEL,
+                    "instructions": "Speak like a pirate.",
+                },
             },
         )
         too_long = await http.post(

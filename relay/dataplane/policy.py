@@ -130,8 +130,10 @@ def plan_close(ending: Ending) -> ClosePlan:
                 client=LegClose(
                     too_big,
                     "upstream message too big",
-                    _tell(f"The upstream sent a message too big to relay: {ending.reason}",
-                          "message_too_big"),
+                    _tell(
+                        f"The upstream sent a message too big to relay: {ending.reason}",
+                        "message_too_big",
+                    ),
                 ),
                 upstream=LegClose(too_big, ending.reason),
             )
@@ -139,8 +141,9 @@ def plan_close(ending: Ending) -> ClosePlan:
             client=LegClose(
                 too_big,
                 "message too big",
-                _tell(f"Message too big: {ending.reason}", "message_too_big",
-                      "invalid_request_error"),
+                _tell(
+                    f"Message too big: {ending.reason}", "message_too_big", "invalid_request_error"
+                ),
             ),
             upstream=LegClose(frames.CLOSE_GOING_AWAY, CLIENT_GONE_REASON),
         )

@@ -252,8 +252,10 @@ class RelaySession:
                 return
             for side, leg in ((Side.CLIENT, client), (Side.UPSTREAM, upstream)):
                 # A pong is overdue when our last ping has gone unanswered too long.
-                if leg.ping_sent_at is not None and leg.last_pong_at < leg.ping_sent_at and (
-                    now - leg.ping_sent_at >= limits.pong_timeout_s
+                if (
+                    leg.ping_sent_at is not None
+                    and leg.last_pong_at < leg.ping_sent_at
+                    and (now - leg.ping_sent_at >= limits.pong_timeout_s)
                 ):
                     self._finish(Ending(EndKind.DEAD_PEER, side))
                     return
@@ -293,8 +295,10 @@ async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
 
 
 def _protocol_ending(exc: FrameProtocolError, side: Side) -> Ending:
-    kind = EndKind.TOO_BIG if exc.close_code == frames.CLOSE_MESSAGE_TOO_BIG else (
-        EndKind.PROTOCOL_ERROR
+    kind = (
+        EndKind.TOO_BIG
+        if exc.close_code == frames.CLOSE_MESSAGE_TOO_BIG
+        else (EndKind.PROTOCOL_ERROR)
     )
     return Ending(kind, side, exc.close_code, exc.reason)
 

@@ -132,7 +132,9 @@ async def dial_upstream(
     except (TransportClosed, HandshakeError) as exc:
         if transport is not None:
             transport.close()
-        raise UpstreamRefused(502, _bad_gateway(), detail=f"upstream handshake failed: {exc}") from None
+        raise UpstreamRefused(
+            502, _bad_gateway(), detail=f"upstream handshake failed: {exc}"
+        ) from None
     except BaseException:
         if transport is not None:
             transport.close()

@@ -83,8 +83,6 @@ async def send_error(
     """Answer with OpenAI's error envelope and ``Connection: close``."""
     body = http_error_body(message, error_type=error_type, code=code, param=param)
     try:
-        await transport.send_all(
-            handshake.http_response(status, body, extra_headers=extra_headers)
-        )
+        await transport.send_all(handshake.http_response(status, body, extra_headers=extra_headers))
     except TransportClosed:
         pass

@@ -74,7 +74,9 @@ class WebSocket:
         self.transport = transport
         self.client_side = client_side
         self.max_message_bytes = max_message_bytes
-        self.reader = FrameReader(expect_masked=not client_side, max_message_bytes=max_message_bytes)
+        self.reader = FrameReader(
+            expect_masked=not client_side, max_message_bytes=max_message_bytes
+        )
         if initial_data:
             self.reader.feed(initial_data)
         self._read_buffer = bytearray(RECEIVE_BYTES)
@@ -166,7 +168,9 @@ class WebSocket:
             if event is not None:
                 return event
             if not await self.fill():
-                raise ConnectionClosed(frames.CLOSE_ABNORMAL, "connection dropped without a close frame")
+                raise ConnectionClosed(
+                    frames.CLOSE_ABNORMAL, "connection dropped without a close frame"
+                )
 
     async def receive_message(self) -> tuple[int, bytes]:
         """The next whole data message as ``(opcode, payload)``; handles control frames.

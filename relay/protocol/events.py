@@ -40,7 +40,9 @@ class Envelope(msgspec.Struct):
 class EventDecodeError(Exception):
     """A frame that is not a Realtime event: carries the OpenAI error fields to answer with."""
 
-    def __init__(self, message: str, *, code: str = "invalid_event", param: str | None = None):
+    def __init__(
+        self, message: str, *, code: str = "invalid_event", param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code

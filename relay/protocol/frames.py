@@ -96,7 +96,9 @@ class Frame:
         return xor_mask(data, self.mask_key)
 
     def __repr__(self) -> str:
-        return f"Frame(opcode={self.opcode}, fin={self.fin}, size={len(self.raw) - self.header_len})"
+        return (
+            f"Frame(opcode={self.opcode}, fin={self.fin}, size={len(self.raw) - self.header_len})"
+        )
 
 
 @final
@@ -146,9 +148,9 @@ def xor_mask(data: bytes | bytearray | memoryview, key: bytes, offset: int = 0) 
     if shift:
         key = key[shift:] + key[:shift]
     repeated = key * ((size >> 2) + 1)
-    return (
-        int.from_bytes(data, "little") ^ int.from_bytes(repeated[:size], "little")
-    ).to_bytes(size, "little")
+    return (int.from_bytes(data, "little") ^ int.from_bytes(repeated[:size], "little")).to_bytes(
+        size, "little"
+    )
 
 
 def remask_header(header: bytes, new_key: bytes) -> bytes:
@@ -326,7 +328,8 @@ class FrameReader:
             if masked != self.expect_masked:
                 raise FrameProtocolError(
                     CLOSE_PROTOCOL_ERROR,
-                    "client frames must be masked" if self.expect_masked
+                    "client frames must be masked"
+                    if self.expect_masked
                     else "server frames must not be masked",
                 )
             if length >> 63:

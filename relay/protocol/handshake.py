@@ -183,13 +183,11 @@ def has_beta_marker(head: RequestHead) -> bool:
 
 def accept_token(key: str) -> str:
     """``Sec-WebSocket-Accept`` for a ``Sec-WebSocket-Key`` (RFC 6455 §4.2.2)."""
-    digest = hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()  # noqa: S324
+    digest = hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()
     return base64.b64encode(digest).decode("ascii")
 
 
-def accept_response(
-    head: RequestHead, *, extra_headers: Iterable[tuple[str, str]] = ()
-) -> bytes:
+def accept_response(head: RequestHead, *, extra_headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """The ``101`` answer: ``realtime`` selected if offered, no extensions ever."""
     key = head.header(b"sec-websocket-key") or ""
     lines = [

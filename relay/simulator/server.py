@@ -43,7 +43,14 @@ from relay.net.transport import Transport, TransportClosed, accept, open_listene
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import frames, handshake
 from relay.protocol.events import error_event
-from relay.protocol.frames import OP_BINARY, OP_TEXT, Frame, FrameChunk, FrameProtocolError, FrameStart
+from relay.protocol.frames import (
+    OP_BINARY,
+    OP_TEXT,
+    Frame,
+    FrameChunk,
+    FrameProtocolError,
+    FrameStart,
+)
 from relay.protocol.handshake import HandshakeError, RequestHead
 from relay.simulator.engine import SimulatedSession
 from relay.simulator.secrets import ClientSecretStore
@@ -86,7 +93,9 @@ class Simulator:
         listener = open_listener(self.config.host, self.config.port)
         try:
             port = int(listener.getsockname()[1])
-            LOGGER.info("simulator listening on %s:%d mode=%s", self.config.host, port, self.config.mode)
+            LOGGER.info(
+                "simulator listening on %s:%d mode=%s", self.config.host, port, self.config.mode
+            )
             async with trio.open_nursery() as nursery:
                 task_status.started(port)
                 while True:
@@ -140,11 +149,11 @@ class Simulator:
         if credential.startswith("ek_"):
             initial_session = self.secrets.lookup(credential, now)
             if initial_session is None:
-                raise HandshakeError(401, "Invalid or expired ephemeral key.", code="invalid_api_key")
+                raise HandshakeError(
+                    401, "Invalid or expired ephemeral key.", code="invalid_api_key"
+                )
         elif not self.is_api_key(credential):
-            raise HandshakeError(
-                401, "Incorrect API key provided.", code="invalid_api_key"
-            )
+            raise HandshakeError(401, "Incorrect API key provided.", code="invalid_api_key")
         if "call_id" in query:
             raise HandshakeError(
                 404, "No session found for the provided call_id", code="call_id_not_found"
@@ -181,7 +190,9 @@ class Simulator:
                 await _raw_echo(ws)
                 return
             engine = SimulatedSession(
-                self._engine_config(mode), model=model or "gpt-realtime", now=now,
+                self._engine_config(mode),
+                model=model or "gpt-realtime",
+                now=now,
                 initial_session=initial_session,
             )
             await _run_session(ws, engine, fault)
@@ -320,9 +331,7 @@ async def _raw_echo(ws: WebSocket) -> None:
                     if event.opcode == frames.OP_PING:
                         await ws.send_pong(event.payload())
                     continue
-                await ws.send_raw(
-                    frames.encode_frame(event.opcode, event.payload(), fin=event.fin)
-                )
+                await ws.send_raw(frames.encode_frame(event.opcode, event.payload(), fin=event.fin))
             elif isinstance(event, FrameStart):
                 parts: list[bytes] = []
                 mask_key = event.mask_key
