@@ -1205,3 +1205,24 @@ def test_a_transcription_session_from_a_client_secret() -> None:
     assert only_error(drain(session))["code"] == "invalid_value"
     send(session, {"type": "session.update", "session": {"type": "realtime"}})
     assert only_error(drain(session))["param"] == "session.type"
+
+
+def test_sessions_without_a_seed_get_distinct_event_ids() -> None:
+    config = SimulatorConfig()
+    first = SimulatedSession(config, model="gpt-realtime", now=T0)
+    second = SimulatedSession(config, model="gpt-realtime", now=T0)
+    first.start(T0)
+    second.start(T0)
+    assert (
+        validated(first.pop_due(T0)[0])["event_id"] != validated(second.pop_due(T0)[0])["event_id"]
+    )
+
+
+def test_an_invalid_initial_session_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match=r"session\.modalities"):
+        SimulatedSession(
+            SimulatorConfig(),
+            model="gpt-realtime",
+            now=T0,
+            initial_session={"type": "realtime", "modalities": ["text"]},
+        )

@@ -85,8 +85,12 @@ def decode_envelope(data: bytes | bytearray | memoryview | str) -> Envelope:
         raise EventDecodeError(
             "The 'type' field is missing.", code="missing_required_parameter", param="type"
         )
+    if not isinstance(loose.type, str):
+        raise EventDecodeError(
+            "Invalid type for 'type': expected a string.", code="invalid_type", param="type"
+        )
     raise EventDecodeError(
-        "Invalid type for 'type': expected a string.", code="invalid_type", param="type"
+        "Invalid type for 'event_id': expected a string.", code="invalid_type", param="event_id"
     )
 
 

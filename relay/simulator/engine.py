@@ -170,6 +170,8 @@ RATE_LIMIT_TOKENS_PER_MIN: Final = 15_000_000
 #: Transcript and text deltas carry ``obfuscation`` padding up to a multiple of this.
 OBFUSCATION_BLOCK_CHARS: Final = 16
 
+#: Seed of the spoken answer when a session is given none (one cached signal for all).
+DEFAULT_AUDIO_SEED: Final = 0
 CANNED_ANSWER_SENTENCES: Final = (
     "Loud and clear!",
     "I can hear you perfectly.",
@@ -1094,7 +1096,8 @@ _EVENT_FIELDS: Final[dict[str, frozenset[str]]] = {
 class SimulatedSession:
     """One Realtime session's protocol state machine (no I/O, time passed in).
 
-    ``seed`` makes generated audio, answers and event ids reproducible;
+    ``seed`` makes generated audio, answers, event ids and ``obfuscation`` padding
+    reproducible (``None``: event ids differ per session, like OpenAI's);
     ``id_factory`` makes object ids (``sess_``, ``resp_``, ``item_``, ``conv_``)
     reproducible too (default: :func:`relay.protocol.events.new_id`).
     """
@@ -1106,15 +1109,17 @@ class SimulatedSession:
         model: str,
         now: float,
         initial_session: dict[str, object] | None = None,
-        seed: int = 0,
+        seed: int | None = None,
         id_factory: IdFactory = new_id,
     ) -> None:
         self.config = config
         #: Set when the server must close (code, reason) after sending what is due.
         self.close_request: tuple[int, str] | None = None
         self._model = model
-        self._seed = seed
-        self._rng = random.Random(seed)
+        # Without a seed, event ids and obfuscation differ per session, as OpenAI's do,
+        # while the spoken answer stays the cached default signal.
+        self._audio_seed = DEFAULT_AUDIO_SEED if seed is None else seed
+        self._rng = random.Random(seed)  # None: seeded from the OS
         self._ids = _FastIds(self._rng)
         self._new_id = id_factory
         self._now = now
@@ -1127,8 +1132,13 @@ class SimulatedSession:
             session_type, model=model, session_id=id_factory("sess_"), expires_at=self._expires_at
         )
         if initial_session:
-            # The client secret's config, validated when it was minted; the ?model= of
-            # the connection wins over its model (apply_session_update skips "model").
+            # The client secret's config; the ?model= of the connection wins over its
+            # model (apply_session_update skips "model"). The store validated it when the
+            # secret was minted, so a failure here is a programming error.
+            try:
+                validate_session_config(initial_session)
+            except ClientEventError as exc:
+                raise ValueError(f"invalid initial_session: {exc.message}") from None
             self._session = apply_session_update(self._session, initial_session)
         self._heap: list[_Scheduled] = []
         self._ready: deque[bytes] = deque()
@@ -1853,7 +1863,7 @@ class SimulatedSession:
         chunks: tuple[tuple[bytes, str], ...] = ()
         if modality == "audio":
             chunks = _answer_audio_chunks(
-                total_ms, self.config.delta_audio_ms, self._seed, output_format["type"]
+                total_ms, self.config.delta_audio_ms, self._audio_seed, output_format["type"]
             )
         final_status, final_reason = "completed", None
         if max_tokens != "inf":
