@@ -36,9 +36,10 @@ from typing import Final
 
 import trio
 
+from relay.dataplane.lock import PREFIX_PROBE_BYTES, SessionLock, needs_inspection
 from relay.dataplane.policy import Ending, EndKind, LegClose, Side, UpstreamTap, plan_close
 from relay.net.transport import TransportClosed
-from relay.net.websocket import ConnectionClosed, WebSocket
+from relay.net.websocket import ConnectionClosed, FrameEvent, WebSocket
 from relay.protocol import frames
 from relay.protocol.frames import (
     OP_CLOSE,
@@ -53,6 +54,9 @@ from relay.protocol.frames import (
 
 LOGGER = logging.getLogger("relay.session")
 
+#: Largest client control event assembled for the lock to inspect (session.update with
+#: long instructions and many tools fits easily; appends are never assembled).
+LOCKED_EVENT_MAX_BYTES: Final = 1024 * 1024
 #: How often the watchdog wakes to check idle and pong deadlines, at most.
 WATCHDOG_TICK_MAX_S: Final = 1.0
 
@@ -72,6 +76,7 @@ class SessionStats:
 
     messages_up: int = 0
     messages_down: int = 0
+    locked_fields_removed: int = 0
     started_at: float = 0.0
     ending: Ending | None = None
     tap: UpstreamTap = field(default_factory=UpstreamTap)
@@ -88,12 +93,14 @@ class RelaySession:
         *,
         remask_upstream: bool,
         session_id: str,
+        lock: SessionLock | None = None,
     ) -> None:
         self.client = client
         self.upstream = upstream
         self.limits = limits
         self.remask_upstream = remask_upstream
         self.session_id = session_id
+        self.lock = lock
         self.stats = SessionStats()
         self._cancel_scope = trio.CancelScope()
         self._external_ending: Ending | None = None
@@ -112,8 +119,14 @@ class RelaySession:
         self.stats.started_at = trio.current_time()
         try:
             with self._cancel_scope:
+                if self.lock is not None:
+                    # Applied before any client event can reach the upstream.
+                    await self.upstream.send_text(self.lock.initial_update())
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._pump_up)
+                    if self.lock is None:
+                        nursery.start_soon(self._pump_up)
+                    else:
+                        nursery.start_soon(self._pump_up_locked, self.lock)
                     nursery.start_soon(self._pump_down)
                     nursery.start_soon(self._watchdog)
         except Exception:
@@ -157,6 +170,104 @@ class RelaySession:
             # Either the client's read or the upstream's write broke; find out which.
             side = Side.UPSTREAM if upstream.transport.closed else Side.CLIENT
             self._finish(Ending(EndKind.DROPPED, side))
+
+    async def _pump_up_locked(self, lock: SessionLock) -> None:
+        """Client -> upstream under a locked config (a separate loop so the plain one stays lean).
+
+        Appends are recognised from their first bytes and forwarded like in
+        :meth:`_pump_up`; other text messages (small control events) are assembled,
+        rewritten by the lock, and sent as one fresh frame.
+        """
+        client, upstream = self.client, self.upstream
+        remask = self.remask_upstream
+        stats = self.stats
+        assembling: list[bytes] | None = None
+        assembled_bytes = 0
+        try:
+            while True:
+                event = await client.next_frame_event()
+                if type(event) is Frame:
+                    opcode = event.opcode
+                    if opcode >= OP_CLOSE:
+                        if not await self._control(event, client, Side.CLIENT):
+                            return
+                        continue
+                    if assembling is None and not (
+                        opcode == OP_TEXT and needs_inspection(_probe(event))
+                    ):
+                        await upstream.send_raw(_remasked(event) if remask else event.raw)
+                        if event.fin:
+                            stats.messages_up += 1
+                        continue
+                    payload = event.payload()
+                    if event.fin and assembling is None:
+                        await self._forward_locked(lock, payload)
+                        continue
+                    assembling = assembling or []
+                    assembling.append(payload)
+                    assembled_bytes += len(payload)
+                elif type(event) is FrameStart:
+                    first = await client.next_frame_event()
+                    if type(first) is not FrameChunk:
+                        raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
+                    head = first.data[: PREFIX_PROBE_BYTES]
+                    if event.mask_key is not None:
+                        head = frames.xor_mask(head, event.mask_key)
+                    if assembling is None and not (
+                        event.opcode == OP_TEXT and needs_inspection(head)
+                    ):
+                        await self._cut_through(event, client, upstream, remask=remask, first=first)
+                        if event.fin:
+                            stats.messages_up += 1
+                        continue
+                    assembling = assembling or []
+                    payload = await self._collect(event, first, client)
+                    assembling.append(payload)
+                    assembled_bytes += len(payload)
+                else:
+                    continue
+                if assembled_bytes > LOCKED_EVENT_MAX_BYTES:
+                    raise FrameProtocolError(
+                        frames.CLOSE_MESSAGE_TOO_BIG,
+                        f"control event over {LOCKED_EVENT_MAX_BYTES} bytes",
+                    )
+                if event.fin and assembling is not None:
+                    await self._forward_locked(lock, b"".join(assembling))
+                    assembling, assembled_bytes = None, 0
+        except FrameProtocolError as exc:
+            self._finish(_protocol_ending(exc, Side.CLIENT))
+        except ConnectionClosed:
+            self._finish(Ending(EndKind.DROPPED, Side.CLIENT))
+        except TransportClosed:
+            side = Side.UPSTREAM if upstream.transport.closed else Side.CLIENT
+            self._finish(Ending(EndKind.DROPPED, side))
+
+    async def _forward_locked(self, lock: SessionLock, payload: bytes) -> None:
+        rewrite = lock.rewrite(payload)
+        await self.upstream.send_text(rewrite.payload if rewrite.payload is not None else payload)
+        self.stats.messages_up += 1
+        if rewrite.notice is not None:
+            self.stats.locked_fields_removed += len(rewrite.removed)
+            await self.client.send_text(rewrite.notice)
+
+    async def _collect(self, start: FrameStart, first: FrameChunk, source: WebSocket) -> bytes:
+        """Read a large frame's payload (bounded by the locked-event limit), unmasked."""
+        if start.payload_len > LOCKED_EVENT_MAX_BYTES:
+            raise FrameProtocolError(
+                frames.CLOSE_MESSAGE_TOO_BIG, f"control event over {LOCKED_EVENT_MAX_BYTES} bytes"
+            )
+        parts: list[bytes] = []
+        chunk: FrameEvent = first
+        while True:
+            if type(chunk) is not FrameChunk:
+                raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
+            data = chunk.data
+            if start.mask_key is not None:
+                data = frames.xor_mask(data, start.mask_key, chunk.offset)
+            parts.append(data)
+            if chunk.last:
+                return b"".join(parts)
+            chunk = await source.next_frame_event()
 
     async def _pump_down(self) -> None:
         """Upstream -> client. Upstream text is shown to the tap, then sent unchanged."""
@@ -203,7 +314,13 @@ class RelaySession:
         return False
 
     async def _cut_through(
-        self, start: FrameStart, source: WebSocket, destination: WebSocket, *, remask: bool
+        self,
+        start: FrameStart,
+        source: WebSocket,
+        destination: WebSocket,
+        *,
+        remask: bool,
+        first: FrameChunk | None = None,
     ) -> None:
         """Forward one large frame piece by piece while its bytes arrive."""
         new_key = os.urandom(4) if remask and start.mask_key is not None else None
@@ -214,7 +331,8 @@ class RelaySession:
             try:
                 await destination.transport.send_all(header)
                 while True:
-                    chunk = await source.next_frame_event()
+                    chunk = first if first is not None else await source.next_frame_event()
+                    first = None
                     if type(chunk) is not FrameChunk:
                         raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
                     data = chunk.data
@@ -292,6 +410,13 @@ async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
             leg.transport.close()
             return
     await leg.close(plan.code, plan.reason, timeout_s=timeout_s)
+
+
+def _probe(frame: Frame) -> bytes:
+    """The first bytes of a frame's payload, unmasked (enough to recognise an append)."""
+    start = frame.header_len
+    head = frame.raw[start : start + PREFIX_PROBE_BYTES]
+    return frames.xor_mask(head, frame.mask_key) if frame.mask_key is not None else head
 
 
 def _protocol_ending(exc: FrameProtocolError, side: Side) -> Ending:
