@@ -210,7 +210,7 @@ class RelaySession:
                     first = await client.next_frame_event()
                     if type(first) is not FrameChunk:
                         raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
-                    head = first.data[: PREFIX_PROBE_BYTES]
+                    head = first.data[:PREFIX_PROBE_BYTES]
                     if event.mask_key is not None:
                         head = frames.xor_mask(head, event.mask_key)
                     if assembling is None and not (
