@@ -69,10 +69,10 @@ async def run_demo(
     """Run the scripted session against ``<url>/realtime?model=<model>``."""
     report = DemoReport(ok=False, turns_completed=0, events_received=0)
     target = f"{url.rstrip('/')}/realtime?model={model}"
-    headers: list[tuple[str, str]] = []
+    headers: list[tuple[bytes, bytes]] = []
     subprotocols: list[str] = []
     if auth == "header":
-        headers.append(("Authorization", f"Bearer {api_key}"))
+        headers.append((b"Authorization", f"Bearer {api_key}".encode()))
     else:
         subprotocols = ["realtime", f"openai-insecure-api-key.{api_key}"]
     out(f"connecting to {target} ({auth} auth)")
