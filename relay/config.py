@@ -81,6 +81,19 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     client_keys: tuple[str, ...] = ()
     #: Local development only: accept every client without a credential.
     no_auth: bool = False
+    #: App keys for ``POST /v1/realtime/client_secrets`` (managed by ``relay keys``).
+    app_keys_file: str = ""
+    #: Relay-token signing keys (``relay keys rotate-signing``); empty: a key made at
+    #: start-up, so tokens die with the process and work on this instance only.
+    signing_keys_file: str = ""
+    #: Browser Origins allowed to open sessions; empty allows any Origin.
+    allowed_origins: tuple[str, ...] = ()
+    #: Concurrent sessions per relay token; 0 = no limit.
+    max_sessions_per_token: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Sessions one relay token may start over its lifetime; 0 = no limit.
+    max_session_starts_per_token: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Single-use token ids remembered per instance (until each token expires).
+    replay_store_max_entries: PositiveInt = 100_000
     max_message_bytes: PositiveInt = DEFAULT_MAX_MESSAGE_BYTES
     handshake_timeout_s: PositiveSeconds = 10.0
     upstream_connect_timeout_s: PositiveSeconds = 10.0

@@ -24,14 +24,20 @@ becomes this handshake's HTTP answer); only then ``101`` with exactly
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import itertools
 import logging
 import socket
+import time
+from collections import Counter
+from pathlib import Path
 from typing import Final
 
+import orjson
 import trio
 
+from relay.appkeys import AppKeyStore, load_keyring
 from relay.config import ServeConfig
 from relay.control.app import create_app
 from relay.control.hosting import ControlPlaneHost
@@ -39,22 +45,30 @@ from relay.dataplane.auth import (
     AuthRefusal,
     CredentialChecker,
     NoAuthChecker,
+    RelayTokenChecker,
+    ReplayStore,
     StaticKeyChecker,
+    TokenGrant,
     key_digest,
 )
+from relay.dataplane.lock import SessionLock
 from relay.dataplane.policy import Ending, EndKind
 from relay.dataplane.session import RelaySession, SessionLimits
 from relay.dataplane.upstream import UpstreamEndpoint, UpstreamRefused, dial_upstream
+from relay.minting import Minter, http_base_for
 from relay.net import http
 from relay.net.transport import Transport, TransportClosed, accept, open_listener
 from relay.net.websocket import WebSocket
 from relay.protocol import handshake
 from relay.protocol.events import new_id
 from relay.protocol.handshake import HandshakeError, RequestHead
+from relay.tokens import Keyring, TokenClaims, new_signing_key
 
 LOGGER = logging.getLogger("relay.server")
 
 REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
+#: Token ids whose start counts are kept before expired ones are pruned.
+MAX_TRACKED_TOKENS: Final = 100_000
 #: Client request headers forwarded to the upstream (everything else stays here).
 FORWARDED_CLIENT_HEADERS: Final = (b"openai-safety-identifier",)
 
@@ -64,6 +78,17 @@ def build_checker(config: ServeConfig) -> CredentialChecker:
         return NoAuthChecker()
     digests = [*config.client_key_sha256, *(key_digest(k) for k in config.client_keys)]
     return StaticKeyChecker(digests)
+
+
+def build_keyring(config: ServeConfig) -> Keyring:
+    """Signing keys from their file, or one made now (tokens then die with the process)."""
+    if config.signing_keys_file:
+        return load_keyring(Path(config.signing_keys_file), time.time())
+    LOGGER.warning(
+        "no signing_keys_file: relay tokens are signed with a key made at start-up; they "
+        "stop working on restart and on other instances"
+    )
+    return Keyring([new_signing_key()])
 
 
 class RelayServer:
@@ -78,8 +103,24 @@ class RelayServer:
     ) -> None:
         self.config = config
         self.upstream = upstream
-        self.checker = checker or build_checker(config)
+        self.keyring = build_keyring(config)
+        self.replay = ReplayStore(config.replay_store_max_entries)
+        self.checker = checker or RelayTokenChecker(
+            self.keyring, build_checker(config), self.replay
+        )
+        self.app_keys = AppKeyStore(config.app_keys_file)
+        self.minter = Minter(
+            self.app_keys,
+            self.keyring,
+            upstream_http_base=http_base_for(config.upstream_url),
+            upstream_api_key=config.upstream_api_key,
+            upstream_ca_file=config.upstream_ca_file,
+        )
         self.sessions: dict[str, RelaySession] = {}
+        #: Live sessions per relay token id and per app, and sessions started per token.
+        self._live_by_token: Counter[str] = Counter()
+        self._live_by_app: Counter[str] = Counter()
+        self._starts_by_token: dict[str, tuple[int, float]] = {}
         self._draining = False
         self._session_numbers = itertools.count(1)
         self.limits = SessionLimits(
@@ -163,6 +204,17 @@ class RelayServer:
         problem = handshake.websocket_request_problem(head)
         if problem is not None:
             raise problem
+        origin = head.header(b"origin")
+        if (
+            self.config.allowed_origins
+            and origin is not None
+            and (origin not in self.config.allowed_origins)
+        ):
+            # Cross-site WebSocket hijacking: refused whatever the credential.
+            await http.send_error(
+                transport, 403, "This Origin is not allowed.", code="origin_not_allowed"
+            )
+            return
         decision = self.checker.check(handshake.client_credential(head), head)
         if isinstance(decision, AuthRefusal):
             await http.send_error(
@@ -192,6 +244,11 @@ class RelayServer:
                 extra_headers=(("Retry-After", "1"),),
             )
             return
+        claims = decision.claims if isinstance(decision, TokenGrant) else None
+        limit_refusal = self._credential_limit_refusal(claims)
+        if limit_refusal is not None:
+            await http.send_error(transport, 429, limit_refusal, code="rate_limit_exceeded")
+            return
         if handshake.has_beta_marker(head):
             LOGGER.info(
                 "stripped the retired beta marker (OpenAI-Beta / openai-beta.realtime-v1) "
@@ -200,8 +257,10 @@ class RelayServer:
         extra = [
             (name.decode("latin-1"), value.decode("latin-1"))
             for name, value in head.headers
-            if name in FORWARDED_CLIENT_HEADERS
+            if name in FORWARDED_CLIENT_HEADERS and claims is None
         ]
+        if claims is not None and claims.user:
+            extra.append(("OpenAI-Safety-Identifier", claims.user))
         self._pending_handshakes += 1
         try:
             try:
@@ -230,18 +289,30 @@ class RelayServer:
             initial_data=head.trailing,
         )
         session_id = f"rs_{next(self._session_numbers)}_{new_id('')[:8]}"
+        limits = self.limits
+        lock: SessionLock | None = None
+        if claims is not None:
+            if claims.max_session_s:
+                limits = dataclasses.replace(
+                    limits, max_session_s=min(limits.max_session_s, claims.max_session_s)
+                )
+            if claims.session:
+                lock = SessionLock(orjson.loads(claims.session))
         session = RelaySession(
             client,
             upstream,
-            self.limits,
+            limits,
             remask_upstream=_needs_remask(self.config, upstream),
             session_id=session_id,
+            lock=lock,
         )
         self.sessions[session_id] = session
+        self._count_start(claims)
         try:
             ending = await session.run()
         finally:
             del self.sessions[session_id]
+            self._count_end(claims)
             upstream.transport.close()
         stats = session.stats
         LOGGER.info(
@@ -253,6 +324,46 @@ class RelayServer:
             stats.messages_up,
             stats.messages_down,
         )
+
+    def _credential_limit_refusal(self, claims: TokenClaims | None) -> str | None:
+        """Why a token may not open another session now, or None."""
+        if claims is None:
+            return None
+        config = self.config
+        if config.max_sessions_per_token and (
+            self._live_by_token[claims.jti] >= config.max_sessions_per_token
+        ):
+            return "This token has reached its concurrent session limit."
+        started = self._starts_by_token.get(claims.jti, (0, 0.0))[0]
+        if config.max_session_starts_per_token and started >= config.max_session_starts_per_token:
+            return "This token has opened as many sessions as it may."
+        app = self.app_keys.check_name(claims.app)
+        if (
+            app is not None
+            and app.max_concurrent_sessions
+            and (self._live_by_app[claims.app] >= app.max_concurrent_sessions)
+        ):
+            return "This app key has reached its concurrent session limit."
+        return None
+
+    def _count_start(self, claims: TokenClaims | None) -> None:
+        if claims is None:
+            return
+        self._live_by_token[claims.jti] += 1
+        self._live_by_app[claims.app] += 1
+        count = self._starts_by_token.get(claims.jti, (0, 0.0))[0]
+        self._starts_by_token[claims.jti] = (count + 1, float(claims.expires_at))
+        if len(self._starts_by_token) > MAX_TRACKED_TOKENS:
+            now = time.time()
+            self._starts_by_token = {k: v for k, v in self._starts_by_token.items() if v[1] > now}
+
+    def _count_end(self, claims: TokenClaims | None) -> None:
+        if claims is None:
+            return
+        for counter, key in ((self._live_by_token, claims.jti), (self._live_by_app, claims.app)):
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
 
     def end_all_sessions(self, kind: EndKind = EndKind.SHUTDOWN) -> None:
         for session in list(self.sessions.values()):

@@ -12,12 +12,14 @@ data plane implements, so the app can be built and tested on its own.
 
 from __future__ import annotations
 
+import time
 from typing import Protocol
 
-from quart import Response
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from relay.minting import Minter
 from relay.protocol.events import http_error_body
 
 
@@ -30,6 +32,9 @@ class ControlState(Protocol):
 
     @property
     def draining(self) -> bool: ...
+
+    @property
+    def minter(self) -> Minter: ...
 
 
 def _json(body: bytes, status: int) -> Response:
@@ -51,6 +56,14 @@ def create_app(state: ControlState) -> QuartTrio:
         if live >= limit:
             return _json(b'{"status":"full"}', 503)
         return _json(b'{"status":"ready"}', 200)
+
+    @app.post("/v1/realtime/client_secrets")
+    @app.post("/realtime/client_secrets")
+    async def client_secrets() -> Response:
+        body = await request.get_data()
+        assert isinstance(body, bytes)
+        answer = await state.minter.mint(request.headers.get("Authorization"), body, time.time())
+        return _json(answer.body, answer.status)
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
+from urllib.parse import parse_qs
 
 from relay.protocol.handshake import RequestHead
+from relay.tokens import Keyring, TokenClaims, TokenRefusal, looks_like_relay_token, verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +89,93 @@ class NoAuthChecker:
 
     def check(self, credential: str | None, head: RequestHead) -> AuthGrant | AuthRefusal:
         return AuthGrant(credential_id="anonymous")
+
+
+# ------------------------------------------------------------------ relay tokens
+
+
+class ReplayStore:
+    """Single-use token ids seen by this relay instance, until the tokens expire.
+
+    In memory, so the guarantee is per instance: with several instances behind a
+    load balancer a single-use token could be used once per instance (a shared
+    store such as Redis closes that gap). Bounded at ``max_entries``; when full,
+    expired ids are dropped first, and if none has expired new single-use tokens
+    are refused (503) rather than letting the store grow.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._expiry_by_id: dict[str, float] = {}
+
+    def claim(self, token_id: str, expires_at: float, now: float) -> bool | None:
+        """True the first time, False for a replay, None when the store is full."""
+        if token_id in self._expiry_by_id:
+            return False
+        if len(self._expiry_by_id) >= self.max_entries:
+            self._expiry_by_id = {k: v for k, v in self._expiry_by_id.items() if v > now}
+            if len(self._expiry_by_id) >= self.max_entries:
+                return None
+        self._expiry_by_id[token_id] = expires_at
+        return True
+
+    def __len__(self) -> int:
+        return len(self._expiry_by_id)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenGrant(AuthGrant):
+    """A grant from a relay token: what the session must enforce."""
+
+    claims: TokenClaims | None = None
+
+
+class RelayTokenChecker:
+    """Relay tokens (``ek_r1.…``) first, anything else to the fallback checker.
+
+    Checked before the upgrade: signature, expiry, model (``?model=`` must be one
+    the token allows), Origin (when the token names origins), single use.
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        fallback: CredentialChecker,
+        replay: ReplayStore,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keyring = keyring
+        self.fallback = fallback
+        self.replay = replay
+        self.clock = clock
+
+    def check(self, credential: str | None, head: RequestHead) -> AuthGrant | AuthRefusal:
+        if not credential or not looks_like_relay_token(credential):
+            return self.fallback.check(credential, head)
+        now = self.clock()
+        result = verify(credential, self.keyring, now)
+        if isinstance(result, TokenRefusal):
+            return AuthRefusal(result.status, result.message, result.code)
+        claims = result
+        query = parse_qs(head.query)
+        model = (query.get("model") or [""])[-1]
+        if claims.models and model and model not in claims.models:
+            return AuthRefusal(
+                403, f"This token does not allow the model '{model}'.", "model_not_allowed"
+            )
+        origin = head.header(b"origin")
+        if claims.origins and origin not in claims.origins:
+            return AuthRefusal(403, "This token does not allow this Origin.", "origin_not_allowed")
+        if claims.single_use:
+            claimed = self.replay.claim(claims.jti, claims.expires_at, now)
+            if claimed is False:
+                return AuthRefusal(401, "This single-use token was already used.", "token_used")
+            if claimed is None:
+                return AuthRefusal(
+                    503,
+                    "Too many single-use tokens in flight; retry shortly.",
+                    "replay_store_full",
+                    "server_error",
+                )
+        return TokenGrant(credential_id=f"token:{claims.app}:{claims.jti[:8]}", claims=claims)

@@ -1,0 +1,210 @@
+"""App keys and signing keys on disk: what ``relay keys`` manages and the relay reloads.
+
+This module owns two small JSON files:
+
+- the **app key file** (``serve.app_keys_file``): the keys voice-app backends use to
+  call ``POST /v1/realtime/client_secrets``. Only SHA-256 digests are stored; a new
+  key is printed once by ``relay keys create NAME``. Each key has a mode: ``relay``
+  (mint relay tokens) or ``passthrough`` (mint a real OpenAI ``ek_`` from the
+  upstream). :class:`AppKeyStore` re-reads the file when its modification time
+  changes, so keys are added and revoked without a restart and without touching
+  live sessions.
+- the **signing key file** (``serve.signing_keys_file``): relay-token signing keys
+  with ids. ``relay keys rotate-signing`` adds a new active key and retires the
+  old one, which keeps verifying tokens until they have all expired.
+
+Files are written atomically (temp file + rename) with mode 0600.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import os
+import secrets
+import tempfile
+import time
+from pathlib import Path
+from typing import Final, Literal
+
+import msgspec
+
+from relay.tokens import MAX_TOKEN_TTL_S, Keyring, SigningKey, new_signing_key
+
+AppKeyMode = Literal["relay", "passthrough"]
+APP_KEY_PREFIX: Final = "rk_"
+#: Random bytes in a new app key.
+APP_KEY_RANDOM_BYTES: Final = 24
+
+
+class AppKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    name: str
+    sha256: str
+    mode: AppKeyMode = "relay"
+    created_at: int = 0
+    #: Concurrent sessions opened with tokens from this key; 0 = no per-key limit.
+    max_concurrent_sessions: int = 0
+
+
+class AppKeyFile(msgspec.Struct, forbid_unknown_fields=True):
+    keys: list[AppKey] = msgspec.field(default_factory=list)
+
+
+class StoredSigningKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kid: str
+    secret_b64: str
+    retired_at: float | None = None
+
+
+class SigningKeyFile(msgspec.Struct, forbid_unknown_fields=True):
+    keys: list[StoredSigningKey] = msgspec.field(default_factory=list)
+
+
+class KeyFileError(Exception):
+    """A key file is missing, unreadable or invalid; the message names the file."""
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _read(path: Path, kind: type[AppKeyFile] | type[SigningKeyFile]) -> AppKeyFile | SigningKeyFile:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return kind()
+    except OSError as exc:
+        raise KeyFileError(f"{path}: {exc.strerror}") from None
+    try:
+        return msgspec.json.decode(data, type=kind)
+    except msgspec.DecodeError as exc:
+        raise KeyFileError(f"{path}: {exc}") from None
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+# ------------------------------------------------------------------ app keys
+
+
+def load_app_keys(path: Path) -> AppKeyFile:
+    document = _read(path, AppKeyFile)
+    assert isinstance(document, AppKeyFile)
+    return document
+
+
+def create_app_key(path: Path, name: str, mode: AppKeyMode = "relay") -> str:
+    """Add a key named ``name``; returns the key (shown once, never stored)."""
+    document = load_app_keys(path)
+    if any(key.name == name for key in document.keys):
+        raise KeyFileError(f"{path}: an app key named {name!r} exists; revoke it first")
+    key = APP_KEY_PREFIX + secrets.token_urlsafe(APP_KEY_RANDOM_BYTES)
+    created = AppKey(name=name, sha256=digest(key), mode=mode, created_at=int(time.time()))
+    document.keys.append(created)
+    _write_atomic(path, msgspec.json.format(msgspec.json.encode(document)))
+    return key
+
+
+def revoke_app_key(path: Path, name: str) -> bool:
+    document = load_app_keys(path)
+    kept = [key for key in document.keys if key.name != name]
+    if len(kept) == len(document.keys):
+        return False
+    document.keys = kept
+    _write_atomic(path, msgspec.json.format(msgspec.json.encode(document)))
+    return True
+
+
+class AppKeyStore:
+    """App keys, re-read from disk whenever the file changes."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path) if path else None
+        self._keys: tuple[tuple[bytes, AppKey], ...] = ()
+        self._stamp: tuple[int, int] | None = None
+        self.reload_if_changed()
+
+    def reload_if_changed(self) -> bool:
+        """Re-read the file if it changed; a broken file keeps the previous keys."""
+        if self.path is None:
+            return False
+        try:
+            stat = self.path.stat()
+            stamp = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            stamp = (0, 0)
+        if stamp == self._stamp:
+            return False
+        document = load_app_keys(self.path)
+        self._keys = tuple((bytes.fromhex(key.sha256), key) for key in document.keys)
+        self._stamp = stamp
+        return True
+
+    def check(self, credential: str | None) -> AppKey | None:
+        """The app key ``credential`` is, compared in constant time against every key."""
+        try:
+            self.reload_if_changed()
+        except KeyFileError:
+            pass  # keep serving with the keys we have; the error is logged by the caller
+        if not credential:
+            return None
+        candidate = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
+        found: AppKey | None = None
+        for key_digest, key in self._keys:
+            if hmac.compare_digest(candidate, key_digest):
+                found = key
+        return found
+
+    def check_name(self, name: str) -> AppKey | None:
+        for _, key in self._keys:
+            if key.name == name:
+                return key
+        return None
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+# ------------------------------------------------------------------ signing keys
+
+
+def load_keyring(path: Path, now: float) -> Keyring:
+    document = _read(path, SigningKeyFile)
+    assert isinstance(document, SigningKeyFile)
+    keys = [
+        SigningKey(kid=k.kid, secret=base64.b64decode(k.secret_b64), retired_at=k.retired_at)
+        for k in document.keys
+        if k.retired_at is None or now <= k.retired_at + MAX_TOKEN_TTL_S
+    ]
+    if not keys:
+        raise KeyFileError(f"{path}: no signing key; run `relay keys rotate-signing`")
+    try:
+        return Keyring(keys)
+    except ValueError as exc:
+        raise KeyFileError(f"{path}: {exc}") from None
+
+
+def rotate_signing_key(path: Path, now: float) -> str:
+    """Add a new active signing key, retire the current one; returns the new key id."""
+    document = _read(path, SigningKeyFile)
+    assert isinstance(document, SigningKeyFile)
+    fresh = new_signing_key()
+    kept = [
+        StoredSigningKey(k.kid, k.secret_b64, k.retired_at if k.retired_at is not None else now)
+        for k in document.keys
+        if k.retired_at is None or now <= k.retired_at + MAX_TOKEN_TTL_S
+    ]
+    kept.append(StoredSigningKey(fresh.kid, base64.b64encode(fresh.secret).decode("ascii")))
+    _write_atomic(path, msgspec.json.format(msgspec.json.encode(SigningKeyFile(kept))))
+    return fresh.kid
