@@ -101,11 +101,31 @@ def _parser() -> argparse.ArgumentParser:
         help="without --url: talk to the simulator directly, no relay in between",
     )
 
-    keys = sub.add_parser("keys", help="client key helpers")
+    keys = sub.add_parser("keys", help="app keys, signing keys, client key digests")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser(
         "hash", help="read a key from stdin (or a prompt), print its SHA-256 digest"
     )
+    create = keys_sub.add_parser("create", help="create an app key; prints it once")
+    create.add_argument("name")
+    create.add_argument(
+        "--passthrough",
+        action="store_true",
+        help="this key mints real OpenAI ek_ secrets from the upstream",
+    )
+    revoke = keys_sub.add_parser("revoke", help="revoke an app key (live sessions continue)")
+    revoke.add_argument("name")
+    listing = keys_sub.add_parser("list", help="list app keys (names and modes, never the keys)")
+    rotate = keys_sub.add_parser(
+        "rotate-signing",
+        help="new relay-token signing key; the old one verifies until its tokens expire",
+    )
+    for managed in (create, revoke, listing, rotate):
+        managed.add_argument(
+            "--file",
+            help="key file (default: serve.app_keys_file or serve.signing_keys_file)",
+        )
+        _add_common(managed)
     return parser
 
 
@@ -166,7 +186,10 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         _setup_logging("warning")
         return lambda: _run_demo(demo, direct=args.direct)
     if args.command == "keys":
-        return _keys_hash
+        if args.keys_command == "hash":
+            return _keys_hash
+        serve = cfg.load(cfg.ServeConfig, toml_path=getattr(args, "config", None))
+        return lambda: _keys_manage(args, serve)
     raise AssertionError(args.command)
 
 
@@ -199,6 +222,48 @@ def _keys_hash() -> int:
         print("relay: no key given", file=sys.stderr)
         return 2
     print(key_digest(key))
+    return 0
+
+
+def _keys_manage(args: argparse.Namespace, serve: cfg.ServeConfig) -> int:
+    import time
+    from pathlib import Path
+
+    from relay import appkeys
+
+    command = args.keys_command
+    default = serve.signing_keys_file if command == "rotate-signing" else serve.app_keys_file
+    path_text = args.file or default
+    if not path_text:
+        setting = "signing_keys_file" if command == "rotate-signing" else "app_keys_file"
+        print(f"relay: give --file or set serve.{setting}", file=sys.stderr)
+        return 2
+    path = Path(path_text)
+    try:
+        if command == "create":
+            key = appkeys.create_app_key(
+                path, args.name, "passthrough" if args.passthrough else "relay"
+            )
+            print(key)
+            print(f"app key {args.name!r} created; it is shown only now", file=sys.stderr)
+        elif command == "revoke":
+            if not appkeys.revoke_app_key(path, args.name):
+                print(f"relay: no app key named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"app key {args.name!r} revoked", file=sys.stderr)
+        elif command == "list":
+            for app_key in appkeys.load_app_keys(path).keys:
+                created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(app_key.created_at))
+                print(
+                    f"{app_key.name}\t{app_key.mode}\tcreated {created} UTC\t"
+                    f"sha256 {app_key.sha256[:12]}…"
+                )
+        else:
+            kid = appkeys.rotate_signing_key(path, time.time())
+            print(f"new signing key {kid!r} is active; older keys verify until their tokens expire")
+    except appkeys.KeyFileError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
