@@ -208,3 +208,42 @@ def rotate_signing_key(path: Path, now: float) -> str:
     kept.append(StoredSigningKey(fresh.kid, base64.b64encode(fresh.secret).decode("ascii")))
     _write_atomic(path, msgspec.json.format(msgspec.json.encode(SigningKeyFile(kept))))
     return fresh.kid
+
+
+class KeyringFile:
+    """The signing keyring, re-read when its file changes (rotation without a restart).
+
+    A file that became unreadable or invalid keeps the previous keyring (the error
+    is kept in :attr:`last_error` for the caller to log).
+    """
+
+    def __init__(self, path: str, fallback: Keyring | None = None) -> None:
+        self.path = Path(path) if path else None
+        self._stamp: tuple[int, int] | None = None
+        self.last_error: str | None = None
+        if self.path is None:
+            assert fallback is not None
+            self._keyring = fallback
+        else:
+            self._keyring = load_keyring(self.path, time.time())
+            self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple[int, int] | None:
+        assert self.path is not None
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def current(self) -> Keyring:
+        if self.path is not None:
+            stamp = self._read_stamp()
+            if stamp != self._stamp:
+                try:
+                    self._keyring = load_keyring(self.path, time.time())
+                    self.last_error = None
+                except KeyFileError as exc:
+                    self.last_error = str(exc)
+                self._stamp = stamp
+        return self._keyring

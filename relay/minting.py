@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -72,7 +73,7 @@ class Minter:
     def __init__(
         self,
         app_keys: AppKeyStore,
-        keyring: Keyring,
+        keyring: Callable[[], Keyring],
         *,
         upstream_http_base: str,
         upstream_api_key: str,
@@ -126,7 +127,7 @@ class Minter:
             single_use=options.single_use,
         )
         try:
-            token = mint(claims, self.keyring.active)
+            token = mint(claims, self.keyring().active)
         except ValueError as exc:
             return _error(400, str(exc), "session_too_large", "session")
         answer: dict[str, Any] = {

@@ -31,13 +31,12 @@ import logging
 import socket
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Final
 
 import orjson
 import trio
 
-from relay.appkeys import AppKeyStore, load_keyring
+from relay.appkeys import AppKeyStore, KeyringFile
 from relay.config import ServeConfig
 from relay.control.app import create_app
 from relay.control.hosting import ControlPlaneHost
@@ -80,15 +79,15 @@ def build_checker(config: ServeConfig) -> CredentialChecker:
     return StaticKeyChecker(digests)
 
 
-def build_keyring(config: ServeConfig) -> Keyring:
+def build_keyring(config: ServeConfig) -> KeyringFile:
     """Signing keys from their file, or one made now (tokens then die with the process)."""
     if config.signing_keys_file:
-        return load_keyring(Path(config.signing_keys_file), time.time())
+        return KeyringFile(config.signing_keys_file)
     LOGGER.warning(
         "no signing_keys_file: relay tokens are signed with a key made at start-up; they "
         "stop working on restart and on other instances"
     )
-    return Keyring([new_signing_key()])
+    return KeyringFile("", fallback=Keyring([new_signing_key()]))
 
 
 class RelayServer:
@@ -106,12 +105,12 @@ class RelayServer:
         self.keyring = build_keyring(config)
         self.replay = ReplayStore(config.replay_store_max_entries)
         self.checker = checker or RelayTokenChecker(
-            self.keyring, build_checker(config), self.replay
+            self.keyring.current, build_checker(config), self.replay
         )
         self.app_keys = AppKeyStore(config.app_keys_file)
         self.minter = Minter(
             self.app_keys,
-            self.keyring,
+            self.keyring.current,
             upstream_http_base=http_base_for(config.upstream_url),
             upstream_api_key=config.upstream_api_key,
             upstream_ca_file=config.upstream_ca_file,

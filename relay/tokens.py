@@ -176,7 +176,7 @@ def looks_like_relay_token(credential: str) -> bool:
 
 def verify(token: str, keyring: Keyring, now: float) -> TokenClaims | TokenRefusal:
     """Check a token completely; returns its claims or why it is refused."""
-    if len(token) > MAX_TOKEN_CHARS or not token.startswith(_HEAD):
+    if len(token) > MAX_TOKEN_CHARS or not token.isascii() or not token.startswith(_HEAD):
         return MALFORMED
     parts = token[len(_HEAD) :].split(".")
     if len(parts) != 3:

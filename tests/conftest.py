@@ -179,6 +179,9 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[trio_websocket.WebSo
     ResourceWarning-as-error policy would report against the relay.
     """
     kwargs.setdefault("max_message_size", 32 * 1024 * 1024)
+    # trio-websocket stops reading (and so never sees our close reply) when its queue
+    # is full; tests that leave events unread must not hang in its close handshake.
+    kwargs.setdefault("message_queue_size", 256)
     async with trio_websocket.open_websocket_url(url, **kwargs) as ws:
         try:
             yield ws

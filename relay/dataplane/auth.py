@@ -139,7 +139,7 @@ class RelayTokenChecker:
 
     def __init__(
         self,
-        keyring: Keyring,
+        keyring: Callable[[], Keyring],
         fallback: CredentialChecker,
         replay: ReplayStore,
         *,
@@ -154,7 +154,7 @@ class RelayTokenChecker:
         if not credential or not looks_like_relay_token(credential):
             return self.fallback.check(credential, head)
         now = self.clock()
-        result = verify(credential, self.keyring, now)
+        result = verify(credential, self.keyring(), now)
         if isinstance(result, TokenRefusal):
             return AuthRefusal(result.status, result.message, result.code)
         claims = result
