@@ -1,0 +1,214 @@
+"""First benchmark: relay CPU per message and added latency, against direct, in one run.
+
+Starts the simulator (echo mode, ``--fast``) and the relay as separate processes, then
+for each N drives N sessions of 20 ms PCM16 appends at real-time rate (50 per second
+each) with ``relay.loadgen`` (its own process): first straight to the simulator, then
+through the relay. Relay CPU is read from ``/proc/<pid>/stat`` (user + sys) exactly
+over the load's measured window; peak RSS is the relay's ``VmHWM``.
+
+Relay CPU per relayed message = relay CPU seconds in the window / (appends sent up +
+deltas echoed down in the window) x 1e6: each direction's message counts once.
+
+Usage: ``python bench/relay_throughput.py [--sessions 50,200] [--duration-s 20] [--pin]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+SIM_KEY = "sk-bench-simulator-key"
+CLIENT_KEY = "bench-client-key"
+STARTUP_TIMEOUT_S = 20.0
+TARGET_US_PER_MESSAGE = {50: 100.0, 200: 60.0}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # After the ")" field 3 is state; utime and stime are fields 14 and 15 of the full line.
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def pin(pid: int, cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(pid, cpus)
+
+
+def run_load(
+    url: str, key: str, sessions: int, duration_s: float, warmup_s: float,
+    cpus: set[int] | None, watched_pid: int | None,
+) -> dict[str, Any]:
+    command = [
+        sys.executable, "-m", "relay.loadgen", "--url", url, "--key", key,
+        "--sessions", str(sessions), "--duration-s", str(duration_s),
+        "--warmup-s", str(warmup_s), "--announce",
+    ]
+    load = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=REPO)
+    pin(load.pid, cpus)
+    assert load.stdout is not None
+    cpu_start = cpu_end = 0.0
+    window_start = window_end = 0.0
+    result: dict[str, Any] = {}
+    for raw in load.stdout:
+        line = raw.decode().strip()
+        if line == "MEASURE_START":
+            window_start = time.monotonic()
+            cpu_start = cpu_seconds(watched_pid) if watched_pid else 0.0
+        elif line == "MEASURE_END":
+            window_end = time.monotonic()
+            cpu_end = cpu_seconds(watched_pid) if watched_pid else 0.0
+        elif line.startswith("{"):
+            result = json.loads(line)
+    load.wait(timeout=60)
+    result["watched_cpu_s"] = cpu_end - cpu_start
+    result["watched_window_s"] = window_end - window_start
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", default="50,200")
+    parser.add_argument("--duration-s", type=float, default=20.0)
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--pin", action="store_true",
+                        help="relay on CPU 0; load and simulator on CPU 1")
+    parser.add_argument("--quick", action="store_true", help="N=5 for 3 s (used by the tests)")
+    parser.add_argument("--json", help="write all results to this file")
+    args = parser.parse_args()
+    counts = [5] if args.quick else [int(n) for n in args.sessions.split(",")]
+    duration_s = 3.0 if args.quick else args.duration_s
+    warmup_s = 1.0 if args.quick else args.warmup_s
+    relay_cpus = {0} if args.pin else None
+    load_cpus = {1} if args.pin else None
+
+    sim_port, relay_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    simulator = subprocess.Popen(
+        [sys.executable, "-m", "relay", "simulate", "--mode", "echo", "--fast",
+         "--port", str(sim_port), "--api-key", SIM_KEY],
+        cwd=REPO, env=env, stderr=subprocess.DEVNULL,
+    )
+    relay_env = {
+        **env,
+        "RELAY_SERVE_PORT": str(relay_port),
+        "RELAY_SERVE_UPSTREAM_URL": f"ws://127.0.0.1:{sim_port}/v1",
+        "RELAY_SERVE_UPSTREAM_API_KEY": SIM_KEY,
+        "RELAY_SERVE_CLIENT_KEYS": CLIENT_KEY,
+        "RELAY_SERVE_MAX_SESSIONS": "10000",
+        "RELAY_SERVE_LOG_LEVEL": "warning",
+    }
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"], cwd=REPO, env=relay_env,
+        stderr=subprocess.DEVNULL,
+    )
+    rows: list[dict[str, Any]] = []
+    try:
+        wait_for_port(sim_port, simulator)
+        wait_for_port(relay_port, relay)
+        pin(simulator.pid, load_cpus)
+        pin(relay.pid, relay_cpus)
+        for n in counts:
+            direct = run_load(
+                f"ws://127.0.0.1:{sim_port}/v1", SIM_KEY, n, duration_s, warmup_s,
+                load_cpus, simulator.pid,
+            )
+            through = run_load(
+                f"ws://127.0.0.1:{relay_port}/v1", CLIENT_KEY, n, duration_s, warmup_s,
+                load_cpus, relay.pid,
+            )
+            relay_sim_cpu = None
+            messages = through["window_sent"] + through["window_received"]
+            relay_cpu = through["watched_cpu_s"]
+            rows.append({"n": n, "path": "direct", **direct, "sim_cpu_s": direct["watched_cpu_s"]})
+            rows.append({
+                "n": n, "path": "relay", **through,
+                "relay_cpu_s": relay_cpu,
+                "relay_us_per_msg": relay_cpu / messages * 1e6 if messages else float("nan"),
+                "relay_cpu_percent": 100 * relay_cpu / through["watched_window_s"],
+                "relay_peak_rss_mib": peak_rss_mib(relay.pid),
+                "added_p50_ms": through["rtt_ms"]["p50"] - direct["rtt_ms"]["p50"],
+                "added_p99_ms": through["rtt_ms"]["p99"] - direct["rtt_ms"]["p99"],
+                "sim_cpu_s": relay_sim_cpu,
+            })
+    finally:
+        for process in (relay, simulator):
+            process.terminate()
+        for process in (relay, simulator):
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+    print_table(rows, pinned=args.pin)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"pinned": args.pin, "rows": rows}, indent=2))
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]], *, pinned: bool) -> None:
+    print(f"machine: {os.cpu_count()} CPUs; pinning: "
+          f"{'relay on CPU 0, load + simulator on CPU 1' if pinned else 'none'}")
+    print("relay CPU per message = relay user+sys in the window / (appends up + deltas down)")
+    header = (f"{'N':>4} {'path':<7} {'msgs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} "
+              f"{'+p99':>6} {'lost':>5} {'relay us/msg':>12} {'relay CPU%':>10} "
+              f"{'load CPU%':>9} {'RSS MiB':>8}")
+    print(header)
+    for row in rows:
+        rate = (row["window_sent"] + row["window_received"]) / max(row["window_s"], 1e-9)
+        relay_cols = (
+            f"{row['added_p50_ms']:>6.2f} {row['added_p99_ms']:>6.2f} {row['lost']:>5} "
+            f"{row['relay_us_per_msg']:>12.1f} {row['relay_cpu_percent']:>10.1f}"
+            if row["path"] == "relay"
+            else f"{'':>6} {'':>6} {row['lost']:>5} {'':>12} {'':>10}"
+        )
+        rss = f"{row['relay_peak_rss_mib']:>8.1f}" if row["path"] == "relay" else f"{'':>8}"
+        saturated = " (load saturated!)" if row["load_saturated"] else ""
+        print(f"{row['n']:>4} {row['path']:<7} {rate:>8.0f} {row['rtt_ms']['p50']:>7.2f} "
+              f"{row['rtt_ms']['p99']:>7.2f} {relay_cols} {row['load_cpu_percent']:>9.1f} "
+              f"{rss}{saturated}")
+        if row["errors"]:
+            print(f"     errors: {row['errors']}")
+    for row in rows:
+        target = TARGET_US_PER_MESSAGE.get(row["n"])
+        if row["path"] == "relay" and target is not None:
+            verdict = "meets" if row["relay_us_per_msg"] <= target and row["lost"] == 0 else "MISSES"
+            print(f"N={row['n']}: {row['relay_us_per_msg']:.1f} us/msg, {row['lost']} lost: "
+                  f"{verdict} the target of <= {target:.0f} us with no losses")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
