@@ -70,13 +70,29 @@ def pin(pid: int, cpus: set[int] | None) -> None:
 
 
 def run_load(
-    url: str, key: str, sessions: int, duration_s: float, warmup_s: float,
-    cpus: set[int] | None, watched_pid: int | None,
+    url: str,
+    key: str,
+    sessions: int,
+    duration_s: float,
+    warmup_s: float,
+    cpus: set[int] | None,
+    watched_pid: int | None,
 ) -> dict[str, Any]:
     command = [
-        sys.executable, "-m", "relay.loadgen", "--url", url, "--key", key,
-        "--sessions", str(sessions), "--duration-s", str(duration_s),
-        "--warmup-s", str(warmup_s), "--announce",
+        sys.executable,
+        "-m",
+        "relay.loadgen",
+        "--url",
+        url,
+        "--key",
+        key,
+        "--sessions",
+        str(sessions),
+        "--duration-s",
+        str(duration_s),
+        "--warmup-s",
+        str(warmup_s),
+        "--announce",
     ]
     load = subprocess.Popen(command, stdout=subprocess.PIPE, cwd=REPO)
     pin(load.pid, cpus)
@@ -105,8 +121,9 @@ def main() -> int:
     parser.add_argument("--sessions", default="50,200")
     parser.add_argument("--duration-s", type=float, default=20.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
-    parser.add_argument("--pin", action="store_true",
-                        help="relay on CPU 0; load and simulator on CPU 1")
+    parser.add_argument(
+        "--pin", action="store_true", help="relay on CPU 0; load and simulator on CPU 1"
+    )
     parser.add_argument("--quick", action="store_true", help="N=5 for 3 s (used by the tests)")
     parser.add_argument("--json", help="write all results to this file")
     args = parser.parse_args()
@@ -119,9 +136,22 @@ def main() -> int:
     sim_port, relay_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     simulator = subprocess.Popen(
-        [sys.executable, "-m", "relay", "simulate", "--mode", "echo", "--fast",
-         "--port", str(sim_port), "--api-key", SIM_KEY],
-        cwd=REPO, env=env, stderr=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "simulate",
+            "--mode",
+            "echo",
+            "--fast",
+            "--port",
+            str(sim_port),
+            "--api-key",
+            SIM_KEY,
+        ],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.DEVNULL,
     )
     relay_env = {
         **env,
@@ -133,7 +163,9 @@ def main() -> int:
         "RELAY_SERVE_LOG_LEVEL": "warning",
     }
     relay = subprocess.Popen(
-        [sys.executable, "-m", "relay", "serve"], cwd=REPO, env=relay_env,
+        [sys.executable, "-m", "relay", "serve"],
+        cwd=REPO,
+        env=relay_env,
         stderr=subprocess.DEVNULL,
     )
     rows: list[dict[str, Any]] = []
@@ -144,27 +176,41 @@ def main() -> int:
         pin(relay.pid, relay_cpus)
         for n in counts:
             direct = run_load(
-                f"ws://127.0.0.1:{sim_port}/v1", SIM_KEY, n, duration_s, warmup_s,
-                load_cpus, simulator.pid,
+                f"ws://127.0.0.1:{sim_port}/v1",
+                SIM_KEY,
+                n,
+                duration_s,
+                warmup_s,
+                load_cpus,
+                simulator.pid,
             )
             through = run_load(
-                f"ws://127.0.0.1:{relay_port}/v1", CLIENT_KEY, n, duration_s, warmup_s,
-                load_cpus, relay.pid,
+                f"ws://127.0.0.1:{relay_port}/v1",
+                CLIENT_KEY,
+                n,
+                duration_s,
+                warmup_s,
+                load_cpus,
+                relay.pid,
             )
             relay_sim_cpu = None
             messages = through["window_sent"] + through["window_received"]
             relay_cpu = through["watched_cpu_s"]
             rows.append({"n": n, "path": "direct", **direct, "sim_cpu_s": direct["watched_cpu_s"]})
-            rows.append({
-                "n": n, "path": "relay", **through,
-                "relay_cpu_s": relay_cpu,
-                "relay_us_per_msg": relay_cpu / messages * 1e6 if messages else float("nan"),
-                "relay_cpu_percent": 100 * relay_cpu / through["watched_window_s"],
-                "relay_peak_rss_mib": peak_rss_mib(relay.pid),
-                "added_p50_ms": through["rtt_ms"]["p50"] - direct["rtt_ms"]["p50"],
-                "added_p99_ms": through["rtt_ms"]["p99"] - direct["rtt_ms"]["p99"],
-                "sim_cpu_s": relay_sim_cpu,
-            })
+            rows.append(
+                {
+                    "n": n,
+                    "path": "relay",
+                    **through,
+                    "relay_cpu_s": relay_cpu,
+                    "relay_us_per_msg": relay_cpu / messages * 1e6 if messages else float("nan"),
+                    "relay_cpu_percent": 100 * relay_cpu / through["watched_window_s"],
+                    "relay_peak_rss_mib": peak_rss_mib(relay.pid),
+                    "added_p50_ms": through["rtt_ms"]["p50"] - direct["rtt_ms"]["p50"],
+                    "added_p99_ms": through["rtt_ms"]["p99"] - direct["rtt_ms"]["p99"],
+                    "sim_cpu_s": relay_sim_cpu,
+                }
+            )
     finally:
         for process in (relay, simulator):
             process.terminate()
@@ -180,12 +226,16 @@ def main() -> int:
 
 
 def print_table(rows: list[dict[str, Any]], *, pinned: bool) -> None:
-    print(f"machine: {os.cpu_count()} CPUs; pinning: "
-          f"{'relay on CPU 0, load + simulator on CPU 1' if pinned else 'none'}")
+    print(
+        f"machine: {os.cpu_count()} CPUs; pinning: "
+        f"{'relay on CPU 0, load + simulator on CPU 1' if pinned else 'none'}"
+    )
     print("relay CPU per message = relay user+sys in the window / (appends up + deltas down)")
-    header = (f"{'N':>4} {'path':<7} {'msgs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} "
-              f"{'+p99':>6} {'lost':>5} {'relay us/msg':>12} {'relay CPU%':>10} "
-              f"{'load CPU%':>9} {'RSS MiB':>8}")
+    header = (
+        f"{'N':>4} {'path':<7} {'msgs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} "
+        f"{'+p99':>6} {'lost':>5} {'relay us/msg':>12} {'relay CPU%':>10} "
+        f"{'load CPU%':>9} {'RSS MiB':>8}"
+    )
     print(header)
     for row in rows:
         rate = (row["window_sent"] + row["window_received"]) / max(row["window_s"], 1e-9)
@@ -197,17 +247,23 @@ def print_table(rows: list[dict[str, Any]], *, pinned: bool) -> None:
         )
         rss = f"{row['relay_peak_rss_mib']:>8.1f}" if row["path"] == "relay" else f"{'':>8}"
         saturated = " (load saturated!)" if row["load_saturated"] else ""
-        print(f"{row['n']:>4} {row['path']:<7} {rate:>8.0f} {row['rtt_ms']['p50']:>7.2f} "
-              f"{row['rtt_ms']['p99']:>7.2f} {relay_cols} {row['load_cpu_percent']:>9.1f} "
-              f"{rss}{saturated}")
+        print(
+            f"{row['n']:>4} {row['path']:<7} {rate:>8.0f} {row['rtt_ms']['p50']:>7.2f} "
+            f"{row['rtt_ms']['p99']:>7.2f} {relay_cols} {row['load_cpu_percent']:>9.1f} "
+            f"{rss}{saturated}"
+        )
         if row["errors"]:
             print(f"     errors: {row['errors']}")
     for row in rows:
         target = TARGET_US_PER_MESSAGE.get(row["n"])
         if row["path"] == "relay" and target is not None:
-            verdict = "meets" if row["relay_us_per_msg"] <= target and row["lost"] == 0 else "MISSES"
-            print(f"N={row['n']}: {row['relay_us_per_msg']:.1f} us/msg, {row['lost']} lost: "
-                  f"{verdict} the target of <= {target:.0f} us with no losses")
+            verdict = (
+                "meets" if row["relay_us_per_msg"] <= target and row["lost"] == 0 else "MISSES"
+            )
+            print(
+                f"N={row['n']}: {row['relay_us_per_msg']:.1f} us/msg, {row['lost']} lost: "
+                f"{verdict} the target of <= {target:.0f} us with no losses"
+            )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""The benchmark code cannot rot: tiny runs in CI. Counts are asserted, never timings."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import trio
+
+from relay.loadgen import run_stream
+from tests.conftest import CLIENT_KEY, SIM_KEY, start_relay, start_simulator
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_loadgen_stream_through_relay_and_direct(nursery: trio.Nursery) -> None:
+    simulator = await start_simulator(nursery, mode="echo")
+    relay = await start_relay(nursery, simulator.ws_base)
+    for url, key in ((simulator.ws_base, SIM_KEY), (relay.ws_base, CLIENT_KEY)):
+        result = await run_stream(url, key, sessions=3, duration_s=1.0)
+        assert result.sessions_opened == 3
+        assert result.sent > 0
+        assert result.lost == 0
+        assert result.received == result.sent
+        assert result.errors == {}
+        assert result.rtt_ms["p50"] <= result.rtt_ms["max"]
+
+
+async def test_loadgen_counts_refused_sessions(nursery: trio.Nursery) -> None:
+    simulator = await start_simulator(nursery, mode="echo")
+    result = await run_stream(simulator.ws_base, "wrong-key", sessions=2, duration_s=0.1)
+    assert result.sessions_opened == 0
+    assert result.errors == {"handshake_401": 2}
+
+
+def test_bench_script_quick_run(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    completed = subprocess.run(
+        [sys.executable, "bench/relay_throughput.py", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["n"], row["path"]) for row in rows] == [(5, "direct"), (5, "relay")]
+    relay_row = rows[1]
+    assert relay_row["lost"] == 0
+    assert relay_row["relay_us_per_msg"] > 0
+    assert "relay us/msg" in completed.stdout
