@@ -62,6 +62,9 @@ class SimulatorConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     max_message_bytes: PositiveInt = DEFAULT_MAX_MESSAGE_BYTES
     #: Whether the faults query (``?sim_fault=…``) is honoured; tests turn it on.
     faults_enabled: bool = False
+    #: Serve ``wss://`` with this certificate chain and key (PEM); empty = plain ``ws://``.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -31,6 +31,7 @@ import hashlib
 import hmac
 import logging
 import math
+import ssl
 import time
 from typing import Final
 from urllib.parse import parse_qs
@@ -39,7 +40,13 @@ import trio
 
 from relay.config import SimulatorConfig, SimulatorMode
 from relay.net import http
-from relay.net.transport import Transport, TransportClosed, accept, open_listener
+from relay.net.transport import (
+    Transport,
+    TransportClosed,
+    accept,
+    open_listener,
+    tls_handshake,
+)
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import frames, handshake
 from relay.protocol.events import error_event
@@ -79,6 +86,10 @@ class Simulator:
         self.secrets = ClientSecretStore()
         self.sessions_opened = 0
         self.live_sessions = 0
+        self.ssl_context: ssl.SSLContext | None = None
+        if config.tls_cert_file:
+            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.ssl_context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
 
     def is_api_key(self, credential: str) -> bool:
         """Constant-time check against every configured key (digests, so lengths don't leak)."""
@@ -100,6 +111,10 @@ class Simulator:
                 task_status.started(port)
                 while True:
                     sock, peer = await accept(listener)
+                    if self.ssl_context is not None:
+                        sock = self.ssl_context.wrap_socket(
+                            sock, server_side=True, do_handshake_on_connect=False
+                        )
                     nursery.start_soon(self._handle_connection, Transport(sock, peer=peer))
                     await trio.lowlevel.checkpoint()
         finally:
@@ -108,6 +123,11 @@ class Simulator:
     async def _handle_connection(self, transport: Transport) -> None:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT_S):
+                if transport.is_tls:
+                    try:
+                        await tls_handshake(transport)
+                    except (OSError, ssl.SSLError):
+                        return
                 head = await http.read_request_head(transport)
             if head is None:
                 return
