@@ -296,3 +296,22 @@ async def test_passthrough_mints_a_real_upstream_secret(
     async with open_ws(f"{simulator.ws_base}/realtime", subprotocols=protocols) as ws:
         created = json.loads(await ws.get_message())
         assert created["session"]["instructions"] == "Direct."
+
+
+async def test_openai_agents_sdk_completes_a_locked_session(
+    token_relay: RunningRelay, keys: Keys
+) -> None:
+    from tests.agents_client import agents_voice_turn
+
+    token = await token_for(
+        token_relay,
+        keys,
+        session={"type": "realtime", "model": MODEL, "instructions": "App's instructions."},
+    )
+    summary = await agents_voice_turn(
+        f"{token_relay.ws_base}/realtime?model={MODEL}", token, instructions="Agent's own."
+    )
+    # The agent's own session.update tried to change the locked instructions: it was told.
+    assert any("locked_field" in error for error in summary["errors"])
+    assert summary["audio_chunks"] > 0
+    assert "audio_end" in summary["kinds"]
