@@ -20,9 +20,13 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+
+from relay import appkeys
 
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
@@ -126,6 +130,11 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="N=5 for 3 s (used by the tests)")
     parser.add_argument("--json", help="write all results to this file")
+    parser.add_argument(
+        "--locked",
+        action="store_true",
+        help="also run each N with a relay token carrying a locked session config",
+    )
     args = parser.parse_args()
     counts = [5] if args.quick else [int(n) for n in args.sessions.split(",")]
     duration_s = 3.0 if args.quick else args.duration_s
@@ -135,6 +144,10 @@ def main() -> int:
 
     sim_port, relay_port = free_port(), free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    keys_dir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    app_keys_file, signing_keys_file = keys_dir / "app-keys.json", keys_dir / "signing.json"
+    app_key = appkeys.create_app_key(app_keys_file, "bench")
+    appkeys.rotate_signing_key(signing_keys_file, time.time())
     simulator = subprocess.Popen(
         [
             sys.executable,
@@ -161,6 +174,8 @@ def main() -> int:
         "RELAY_SERVE_CLIENT_KEYS": CLIENT_KEY,
         "RELAY_SERVE_MAX_SESSIONS": "10000",
         "RELAY_SERVE_LOG_LEVEL": "warning",
+        "RELAY_SERVE_APP_KEYS_FILE": str(app_keys_file),
+        "RELAY_SERVE_SIGNING_KEYS_FILE": str(signing_keys_file),
     }
     relay = subprocess.Popen(
         [sys.executable, "-m", "relay", "serve"],
@@ -193,24 +208,20 @@ def main() -> int:
                 load_cpus,
                 relay.pid,
             )
-            relay_sim_cpu = None
-            messages = through["window_sent"] + through["window_received"]
-            relay_cpu = through["watched_cpu_s"]
-            rows.append({"n": n, "path": "direct", **direct, "sim_cpu_s": direct["watched_cpu_s"]})
-            rows.append(
-                {
-                    "n": n,
-                    "path": "relay",
-                    **through,
-                    "relay_cpu_s": relay_cpu,
-                    "relay_us_per_msg": relay_cpu / messages * 1e6 if messages else float("nan"),
-                    "relay_cpu_percent": 100 * relay_cpu / through["watched_window_s"],
-                    "relay_peak_rss_mib": peak_rss_mib(relay.pid),
-                    "added_p50_ms": through["rtt_ms"]["p50"] - direct["rtt_ms"]["p50"],
-                    "added_p99_ms": through["rtt_ms"]["p99"] - direct["rtt_ms"]["p99"],
-                    "sim_cpu_s": relay_sim_cpu,
-                }
-            )
+            rows.append({"n": n, "path": "direct", **direct})
+            rows.append(relay_row(n, "relay", through, direct, relay.pid))
+            if args.locked:
+                token = mint_locked_token(relay_port, app_key)
+                locked = run_load(
+                    f"ws://127.0.0.1:{relay_port}/v1",
+                    token,
+                    n,
+                    duration_s,
+                    warmup_s,
+                    load_cpus,
+                    relay.pid,
+                )
+                rows.append(relay_row(n, "locked", locked, direct, relay.pid))
     finally:
         for process in (relay, simulator):
             process.terminate()
@@ -223,6 +234,49 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"pinned": args.pin, "rows": rows}, indent=2))
     return 0
+
+
+def relay_row(
+    n: int, path: str, through: dict[str, Any], direct: dict[str, Any], pid: int
+) -> dict[str, Any]:
+    messages = through["window_sent"] + through["window_received"]
+    relay_cpu = through["watched_cpu_s"]
+    return {
+        "n": n,
+        "path": path,
+        **through,
+        "relay_cpu_s": relay_cpu,
+        "relay_us_per_msg": relay_cpu / messages * 1e6 if messages else float("nan"),
+        "relay_cpu_percent": 100 * relay_cpu / through["watched_window_s"],
+        "relay_peak_rss_mib": peak_rss_mib(pid),
+        "added_p50_ms": through["rtt_ms"]["p50"] - direct["rtt_ms"]["p50"],
+        "added_p99_ms": through["rtt_ms"]["p99"] - direct["rtt_ms"]["p99"],
+    }
+
+
+def mint_locked_token(relay_port: int, app_key: str) -> str:
+    """A relay token whose session config (instructions, voice, tools) is locked."""
+    body = json.dumps(
+        {
+            "expires_after": {"anchor": "created_at", "seconds": 600},
+            "session": {
+                "type": "realtime",
+                "model": "gpt-realtime",
+                "instructions": "You are the bench's locked assistant.",
+                "audio": {"output": {"voice": "marin"}},
+                "tools": [{"type": "function", "name": "noop", "parameters": {"type": "object"}}],
+            },
+        }
+    ).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{relay_port}/v1/realtime/client_secrets",
+        data=body,
+        method="POST",
+        headers={"Authorization": f"Bearer {app_key}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        token: str = json.loads(response.read())["value"]
+    return token
 
 
 def print_table(rows: list[dict[str, Any]], *, pinned: bool) -> None:
@@ -242,10 +296,10 @@ def print_table(rows: list[dict[str, Any]], *, pinned: bool) -> None:
         relay_cols = (
             f"{row['added_p50_ms']:>6.2f} {row['added_p99_ms']:>6.2f} {row['lost']:>5} "
             f"{row['relay_us_per_msg']:>12.1f} {row['relay_cpu_percent']:>10.1f}"
-            if row["path"] == "relay"
+            if row["path"] != "direct"
             else f"{'':>6} {'':>6} {row['lost']:>5} {'':>12} {'':>10}"
         )
-        rss = f"{row['relay_peak_rss_mib']:>8.1f}" if row["path"] == "relay" else f"{'':>8}"
+        rss = f"{row['relay_peak_rss_mib']:>8.1f}" if row["path"] != "direct" else f"{'':>8}"
         saturated = " (load saturated!)" if row["load_saturated"] else ""
         print(
             f"{row['n']:>4} {row['path']:<7} {rate:>8.0f} {row['rtt_ms']['p50']:>7.2f} "
