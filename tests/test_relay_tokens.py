@@ -315,3 +315,20 @@ async def test_openai_agents_sdk_completes_a_locked_session(
     assert any("locked_field" in error for error in summary["errors"])
     assert summary["audio_chunks"] > 0
     assert "audio_end" in summary["kinds"]
+
+
+async def test_app_keys_reload_without_restart_or_touching_sessions(
+    token_relay: RunningRelay, keys: Keys
+) -> None:
+    token = await token_for(token_relay, keys)
+    url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo"
+    async with open_ws(url, extra_headers=auth(token)) as live:
+        await live.get_message()
+        late_key = appkeys.create_app_key(keys.app_file, "late-app")
+        assert (await mint(token_relay, late_key, {})).status_code == 200
+        assert appkeys.revoke_app_key(keys.app_file, "voice-app")
+        refused = await mint(token_relay, keys.app_key, {})
+        assert refused.status_code == 401
+        # The live session, opened with a token from the revoked key, is untouched.
+        await live.send_message('{"type":"x.after"}')
+        assert json.loads(await live.get_message())["type"] == "x.after"
