@@ -176,7 +176,15 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             overrides=_overrides(args, cfg.ServeConfig.__struct_fields__),
         )
         _setup_logging(serve.log_level)
-        return lambda: _run_serve(serve)
+
+        def reload() -> cfg.ServeConfig:
+            return cfg.load(
+                cfg.ServeConfig,
+                toml_path=args.config,
+                overrides=_overrides(args, cfg.ServeConfig.__struct_fields__),
+            )
+
+        return lambda: _run_serve(serve, reload)
     if args.command == "demo":
         demo = cfg.load(
             cfg.DemoConfig,
@@ -200,10 +208,15 @@ def _run_simulate(sim: cfg.SimulatorConfig) -> int:
     return 0
 
 
-def _run_serve(serve: cfg.ServeConfig) -> int:
+def _run_serve(serve: cfg.ServeConfig, reload: Callable[[], cfg.ServeConfig]) -> int:
+    from relay.appkeys import KeyFileError
     from relay.launch import run_relay
 
-    trio.run(run_relay, serve)
+    try:
+        trio.run(run_relay, serve, reload)
+    except KeyFileError as exc:
+        print(f"relay: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

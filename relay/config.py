@@ -107,6 +107,8 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     ping_interval_s: PositiveSeconds = 20.0
     pong_timeout_s: PositiveSeconds = 20.0
     close_timeout_s: PositiveSeconds = 2.0
+    #: On SIGTERM, live sessions may continue this long before they are ended (1001).
+    drain_timeout_s: NonNegativeSeconds = 60.0
     #: Re-mask client frames with a fresh key towards a plain ``ws://`` upstream that
     #: is not on loopback (RFC 6455 §10.3); over TLS the client's own mask is forwarded.
     remask_plain_upstream: bool = True

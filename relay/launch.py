@@ -14,15 +14,25 @@ This module owns what ``relay serve`` and ``relay demo`` start inside one
 from __future__ import annotations
 
 import logging
+import os
 import secrets
-from collections.abc import AsyncIterator
+import signal
+import socket
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import msgspec
 import trio
 
-from relay.config import DEFAULT_SIMULATOR_API_KEY, DemoConfig, ServeConfig, SimulatorConfig
+from relay.appkeys import KeyFileError
+from relay.config import (
+    DEFAULT_SIMULATOR_API_KEY,
+    ConfigError,
+    DemoConfig,
+    ServeConfig,
+    SimulatorConfig,
+)
 from relay.dataplane.upstream import UpstreamEndpoint
 from relay.server import RelayServer
 from relay.simulator.server import serve_simulator
@@ -67,10 +77,83 @@ async def open_relay(config: ServeConfig) -> AsyncIterator[RunningRelay]:
             nursery.cancel_scope.cancel()
 
 
-async def run_relay(config: ServeConfig) -> None:
-    """``relay serve``: run until interrupted."""
-    async with open_relay(config):
-        await trio.sleep_forever()
+def notify_systemd(message: str) -> None:
+    """Send an sd_notify message (``READY=1``, ``STOPPING=1``) if systemd asked for them."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # abstract namespace
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(address)
+            sock.sendall(message.encode())
+    except OSError as exc:
+        LOGGER.warning("could not notify systemd: %s", exc.strerror or exc)
+
+
+async def run_relay(config: ServeConfig, reload: Callable[[], ServeConfig] | None = None) -> None:
+    """``relay serve``: run until SIGTERM/SIGINT, then drain; SIGHUP reloads ``reload()``.
+
+    First SIGTERM (or SIGINT): readiness answers 503 and new sessions are refused at
+    once; live sessions continue for up to ``drain_timeout_s``, then get an ``error``
+    event and 1001; the process exits 0 once every session is closed. A second signal
+    skips the rest of the wait (close frames are still sent).
+    """
+    async with open_relay(config) as running:
+        server = running.server
+        stop = trio.Event()
+        hurry = trio.Event()
+
+        async def handle_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as rx:
+                async for signum in rx:
+                    if signum == signal.SIGHUP:
+                        _reload(server, reload)
+                    elif stop.is_set():
+                        LOGGER.info("second stop signal: ending sessions now")
+                        hurry.set()
+                    else:
+                        stop.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle_signals)
+            notify_systemd("READY=1\nSTATUS=listening")
+            await stop.wait()
+            notify_systemd("STOPPING=1\nSTATUS=draining")
+            LOGGER.info(
+                "draining: %d live session(s), up to %.0f s",
+                server.live_sessions,
+                server.config.drain_timeout_s,
+            )
+            await server.drain(server.config.drain_timeout_s, hurry=hurry)
+            LOGGER.info("drained; exiting")
+            nursery.cancel_scope.cancel()
+
+
+def _reload(server: RelayServer, reload: Callable[[], ServeConfig] | None) -> None:
+    if reload is None:
+        LOGGER.warning("SIGHUP: this relay was not started from a reloadable configuration")
+        return
+    try:
+        config = reload()
+        if not config.upstream_api_key:  # still the built-in simulator
+            config = msgspec.structs.replace(
+                config,
+                upstream_url=server.config.upstream_url,
+                upstream_api_key=server.config.upstream_api_key,
+            )
+        endpoint = UpstreamEndpoint.from_config(
+            config.upstream_url, config.upstream_api_key, config.upstream_ca_file
+        )
+        needs_restart = server.apply_config(config, endpoint)
+    except (ConfigError, KeyFileError, ValueError, OSError) as exc:
+        LOGGER.error("SIGHUP: new configuration refused, keeping the old one: %s", exc)
+        return
+    LOGGER.info(
+        "SIGHUP: configuration reloaded; new sessions use it, live sessions keep theirs%s",
+        f" (restart needed for: {', '.join(needs_restart)})" if needs_restart else "",
+    )
 
 
 async def run_demo_stack(config: DemoConfig, direct: bool = False) -> bool:

@@ -121,6 +121,8 @@ class RelayServer:
         self._live_by_app: Counter[str] = Counter()
         self._starts_by_token: dict[str, tuple[int, float]] = {}
         self._draining = False
+        #: Set (and replaced) whenever a session ends; drain waits on it.
+        self._sessions_changed = trio.Event()
         self._session_numbers = itertools.count(1)
         self.limits = SessionLimits(
             idle_timeout_s=config.idle_timeout_s,
@@ -313,6 +315,8 @@ class RelayServer:
             del self.sessions[session_id]
             self._count_end(claims)
             upstream.transport.close()
+            self._sessions_changed.set()
+            self._sessions_changed = trio.Event()
         stats = session.stats
         LOGGER.info(
             "session %s ended: %s by %s code=%s up=%d down=%d",
@@ -367,6 +371,60 @@ class RelayServer:
     def end_all_sessions(self, kind: EndKind = EndKind.SHUTDOWN) -> None:
         for session in list(self.sessions.values()):
             session.end(Ending(kind))
+
+    def start_drain(self) -> None:
+        """Stop taking sessions: readiness and new handshakes answer 503 from now on."""
+        self._draining = True
+
+    async def drain(self, timeout_s: float, *, hurry: trio.Event) -> None:
+        """Let live sessions finish for up to ``timeout_s`` (or until ``hurry``), then end
+        the rest with an ``error`` event and 1001; returns when every session has closed."""
+        self.start_drain()
+        with trio.move_on_after(timeout_s):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_cancel_when_set, hurry, nursery.cancel_scope)
+                while self.sessions:
+                    await self._sessions_changed.wait()
+                nursery.cancel_scope.cancel()
+        if self.sessions:
+            LOGGER.info("drain: ending %d live session(s) with 1001", len(self.sessions))
+            self.end_all_sessions(EndKind.SHUTDOWN)
+        while self.sessions:
+            await self._sessions_changed.wait()
+
+    def apply_config(self, config: ServeConfig, upstream: UpstreamEndpoint) -> list[str]:
+        """Adopt a reloaded configuration for new sessions; live sessions keep theirs.
+
+        Returns the settings that only take effect after a restart.
+        """
+        needs_restart = [
+            name for name in ("host", "port") if getattr(config, name) != getattr(self.config, name)
+        ]
+        self.config = config
+        self.upstream = upstream
+        self.checker = RelayTokenChecker(self.keyring.current, build_checker(config), self.replay)
+        self.app_keys = AppKeyStore(config.app_keys_file)
+        self.minter = Minter(
+            self.app_keys,
+            self.keyring.current,
+            upstream_http_base=http_base_for(config.upstream_url),
+            upstream_api_key=config.upstream_api_key,
+            upstream_ca_file=config.upstream_ca_file,
+        )
+        self.limits = SessionLimits(
+            idle_timeout_s=config.idle_timeout_s,
+            max_session_s=config.max_session_s,
+            ping_interval_s=config.ping_interval_s,
+            pong_timeout_s=config.pong_timeout_s,
+            close_timeout_s=config.close_timeout_s,
+        )
+        logging.getLogger("relay").setLevel(config.log_level.upper())
+        return needs_restart
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _needs_remask(config: ServeConfig, upstream: WebSocket) -> bool:

@@ -193,3 +193,18 @@ async def open_ws(url: str, **kwargs: Any) -> AsyncIterator[trio_websocket.WebSo
 def close_reason(exc: trio_websocket.ConnectionClosed) -> trio_websocket.CloseReason:
     assert exc.reason is not None
     return exc.reason
+
+
+async def read_until_closed(
+    ws: trio_websocket.WebSocketConnection, timeout_s: float = 10
+) -> tuple[list[dict[str, Any]], trio_websocket.CloseReason]:
+    """Every event until the server closes, and the close it sent."""
+    import json
+
+    events: list[dict[str, Any]] = []
+    with trio.fail_after(timeout_s):
+        while True:
+            try:
+                events.append(json.loads(await ws.get_message()))
+            except trio_websocket.ConnectionClosed as closed:
+                return events, close_reason(closed)
