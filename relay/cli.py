@@ -175,7 +175,12 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             toml_path=args.config,
             overrides=_overrides(args, cfg.ServeConfig.__struct_fields__),
         )
-        _setup_logging(serve.log_level)
+        from relay.logs import setup_logging
+
+        setup_logging(serve.log_level, serve.log_format)
+        LOGGER.info(
+            "relay starting", extra={"fields": {"event": "startup", "config": cfg.redacted(serve)}}
+        )
 
         def reload() -> cfg.ServeConfig:
             return cfg.load(

@@ -113,6 +113,13 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: is not on loopback (RFC 6455 §10.3); over TLS the client's own mask is forwarded.
     remask_plain_upstream: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: ``json``: one JSON object per line (production); ``text``: for a terminal.
+    log_format: Literal["json", "text"] = "json"
+    #: Proxies (e.g. nginx) whose X-Forwarded-For / X-Real-IP are trusted for the client address.
+    trusted_proxies: tuple[str, ...] = ()
+    #: SHA-256 hex of the admin key that ``/metrics`` and ``/admin/*`` require; empty:
+    #: ``/metrics`` is open and the admin API is off.
+    admin_key_sha256: str = ""
 
 
 class DemoConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

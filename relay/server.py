@@ -36,6 +36,7 @@ from typing import Final
 import orjson
 import trio
 
+from relay import logs
 from relay.appkeys import AppKeyStore, KeyringFile
 from relay.config import ServeConfig
 from relay.control.app import create_app
@@ -54,6 +55,7 @@ from relay.dataplane.lock import SessionLock
 from relay.dataplane.policy import Ending, EndKind
 from relay.dataplane.session import RelaySession, SessionLimits
 from relay.dataplane.upstream import UpstreamEndpoint, UpstreamRefused, dial_upstream
+from relay.metrics import RelayMetrics
 from relay.minting import Minter, http_base_for
 from relay.net import http
 from relay.net.transport import Transport, TransportClosed, accept, open_listener
@@ -64,6 +66,8 @@ from relay.protocol.handshake import HandshakeError, RequestHead
 from relay.tokens import Keyring, TokenClaims, new_signing_key
 
 LOGGER = logging.getLogger("relay.server")
+ACCESS_LOG = logging.getLogger("relay.access")
+SESSION_LOG = logging.getLogger("relay.session")
 
 REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
 #: Token ids whose start counts are kept before expired ones are pruned.
@@ -130,6 +134,11 @@ class RelayServer:
             ping_interval_s=config.ping_interval_s,
             pong_timeout_s=config.pong_timeout_s,
             close_timeout_s=config.close_timeout_s,
+        )
+        self.metrics = RelayMetrics(
+            live_sessions=lambda: len(self.sessions),
+            draining=lambda: float(self._draining),
+            dropped_log_lines=lambda: float(logs.dropped_lines()),
         )
         self.control = ControlPlaneHost(create_app(self))
         #: Handshakes in progress count against capacity too.
@@ -201,7 +210,57 @@ class RelayServer:
         finally:
             transport.close()
 
+    async def _refuse(
+        self,
+        transport: Transport,
+        head: RequestHead,
+        status: int,
+        message: str,
+        *,
+        code: str,
+        error_type: str = "invalid_request_error",
+        extra_headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        self.metrics.errors.labels(kind=code).inc()
+        ACCESS_LOG.info(
+            "realtime handshake refused",
+            extra={
+                "fields": {
+                    "event": "access",
+                    "path": head.path,
+                    "status": status,
+                    "code": code,
+                    "client": self.client_address(head, transport.peer),
+                }
+            },
+        )
+        await http.send_error(
+            transport,
+            status,
+            message,
+            error_type=error_type,
+            code=code,
+            extra_headers=extra_headers,
+        )
+
+    def client_address(self, head: RequestHead, peer: tuple[str, int] | None) -> str:
+        """The client's address: the socket peer, or what a trusted proxy says it is."""
+        address = peer[0] if peer else "unknown"
+        if address not in self.config.trusted_proxies:
+            return address
+        real_ip = head.header(b"x-real-ip")
+        if real_ip:
+            return real_ip.strip()
+        forwarded = head.header(b"x-forwarded-for")
+        if forwarded:
+            # The rightmost address not added by one of our own proxies.
+            for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+                if hop not in self.config.trusted_proxies:
+                    return hop
+        return address
+
     async def _realtime(self, transport: Transport, head: RequestHead) -> None:
+        handshake_started = trio.current_time()
         problem = handshake.websocket_request_problem(head)
         if problem is not None:
             raise problem
@@ -212,14 +271,15 @@ class RelayServer:
             and (origin not in self.config.allowed_origins)
         ):
             # Cross-site WebSocket hijacking: refused whatever the credential.
-            await http.send_error(
-                transport, 403, "This Origin is not allowed.", code="origin_not_allowed"
+            await self._refuse(
+                transport, head, 403, "This Origin is not allowed.", code="origin_not_allowed"
             )
             return
         decision = self.checker.check(handshake.client_credential(head), head)
         if isinstance(decision, AuthRefusal):
-            await http.send_error(
+            await self._refuse(
                 transport,
+                head,
                 decision.status,
                 decision.message,
                 error_type=decision.error_type,
@@ -227,8 +287,9 @@ class RelayServer:
             )
             return
         if self._draining:
-            await http.send_error(
+            await self._refuse(
                 transport,
+                head,
                 503,
                 "The relay is shutting down; retry shortly.",
                 error_type="server_error",
@@ -236,8 +297,9 @@ class RelayServer:
             )
             return
         if len(self.sessions) + self._pending_handshakes >= self.config.max_sessions:
-            await http.send_error(
+            await self._refuse(
                 transport,
+                head,
                 503,
                 "The relay is at its session limit; retry shortly.",
                 error_type="server_error",
@@ -246,9 +308,10 @@ class RelayServer:
             )
             return
         claims = decision.claims if isinstance(decision, TokenGrant) else None
+        grant_id = decision.credential_id
         limit_refusal = self._credential_limit_refusal(claims)
         if limit_refusal is not None:
-            await http.send_error(transport, 429, limit_refusal, code="rate_limit_exceeded")
+            await self._refuse(transport, head, 429, limit_refusal, code="rate_limit_exceeded")
             return
         if handshake.has_beta_marker(head):
             LOGGER.info(
@@ -264,6 +327,7 @@ class RelayServer:
             extra.append(("OpenAI-Safety-Identifier", claims.user))
         self._pending_handshakes += 1
         try:
+            dial_started = trio.current_time()
             try:
                 upstream = await dial_upstream(
                     self.upstream,
@@ -274,8 +338,10 @@ class RelayServer:
                 )
             except UpstreamRefused as refusal:
                 LOGGER.info("upstream refused a session: %s", refusal.detail)
+                self.metrics.errors.labels(kind=f"upstream_{refusal.status}").inc()
                 await transport.send_all(handshake.http_response(refusal.status, refusal.body))
                 return
+            self.metrics.upstream_connect_seconds.observe(trio.current_time() - dial_started)
             try:
                 await transport.send_all(handshake.accept_response(head))
             except BaseException:
@@ -283,6 +349,7 @@ class RelayServer:
                 raise
         finally:
             self._pending_handshakes -= 1
+        self.metrics.handshake_seconds.observe(trio.current_time() - handshake_started)
         client = WebSocket(
             transport,
             client_side=False,
@@ -307,25 +374,90 @@ class RelayServer:
             session_id=session_id,
             lock=lock,
         )
+        session.credential_id = grant_id
         self.sessions[session_id] = session
         self._count_start(claims)
         try:
-            ending = await session.run()
+            await session.run()
         finally:
             del self.sessions[session_id]
             self._count_end(claims)
             upstream.transport.close()
             self._sessions_changed.set()
             self._sessions_changed = trio.Event()
+        self._record_session_end(session, head, transport, grant_id, claims)
+
+    def _record_session_end(
+        self,
+        session: RelaySession,
+        head: RequestHead,
+        transport: Transport,
+        credential_id: str,
+        claims: TokenClaims | None,
+    ) -> None:
         stats = session.stats
-        LOGGER.info(
-            "session %s ended: %s by %s code=%s up=%d down=%d",
-            session_id,
-            ending.kind.value,
-            ending.side.value if ending.side else "relay",
-            ending.code,
-            stats.messages_up,
-            stats.messages_down,
+        ending = stats.ending
+        plan = session.close_plan
+        client_close = plan.client if plan is not None else None
+        upstream_close = plan.upstream if plan is not None else None
+        ended_by = ending.side.value if ending and ending.side else "relay"
+        client_code = str(client_close.code) if client_close and client_close.send_close else "none"
+        metrics = self.metrics
+        metrics.sessions_ended.labels(close_code=client_code, ended_by=ended_by).inc()
+        metrics.messages.labels(direction="up").inc(stats.messages_up)
+        metrics.messages.labels(direction="down").inc(stats.messages_down)
+        metrics.bytes.labels(direction="up").inc(session.client.bytes_received)
+        metrics.bytes.labels(direction="down").inc(session.upstream.bytes_received)
+        usage = stats.tap.usage
+        model = stats.tap.upstream_model or "unknown"
+        for kind, value in (
+            ("input_text", usage.input_text_tokens),
+            ("input_audio", usage.input_audio_tokens),
+            ("input_image", usage.input_image_tokens),
+            ("input_cached", usage.input_cached_tokens),
+            ("output_text", usage.output_text_tokens),
+            ("output_audio", usage.output_audio_tokens),
+        ):
+            if value:
+                metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
+        if ending is not None and ending.kind is EndKind.INTERNAL_ERROR:
+            metrics.errors.labels(kind="session_internal_error").inc()
+        SESSION_LOG.info(
+            "session ended",
+            extra={
+                "fields": {
+                    "event": "session_end",
+                    "session_id": session.session_id,
+                    "upstream_session_id": stats.tap.upstream_session_id,
+                    "client": self.client_address(head, transport.peer),
+                    "credential_id": credential_id,
+                    "model": stats.tap.upstream_model,
+                    "duration_s": round(trio.current_time() - stats.started_at, 3),
+                    "messages_up": stats.messages_up,
+                    "messages_down": stats.messages_down,
+                    "bytes_up": session.client.bytes_received,
+                    "bytes_down": session.upstream.bytes_received,
+                    "ended_by": ended_by,
+                    "end_kind": ending.kind.value if ending else None,
+                    "client_close": [client_close.code, client_close.reason]
+                    if client_close
+                    else None,
+                    "upstream_close": (
+                        [upstream_close.code, upstream_close.reason] if upstream_close else None
+                    ),
+                    "locked_fields_removed": stats.locked_fields_removed,
+                    "usage": {
+                        "responses": usage.responses,
+                        "total_tokens": usage.total_tokens,
+                        "input_text": usage.input_text_tokens,
+                        "input_audio": usage.input_audio_tokens,
+                        "input_cached": usage.input_cached_tokens,
+                        "output_text": usage.output_text_tokens,
+                        "output_audio": usage.output_audio_tokens,
+                    },
+                    "token_app": claims.app if claims else None,
+                }
+            },
         )
 
     def _credential_limit_refusal(self, claims: TokenClaims | None) -> str | None:
@@ -371,6 +503,33 @@ class RelayServer:
     def end_all_sessions(self, kind: EndKind = EndKind.SHUTDOWN) -> None:
         for session in list(self.sessions.values()):
             session.end(Ending(kind))
+
+    @property
+    def admin_key_sha256(self) -> str:
+        return self.config.admin_key_sha256
+
+    def list_sessions(self) -> list[dict[str, object]]:
+        now = trio.current_time()
+        return [
+            {
+                "id": session_id,
+                "age_s": round(now - session.stats.started_at, 3),
+                "model": session.stats.tap.upstream_model,
+                "credential_id": session.credential_id,
+                "bytes_up": session.client.bytes_received,
+                "bytes_down": session.upstream.bytes_received,
+                "messages_up": session.stats.messages_up,
+                "messages_down": session.stats.messages_down,
+            }
+            for session_id, session in self.sessions.items()
+        ]
+
+    def end_session(self, session_id: str) -> bool:
+        session = self.sessions.get(session_id)
+        if session is None:
+            return False
+        session.end(Ending(EndKind.ADMIN))
+        return True
 
     def start_drain(self) -> None:
         """Stop taking sessions: readiness and new handshakes answer 503 from now on."""

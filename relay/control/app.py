@@ -1,10 +1,13 @@
 """The HTTP control plane: a quart-trio app for everything that is not a realtime upgrade.
 
 This module owns the control-plane routes and their answers: ``/healthz``
-(the process is up) and ``/readyz`` (new sessions are accepted: 503 while
-draining or at the session limit). Unknown routes answer 404 and errors answer
-with OpenAI's ``{"error": {...}}`` envelope, never an HTML page or a traceback.
-Later issues add client secrets, metrics and the admin API here.
+(the process is up), ``/readyz`` (new sessions are accepted: 503 while
+draining or at the session limit), ``POST /v1/realtime/client_secrets``
+(minting, see :mod:`relay.minting`), ``/metrics`` (Prometheus; requires the
+admin key when one is configured) and the admin API behind the admin key
+(``GET /admin/sessions``, ``POST /admin/sessions/<id>/end``). Unknown routes
+answer 404 and errors answer with OpenAI's ``{"error": {...}}`` envelope, never
+an HTML page or a traceback. One access log line per request.
 
 The app reads live state through :class:`ControlState`, a small protocol the
 data plane implements, so the app can be built and tested on its own.
@@ -12,13 +15,19 @@ data plane implements, so the app can be built and tested on its own.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import logging
 import time
 from typing import Protocol
 
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from relay.metrics import RelayMetrics
 from relay.minting import Minter
 from relay.protocol.events import http_error_body
 
@@ -35,6 +44,19 @@ class ControlState(Protocol):
 
     @property
     def minter(self) -> Minter: ...
+
+    @property
+    def metrics(self) -> RelayMetrics: ...
+
+    @property
+    def admin_key_sha256(self) -> str: ...
+
+    def list_sessions(self) -> list[dict[str, object]]: ...
+
+    def end_session(self, session_id: str) -> bool: ...
+
+
+ACCESS_LOG = logging.getLogger("relay.access")
 
 
 def _json(body: bytes, status: int) -> Response:
@@ -64,6 +86,58 @@ def create_app(state: ControlState) -> QuartTrio:
         assert isinstance(body, bytes)
         answer = await state.minter.mint(request.headers.get("Authorization"), body, time.time())
         return _json(answer.body, answer.status)
+
+    def admin_refusal() -> Response | None:
+        expected = state.admin_key_sha256
+        if not expected:
+            return None
+        scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode("utf-8", "surrogatepass")).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected.lower()):
+            return _json(http_error_body("Admin key required.", code="invalid_api_key"), 401)
+        return None
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        refusal = admin_refusal()
+        if refusal is not None:
+            return refusal
+        return Response(state.metrics.render(), status=200, content_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/admin/sessions")
+    async def admin_sessions() -> Response:
+        if not state.admin_key_sha256:
+            return _json(http_error_body("The admin API is off.", code="not_found"), 404)
+        refusal = admin_refusal()
+        if refusal is not None:
+            return refusal
+        return _json(orjson.dumps({"sessions": state.list_sessions()}), 200)
+
+    @app.post("/admin/sessions/<session_id>/end")
+    async def admin_end_session(session_id: str) -> Response:
+        if not state.admin_key_sha256:
+            return _json(http_error_body("The admin API is off.", code="not_found"), 404)
+        refusal = admin_refusal()
+        if refusal is not None:
+            return refusal
+        if not state.end_session(session_id):
+            return _json(http_error_body("No such session.", code="session_not_found"), 404)
+        return _json(b'{"ended":true}', 200)
+
+    @app.after_request
+    async def access_log(response: Response) -> Response:
+        ACCESS_LOG.info(
+            "http request",
+            extra={
+                "fields": {
+                    "event": "access",
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status_code,
+                }
+            },
+        )
+        return response
 
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:

@@ -66,6 +66,7 @@ class EndKind(enum.Enum):
     IDLE_TIMEOUT = "idle_timeout"
     SESSION_EXPIRED = "session_expired"
     SHUTDOWN = "shutdown"  # the relay is going away
+    ADMIN = "admin"  # an operator ended it through the admin API
     INTERNAL_ERROR = "internal_error"
 
 
@@ -198,6 +199,15 @@ def plan_close(ending: Ending) -> ClosePlan:
                 _tell("The relay is shutting down; reconnect to continue.", "server_shutdown"),
             ),
             upstream=LegClose(frames.CLOSE_GOING_AWAY, "relay shutting down"),
+        )
+    if kind is EndKind.ADMIN:
+        return ClosePlan(
+            client=LegClose(
+                CLOSE_LIMIT_REACHED,
+                "ended_by_operator",
+                _tell("An operator ended this session.", "session_ended", "invalid_request_error"),
+            ),
+            upstream=LegClose(frames.CLOSE_NORMAL, "ended by operator"),
         )
     return ClosePlan(
         client=LegClose(

@@ -37,7 +37,15 @@ from typing import Final
 import trio
 
 from relay.dataplane.lock import PREFIX_PROBE_BYTES, SessionLock, needs_inspection
-from relay.dataplane.policy import Ending, EndKind, LegClose, Side, UpstreamTap, plan_close
+from relay.dataplane.policy import (
+    ClosePlan,
+    Ending,
+    EndKind,
+    LegClose,
+    Side,
+    UpstreamTap,
+    plan_close,
+)
 from relay.net.transport import TransportClosed
 from relay.net.websocket import ConnectionClosed, FrameEvent, WebSocket
 from relay.protocol import frames
@@ -101,8 +109,12 @@ class RelaySession:
         self.remask_upstream = remask_upstream
         self.session_id = session_id
         self.lock = lock
+        #: Who the client is (a key digest prefix or a token id), for logs and the admin API.
+        self.credential_id = ""
         self.stats = SessionStats()
         self._cancel_scope = trio.CancelScope()
+        #: How both legs were closed (set once the session has ended).
+        self.close_plan: ClosePlan | None = None
         self._external_ending: Ending | None = None
 
     def end(self, ending: Ending) -> None:
@@ -391,6 +403,7 @@ class RelaySession:
 
     async def _close_legs(self, ending: Ending) -> None:
         plan = plan_close(ending)
+        self.close_plan = plan
         timeout_s = self.limits.close_timeout_s
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:

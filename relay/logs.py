@@ -1,0 +1,144 @@
+"""Structured logs: JSON lines, secrets redacted, never blocking the event loop.
+
+This module owns how the relay writes logs:
+
+- every record becomes one JSON line (orjson): ``ts``, ``level``, ``logger``,
+  ``msg``, plus the structured fields a caller passes as ``extra={"fields": {...}}``
+  (the end-of-session line, access lines, the start-up summary);
+- :func:`redact` scrubs anything shaped like a credential (``sk-…``, ``ek_…``,
+  ``rk_…``, ``Bearer …``, ``openai-insecure-api-key.…``) from every message and
+  string field before it is written, as a last line of defence: the code already
+  never logs a credential on purpose;
+- records go through a bounded queue to a writer thread, so a slow or blocked
+  stderr never stalls a Trio task; when the queue is full the line is dropped and
+  counted (:attr:`QueueingHandler.dropped`, exported as a metric).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import sys
+import threading
+import time
+from typing import IO, Any, Final
+
+import orjson
+
+#: Log lines waiting for the writer thread before new ones are dropped.
+LOG_QUEUE_MAX_LINES: Final = 10_000
+_SECRET_PATTERNS: Final = re.compile(
+    r"(?i)(bearer\s+)\S+"
+    r"|\b(sk-|ek_|rk_)[A-Za-z0-9._\-]{6,}"
+    r"|(openai-insecure-api-key\.)\S+"
+)
+
+
+def redact(text: str) -> str:
+    """Replace anything that looks like a credential with ``<redacted>``."""
+
+    def keep_prefix(match: re.Match[str]) -> str:
+        prefix = match.group(1) or match.group(2) or match.group(3) or ""
+        return f"{prefix}<redacted>"
+
+    return _SECRET_PATTERNS.sub(keep_prefix, text)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {key: _scrub(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(item) for item in value]
+    return value
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": redact(record.getMessage()),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            line.update(_scrub(fields))
+        if record.exc_info:
+            line["exc"] = redact(self.formatException(record.exc_info))
+        return orjson.dumps(line, default=str).decode()
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            text += " " + orjson.dumps(_scrub(fields), default=str).decode()
+        return redact(text)
+
+
+class QueueingHandler(logging.Handler):
+    """Formats in the caller, writes in a thread; drops (and counts) when full."""
+
+    def __init__(self, stream: IO[str] | None = None, max_lines: int = LOG_QUEUE_MAX_LINES) -> None:
+        super().__init__()
+        self.stream = stream or sys.stderr
+        self.dropped = 0
+        self._queue: queue.Queue[str | None] = queue.Queue(max_lines)
+        self._thread = threading.Thread(target=self._write_lines, name="relay-log", daemon=True)
+        self._thread.start()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a broken record must not break the caller
+            self.dropped += 1
+            return
+        try:
+            self._queue.put_nowait(line)
+        except queue.Full:
+            self.dropped += 1
+
+    def _write_lines(self) -> None:
+        while True:
+            line = self._queue.get()
+            if line is None:
+                return
+            try:
+                self.stream.write(line + "\n")
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def flush_and_stop(self, timeout_s: float = 2.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        try:
+            self._queue.put(None, timeout=timeout_s)
+        except queue.Full:
+            return
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+
+
+_installed: QueueingHandler | None = None
+
+
+def setup_logging(level: str, log_format: str = "json") -> QueueingHandler:
+    """Install the relay's handler on the root logger (once; later calls adjust it)."""
+    global _installed
+    root = logging.getLogger()
+    if _installed is None:
+        _installed = QueueingHandler()
+        root.handlers[:] = [_installed]
+    _installed.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    return _installed
+
+
+def dropped_lines() -> int:
+    return _installed.dropped if _installed is not None else 0

@@ -1,0 +1,101 @@
+"""Prometheus metrics for one relay process (prometheus-client, own registry).
+
+This module owns the metric names, their labels and units. Nothing here runs on
+the per-message path: sessions add their message and byte counts and their usage
+when they end, and gauges are read by callback when ``/metrics`` is scraped.
+
+Label values never carry a credential: close codes, sides, model names, token
+kinds and error kinds only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+#: Buckets for handshake timings, seconds: loopback is sub-millisecond, WAN to OpenAI ~0.1-1 s.
+HANDSHAKE_BUCKETS_S: Final = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+)
+
+
+class RelayMetrics:
+    def __init__(
+        self,
+        *,
+        live_sessions: Callable[[], float],
+        draining: Callable[[], float],
+        dropped_log_lines: Callable[[], float],
+    ) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        Gauge("relay_live_sessions", "Sessions being relayed now.", registry=r).set_function(
+            live_sessions
+        )
+        Gauge("relay_draining", "1 while the relay drains for shutdown.", registry=r).set_function(
+            draining
+        )
+        Gauge(
+            "relay_log_lines_dropped",
+            "Log lines dropped because the log queue was full.",
+            registry=r,
+        ).set_function(dropped_log_lines)
+        self.sessions_ended = Counter(
+            "relay_sessions_ended",
+            "Sessions ended, by the client's close code and who ended it.",
+            ["close_code", "ended_by"],
+            registry=r,
+        )
+        self.handshake_seconds = Histogram(
+            "relay_handshake_seconds",
+            "Client handshake: request head parsed to 101 sent.",
+            buckets=HANDSHAKE_BUCKETS_S,
+            registry=r,
+        )
+        self.upstream_connect_seconds = Histogram(
+            "relay_upstream_connect_seconds",
+            "Upstream TCP + TLS + WebSocket upgrade.",
+            buckets=HANDSHAKE_BUCKETS_S,
+            registry=r,
+        )
+        self.messages = Counter(
+            "relay_messages",
+            "Messages relayed, by direction (up: client to upstream).",
+            ["direction"],
+            registry=r,
+        )
+        self.bytes = Counter(
+            "relay_bytes",
+            "Wire bytes received from each side, by direction.",
+            ["direction"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "relay_errors",
+            "Refused handshakes and failed sessions, by kind.",
+            ["kind"],
+            registry=r,
+        )
+        self.usage_tokens = Counter(
+            "relay_usage_tokens",
+            "Tokens from response.done usage, by model and kind.",
+            ["model", "kind"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
