@@ -72,6 +72,10 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
 
     host: str = "127.0.0.1"
     port: Port = 8080
+    #: Terminate TLS here (``wss://``) with this PEM certificate chain and key, for
+    #: deployments without nginx in front; empty = plain ``ws://`` behind a TLS proxy.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
     #: Upstream base URL; the relay dials ``<upstream_url>/realtime?<client query>``.
     upstream_url: str = "wss://api.openai.com/v1"
     #: The relay's upstream key (``sk-…``). Empty means: start the built-in simulator.

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
@@ -139,7 +140,11 @@ class Minter:
 
     async def _passthrough(self, body: bytes) -> MintAnswer:
         url = f"{self.upstream_http_base}/realtime/client_secrets"
-        verify: bool | str = self.upstream_ca_file or True
+        verify: bool | ssl.SSLContext = (
+            ssl.create_default_context(cafile=self.upstream_ca_file)
+            if self.upstream_ca_file
+            else True
+        )
         try:
             async with httpx.AsyncClient(timeout=PASSTHROUGH_TIMEOUT_S, verify=verify) as http:
                 response = await http.post(

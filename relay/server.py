@@ -29,6 +29,7 @@ import ipaddress
 import itertools
 import logging
 import socket
+import ssl
 import time
 from collections import Counter
 from typing import Final
@@ -58,7 +59,15 @@ from relay.dataplane.upstream import UpstreamEndpoint, UpstreamRefused, dial_ups
 from relay.metrics import RelayMetrics
 from relay.minting import Minter, http_base_for
 from relay.net import http
-from relay.net.transport import Transport, TransportClosed, accept, open_listener
+from relay.net.transport import (
+    Transport,
+    TransportClosed,
+    accept,
+    open_listener,
+    server_tls_context,
+    tls_handshake,
+    wrap_server_tls,
+)
 from relay.net.websocket import WebSocket
 from relay.protocol import handshake
 from relay.protocol.events import new_id
@@ -135,6 +144,11 @@ class RelayServer:
             pong_timeout_s=config.pong_timeout_s,
             close_timeout_s=config.close_timeout_s,
         )
+        self._tls = (
+            server_tls_context(config.tls_cert_file, config.tls_key_file)
+            if config.tls_cert_file
+            else None
+        )
         self.metrics = RelayMetrics(
             live_sessions=lambda: len(self.sessions),
             draining=lambda: float(self._draining),
@@ -178,6 +192,7 @@ class RelayServer:
                 task_status.started(port)
                 while True:
                     sock, peer = await accept(listener)
+                    sock = wrap_server_tls(sock, self._tls)
                     nursery.start_soon(self._handle_connection, sock, peer)
                     await trio.lowlevel.checkpoint()
         finally:
@@ -187,6 +202,11 @@ class RelayServer:
         transport = Transport(sock, peer=peer)
         try:
             with trio.fail_after(self.config.handshake_timeout_s):
+                if transport.is_tls:
+                    try:
+                        await tls_handshake(transport)
+                    except (OSError, ssl.SSLError):
+                        return  # not TLS, or a client that gave up: nothing to answer
                 head = await http.read_request_head(transport)
             if head is None:
                 return
@@ -198,7 +218,7 @@ class RelayServer:
                 )
             else:
                 # hypercorn closes the socket itself; our close below is then a no-op.
-                await self.control.handle(sock, head.raw + head.trailing)
+                await self.control.handle(transport, head.raw + head.trailing)
         except HandshakeError as exc:
             await http.send_error(transport, exc.status, exc.message, code=exc.code)
         except trio.TooSlowError:

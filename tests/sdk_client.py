@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
+import ssl
 import struct
 from typing import Any
 
@@ -27,7 +28,12 @@ def _speech_pcm16(duration_ms: int) -> bytes:
 
 
 async def sdk_voice_turn(
-    http_base: str, ws_base: str, api_key: str, *, model: str = "gpt-realtime"
+    http_base: str,
+    ws_base: str,
+    api_key: str,
+    *,
+    model: str = "gpt-realtime",
+    ca_file: str | None = None,
 ) -> dict[str, Any]:
     """One voice turn: session.update, appends, commit, response.create, until response.done."""
 
@@ -38,10 +44,16 @@ async def sdk_voice_turn(
 
         adapter: TypeAdapter[Any] = TypeAdapter(RealtimeServerEvent)
         client = AsyncOpenAI(api_key=api_key, base_url=http_base, websocket_base_url=ws_base)
+        options: dict[str, Any] = {}
+        if ca_file is not None:
+            options["ssl"] = ssl.create_default_context(cafile=ca_file)
         types: list[str] = []
         audio_deltas = 0
         usage: dict[str, Any] = {}
-        async with client.realtime.connect(model=model) as connection:
+        async with client.realtime.connect(
+            model=model,
+            websocket_connection_options=options,  # type: ignore[arg-type]
+        ) as connection:
             await connection.session.update(
                 session={
                     "type": "realtime",

@@ -3,7 +3,7 @@
 This module owns the hand-off of a plain HTTP connection from the relay's front
 listener to hypercorn. The front listener has already read the request head to
 route it, so the connection is wrapped in :class:`PrefixedSocketStream`, a Trio
-stream that first replays those bytes and then reads the socket; hypercorn's
+stream that first replays those bytes and then reads the transport; hypercorn's
 per-connection ``TCPServer`` runs on it in our nursery. There is no second
 listener and no local socket hop, and hypercorn sees the real client address.
 
@@ -14,8 +14,7 @@ are not used; only the app protocol, with the ASGI lifespan run once at start.
 
 from __future__ import annotations
 
-import socket
-from typing import Any
+from typing import Any, Final
 
 import trio
 from hypercorn.app_wrappers import ASGIWrapper
@@ -25,6 +24,10 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
+from relay.net.transport import Transport, TransportClosed
+
+#: Read size for control-plane connections.
+CONTROL_READ_BYTES: Final = 64 * 1024
 #: Control-plane requests are small; hypercorn refuses bigger bodies itself.
 CONTROL_MAX_BODY_BYTES = 1024 * 1024
 #: An idle keep-alive control connection is closed after this long.
@@ -33,16 +36,21 @@ CONTROL_KEEP_ALIVE_S = 5.0
 CONTROL_READ_TIMEOUT_S = 30.0
 
 
-class PrefixedSocketStream(trio.abc.HalfCloseableStream):
-    """A socket stream whose first reads return bytes that were already read."""
+class PrefixedTransportStream(trio.abc.HalfCloseableStream):
+    """A Trio stream over our :class:`Transport` whose first reads replay bytes already read.
 
-    def __init__(self, sock: socket.socket, prefix: bytes) -> None:
-        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
+    Works for plain and TLS transports alike (TLS is already terminated by the
+    transport), so hypercorn serves the control plane on either.
+    """
+
+    def __init__(self, transport: Transport, prefix: bytes) -> None:
+        self._transport = transport
         self._prefix = prefix
+        self._buffer = bytearray(CONTROL_READ_BYTES)
 
     @property
     def socket(self) -> Any:  # hypercorn reads the peer and local address from here
-        return self._stream.socket
+        return self._transport.sock
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:
         if self._prefix:
@@ -50,19 +58,32 @@ class PrefixedSocketStream(trio.abc.HalfCloseableStream):
             size = len(self._prefix) if max_bytes is None else max_bytes
             data, self._prefix = self._prefix[:size], self._prefix[size:]
             return data
-        return bytes(await self._stream.receive_some(max_bytes))
+        view = memoryview(self._buffer)
+        if max_bytes is not None:
+            view = view[:max_bytes]
+        try:
+            received = await self._transport.recv_into(view)
+        except TransportClosed as exc:
+            raise trio.BrokenResourceError(str(exc)) from None
+        return bytes(view[:received])
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self._stream.send_all(data)
+        try:
+            await self._transport.send_all(data)
+        except TransportClosed as exc:
+            raise trio.BrokenResourceError(str(exc)) from None
 
     async def wait_send_all_might_not_block(self) -> None:
-        await self._stream.wait_send_all_might_not_block()
+        await trio.lowlevel.checkpoint()
 
     async def send_eof(self) -> None:
-        await self._stream.send_eof()
+        await trio.lowlevel.checkpoint()
+        if not self._transport.is_tls:
+            self._transport.shutdown_write()
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        self._transport.close()
+        await trio.lowlevel.checkpoint()
 
 
 class ControlPlaneHost:
@@ -93,9 +114,9 @@ class ControlPlaneHost:
                 with trio.move_on_after(2, shield=True):
                     await self._lifespan.wait_for_shutdown()
 
-    async def handle(self, sock: socket.socket, prefix: bytes) -> None:
+    async def handle(self, transport: Transport, prefix: bytes) -> None:
         """Serve one HTTP connection whose first ``prefix`` bytes were already read."""
-        stream = PrefixedSocketStream(sock, prefix)
+        stream = PrefixedTransportStream(transport, prefix)
         server = TCPServer(
             self._app,
             self.config,

@@ -239,6 +239,22 @@ async def tls_handshake(transport: Transport) -> None:
             await trio.lowlevel.wait_writable(sock)
 
 
+def server_tls_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
+    """A server-side TLS context (TLS 1.2+, HTTP/1.1 only: WebSockets need it)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(cert_file, key_file or None)
+    return context
+
+
+def wrap_server_tls(sock: socket.socket, context: ssl.SSLContext | None) -> socket.socket:
+    """Wrap an accepted socket for TLS; the handshake runs later (:func:`tls_handshake`)."""
+    if context is None:
+        return sock
+    return context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+
+
 def open_listener(host: str, port: int) -> socket.socket:
     """A non-blocking listening socket (``SO_REUSEADDR``)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)

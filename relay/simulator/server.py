@@ -45,7 +45,9 @@ from relay.net.transport import (
     TransportClosed,
     accept,
     open_listener,
+    server_tls_context,
     tls_handshake,
+    wrap_server_tls,
 )
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import frames, handshake
@@ -88,8 +90,7 @@ class Simulator:
         self.live_sessions = 0
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls_cert_file:
-            self.ssl_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.ssl_context.load_cert_chain(config.tls_cert_file, config.tls_key_file or None)
+            self.ssl_context = server_tls_context(config.tls_cert_file, config.tls_key_file)
 
     def is_api_key(self, credential: str) -> bool:
         """Constant-time check against every configured key (digests, so lengths don't leak)."""
@@ -111,10 +112,7 @@ class Simulator:
                 task_status.started(port)
                 while True:
                     sock, peer = await accept(listener)
-                    if self.ssl_context is not None:
-                        sock = self.ssl_context.wrap_socket(
-                            sock, server_side=True, do_handshake_on_connect=False
-                        )
+                    sock = wrap_server_tls(sock, self.ssl_context)
                     nursery.start_soon(self._handle_connection, Transport(sock, peer=peer))
                     await trio.lowlevel.checkpoint()
         finally:
