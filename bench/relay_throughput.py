@@ -131,6 +131,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="N=5 for 3 s (used by the tests)")
     parser.add_argument("--json", help="write all results to this file")
     parser.add_argument(
+        "--relay-log-level",
+        default="info",
+        help="relay log level (info: one JSON line per session and per refused handshake)",
+    )
+    parser.add_argument(
         "--locked",
         action="store_true",
         help="also run each N with a relay token carrying a locked session config",
@@ -173,7 +178,7 @@ def main() -> int:
         "RELAY_SERVE_UPSTREAM_API_KEY": SIM_KEY,
         "RELAY_SERVE_CLIENT_KEYS": CLIENT_KEY,
         "RELAY_SERVE_MAX_SESSIONS": "10000",
-        "RELAY_SERVE_LOG_LEVEL": "warning",
+        "RELAY_SERVE_LOG_LEVEL": args.relay_log_level,
         "RELAY_SERVE_APP_KEYS_FILE": str(app_keys_file),
         "RELAY_SERVE_SIGNING_KEYS_FILE": str(signing_keys_file),
     }
