@@ -104,13 +104,21 @@ def load_app_keys(path: Path) -> AppKeyFile:
     return document
 
 
-def create_app_key(path: Path, name: str, mode: AppKeyMode = "relay") -> str:
+def create_app_key(
+    path: Path, name: str, mode: AppKeyMode = "relay", *, max_concurrent_sessions: int = 0
+) -> str:
     """Add a key named ``name``; returns the key (shown once, never stored)."""
     document = load_app_keys(path)
     if any(key.name == name for key in document.keys):
         raise KeyFileError(f"{path}: an app key named {name!r} exists; revoke it first")
     key = APP_KEY_PREFIX + secrets.token_urlsafe(APP_KEY_RANDOM_BYTES)
-    created = AppKey(name=name, sha256=digest(key), mode=mode, created_at=int(time.time()))
+    created = AppKey(
+        name=name,
+        sha256=digest(key),
+        mode=mode,
+        created_at=int(time.time()),
+        max_concurrent_sessions=max_concurrent_sessions,
+    )
     document.keys.append(created)
     _write_atomic(path, msgspec.json.format(msgspec.json.encode(document)))
     return key

@@ -113,6 +113,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="this key mints real OpenAI ek_ secrets from the upstream",
     )
+    create.add_argument(
+        "--max-concurrent-sessions",
+        type=int,
+        default=0,
+        help="sessions this key's tokens may hold open at once (0 = no limit)",
+    )
     revoke = keys_sub.add_parser("revoke", help="revoke an app key (live sessions continue)")
     revoke.add_argument("name")
     listing = keys_sub.add_parser("list", help="list app keys (names and modes, never the keys)")
@@ -260,7 +266,10 @@ def _keys_manage(args: argparse.Namespace, serve: cfg.ServeConfig) -> int:
     try:
         if command == "create":
             key = appkeys.create_app_key(
-                path, args.name, "passthrough" if args.passthrough else "relay"
+                path,
+                args.name,
+                "passthrough" if args.passthrough else "relay",
+                max_concurrent_sessions=args.max_concurrent_sessions,
             )
             print(key)
             print(f"app key {args.name!r} created; it is shown only now", file=sys.stderr)

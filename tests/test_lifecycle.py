@@ -200,3 +200,31 @@ async def test_systemd_notify_ready_and_stopping(spawn: Spawn, tmp_path: Path) -
         relay.signal(signal.SIGTERM)
         assert "STOPPING=1" in await datagram()
         assert await relay.wait_exit() == 0
+
+
+async def test_sighup_rotates_the_upstream_key_for_new_sessions_only(
+    spawn: Spawn, nursery: trio.Nursery
+) -> None:
+    from tests.conftest import start_simulator
+
+    simulator = await start_simulator(nursery, api_keys=("sk-upstream-one", "sk-upstream-two"))
+    base = f'[serve]\nclient_keys = ["k1"]\nupstream_url = "{simulator.ws_base}"\n'
+    relay = spawn(base + 'upstream_api_key = "sk-upstream-one"\n')
+    await relay.wait_listening()
+    url = f"{relay.ws_base}/realtime?model={MODEL}"
+    async with open_ws(url, extra_headers=bearer("k1")) as live:
+        assert json.loads(await live.get_message())["type"] == "session.created"
+        assert simulator.sim.sessions_by_key_index == {0: 1}
+        relay.config.write_text(base + 'upstream_api_key = "sk-upstream-two"\n')
+        relay.signal(signal.SIGHUP)
+        with trio.fail_after(10):
+            while simulator.sim.sessions_by_key_index[1] == 0:
+                async with open_ws(url, extra_headers=bearer("k1")) as fresh:
+                    await fresh.get_message()
+                await trio.sleep(0.05)
+        # The live session still runs on the key it was opened with.
+        await live.send_message('{"type":"input_audio_buffer.clear"}')
+        while json.loads(await live.get_message())["type"] != "input_audio_buffer.cleared":
+            pass
+    relay.signal(signal.SIGTERM)
+    assert await relay.wait_exit() == 0

@@ -152,3 +152,26 @@ async def test_upstream_that_stops_reading_keeps_relay_memory_bounded(
 
         held = session.client.reader.buffered_bytes + session.upstream.reader.buffered_bytes
         assert held <= 2 * (RECEIVE_BYTES + WHOLE_FRAME_MAX_BYTES)
+
+
+def test_client_address_trusts_only_configured_proxies() -> None:
+    from relay.config import ServeConfig
+    from relay.dataplane.upstream import UpstreamEndpoint
+    from relay.server import RelayServer
+
+    def head(*lines: str) -> handshake.RequestHead:
+        raw = "\r\n".join(["GET /v1/realtime HTTP/1.1", "Host: x", *lines]) + "\r\n\r\n"
+        parsed = handshake.parse_request_head(raw.encode())
+        assert parsed is not None
+        return parsed
+
+    server = RelayServer(
+        ServeConfig(trusted_proxies=("10.0.0.1", "10.0.0.2"), client_keys=("k",)),
+        upstream=UpstreamEndpoint.from_config("ws://127.0.0.1:1/v1", "sk-x"),
+    )
+    spoofed = head("X-Forwarded-For: 6.6.6.6")
+    assert server.client_address(spoofed, ("203.0.113.9", 5000)) == "203.0.113.9"
+    via_nginx = head("X-Forwarded-For: 6.6.6.6, 198.51.100.7, 10.0.0.2")
+    assert server.client_address(via_nginx, ("10.0.0.1", 5000)) == "198.51.100.7"
+    real_ip = head("X-Real-IP: 198.51.100.8")
+    assert server.client_address(real_ip, ("10.0.0.1", 5000)) == "198.51.100.8"

@@ -332,3 +332,37 @@ async def test_app_keys_reload_without_restart_or_touching_sessions(
         # The live session, opened with a token from the revoked key, is untouched.
         await live.send_message('{"type":"x.after"}')
         assert json.loads(await live.get_message())["type"] == "x.after"
+
+
+async def test_app_key_concurrency_starts_per_token_and_safety_identifier(
+    nursery: trio.Nursery, simulator: RunningSimulator, tmp_path: Path
+) -> None:
+    app_file, signing_file = tmp_path / "apps.json", tmp_path / "signing.json"
+    app_key = appkeys.create_app_key(app_file, "small-app", max_concurrent_sessions=1)
+    appkeys.rotate_signing_key(signing_file, time.time())
+    relay = await start_relay(
+        nursery,
+        simulator.ws_base,
+        app_keys_file=str(app_file),
+        signing_keys_file=str(signing_file),
+        max_session_starts_per_token=2,
+    )
+    body = {"session": {"type": "realtime", "model": MODEL}, "relay": {"user": "user-42"}}
+    first = (await mint(relay, app_key, body)).json()["value"]
+    second = (await mint(relay, app_key, body)).json()["value"]
+    target = f"/v1/realtime?model={MODEL}"
+    async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=auth(first)) as ws:
+        await ws.get_message()
+        # The upstream got a hashed end-user id, never the raw one.
+        sent = simulator.sim.last_safety_identifier
+        assert sent is not None
+        assert sent != "user-42"
+        assert len(sent) == 32
+        # Another token from the same app key: over the app key's limit of 1.
+        busy = await raw_handshake(relay.port, target, auth(second))
+        assert (busy.status, busy.json()["error"]["code"]) == (429, "rate_limit_exceeded")
+    async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=auth(first)):
+        pass
+    # Two sessions started with `first`: its third is refused.
+    spent = await raw_handshake(relay.port, target, auth(first))
+    assert spent.status == 429

@@ -27,6 +27,7 @@ the bottleneck of a benchmark that puts the relay in front of it.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import logging
@@ -88,16 +89,24 @@ class Simulator:
         self.secrets = ClientSecretStore()
         self.sessions_opened = 0
         self.live_sessions = 0
+        #: Sessions opened per configured API key (by position), e.g. to see key rotation.
+        self.sessions_by_key_index: collections.Counter[int] = collections.Counter()
+        self.last_safety_identifier: str | None = None
         self.ssl_context: ssl.SSLContext | None = None
         if config.tls_cert_file:
             self.ssl_context = server_tls_context(config.tls_cert_file, config.tls_key_file)
 
     def is_api_key(self, credential: str) -> bool:
         """Constant-time check against every configured key (digests, so lengths don't leak)."""
+        return self.api_key_index(credential) >= 0
+
+    def api_key_index(self, credential: str) -> int:
+        """Which configured key this is (its position), or -1; every digest is compared."""
         candidate = _digest(credential)
-        found = False
-        for digest in self._key_digests:
-            found |= hmac.compare_digest(candidate, digest)
+        found = -1
+        for index, digest in enumerate(self._key_digests):
+            if hmac.compare_digest(candidate, digest):
+                found = index
         return found
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -172,6 +181,10 @@ class Simulator:
                 )
         elif not self.is_api_key(credential):
             raise HandshakeError(401, "Incorrect API key provided.", code="invalid_api_key")
+        else:
+            self.sessions_by_key_index[self.api_key_index(credential)] += 1
+        # What the upstream saw of the relay's handshake, for tests (never a credential).
+        self.last_safety_identifier = head.header(b"openai-safety-identifier")
         if "call_id" in query:
             raise HandshakeError(
                 404, "No session found for the provided call_id", code="call_id_not_found"
