@@ -6,6 +6,10 @@ each) with ``relay.loadgen`` (its own process): first straight to the simulator,
 through the relay. Relay CPU is read from ``/proc/<pid>/stat`` (user + sys) exactly
 over the load's measured window; peak RSS is the relay's ``VmHWM``.
 
+With ``--baselines`` the same load also goes through a raw Trio byte splice
+(``bench/raw_splice.py``: the floor for any Trio relay) and through nginx as a plain
+WebSocket proxy; their rows report the proxy's own CPU in the relay columns.
+
 Relay CPU per relayed message = relay CPU seconds in the window / (appends sent up +
 deltas echoed down in the window) x 1e6: each direction's message counts once.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,9 +48,87 @@ def free_port() -> int:
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the ")" field 3 is state; utime and stime are fields 14 and 15 of the full line.
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    """User + system CPU of ``pid`` and of its direct children (nginx's workers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the ")": state, ppid, ...; utime and stime are fields 14 and 15 of the line.
+        own = stat.parent.name == str(pid)
+        if own or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return total
+
+
+NGINX_CONF = """
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log error;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def start_baselines(
+    sim_port: int, env: dict[str, str], cpus: set[int] | None
+) -> list[tuple[str, int, subprocess.Popen[bytes]]]:
+    """The raw Trio splice and (when installed) nginx, both in front of the simulator."""
+    started: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+    splice_port = free_port()
+    splice = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "bench/raw_splice.py"),
+            "--port",
+            str(splice_port),
+            "--upstream-port",
+            str(sim_port),
+        ],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    started.append(("splice", splice_port, splice))
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+    if nginx:
+        tmp = Path(tempfile.mkdtemp(prefix="relay-bench-nginx-"))
+        nginx_port = free_port()
+        (tmp / "nginx.conf").write_text(
+            NGINX_CONF.format(tmp=tmp, port=nginx_port, upstream=sim_port)
+        )
+        process = subprocess.Popen(
+            [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        started.append(("nginx", nginx_port, process))
+    for _, port, process in started:
+        wait_for_port(port, process)
+        pin(process.pid, cpus)
+    return started
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -131,6 +214,11 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="N=5 for 3 s (used by the tests)")
     parser.add_argument("--json", help="write all results to this file")
     parser.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also run each N through a raw Trio byte splice and through nginx",
+    )
+    parser.add_argument(
         "--relay-log-level",
         default="info",
         help="relay log level (info: one JSON line per session and per refused handshake)",
@@ -189,11 +277,14 @@ def main() -> int:
         stderr=subprocess.DEVNULL,
     )
     rows: list[dict[str, Any]] = []
+    baselines: list[tuple[str, int, subprocess.Popen[bytes]]] = []
     try:
         wait_for_port(sim_port, simulator)
         wait_for_port(relay_port, relay)
         pin(simulator.pid, load_cpus)
         pin(relay.pid, relay_cpus)
+        if args.baselines:
+            baselines = start_baselines(sim_port, env, relay_cpus)
         for n in counts:
             direct = run_load(
                 f"ws://127.0.0.1:{sim_port}/v1",
@@ -227,10 +318,22 @@ def main() -> int:
                     relay.pid,
                 )
                 rows.append(relay_row(n, "locked", locked, direct, relay.pid))
+            for name, port, process in baselines:
+                measured = run_load(
+                    f"ws://127.0.0.1:{port}/v1",
+                    SIM_KEY,
+                    n,
+                    duration_s,
+                    warmup_s,
+                    load_cpus,
+                    process.pid,
+                )
+                rows.append(relay_row(n, name, measured, direct, process.pid))
     finally:
-        for process in (relay, simulator):
+        processes = [relay, simulator, *(process for _, _, process in baselines)]
+        for process in processes:
             process.terminate()
-        for process in (relay, simulator):
+        for process in processes:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
