@@ -101,6 +101,21 @@ def _parser() -> argparse.ArgumentParser:
         help="without --url: talk to the simulator directly, no relay in between",
     )
 
+    bench = sub.add_parser(
+        "bench",
+        help="load-test a relay (or any Realtime endpoint): real-time audio sessions, "
+        "round trips timed (stream profile; needs the simulator's echo mode upstream)",
+    )
+    bench.add_argument("--url", required=True, help="ws:// or wss:// base ending in /v1")
+    bench.add_argument(
+        "--key", help="client key or relay token (default: environment RELAY_BENCH_KEY)"
+    )
+    bench.add_argument("--sessions", type=int, default=10)
+    bench.add_argument("--duration-s", type=float, default=10.0)
+    bench.add_argument("--chunk-ms", type=int, default=20)
+    bench.add_argument("--ca-file", help="CA bundle for a wss:// URL with a private CA")
+    bench.add_argument("--json", help="write the result to this file")
+
     keys = sub.add_parser("keys", help="app keys, signing keys, client key digests")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     keys_sub.add_parser(
@@ -204,6 +219,8 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
         )
         _setup_logging("warning")
         return lambda: _run_demo(demo, direct=args.direct)
+    if args.command == "bench":
+        return lambda: _run_bench(args)
     if args.command == "keys":
         if args.keys_command == "hash":
             return _keys_hash
@@ -236,6 +253,50 @@ def _run_demo(demo: cfg.DemoConfig, *, direct: bool) -> int:
 
     ok: bool = trio.run(run_demo_stack, demo, direct)
     return 0 if ok else 1
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import ssl
+    from dataclasses import asdict
+
+    from relay.loadgen import run_stream
+
+    key = args.key or os.environ.get("RELAY_BENCH_KEY", "")
+    if not key:
+        print("relay: give --key or set RELAY_BENCH_KEY", file=sys.stderr)
+        return 2
+    context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
+    print(
+        f"bench: {args.sessions} session(s) x {args.duration_s:.0f} s of {args.chunk_ms} ms "
+        f"appends against {args.url}",
+        file=sys.stderr,
+    )
+    result = trio.run(
+        lambda: run_stream(
+            args.url,
+            key,
+            sessions=args.sessions,
+            duration_s=args.duration_s,
+            chunk_ms=args.chunk_ms,
+            ssl_context=context,
+        )
+    )
+    rtt = result.rtt_ms
+    print(
+        f"sessions {result.sessions_opened}/{result.sessions_requested}  sent {result.sent}  "
+        f"echoed {result.received}  lost {result.lost}\n"
+        f"round trip ms: p50 {rtt['p50']:.2f}  p90 {rtt['p90']:.2f}  p99 {rtt['p99']:.2f}  "
+        f"p99.9 {rtt['p99.9']:.2f}  max {rtt['max']:.2f}\n"
+        f"errors: {result.errors or 'none'}\n"
+        f"load side CPU {result.load_cpu_percent:.0f}% of one core"
+        + ("  (SATURATED: the load side may be the bottleneck)" if result.load_saturated else "")
+    )
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(asdict(result), handle, indent=2)
+    return 0 if result.sessions_opened and result.lost == 0 else 1
 
 
 def _keys_hash() -> int:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import ssl
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -100,14 +101,24 @@ class _Session:
 
 
 async def _open_session(
-    url: str, key: str, index: int, model: str, errors: dict[str, int]
+    url: str,
+    key: str,
+    index: int,
+    model: str,
+    errors: dict[str, int],
+    ssl_context: ssl.SSLContext | None = None,
 ) -> _Session | None:
     parts = urlsplit(url)
     target = handshake.UpstreamTarget.from_url(url)
     path = f"{target.base_path}/realtime?model={model}&{parts.query}".rstrip("&")
     try:
         with trio.fail_after(CONNECT_TIMEOUT_S):
-            transport = await open_transport(target.host, target.port)
+            context = ssl_context
+            if target.tls and context is None:
+                context = ssl.create_default_context()
+            transport = await open_transport(
+                target.host, target.port, ssl_context=context if target.tls else None
+            )
             ws_key = handshake.new_websocket_key()
             await transport.send_all(
                 handshake.upgrade_request(
@@ -136,7 +147,14 @@ async def _open_session(
                 ws.transport.close()
                 return None
             return _Session(index, ws)
-    except (OSError, TransportClosed, ConnectionClosed, trio.TooSlowError) as exc:
+    except (
+        OSError,
+        ssl.SSLError,
+        TransportClosed,
+        ConnectionClosed,
+        trio.TooSlowError,
+        handshake.HandshakeError,
+    ) as exc:
         name = f"connect_{type(exc).__name__}"
         errors[name] = errors.get(name, 0) + 1
         return None
@@ -189,6 +207,7 @@ async def run_stream(
     chunk_ms: int = 20,
     model: str = "gpt-realtime",
     announce: bool = False,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> LoadResult:
     """The ``stream`` profile; see the module docstring."""
     result = LoadResult(sessions_requested=sessions, sessions_opened=0, duration_s=duration_s)
@@ -198,7 +217,7 @@ async def run_stream(
 
     async def open_one(index: int) -> None:
         async with limiter:
-            session = await _open_session(url, key, index, model, errors)
+            session = await _open_session(url, key, index, model, errors, ssl_context)
         if session is not None:
             opened.append(session)
 
@@ -298,7 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=0.0)
     parser.add_argument("--chunk-ms", type=int, default=20)
     parser.add_argument("--announce", action="store_true")
+    parser.add_argument("--ca-file", help="CA bundle for a wss:// URL with a private CA")
     args = parser.parse_args(argv)
+    context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
     result = trio.run(
         lambda: run_stream(
             args.url,
@@ -308,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             warmup_s=args.warmup_s,
             chunk_ms=args.chunk_ms,
             announce=args.announce,
+            ssl_context=context,
         )
     )
     sys.stdout.write(orjson.dumps(asdict(result)).decode() + "\n")

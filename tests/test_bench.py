@@ -38,7 +38,7 @@ async def test_loadgen_counts_refused_sessions(nursery: trio.Nursery) -> None:
 def test_bench_script_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     completed = subprocess.run(
-        [sys.executable, "bench/relay_throughput.py", "--quick", "--json", str(out)],
+        [sys.executable, "bench/relay_throughput.py", "--quick", "--baselines", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -47,8 +47,45 @@ def test_bench_script_quick_run(tmp_path: Path) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     rows = json.loads(out.read_text())["rows"]
-    assert [(row["n"], row["path"]) for row in rows] == [(5, "direct"), (5, "relay")]
-    relay_row = rows[1]
-    assert relay_row["lost"] == 0
-    assert relay_row["relay_us_per_msg"] > 0
+    assert [(row["n"], row["path"]) for row in rows] == [
+        (5, "direct"),
+        (5, "relay"),
+        (5, "splice"),
+        (5, "nginx"),
+    ]
+    for row in rows[1:]:
+        assert row["lost"] == 0
+        assert row["relay_us_per_msg"] > 0
     assert "relay us/msg" in completed.stdout
+
+
+async def test_relay_bench_command(nursery: trio.Nursery, tmp_path: Path) -> None:
+    simulator = await start_simulator(nursery, mode="echo")
+    out = tmp_path / "result.json"
+    completed = await trio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "bench",
+            "--url",
+            simulator.ws_base,
+            "--key",
+            SIM_KEY,
+            "--sessions",
+            "2",
+            "--duration-s",
+            "1",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert b"lost 0" in completed.stdout
+    result = json.loads(out.read_text())
+    assert result["sessions_opened"] == 2
+    assert result["lost"] == 0
