@@ -90,6 +90,63 @@ http {{
 """
 
 
+def start_tls_pair(
+    relay_env: dict[str, str],
+    keys_dir: Path,
+    load_cpus: set[int] | None,
+    relay_cpus: set[int] | None,
+) -> tuple[int, list[subprocess.Popen[bytes]]]:
+    """A simulator serving wss:// and a second relay dialing it with TLS verified."""
+    import trustme
+
+    ca = trustme.CA()
+    issued = ca.issue_cert("localhost", "127.0.0.1")
+    cert, key, ca_file = keys_dir / "cert.pem", keys_dir / "key.pem", keys_dir / "ca.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+    ca.cert_pem.write_to_path(str(ca_file))
+    sim_port, relay_port = free_port(), free_port()
+    env = {
+        **relay_env,
+        "RELAY_SIMULATE_TLS_CERT_FILE": str(cert),
+        "RELAY_SIMULATE_TLS_KEY_FILE": str(key),
+    }
+    simulator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "simulate",
+            "--mode",
+            "echo",
+            "--fast",
+            "--port",
+            str(sim_port),
+            "--api-key",
+            SIM_KEY,
+        ],
+        cwd=REPO,
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    relay = subprocess.Popen(
+        [sys.executable, "-m", "relay", "serve"],
+        cwd=REPO,
+        env={
+            **relay_env,
+            "RELAY_SERVE_PORT": str(relay_port),
+            "RELAY_SERVE_UPSTREAM_URL": f"wss://localhost:{sim_port}/v1",
+            "RELAY_SERVE_UPSTREAM_CA_FILE": str(ca_file),
+        },
+        stderr=subprocess.DEVNULL,
+    )
+    wait_for_port(sim_port, simulator)
+    wait_for_port(relay_port, relay)
+    pin(simulator.pid, load_cpus)
+    pin(relay.pid, relay_cpus)
+    return relay_port, [simulator, relay]
+
+
 def start_baselines(
     sim_port: int, env: dict[str, str], cpus: set[int] | None
 ) -> list[tuple[str, int, subprocess.Popen[bytes]]]:
@@ -214,6 +271,12 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="N=5 for 3 s (used by the tests)")
     parser.add_argument("--json", help="write all results to this file")
     parser.add_argument(
+        "--tls-upstream",
+        action="store_true",
+        help="also run each N through a relay whose upstream is the simulator over wss:// "
+        "(a throwaway certificate, verified against its own CA)",
+    )
+    parser.add_argument(
         "--baselines",
         action="store_true",
         help="also run each N through a raw Trio byte splice and through nginx",
@@ -278,6 +341,7 @@ def main() -> int:
     )
     rows: list[dict[str, Any]] = []
     baselines: list[tuple[str, int, subprocess.Popen[bytes]]] = []
+    helpers: list[subprocess.Popen[bytes]] = []
     try:
         wait_for_port(sim_port, simulator)
         wait_for_port(relay_port, relay)
@@ -285,6 +349,10 @@ def main() -> int:
         pin(relay.pid, relay_cpus)
         if args.baselines:
             baselines = start_baselines(sim_port, env, relay_cpus)
+        if args.tls_upstream:
+            tls_relay_port, extra = start_tls_pair(relay_env, keys_dir, load_cpus, relay_cpus)
+            baselines.append(("relay/tls", tls_relay_port, extra[-1]))
+            helpers.extend(extra)
         for n in counts:
             direct = run_load(
                 f"ws://127.0.0.1:{sim_port}/v1",
@@ -321,7 +389,7 @@ def main() -> int:
             for name, port, process in baselines:
                 measured = run_load(
                     f"ws://127.0.0.1:{port}/v1",
-                    SIM_KEY,
+                    CLIENT_KEY if name == "relay/tls" else SIM_KEY,
                     n,
                     duration_s,
                     warmup_s,
@@ -330,7 +398,7 @@ def main() -> int:
                 )
                 rows.append(relay_row(n, name, measured, direct, process.pid))
     finally:
-        processes = [relay, simulator, *(process for _, _, process in baselines)]
+        processes = [relay, simulator, *(process for _, _, process in baselines), *helpers]
         for process in processes:
             process.terminate()
         for process in processes:
@@ -394,7 +462,7 @@ def print_table(rows: list[dict[str, Any]], *, pinned: bool) -> None:
     )
     print("relay CPU per message = relay user+sys in the window / (appends up + deltas down)")
     header = (
-        f"{'N':>4} {'path':<7} {'msgs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} "
+        f"{'N':>4} {'path':<9} {'msgs/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'+p50':>6} "
         f"{'+p99':>6} {'lost':>5} {'relay us/msg':>12} {'relay CPU%':>10} "
         f"{'load CPU%':>9} {'RSS MiB':>8}"
     )
@@ -410,7 +478,7 @@ def print_table(rows: list[dict[str, Any]], *, pinned: bool) -> None:
         rss = f"{row['relay_peak_rss_mib']:>8.1f}" if row["path"] != "direct" else f"{'':>8}"
         saturated = " (load saturated!)" if row["load_saturated"] else ""
         print(
-            f"{row['n']:>4} {row['path']:<7} {rate:>8.0f} {row['rtt_ms']['p50']:>7.2f} "
+            f"{row['n']:>4} {row['path']:<9} {rate:>8.0f} {row['rtt_ms']['p50']:>7.2f} "
             f"{row['rtt_ms']['p99']:>7.2f} {relay_cols} {row['load_cpu_percent']:>9.1f} "
             f"{rss}{saturated}"
         )
