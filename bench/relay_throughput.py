@@ -271,6 +271,17 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="N=5 for 3 s (used by the tests)")
     parser.add_argument("--json", help="write all results to this file")
     parser.add_argument(
+        "--ramp",
+        help="concurrency limit: comma-separated session steps (e.g. 25,50,100,150,200,300); "
+        "stops at the first step whose p99 added latency exceeds --budget-ms or loses a message",
+    )
+    parser.add_argument(
+        "--budget-ms",
+        type=float,
+        default=20.0,
+        help="p99 added latency budget for --ramp (default one 20 ms audio frame)",
+    )
+    parser.add_argument(
         "--tls-upstream",
         action="store_true",
         help="also run each N through a relay whose upstream is the simulator over wss:// "
@@ -353,6 +364,12 @@ def main() -> int:
             tls_relay_port, extra = start_tls_pair(relay_env, keys_dir, load_cpus, relay_cpus)
             baselines.append(("relay/tls", tls_relay_port, extra[-1]))
             helpers.extend(extra)
+        if args.ramp:
+            ramp = run_ramp(args, sim_port, relay_port, relay.pid, load_cpus, duration_s, warmup_s)
+            print_ramp(ramp, pinned=args.pin, budget_ms=args.budget_ms)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"pinned": args.pin, "ramp": ramp}, indent=2))
+            return 0
         for n in counts:
             direct = run_load(
                 f"ws://127.0.0.1:{sim_port}/v1",
@@ -410,6 +427,65 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"pinned": args.pin, "rows": rows}, indent=2))
     return 0
+
+
+def run_ramp(
+    args: argparse.Namespace,
+    sim_port: int,
+    relay_port: int,
+    relay_pid: int,
+    load_cpus: set[int] | None,
+    duration_s: float,
+    warmup_s: float,
+) -> dict[str, Any]:
+    """Real-time stream sessions in steps until p99 added latency exceeds the budget."""
+    steps: list[dict[str, Any]] = []
+    held: int | None = None
+    for n in [int(step) for step in args.ramp.split(",")]:
+        direct = run_load(
+            f"ws://127.0.0.1:{sim_port}/v1", SIM_KEY, n, duration_s, warmup_s, load_cpus, None
+        )
+        through = run_load(
+            f"ws://127.0.0.1:{relay_port}/v1",
+            CLIENT_KEY,
+            n,
+            duration_s,
+            warmup_s,
+            load_cpus,
+            relay_pid,
+        )
+        row = relay_row(n, "relay", through, direct, relay_pid)
+        ok = row["added_p99_ms"] <= args.budget_ms and row["lost"] == 0 and through["errors"] == {}
+        steps.append({**row, "direct_p99_ms": direct["rtt_ms"]["p99"], "held": ok})
+        print(
+            f"ramp: {n} sessions: +p99 {row['added_p99_ms']:.2f} ms, lost {row['lost']}, "
+            f"relay {row['relay_cpu_percent']:.0f}% CPU, {row['relay_us_per_msg']:.1f} us/msg"
+            f" -> {'held' if ok else 'over budget'}",
+            flush=True,
+        )
+        if not ok:
+            break
+        held = n
+    return {"budget_ms": args.budget_ms, "steps": steps, "sessions_at_budget": held}
+
+
+def print_ramp(ramp: dict[str, Any], *, pinned: bool, budget_ms: float) -> None:
+    held = ramp["sessions_at_budget"]
+    cores = "1 core (pinned)" if pinned else f"{os.cpu_count()} shared cores (not pinned)"
+    if held is None:
+        print(f"concurrency limit: no step held within {budget_ms:.0f} ms p99 added latency")
+    else:
+        print(
+            f"concurrency limit: {held} real-time sessions held within {budget_ms:.0f} ms p99 "
+            f"added latency and no loss, relay on {cores}"
+        )
+    last = ramp["steps"][-1]
+    if not last["held"] and last["relay_cpu_percent"] < 90:
+        print(
+            f"note: at {last['n']} sessions the relay used {last['relay_cpu_percent']:.0f}% of "
+            f"its core; the load side ({last['load_cpu_percent']:.0f}% CPU) or the shared "
+            "machine may be the limit, not the relay"
+        )
 
 
 def relay_row(

@@ -89,3 +89,34 @@ async def test_relay_bench_command(nursery: trio.Nursery, tmp_path: Path) -> Non
     result = json.loads(out.read_text())
     assert result["sessions_opened"] == 2
     assert result["lost"] == 0
+
+
+def test_concurrency_ramp_reports_the_last_step_that_held(tmp_path: Path) -> None:
+    out = tmp_path / "ramp.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "bench/relay_throughput.py",
+            "--ramp",
+            "2,4",
+            "--duration-s",
+            "1",
+            "--warmup-s",
+            "0.5",
+            "--budget-ms",
+            "1000",
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    ramp = json.loads(out.read_text())["ramp"]
+    assert [step["n"] for step in ramp["steps"]] == [2, 4]
+    assert all(step["held"] and step["lost"] == 0 for step in ramp["steps"])
+    assert ramp["sessions_at_budget"] == 4
+    assert "concurrency limit: 4 real-time sessions" in completed.stdout
