@@ -110,7 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--key", help="client key or relay token (default: environment RELAY_BENCH_KEY)"
     )
-    bench.add_argument("--sessions", type=int, default=10)
+    bench.add_argument(
+        "--profile",
+        choices=["stream", "churn", "idle"],
+        default="stream",
+        help="stream: real-time appends timed against echoes; churn: open/use/close in "
+        "parallel (sessions/s, handshake p50/p99); idle: hold silent sessions open",
+    )
+    bench.add_argument("--sessions", type=int, default=10, help="sessions (churn: workers)")
     bench.add_argument("--duration-s", type=float, default=10.0)
     bench.add_argument("--chunk-ms", type=int, default=20)
     bench.add_argument("--ca-file", help="CA bundle for a wss:// URL with a private CA")
@@ -268,6 +275,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         print("relay: give --key or set RELAY_BENCH_KEY", file=sys.stderr)
         return 2
     context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
+    if args.profile != "stream":
+        return _run_bench_profile(args, key, context)
     print(
         f"bench: {args.sessions} session(s) x {args.duration_s:.0f} s of {args.chunk_ms} ms "
         f"appends against {args.url}",
@@ -297,6 +306,51 @@ def _run_bench(args: argparse.Namespace) -> int:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(asdict(result), handle, indent=2)
     return 0 if result.sessions_opened and result.lost == 0 else 1
+
+
+def _run_bench_profile(args: argparse.Namespace, key: str, context: Any) -> int:
+    import json
+    from dataclasses import asdict
+
+    from relay.loadgen import run_churn, run_idle
+
+    result: Any
+    if args.profile == "churn":
+        result = trio.run(
+            lambda: run_churn(
+                args.url,
+                key,
+                workers=args.sessions,
+                duration_s=args.duration_s,
+                ssl_context=context,
+            )
+        )
+        print(
+            f"churn: {result.sessions_completed} sessions in {args.duration_s:.0f} s "
+            f"({result.sessions_per_s:.1f}/s) with {args.sessions} workers; handshake to "
+            f"session.created p50 {result.handshake_ms['p50']:.1f} ms, "
+            f"p99 {result.handshake_ms['p99']:.1f} ms; errors: {result.errors or 'none'}"
+        )
+        ok = result.sessions_completed > 0 and not result.errors
+    else:
+        result = trio.run(
+            lambda: run_idle(
+                args.url,
+                key,
+                sessions=args.sessions,
+                hold_s=args.duration_s,
+                ssl_context=context,
+            )
+        )
+        print(
+            f"idle: {result.sessions_held}/{result.sessions_requested} sessions held open for "
+            f"{result.held_s:.0f} s; errors: {result.errors or 'none'}"
+        )
+        ok = result.sessions_held == result.sessions_requested
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(asdict(result), handle, indent=2)
+    return 0 if ok else 1
 
 
 def _keys_hash() -> int:

@@ -5,6 +5,11 @@ It speaks the Realtime protocol on the relay's own transport and frame codec, so
 it costs far less CPU per message than the relay under test and is not the
 bottleneck; it reports its own CPU so a reader can check.
 
+Profiles: ``stream`` (below), ``churn`` (:func:`run_churn`: sessions opened, used
+for a few exchanges and closed, in parallel: sessions per second and handshake
+percentiles) and ``idle`` (:func:`run_idle`: many silent sessions held open, for
+memory per session).
+
 ``stream`` profile: open ``sessions`` WebSockets (bounded concurrency), wait for
 ``session.created`` on each, then for ``duration_s`` send each session one
 ``input_audio_buffer.append`` of ``chunk_ms`` PCM16 audio per ``chunk_ms``, sessions
@@ -28,6 +33,7 @@ import resource
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Final
 from urllib.parse import urlsplit
@@ -306,6 +312,130 @@ async def run_stream(
     result.load_cpu_percent = 100.0 * cpu / wall if wall > 0 else 0.0
     result.load_saturated = cpu / wall > SATURATED_CPU_SHARE if wall > 0 else False
     return result
+
+
+@dataclass
+class ChurnResult:
+    workers: int
+    duration_s: float
+    sessions_completed: int = 0
+    sessions_per_s: float = 0.0
+    #: Time from TCP connect to ``session.created``, milliseconds.
+    handshake_ms: dict[str, float] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+#: Appends each churn session exchanges (echoed) before it closes.
+CHURN_EXCHANGES: Final = 3
+
+
+async def run_churn(
+    url: str,
+    key: str,
+    *,
+    workers: int,
+    duration_s: float,
+    model: str = "gpt-realtime",
+    ssl_context: ssl.SSLContext | None = None,
+) -> ChurnResult:
+    """``churn`` profile: open, wait for ``session.created``, a few exchanges, close."""
+    result = ChurnResult(workers=workers, duration_s=duration_s)
+    handshakes: list[float] = []
+    errors: dict[str, int] = {}
+    audio_b64 = audio.b64encode(audio.speech_like(20, seed=5))
+    deadline = trio.current_time() + duration_s
+
+    async def worker(index: int) -> None:
+        while trio.current_time() < deadline:
+            started = trio.current_time()
+            session = await _open_session(url, key, index, model, errors, ssl_context)
+            if session is None:
+                await trio.sleep(0.05)  # do not spin on a refusing endpoint
+                continue
+            handshakes.append((trio.current_time() - started) * 1000.0)
+            ws = session.ws
+            try:
+                for sequence in range(CHURN_EXCHANGES):
+                    await ws.send_text(
+                        orjson.dumps(
+                            {
+                                "type": "input_audio_buffer.append",
+                                "event_id": str(sequence),
+                                "audio": audio_b64,
+                            }
+                        )
+                    )
+                    while True:
+                        _, payload = await ws.receive_message()
+                        if _ENVELOPE.decode(payload).type == "response.output_audio.delta":
+                            break
+                await ws.close(frames.CLOSE_NORMAL, "")
+                result.sessions_completed += 1
+            except (ConnectionClosed, TransportClosed) as exc:
+                name = f"churn_{type(exc).__name__}"
+                errors[name] = errors.get(name, 0) + 1
+                ws.transport.close()
+
+    started = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        for index in range(workers):
+            nursery.start_soon(worker, index)
+    elapsed = trio.current_time() - started
+    ordered = sorted(handshakes)
+    result.sessions_per_s = result.sessions_completed / elapsed if elapsed > 0 else 0.0
+    result.handshake_ms = {
+        "p50": _percentile(ordered, 0.5),
+        "p99": _percentile(ordered, 0.99),
+        "max": ordered[-1] if ordered else math.nan,
+    }
+    result.errors = errors
+    return result
+
+
+@dataclass
+class IdleResult:
+    sessions_requested: int
+    sessions_held: int
+    held_s: float
+    errors: dict[str, int] = field(default_factory=dict)
+
+
+async def run_idle(
+    url: str,
+    key: str,
+    *,
+    sessions: int,
+    hold_s: float,
+    model: str = "gpt-realtime",
+    ssl_context: ssl.SSLContext | None = None,
+    on_held: Callable[[int], None] | None = None,
+) -> IdleResult:
+    """``idle`` profile: hold many open, silent sessions (for memory per session)."""
+    errors: dict[str, int] = {}
+    opened: list[_Session] = []
+    limiter = trio.CapacityLimiter(CONNECT_CONCURRENCY)
+
+    async def open_one(index: int) -> None:
+        async with limiter:
+            session = await _open_session(url, key, index, model, errors, ssl_context)
+        if session is not None:
+            opened.append(session)
+
+    async with trio.open_nursery() as nursery:
+        for index in range(sessions):
+            nursery.start_soon(open_one, index)
+    if on_held is not None:
+        on_held(len(opened))
+    await trio.sleep(hold_s)
+    alive = 0
+    for session in opened:
+        if not session.ws.transport.closed and session.ws.close_received is None:
+            alive += 1
+        with trio.CancelScope(shield=True):
+            await session.ws.close_quietly(frames.CLOSE_NORMAL, "")
+    return IdleResult(
+        sessions_requested=sessions, sessions_held=alive, held_s=hold_s, errors=errors
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -120,3 +120,20 @@ def test_concurrency_ramp_reports_the_last_step_that_held(tmp_path: Path) -> Non
     assert all(step["held"] and step["lost"] == 0 for step in ramp["steps"])
     assert ramp["sessions_at_budget"] == 4
     assert "concurrency limit: 4 real-time sessions" in completed.stdout
+
+
+async def test_churn_and_idle_profiles(nursery: trio.Nursery) -> None:
+    from relay.loadgen import run_churn, run_idle
+
+    simulator = await start_simulator(nursery, mode="echo")
+    relay = await start_relay(nursery, simulator.ws_base)
+    churn = await run_churn(relay.ws_base, CLIENT_KEY, workers=3, duration_s=1.0)
+    assert churn.sessions_completed > 0
+    assert churn.errors == {}
+    assert churn.handshake_ms["p50"] <= churn.handshake_ms["max"]
+    held: list[int] = []
+    idle = await run_idle(relay.ws_base, CLIENT_KEY, sessions=5, hold_s=0.3, on_held=held.append)
+    assert held == [5]
+    assert relay.server.live_sessions == 0 or idle.sessions_held == 5
+    assert idle.sessions_held == 5
+    assert idle.errors == {}
