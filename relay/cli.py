@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="load-test a relay (or any Realtime endpoint): real-time audio sessions, "
-        "round trips timed (stream profile; needs the simulator's echo mode upstream)",
+        help="load-test a relay (or any Realtime endpoint): stream, voice, flat, churn or idle "
+        "sessions, timed; results as text and JSON",
     )
     bench.add_argument("--url", required=True, help="ws:// or wss:// base ending in /v1")
     bench.add_argument(
@@ -112,16 +112,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--profile",
-        choices=["stream", "churn", "idle"],
+        choices=["stream", "voice", "flat", "churn", "idle"],
         default="stream",
-        help="stream: real-time appends timed against echoes; churn: open/use/close in "
-        "parallel (sessions/s, handshake p50/p99); idle: hold silent sessions open",
+        help="stream: real-time appends timed against echoes (echo-mode upstream); voice: "
+        "turn-taking, commit to first audio delta and jitter (a model upstream); flat: echoes "
+        "as fast as a window allows (MB/s); churn: open/use/close in parallel (sessions/s, "
+        "handshake p50/p99); idle: hold silent sessions open",
     )
     bench.add_argument("--sessions", type=int, default=10, help="sessions (churn: workers)")
-    bench.add_argument("--duration-s", type=float, default=10.0)
-    bench.add_argument("--chunk-ms", type=int, default=20)
+    bench.add_argument("--duration-s", type=float, default=10.0, help="measured window")
+    bench.add_argument("--warmup-s", type=float, default=0.0, help="load before the window")
+    bench.add_argument("--chunk-ms", type=int, default=20, help="audio per append")
+    bench.add_argument("--window", type=int, default=8, help="flat: appends in flight/session")
+    bench.add_argument("--speech-ms", type=int, default=1000, help="voice: speech per turn")
+    bench.add_argument("--pause-ms", type=int, default=300, help="voice: pause after answers")
+    bench.add_argument(
+        "--load-procs",
+        type=int,
+        default=1,
+        help="spread the load over this many processes (use more when the load side "
+        "reports itself saturated)",
+    )
     bench.add_argument("--ca-file", help="CA bundle for a wss:// URL with a private CA")
     bench.add_argument("--json", help="write the result to this file")
+    bench.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
     keys = sub.add_parser("keys", help="app keys, signing keys, client key digests")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -265,92 +284,62 @@ def _run_demo(demo: cfg.DemoConfig, *, direct: bool) -> int:
 def _run_bench(args: argparse.Namespace) -> int:
     import json
     import os
-    import ssl
-    from dataclasses import asdict
 
-    from relay.loadgen import run_stream
+    import msgspec
+
+    from relay.loadgen import LoadError, LoadSpec, ProgressBar, run_load
+    from relay.loadgen.report import describe, passed
 
     key = args.key or os.environ.get("RELAY_BENCH_KEY", "")
     if not key:
         print("relay: give --key or set RELAY_BENCH_KEY", file=sys.stderr)
         return 2
-    context = ssl.create_default_context(cafile=args.ca_file) if args.ca_file else None
-    if args.profile != "stream":
-        return _run_bench_profile(args, key, context)
+    try:
+        spec = msgspec.convert(
+            {
+                "profile": args.profile,
+                "url": args.url,
+                "key": key,
+                "sessions": args.sessions,
+                "duration_s": args.duration_s,
+                "warmup_s": args.warmup_s,
+                "chunk_ms": args.chunk_ms,
+                "window": args.window,
+                "speech_ms": args.speech_ms,
+                "pause_ms": args.pause_ms,
+                "ca_file": args.ca_file or "",
+            },
+            LoadSpec,
+        )
+    except msgspec.ValidationError as exc:
+        print(f"relay: bench: {exc}", file=sys.stderr)
+        return 2
+    if args.load_procs < 1:
+        print("relay: bench: --load-procs must be at least 1", file=sys.stderr)
+        return 2
+    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    progress = (
+        ProgressBar(args.profile, spec.warmup_s + spec.duration_s, sys.stderr)
+        if show_progress
+        else None
+    )
     print(
-        f"bench: {args.sessions} session(s) x {args.duration_s:.0f} s of {args.chunk_ms} ms "
-        f"appends against {args.url}",
+        f"bench: {args.profile}, {spec.sessions} session(s), {spec.warmup_s:g} s warm-up + "
+        f"{spec.duration_s:g} s measured, against {args.url.split('?')[0]}"
+        + (f", {args.load_procs} load processes" if args.load_procs > 1 else ""),
         file=sys.stderr,
     )
-    result = trio.run(
-        lambda: run_stream(
-            args.url,
-            key,
-            sessions=args.sessions,
-            duration_s=args.duration_s,
-            chunk_ms=args.chunk_ms,
-            ssl_context=context,
-        )
-    )
-    rtt = result.rtt_ms
-    print(
-        f"sessions {result.sessions_opened}/{result.sessions_requested}  sent {result.sent}  "
-        f"echoed {result.received}  lost {result.lost}\n"
-        f"round trip ms: p50 {rtt['p50']:.2f}  p90 {rtt['p90']:.2f}  p99 {rtt['p99']:.2f}  "
-        f"p99.9 {rtt['p99.9']:.2f}  max {rtt['max']:.2f}\n"
-        f"errors: {result.errors or 'none'}\n"
-        f"load side CPU {result.load_cpu_percent:.0f}% of one core"
-        + ("  (SATURATED: the load side may be the bottleneck)" if result.load_saturated else "")
-    )
+    processes = args.load_procs if args.load_procs > 1 else 0
+    try:
+        result = trio.run(lambda: run_load(spec, processes=processes, progress=progress))
+    except LoadError as exc:
+        print(f"relay: bench: {exc}", file=sys.stderr)
+        return 1
+    print(describe(result))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(asdict(result), handle, indent=2)
-    return 0 if result.sessions_opened and result.lost == 0 else 1
-
-
-def _run_bench_profile(args: argparse.Namespace, key: str, context: Any) -> int:
-    import json
-    from dataclasses import asdict
-
-    from relay.loadgen import run_churn, run_idle
-
-    result: Any
-    if args.profile == "churn":
-        result = trio.run(
-            lambda: run_churn(
-                args.url,
-                key,
-                workers=args.sessions,
-                duration_s=args.duration_s,
-                ssl_context=context,
-            )
-        )
-        print(
-            f"churn: {result.sessions_completed} sessions in {args.duration_s:.0f} s "
-            f"({result.sessions_per_s:.1f}/s) with {args.sessions} workers; handshake to "
-            f"session.created p50 {result.handshake_ms['p50']:.1f} ms, "
-            f"p99 {result.handshake_ms['p99']:.1f} ms; errors: {result.errors or 'none'}"
-        )
-        ok = result.sessions_completed > 0 and not result.errors
-    else:
-        result = trio.run(
-            lambda: run_idle(
-                args.url,
-                key,
-                sessions=args.sessions,
-                hold_s=args.duration_s,
-                ssl_context=context,
-            )
-        )
-        print(
-            f"idle: {result.sessions_held}/{result.sessions_requested} sessions held open for "
-            f"{result.held_s:.0f} s; errors: {result.errors or 'none'}"
-        )
-        ok = result.sessions_held == result.sessions_requested
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(asdict(result), handle, indent=2)
-    return 0 if ok else 1
+            json.dump(result.to_json(), handle, indent=2)
+    return 0 if passed(result) else 1
 
 
 def _keys_hash() -> int:

@@ -1,0 +1,437 @@
+"""The benchmark rig: processes under test, OS measurements, and one measured load run.
+
+This module owns what ``bench/suite.py`` and ``bench/relay_throughput.py`` share:
+
+- starting the processes of a run on loopback, each a :class:`Target` the load can
+  be pointed at: the simulator (the "direct" baseline), the relay, a relay whose
+  upstream is the simulator over verified ``wss://`` (a throwaway CA from
+  trustme), the raw Trio byte splice (``bench/raw_splice.py``) and nginx as a
+  plain WebSocket proxy (installed with apt by ``scripts/bench`` when missing);
+- reading the OS: user+sys CPU from ``/proc/<pid>/stat`` and resident memory from
+  ``/proc/<pid>/status``, summed over a process and its direct children (nginx's
+  workers), and resetting the peak (``clear_refs``) so each row shows its own;
+- :func:`measure`: one load run (:mod:`relay.loadgen`, in its own processes,
+  pinned when asked) with the target's CPU sampled exactly over the measured
+  window and its memory sampled with every session open.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import msgspec
+import trio
+
+from relay import appkeys
+from relay.loadgen import LoadResult, LoadSpec, ProgressBar, run_load
+
+REPO: Final = Path(__file__).resolve().parent.parent
+CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
+SIM_KEY: Final = "sk-bench-simulator-key"
+CLIENT_KEY: Final = "bench-client-key"
+#: Appended to the simulator's URL for the echo profiles (stream, flat, churn).
+ECHO_QUERY: Final = "sim_mode=echo"
+STARTUP_TIMEOUT_S: Final = 20.0
+STOP_TIMEOUT_S: Final = 10.0
+#: Delta size and answer length of the simulator's paced model (voice profile).
+SIM_DELTA_AUDIO_MS: Final = 100
+SIM_RESPONSE_AUDIO_MS: Final = 1200
+
+NGINX_CONF: Final = """
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log error;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://127.0.0.1:{upstream};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection "upgrade";
+            proxy_read_timeout 3600s;
+            proxy_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _tree(pid: int) -> Iterator[Path]:
+    """``/proc/<pid>`` and those of its direct children."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        if stat.parent.name == str(pid):
+            yield stat.parent
+            continue
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == str(pid):
+            yield stat.parent
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of ``pid`` and of its direct children."""
+    total = 0.0
+    for proc in _tree(pid):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the ")": state, ppid, ...; utime and stime are fields 14 and 15 of the line.
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
+    return total
+
+
+def memory_kib(pid: int, field_name: str) -> int:
+    """A ``/proc/<pid>/status`` memory field (``VmRSS``, ``VmHWM``) summed over the tree."""
+    total = 0
+    for proc in _tree(pid):
+        try:
+            text = (proc / "status").read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith(field_name + ":"):
+                total += int(line.split()[1])
+    return total
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Start a new ``VmHWM`` period (Linux ``clear_refs`` value 5); ignored where refused."""
+    for proc in _tree(pid):
+        try:
+            (proc / "clear_refs").write_text("5")
+        except OSError:
+            pass
+
+
+def pin(pid: int, cpus: set[int] | None) -> None:
+    if cpus:
+        os.sched_setaffinity(pid, cpus)
+
+
+def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or (
+        "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
+    )
+
+
+@dataclass
+class Target:
+    """Something the load can be pointed at: ``url`` base ending in /v1, and whose CPU counts."""
+
+    name: str
+    url: str
+    key: str
+    pid: int
+
+
+@dataclass
+class Rig:
+    """The processes of one benchmark run; :meth:`stop` ends them all."""
+
+    work_dir: Path
+    server_cpus: set[int] | None = None
+    load_cpus: set[int] | None = None
+    relay_log_level: str = "info"
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    targets: dict[str, Target] = field(default_factory=dict)
+    app_key: str = ""
+    env: dict[str, str] = field(default_factory=lambda: {**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def _spawn(
+        self, command: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env or self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.processes.append(process)
+        return process
+
+    def _ready(self, port: int, process: subprocess.Popen[bytes], cpus: set[int] | None) -> None:
+        wait_for_port(port, process)
+        pin(process.pid, cpus)
+
+    def start_simulator(self, *, mode: str = "normal", tls: tuple[Path, Path] | None = None) -> int:
+        """The simulator: a paced model by default; ``?sim_mode=echo`` per session for echoes."""
+        port = free_port()
+        env = dict(self.env)
+        if tls is not None:
+            env["RELAY_SIMULATE_TLS_CERT_FILE"], env["RELAY_SIMULATE_TLS_KEY_FILE"] = map(str, tls)
+        env["RELAY_SIMULATE_RESPONSE_AUDIO_MS"] = str(SIM_RESPONSE_AUDIO_MS)
+        env["RELAY_SIMULATE_DELTA_AUDIO_MS"] = str(SIM_DELTA_AUDIO_MS)
+        process = self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "relay",
+                "simulate",
+                "--mode",
+                mode,
+                "--port",
+                str(port),
+                "--api-key",
+                SIM_KEY,
+                "--faults",
+            ],
+            env,
+        )
+        # The simulator stands in for OpenAI: it shares the load's core, not the relay's.
+        self._ready(port, process, self.load_cpus)
+        scheme = "wss" if tls is not None else "ws"
+        host = "localhost" if tls is not None else "127.0.0.1"
+        if tls is None:
+            self.targets["direct"] = Target(
+                "direct", f"{scheme}://{host}:{port}/v1", SIM_KEY, process.pid
+            )
+        return port
+
+    def relay_env(self, port: int, upstream_url: str, ca_file: str = "") -> dict[str, str]:
+        keys = self.work_dir / "keys"
+        keys.mkdir(exist_ok=True)
+        app_keys, signing = keys / "app-keys.json", keys / "signing.json"
+        if not self.app_key:
+            self.app_key = appkeys.create_app_key(app_keys, "bench")
+            appkeys.rotate_signing_key(signing, time.time())
+        return {
+            **self.env,
+            "RELAY_SERVE_PORT": str(port),
+            "RELAY_SERVE_UPSTREAM_URL": upstream_url,
+            "RELAY_SERVE_UPSTREAM_API_KEY": SIM_KEY,
+            "RELAY_SERVE_UPSTREAM_CA_FILE": ca_file,
+            "RELAY_SERVE_CLIENT_KEYS": CLIENT_KEY,
+            "RELAY_SERVE_MAX_SESSIONS": "100000",
+            "RELAY_SERVE_LOG_LEVEL": self.relay_log_level,
+            "RELAY_SERVE_APP_KEYS_FILE": str(app_keys),
+            "RELAY_SERVE_SIGNING_KEYS_FILE": str(signing),
+        }
+
+    def start_relay(self, name: str, upstream_url: str, ca_file: str = "") -> Target:
+        port = free_port()
+        process = self._spawn(
+            [sys.executable, "-m", "relay", "serve"], self.relay_env(port, upstream_url, ca_file)
+        )
+        self._ready(port, process, self.server_cpus)
+        target = Target(name, f"ws://127.0.0.1:{port}/v1", CLIENT_KEY, process.pid)
+        self.targets[name] = target
+        return target
+
+    def start_tls_relay(self) -> Target:
+        """A simulator serving ``wss://`` (throwaway CA) and a relay verifying it."""
+        import trustme
+
+        ca = trustme.CA()
+        issued = ca.issue_cert("localhost", "127.0.0.1")
+        tls_dir = self.work_dir / "tls"
+        tls_dir.mkdir(exist_ok=True)
+        cert, key, ca_file = tls_dir / "cert.pem", tls_dir / "key.pem", tls_dir / "ca.pem"
+        issued.private_key_pem.write_to_path(str(key))
+        cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+        ca.cert_pem.write_to_path(str(ca_file))
+        sim_port = self.start_simulator(tls=(cert, key))
+        return self.start_relay("relay/tls", f"wss://localhost:{sim_port}/v1", str(ca_file))
+
+    def start_splice(self, upstream_port: int) -> Target:
+        port = free_port()
+        process = self._spawn(
+            [
+                sys.executable,
+                str(REPO / "bench/raw_splice.py"),
+                "--port",
+                str(port),
+                "--upstream-port",
+                str(upstream_port),
+            ]
+        )
+        self._ready(port, process, self.server_cpus)
+        target = Target("splice", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
+        self.targets["splice"] = target
+        return target
+
+    def start_nginx(self, upstream_port: int) -> Target | None:
+        nginx = find_nginx()
+        if nginx is None:
+            return None
+        tmp = self.work_dir / "nginx"
+        tmp.mkdir(exist_ok=True)
+        port = free_port()
+        (tmp / "nginx.conf").write_text(
+            NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream_port)
+        )
+        process = self._spawn([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")])
+        wait_for_port(port, process)
+        for proc in _tree(process.pid):
+            pin(int(proc.name), self.server_cpus)
+        target = Target("nginx", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
+        self.targets["nginx"] = target
+        return target
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        self.processes.clear()
+
+
+@contextmanager
+def rig(*, pinned: bool, relay_log_level: str = "info") -> Iterator[Rig]:
+    """A :class:`Rig` whose processes end with the block; pinned: servers CPU 0, load CPU 1."""
+    work_dir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    running = Rig(
+        work_dir,
+        server_cpus={0} if pinned else None,
+        load_cpus={1} if pinned else None,
+        relay_log_level=relay_log_level,
+    )
+    try:
+        yield running
+    finally:
+        running.stop()
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def with_query(url: str, query: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}{query}" if query else url
+
+
+@dataclass
+class Measured:
+    """One load run against one target, with the target's OS figures over it."""
+
+    target: str
+    result: LoadResult
+    #: The target's CPU over the measured window (user + sys) and the window's length.
+    cpu_s: float
+    window_s: float
+    #: The target's resident memory before the sessions opened and with all of them open.
+    rss_before_kib: int
+    rss_ready_kib: int
+    peak_rss_kib: int
+
+    @property
+    def messages(self) -> int:
+        return self.result.window_sent + self.result.window_received
+
+    @property
+    def us_per_message(self) -> float:
+        return self.cpu_s / self.messages * 1e6 if self.messages else float("nan")
+
+    @property
+    def cpu_percent(self) -> float:
+        return 100.0 * self.cpu_s / self.window_s if self.window_s else float("nan")
+
+    @property
+    def kib_per_session(self) -> float:
+        opened = self.result.sessions_opened
+        return (self.rss_ready_kib - self.rss_before_kib) / opened if opened else float("nan")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target,
+            "result": self.result.to_json(),
+            "target_cpu_s": self.cpu_s,
+            "window_s": self.window_s,
+            "target_us_per_msg": self.us_per_message,
+            "target_cpu_percent": self.cpu_percent,
+            "rss_before_kib": self.rss_before_kib,
+            "rss_ready_kib": self.rss_ready_kib,
+            "peak_rss_kib": self.peak_rss_kib,
+            "kib_per_session": self.kib_per_session,
+        }
+
+
+def measure(
+    running: Rig,
+    target: Target,
+    spec: LoadSpec,
+    *,
+    query: str = "",
+    load_procs: int = 1,
+    progress_label: str | None = None,
+) -> Measured:
+    """Run ``spec`` against ``target`` (its url, plus ``query``, and its key); read the OS."""
+    spec = msgspec.structs.replace(spec, url=with_query(target.url, query), key=target.key)
+    reset_peak_rss(target.pid)
+    rss_before = memory_kib(target.pid, "VmRSS")
+    samples: dict[str, float] = {}
+
+    def on_ready(opened: int) -> None:
+        del opened
+        samples["rss_ready"] = memory_kib(target.pid, "VmRSS")
+
+    def on_window(phase: str) -> None:
+        samples[f"cpu_{phase}"] = cpu_seconds(target.pid)
+        samples[f"at_{phase}"] = time.monotonic()
+
+    progress = (
+        ProgressBar(progress_label, spec.warmup_s + spec.duration_s, sys.stderr)
+        if progress_label is not None
+        else None
+    )
+    result = trio.run(
+        lambda: run_load(
+            spec,
+            processes=max(1, load_procs),
+            cpus=running.load_cpus,
+            on_ready=on_ready,
+            on_window=on_window,
+            progress=progress,
+        )
+    )
+    return Measured(
+        target=target.name,
+        result=result,
+        cpu_s=samples.get("cpu_end", 0.0) - samples.get("cpu_start", 0.0),
+        window_s=samples.get("at_end", 0.0) - samples.get("at_start", 0.0),
+        rss_before_kib=rss_before,
+        rss_ready_kib=int(samples.get("rss_ready", rss_before)),
+        peak_rss_kib=memory_kib(target.pid, "VmHWM"),
+    )
