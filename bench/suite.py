@@ -48,7 +48,7 @@ LATENCY_OF: Final = {
     "churn": "handshake",
     "idle": "handshake",
 }
-DEFAULT_RAMP: Final = "50,100,150,200,250,300"
+DEFAULT_RAMP: Final = "100,200,300,400,500,600"
 DEFAULT_BUDGET_MS: Final = 20.0
 
 
@@ -214,6 +214,16 @@ def format_table(rows: list[Row]) -> list[str]:
         )
         if r.errors:
             lines.append(f"{'':<14} errors: {r.errors}")
+    churned = [
+        f"{row.measured.target} "
+        f"{row.measured.cpu_s / row.measured.result.sessions_completed * 1e3:.2f}"
+        for row in rows
+        if row.measured.result.profile == "churn"
+        and row.measured.target != "direct"
+        and row.measured.result.sessions_completed
+    ]
+    if churned:
+        lines.append("churn: CPU ms per session opened, used and closed: " + ", ".join(churned))
     return lines
 
 
