@@ -82,37 +82,27 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _tree(pid: int) -> Iterator[Path]:
-    """``/proc/<pid>`` and those of its direct children."""
+def _tree(pid: int) -> Iterator[tuple[Path, list[str]]]:
+    """``/proc/<pid>`` and those of its direct children, each with its ``stat`` fields
+    after the command name (state, ppid, ...: utime and stime are indexes 11 and 12)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        if stat.parent.name == str(pid):
-            yield stat.parent
-            continue
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if fields[1] == str(pid):
-            yield stat.parent
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            yield stat.parent, fields
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU of ``pid`` and of its direct children."""
-    total = 0.0
-    for proc in _tree(pid):
-        try:
-            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        # After the ")": state, ppid, ...; utime and stime are fields 14 and 15 of the line.
-        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS_PER_S
-    return total
+    return sum((int(f[11]) + int(f[12])) / CLOCK_TICKS_PER_S for _, f in _tree(pid))
 
 
 def memory_kib(pid: int, field_name: str) -> int:
     """A ``/proc/<pid>/status`` memory field (``VmRSS``, ``VmHWM``) summed over the tree."""
     total = 0
-    for proc in _tree(pid):
+    for proc, _ in _tree(pid):
         try:
             text = (proc / "status").read_text()
         except OSError:
@@ -125,7 +115,7 @@ def memory_kib(pid: int, field_name: str) -> int:
 
 def reset_peak_rss(pid: int) -> None:
     """Start a new ``VmHWM`` period (Linux ``clear_refs`` value 5); ignored where refused."""
-    for proc in _tree(pid):
+    for proc, _ in _tree(pid):
         try:
             (proc / "clear_refs").write_text("5")
         except OSError:
@@ -304,7 +294,7 @@ class Rig:
         )
         process = self._spawn([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")])
         wait_for_port(port, process)
-        for proc in _tree(process.pid):
+        for proc, _ in _tree(process.pid):
             pin(int(proc.name), self.server_cpus)
         target = Target("nginx", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
         self.targets["nginx"] = target

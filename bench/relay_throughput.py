@@ -28,7 +28,7 @@ from relay.loadgen import LoadSpec
 TARGET_US_PER_MESSAGE: Final = {50: 100.0, 200: 60.0}
 
 
-def mint_locked_token(relay_port_url: str, app_key: str) -> str:
+def mint_locked_token(relay_url: str, app_key: str) -> str:
     """A relay token whose session config (instructions, voice, tools) is locked."""
     body = json.dumps(
         {
@@ -42,7 +42,7 @@ def mint_locked_token(relay_port_url: str, app_key: str) -> str:
             },
         }
     ).encode()
-    base = relay_port_url.replace("ws://", "http://", 1)
+    base = relay_url.replace("ws://", "http://", 1)
     request = urllib.request.Request(
         f"{base}/realtime/client_secrets",
         data=body,
@@ -62,9 +62,9 @@ def row(n: int, measured: Measured, direct: Measured) -> dict[str, Any]:
         "lost": result.lost,
         "errors": result.errors,
         "msgs_per_s": result.messages_per_s,
-        "rtt_ms": result.rtt_ms,
-        "added_p50_ms": result.rtt_ms["p50"] - direct.result.rtt_ms["p50"],
-        "added_p99_ms": result.rtt_ms["p99"] - direct.result.rtt_ms["p99"],
+        "rtt_ms": result.latency("rtt"),
+        "added_p50_ms": result.latency("rtt")["p50"] - direct.result.latency("rtt")["p50"],
+        "added_p99_ms": result.latency("rtt")["p99"] - direct.result.latency("rtt")["p99"],
         "relay_us_per_msg": measured.us_per_message,
         "relay_cpu_percent": measured.cpu_percent,
         "relay_peak_rss_mib": measured.peak_rss_kib / 1024,
@@ -144,10 +144,8 @@ def main() -> int:
             if running.start_nginx(sim_port) is not None:
                 paths.append("nginx")
         if args.ramp:
-            ramp_args = argparse.Namespace(budget_ms=args.budget_ms, load_procs=args.load_procs)
-
             plan = Plan([], [int(n) for n in args.ramp.split(",")], duration_s, warmup_s)
-            ramp = run_ramp(running, plan, ramp_args)
+            ramp = run_ramp(running, plan, budget_ms=args.budget_ms, load_procs=args.load_procs)
             print(ramp_summary(ramp, args.pin))
             if args.json:
                 Path(args.json).write_text(

@@ -37,7 +37,8 @@ from typing import Any, Final
 
 from harness import ECHO_QUERY, REPO, Measured, Rig, measure, rig
 
-from relay.loadgen import LoadSpec
+from relay.cli import add_progress_option
+from relay.loadgen import LoadSpec, ProgressBar
 
 #: Paths in table order; "direct" is the simulator itself, the baseline for added latency.
 PATH_ORDER: Final = ("direct", "relay", "relay/tls", "splice", "nginx")
@@ -66,7 +67,6 @@ class Plan:
     ramp_steps: list[int]
     ramp_duration_s: float
     ramp_warmup_s: float
-    idle_label: str = ""
     notes: list[str] = field(default_factory=list)
 
 
@@ -244,21 +244,21 @@ def machine() -> dict[str, Any]:
     }
 
 
-def run_ramp(running: Rig, plan: Plan, args: argparse.Namespace) -> dict[str, Any]:
+def run_ramp(running: Rig, plan: Plan, *, budget_ms: float, load_procs: int) -> dict[str, Any]:
     steps: list[dict[str, Any]] = []
     held: int | None = None
     direct, relay = running.targets["direct"], running.targets["relay"]
     for n in plan.ramp_steps:
         spec = _spec("stream", n, plan.ramp_duration_s, plan.ramp_warmup_s)
-        base = measure(running, direct, spec, query=ECHO_QUERY, load_procs=args.load_procs)
-        through = measure(running, relay, spec, query=ECHO_QUERY, load_procs=args.load_procs)
-        added = through.result.rtt_ms["p99"] - base.result.rtt_ms["p99"]
-        ok = added <= args.budget_ms and through.result.lost == 0 and not through.result.errors
+        base = measure(running, direct, spec, query=ECHO_QUERY, load_procs=load_procs)
+        through = measure(running, relay, spec, query=ECHO_QUERY, load_procs=load_procs)
+        added = through.result.latency("rtt")["p99"] - base.result.latency("rtt")["p99"]
+        ok = added <= budget_ms and through.result.lost == 0 and not through.result.errors
         steps.append(
             {
                 "sessions": n,
-                "direct_p99_ms": base.result.rtt_ms["p99"],
-                "relay_p99_ms": through.result.rtt_ms["p99"],
+                "direct_p99_ms": base.result.latency("rtt")["p99"],
+                "relay_p99_ms": through.result.latency("rtt")["p99"],
                 "added_p99_ms": added,
                 "lost": through.result.lost,
                 "errors": through.result.errors,
@@ -278,7 +278,7 @@ def run_ramp(running: Rig, plan: Plan, args: argparse.Namespace) -> dict[str, An
         if not ok:
             break
         held = n
-    return {"budget_ms": args.budget_ms, "steps": steps, "sessions_at_budget": held}
+    return {"budget_ms": budget_ms, "steps": steps, "sessions_at_budget": held}
 
 
 def ramp_summary(ramp: dict[str, Any], pinned: bool) -> str:
@@ -409,15 +409,10 @@ def main() -> int:
         help="directory for JSON, table and PNGs",
     )
     parser.add_argument("--relay-log-level", default="info")
-    parser.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bars (default: on a terminal)",
-    )
+    add_progress_option(parser)
     args = parser.parse_args()
     plan = tiny_plan(args) if args.tiny else standard_plan(args)
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
+    show_progress = ProgressBar.wanted(args.progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -465,7 +460,7 @@ def main() -> int:
                     direct = measured
                 rows.append(Row(label, measured, direct))
         if plan.ramp_steps:
-            ramp = run_ramp(running, plan, args)
+            ramp = run_ramp(running, plan, budget_ms=args.budget_ms, load_procs=args.load_procs)
     elapsed = time.time() - started
     host = machine()
     lines = [

@@ -135,12 +135,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--ca-file", help="CA bundle for a wss:// URL with a private CA")
     bench.add_argument("--json", help="write the result to this file")
-    bench.add_argument(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="progress bar on stderr (default: when stderr is a terminal)",
-    )
+    add_progress_option(bench)
 
     keys = sub.add_parser("keys", help="app keys, signing keys, client key digests")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
@@ -174,6 +169,17 @@ def _parser() -> argparse.ArgumentParser:
         )
         _add_common(managed)
     return parser
+
+
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    """``--progress``/``--no-progress`` (``relay bench``, ``bench/suite.py``): see
+    :meth:`relay.loadgen.ProgressBar.wanted`."""
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (default: when stderr is a terminal)",
+    )
 
 
 def _overrides(args: argparse.Namespace, fields: Sequence[str]) -> dict[str, Any]:
@@ -317,10 +323,9 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.load_procs < 1:
         print("relay: bench: --load-procs must be at least 1", file=sys.stderr)
         return 2
-    show_progress = sys.stderr.isatty() if args.progress is None else args.progress
     progress = (
         ProgressBar(args.profile, spec.warmup_s + spec.duration_s, sys.stderr)
-        if show_progress
+        if ProgressBar.wanted(args.progress)
         else None
     )
     print(

@@ -65,6 +65,11 @@ class ProgressBar:
         self.total_s = total_s
         self.stream = stream
 
+    @staticmethod
+    def wanted(flag: bool | None) -> bool:
+        """``--progress``/``--no-progress`` as given, else only when stderr is a terminal."""
+        return sys.stderr.isatty() if flag is None else flag
+
     def draw(self, elapsed_s: float) -> None:
         share = min(1.0, max(0.0, elapsed_s / self.total_s)) if self.total_s > 0 else 1.0
         filled = round(share * PROGRESS_BAR_CHARS)

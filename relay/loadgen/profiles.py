@@ -272,18 +272,21 @@ async def _run_echo(
     spec: LoadSpec, opened: list[_Session], result: LoadResult, start: float, window: _Window
 ) -> None:
     prefix, suffix = _append_template(spec.chunk_ms, seed=7)
-    append_bytes = len(prefix) + len(suffix) + 4
+    template_bytes = len(prefix) + len(suffix)
     flat = spec.profile == "flat"
 
     async def send_append(session: _Session) -> None:
-        sequence = len(session.send_times)
-        payload = prefix + str(sequence).encode() + suffix
+        sequence = str(len(session.send_times)).encode()
+        size = template_bytes + len(sequence)
+        # The zero mask leaves the payload as it is: one join builds the whole frame.
+        header = frames.encode_header(frames.OP_TEXT, size, masked=True)
+        frame = b"".join((header, _ZERO_MASK, prefix, sequence, suffix))
         now = trio.current_time()
         session.send_times.append(now)
         if window.holds(now):
             window.sent += 1
-            window.bytes += append_bytes
-        await session.ws.send_raw(frames.encode_frame(frames.OP_TEXT, payload, mask_key=_ZERO_MASK))
+            window.bytes += size
+        await session.ws.send_raw(frame)
 
     async with trio.open_nursery() as readers:
         for session in opened:
@@ -469,9 +472,8 @@ async def _voice_reader(session: _Session, result: LoadResult, window: _Window) 
                     gap_ms = (now - session.last_delta_at) * 1000.0
                     jitter.record(abs(gap_ms - session.last_delta_ms))
                 session.last_delta_at = now
-                padding = len(event.delta) - len(event.delta.rstrip("="))
                 session.last_delta_ms = audio.duration_ms(
-                    audio.b64_decoded_length(len(event.delta), padding)
+                    audio.b64_decoded_length(len(event.delta), event.delta.count("=", -2))
                 )
             elif kind == "response.done":
                 session.answer_done.set()
@@ -496,11 +498,8 @@ async def _run_churn(
     window: _Window,
     ssl_context: ssl.SSLContext | None,
 ) -> None:
-    audio_b64 = audio.b64encode(audio.speech_like(spec.chunk_ms, seed=5))
-    appends = [
-        orjson.dumps({"type": "input_audio_buffer.append", "event_id": str(n), "audio": audio_b64})
-        for n in range(CHURN_EXCHANGES)
-    ]
+    prefix, suffix = _append_template(spec.chunk_ms, seed=5)
+    appends = [prefix + str(n).encode() + suffix for n in range(CHURN_EXCHANGES)]
     await trio.sleep_until(start)
 
     async def worker(index: int) -> None:

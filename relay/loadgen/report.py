@@ -28,21 +28,25 @@ def describe(result: LoadResult) -> str:
         if result.profile == "churn"
         else f"sessions {result.sessions_opened}/{result.sessions_requested} opened"
     )
-    lines = [f"{opened}  handshake to session.created ms: {_percentiles(result.handshake_ms)}"]
+    lines = [
+        f"{opened}  handshake to session.created ms: {_percentiles(result.latency('handshake'))}"
+    ]
     profile = result.profile
     if profile in ("stream", "flat"):
         lines.append(
             f"sent {result.sent}  echoed {result.received}  lost {result.lost}  "
             f"{result.messages_per_s:.0f} msgs/s  {result.megabytes_per_s:.2f} MB/s in the window"
         )
-        lines.append(f"round trip ms: {_percentiles(result.rtt_ms)}")
+        lines.append(f"round trip ms: {_percentiles(result.latency('rtt'))}")
     elif profile == "voice":
         lines.append(
             f"turns {result.turns}  audio deltas {result.received}  lost turns {result.lost}  "
             f"{result.messages_per_s:.0f} msgs/s in the window"
         )
-        lines.append(f"commit to first audio delta ms: {_percentiles(result.first_delta_ms)}")
-        lines.append(f"inter-delta jitter ms: {_percentiles(result.jitter_ms)}")
+        lines.append(
+            f"commit to first audio delta ms: {_percentiles(result.latency('first_delta'))}"
+        )
+        lines.append(f"inter-delta jitter ms: {_percentiles(result.latency('jitter'))}")
     elif profile == "churn":
         lines.append(
             f"churn: {result.sessions_completed} sessions opened, used and closed in the window "

@@ -19,6 +19,11 @@ from relay.loadgen.stats import LatencyHistogram
 
 Profile = Literal["stream", "voice", "flat", "churn", "idle"]
 PROFILES: Final[tuple[Profile, ...]] = ("stream", "voice", "flat", "churn", "idle")
+#: The times a run records, by histogram name: ``rtt`` (stream/flat: append to echoed
+#: delta), ``handshake`` (TCP connect to ``session.created``), ``first_delta`` (voice:
+#: commit sent to first audio delta) and ``jitter`` (voice: |gap between audio deltas −
+#: audio length of the earlier one|).
+LATENCY_KINDS: Final = ("rtt", "handshake", "first_delta", "jitter")
 #: A load process using more than this share of one core is the bottleneck.
 SATURATED_CPU_SHARE: Final = 0.85
 
@@ -114,28 +119,9 @@ class LoadResult:
     # Derived figures, computed from the fields above.
 
     def latency(self, name: str) -> dict[str, float]:
+        """Percentiles of one of :data:`LATENCY_KINDS`, ms (NaN when nothing was recorded)."""
         histogram = self.histograms.get(name)
         return histogram.summary() if histogram is not None else LatencyHistogram().summary()
-
-    @property
-    def rtt_ms(self) -> dict[str, float]:
-        """stream/flat: append to echoed delta."""
-        return self.latency("rtt")
-
-    @property
-    def handshake_ms(self) -> dict[str, float]:
-        """TCP connect to ``session.created``."""
-        return self.latency("handshake")
-
-    @property
-    def first_delta_ms(self) -> dict[str, float]:
-        """voice: ``input_audio_buffer.commit`` sent to first audio delta received."""
-        return self.latency("first_delta")
-
-    @property
-    def jitter_ms(self) -> dict[str, float]:
-        """voice: |gap between audio deltas − audio length of the earlier one|."""
-        return self.latency("jitter")
 
     @property
     def messages_per_s(self) -> float:
@@ -153,7 +139,7 @@ class LoadResult:
         """Every field and derived figure; histograms as wire dicts (``NaN`` becomes null)."""
         data = asdict(self)
         data["histograms"] = {name: h.to_wire() for name, h in self.histograms.items()}
-        for name in ("rtt", "handshake", "first_delta", "jitter"):
+        for name in LATENCY_KINDS:
             if name in self.histograms:
                 data[f"{name}_ms"] = _finite(self.latency(name))
         data["messages_per_s"] = self.messages_per_s

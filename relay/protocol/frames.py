@@ -163,6 +163,17 @@ def remask_header(header: bytes, new_key: bytes) -> bytes:
 # ---------------------------------------------------------------------- encoding
 
 
+def encode_header(opcode: int, size: int, *, fin: bool = True, masked: bool = False) -> bytes:
+    """A frame header for a ``size``-byte payload, up to (not including) any masking key."""
+    first = (0x80 if fin else 0) | opcode
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        return bytes((first, mask_bit | size))
+    if size < 65536:
+        return bytes((first, mask_bit | 126)) + size.to_bytes(2, "big")
+    return bytes((first, mask_bit | 127)) + size.to_bytes(8, "big")
+
+
 def encode_frame(
     opcode: int,
     payload: bytes | bytearray | memoryview,
@@ -171,15 +182,7 @@ def encode_frame(
     mask_key: bytes | None = None,
 ) -> bytes:
     """One whole frame. With ``mask_key`` (4 bytes) the MASK bit is set and the payload XORed."""
-    size = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    mask_bit = 0x80 if mask_key is not None else 0
-    if size < 126:
-        header = bytes((first, mask_bit | size))
-    elif size < 65536:
-        header = bytes((first, mask_bit | 126)) + size.to_bytes(2, "big")
-    else:
-        header = bytes((first, mask_bit | 127)) + size.to_bytes(8, "big")
+    header = encode_header(opcode, len(payload), fin=fin, masked=mask_key is not None)
     if mask_key is None:
         return header + bytes(payload)
     return header + mask_key + xor_mask(payload, mask_key)
