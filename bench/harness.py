@@ -235,6 +235,8 @@ class Rig:
             "RELAY_SERVE_UPSTREAM_CA_FILE": ca_file,
             "RELAY_SERVE_CLIENT_KEYS": CLIENT_KEY,
             "RELAY_SERVE_MAX_SESSIONS": "100000",
+            # Echo mode is chosen per session with the simulator's query hook.
+            "RELAY_SERVE_UPSTREAM_QUERY_PARAMS": "sim_mode",
             "RELAY_SERVE_LOG_LEVEL": self.relay_log_level,
             "RELAY_SERVE_APP_KEYS_FILE": str(app_keys),
             "RELAY_SERVE_SIGNING_KEYS_FILE": str(signing),

@@ -124,6 +124,9 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: SHA-256 hex of the admin key that ``/metrics`` and ``/admin/*`` require; empty:
     #: ``/metrics`` is open and the admin API is off.
     admin_key_sha256: str = ""
+    #: Query parameters forwarded upstream besides the documented ``model``,
+    #: ``call_id`` and ``intent`` (e.g. an Azure ``api-version``); others are dropped.
+    upstream_query_params: tuple[str, ...] = ()
 
 
 class DemoConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -30,7 +30,8 @@ import orjson
 LOG_QUEUE_MAX_LINES: Final = 10_000
 _SECRET_PATTERNS: Final = re.compile(
     r"(?i)(bearer\s+)\S+"
-    r"|\b(sk-|ek_|rk_)[A-Za-z0-9._\-]{6,}"
+    # Masked keys as providers quote them ("sk-proj-****abcd") count as keys too.
+    r"|\b(sk-|ek_|rk_)[A-Za-z0-9._\-*]{4,}"
     r"|(openai-insecure-api-key\.)\S+"
 )
 

@@ -81,8 +81,6 @@ SESSION_LOG = logging.getLogger("relay.session")
 REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
 #: Token ids whose start counts are kept before expired ones are pruned.
 MAX_TRACKED_TOKENS: Final = 100_000
-#: Client request headers forwarded to the upstream (everything else stays here).
-FORWARDED_CLIENT_HEADERS: Final = (b"openai-safety-identifier",)
 
 
 def build_checker(config: ServeConfig) -> CredentialChecker:
@@ -193,13 +191,37 @@ class RelayServer:
                 while True:
                     sock, peer = await accept(listener)
                     sock = wrap_server_tls(sock, self._tls)
-                    nursery.start_soon(self._handle_connection, sock, peer)
+                    nursery.start_soon(self.serve_connection, sock, peer)
                     await trio.lowlevel.checkpoint()
         finally:
             listener.close()
 
-    async def _handle_connection(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+    async def serve_connection(self, sock: socket.socket, peer: tuple[str, int]) -> None:
+        """Serve one accepted connection; nothing raised here reaches the listener.
+
+        This is the per-connection barrier: a bug or an input nobody foresaw ends
+        this connection only (an HTTP 500 with OpenAI's envelope if no answer was
+        started, else just the socket), is logged once with its traceback and is
+        counted as ``relay_errors{kind="connection_internal_error"}``.
+        """
         transport = Transport(sock, peer=peer)
+        try:
+            await self._route_connection(transport)
+        except Exception:
+            self.metrics.errors.labels(kind="connection_internal_error").inc()
+            LOGGER.exception("connection from %s failed; other connections are unaffected", peer[0])
+            if not transport.answered and not transport.closed:
+                await http.send_error(
+                    transport,
+                    500,
+                    "The relay failed while handling this request.",
+                    error_type="server_error",
+                    code="internal_error",
+                )
+        finally:
+            transport.close()
+
+    async def _route_connection(self, transport: Transport) -> None:
         try:
             with trio.fail_after(self.config.handshake_timeout_s):
                 if transport.is_tls:
@@ -213,22 +235,26 @@ class RelayServer:
             if head.path in REALTIME_PATHS and head.is_websocket_upgrade():
                 await self._realtime(transport, head)
             elif head.is_websocket_upgrade():
-                raise HandshakeError(
-                    404, f"No WebSocket endpoint at {head.path}.", code="not_found"
-                )
+                raise HandshakeError(404, "No WebSocket endpoint at this path.", code="not_found")
             else:
-                # hypercorn closes the socket itself; our close below is then a no-op.
+                # hypercorn answers and closes the socket itself; our close is then a no-op.
+                transport.answered = True
                 await self.control.handle(transport, head.raw + head.trailing)
         except HandshakeError as exc:
-            await http.send_error(transport, exc.status, exc.message, code=exc.code)
+            await http.send_error(
+                transport,
+                exc.status,
+                exc.message,
+                code=exc.code,
+                param=exc.param,
+                extra_headers=exc.headers,
+            )
         except trio.TooSlowError:
             await http.send_error(
                 transport, 408, "The request head did not arrive in time.", code="timeout"
             )
         except TransportClosed:
             pass
-        finally:
-            transport.close()
 
     async def _refuse(
         self,
@@ -284,6 +310,11 @@ class RelayServer:
         problem = handshake.websocket_request_problem(head)
         if problem is not None:
             raise problem
+        query = handshake.parse_realtime_query(head.query, self.config.upstream_query_params)
+        if query.dropped:
+            LOGGER.info(
+                "dropped query parameters not forwarded upstream: %s", ", ".join(query.dropped)
+            )
         origin = head.header(b"origin")
         if (
             self.config.allowed_origins
@@ -338,20 +369,29 @@ class RelayServer:
                 "stripped the retired beta marker (OpenAI-Beta / openai-beta.realtime-v1) "
                 "from a client handshake; the upstream gets the GA protocol"
             )
-        extra = [
-            (name.decode("latin-1"), value.decode("latin-1"))
-            for name, value in head.headers
-            if name in FORWARDED_CLIENT_HEADERS and claims is None
-        ]
+        # A client's own OpenAI-Safety-Identifier is never forwarded: the relay
+        # derives it (from a token's hashed end user) or sends none.
+        extra: list[tuple[str, str]] = []
         if claims is not None and claims.user:
             extra.append(("OpenAI-Safety-Identifier", claims.user))
+        # Everything that can fail is built before the 101: after it, only the
+        # session's own close table answers the client.
+        limits = self.limits
+        lock: SessionLock | None = None
+        if claims is not None:
+            if claims.max_session_s:
+                limits = dataclasses.replace(
+                    limits, max_session_s=min(limits.max_session_s, claims.max_session_s)
+                )
+            if claims.session:
+                lock = SessionLock(orjson.loads(claims.session))
         self._pending_handshakes += 1
         try:
             dial_started = trio.current_time()
             try:
                 upstream = await dial_upstream(
                     self.upstream,
-                    client_query=head.query,
+                    client_query=query.forwarded,
                     extra_headers=extra,
                     max_message_bytes=self.config.max_message_bytes,
                     timeout_s=self.config.upstream_connect_timeout_s,
@@ -359,9 +399,11 @@ class RelayServer:
             except UpstreamRefused as refusal:
                 LOGGER.info("upstream refused a session: %s", refusal.detail)
                 self.metrics.errors.labels(kind=f"upstream_{refusal.status}").inc()
+                transport.answered = True
                 await transport.send_all(handshake.http_response(refusal.status, refusal.body))
                 return
             self.metrics.upstream_connect_seconds.observe(trio.current_time() - dial_started)
+            transport.answered = True
             try:
                 await transport.send_all(handshake.accept_response(head))
             except BaseException:
@@ -377,15 +419,6 @@ class RelayServer:
             initial_data=head.trailing,
         )
         session_id = f"rs_{next(self._session_numbers)}_{new_id('')[:8]}"
-        limits = self.limits
-        lock: SessionLock | None = None
-        if claims is not None:
-            if claims.max_session_s:
-                limits = dataclasses.replace(
-                    limits, max_session_s=min(limits.max_session_s, claims.max_session_s)
-                )
-            if claims.session:
-                lock = SessionLock(orjson.loads(claims.session))
         session = RelaySession(
             client,
             upstream,
@@ -405,7 +438,12 @@ class RelayServer:
             upstream.transport.close()
             self._sessions_changed.set()
             self._sessions_changed = trio.Event()
-        self._record_session_end(session, head, transport, grant_id, claims)
+        try:
+            self._record_session_end(session, head, transport, grant_id, claims)
+        except Exception:
+            # Accounting must never take the connection (or the process) with it.
+            self.metrics.errors.labels(kind="session_accounting_error").inc()
+            LOGGER.exception("session %s: recording its end failed", session_id)
 
     def _record_session_end(
         self,

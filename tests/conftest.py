@@ -80,6 +80,8 @@ async def start_relay(
         "upstream_api_key": upstream_key,
         "client_keys": (CLIENT_KEY,),
         "upstream_connect_timeout_s": 5.0,
+        # The simulator's per-connection test hooks; a production relay never forwards them.
+        "upstream_query_params": ("sim_mode", "sim_fault"),
     }
     fields.update(overrides)
     config = ServeConfig(**fields)

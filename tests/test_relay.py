@@ -7,6 +7,7 @@ official openai SDK), so the relay's own codec is checked against other peers.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 
 import httpx
@@ -108,18 +109,37 @@ async def test_upstream_unreachable_is_502(nursery: trio.Nursery) -> None:
     assert answer.json()["error"]["code"] == "upstream_unreachable"
 
 
-async def test_upstream_401_is_passed_on(
-    nursery: trio.Nursery, simulator: RunningSimulator
+async def test_upstream_refusing_the_relays_key_is_502_without_its_body(
+    nursery: trio.Nursery, simulator: RunningSimulator, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """OpenAI's 401 quotes the key's ends ("sk-wrong****-key") and blames the caller: the
+    client gets a generic 502; the upstream's words go to the relay's log only."""
     relay = await start_relay(nursery, simulator.ws_base, upstream_key="sk-wrong-upstream-key")
-    answer = await raw_handshake(relay.port, f"/v1/realtime?model={MODEL}", bearer())
-    assert answer.status == 401
+    with caplog.at_level(logging.INFO, logger="relay.server"):
+        answer = await raw_handshake(relay.port, f"/v1/realtime?model={MODEL}", bearer())
+    assert answer.status == 502
     body = answer.json()
-    assert body["error"]["code"] == "invalid_api_key"
-    assert "sk-wrong-upstream-key" not in json.dumps(body)
+    assert body["error"] == {
+        "message": "The relay could not authenticate with the upstream Realtime API.",
+        "type": "server_error",
+        "param": None,
+        "code": "upstream_auth_failed",
+    }
+    assert b"sk-" not in answer.body and b"****" not in answer.body
+    logged = [r.getMessage() for r in caplog.records if "refused a session" in r.getMessage()]
+    assert logged and "invalid_api_key" in logged[0] and "401" in logged[0]
 
 
-@pytest.mark.parametrize("status", [403, 404, 429])
+@pytest.mark.parametrize("status", [401, 403])
+async def test_upstream_auth_refusals_become_502(relay: RunningRelay, status: int) -> None:
+    answer = await raw_handshake(
+        relay.port, f"/v1/realtime?model={MODEL}&sim_fault=refuse:{status}", bearer()
+    )
+    assert answer.status == 502
+    assert answer.json()["error"]["code"] == "upstream_auth_failed"
+
+
+@pytest.mark.parametrize("status", [400, 404, 429])
 async def test_upstream_refusals_are_passed_on(relay: RunningRelay, status: int) -> None:
     answer = await raw_handshake(
         relay.port, f"/v1/realtime?model={MODEL}&sim_fault=refuse:{status}", bearer()

@@ -20,9 +20,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import parse_qs
 
-from relay.protocol.handshake import RequestHead
+from relay.protocol.handshake import RequestHead, parse_realtime_query
 from relay.tokens import Keyring, TokenClaims, TokenRefusal, looks_like_relay_token, verify
 
 
@@ -158,8 +157,8 @@ class RelayTokenChecker:
         if isinstance(result, TokenRefusal):
             return AuthRefusal(result.status, result.message, result.code)
         claims = result
-        query = parse_qs(head.query)
-        model = (query.get("model") or [""])[-1]
+        # A repeated model was refused before this check (parse_realtime_query).
+        model = parse_realtime_query(head.query).model or ""
         if claims.models and model and model not in claims.models:
             return AuthRefusal(
                 403, f"This token does not allow the model '{model}'.", "model_not_allowed"

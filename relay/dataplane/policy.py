@@ -238,8 +238,8 @@ class _Usage(msgspec.Struct):
     total_tokens: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
-    input_token_details: _InputTokenDetails = msgspec.field(default_factory=_InputTokenDetails)
-    output_token_details: _OutputTokenDetails = msgspec.field(default_factory=_OutputTokenDetails)
+    input_token_details: _InputTokenDetails | None = None
+    output_token_details: _OutputTokenDetails | None = None
 
 
 class _Response(msgspec.Struct):
@@ -278,16 +278,34 @@ class UsageTotals:
     total_tokens: int = 0
 
     def add(self, usage: _Usage) -> None:
+        """Add one response's usage, each count clamped to ``[0, MAX_TOKENS_PER_RESPONSE]``.
+
+        The counts come from the upstream and feed counters that refuse negative
+        increments: a negative or absurd value must cost accuracy, never the session.
+        """
+        inputs = usage.input_token_details or _InputTokenDetails()
+        outputs = usage.output_token_details or _OutputTokenDetails()
         self.responses += 1
-        self.input_text_tokens += usage.input_token_details.text_tokens
-        self.input_audio_tokens += usage.input_token_details.audio_tokens
-        self.input_image_tokens += usage.input_token_details.image_tokens
-        self.input_cached_tokens += usage.input_token_details.cached_tokens
-        self.output_text_tokens += usage.output_token_details.text_tokens
-        self.output_audio_tokens += usage.output_token_details.audio_tokens
-        self.total_tokens += usage.total_tokens
+        self.input_text_tokens += _clamp_tokens(inputs.text_tokens)
+        self.input_audio_tokens += _clamp_tokens(inputs.audio_tokens)
+        self.input_image_tokens += _clamp_tokens(inputs.image_tokens)
+        self.input_cached_tokens += _clamp_tokens(inputs.cached_tokens)
+        self.output_text_tokens += _clamp_tokens(outputs.text_tokens)
+        self.output_audio_tokens += _clamp_tokens(outputs.audio_tokens)
+        self.total_tokens += _clamp_tokens(usage.total_tokens)
 
 
+#: No single response is billed more tokens than this (OpenAI's largest context is
+#: well under it); a bigger count from the upstream is clamped, not trusted.
+MAX_TOKENS_PER_RESPONSE: Final = 10_000_000
+
+
+def _clamp_tokens(count: int) -> int:
+    return min(max(count, 0), MAX_TOKENS_PER_RESPONSE)
+
+
+#: Longest upstream session id or model name the tap keeps.
+MAX_TAPPED_ID_CHARS: Final = 128
 #: Events whose type the tap cares about; every other type is only counted.
 TAPPED_TYPES: Final = frozenset({"session.created", "response.done", "error"})
 #: The bulk of upstream traffic; recognised by prefix so the tap skips even the envelope decode.
@@ -322,8 +340,9 @@ class UpstreamTap:
                     self.usage.add(usage)
             elif event_type == "session.created":
                 info = _SESSION_CREATED.decode(payload).session
-                self.upstream_session_id = info.id
-                self.upstream_model = info.model
+                # Both become log fields and a metric label: bounded, whatever the upstream sends.
+                self.upstream_session_id = info.id[:MAX_TAPPED_ID_CHARS] if info.id else None
+                self.upstream_model = info.model[:MAX_TAPPED_ID_CHARS] if info.model else None
             else:
                 self.error_events += 1
         except msgspec.DecodeError:

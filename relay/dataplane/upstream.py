@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+import orjson
 import trio
 
 from relay.net import http
@@ -30,8 +31,13 @@ from relay.protocol import handshake
 from relay.protocol.events import http_error_body
 from relay.protocol.handshake import HandshakeError, UpstreamTarget
 
-#: Upstream HTTP statuses whose body is passed to the client unchanged.
-PASSED_THROUGH_STATUSES: Final = frozenset(range(400, 500))
+#: Upstream refusals of the relay's own credential: answered 502, the body only logged.
+RELAY_CREDENTIAL_STATUSES: Final = frozenset({401, 403})
+#: Other upstream HTTP statuses whose body is passed to the client unchanged
+#: (404 unknown model, 429 rate limit, 400 bad parameter: the client's to fix).
+PASSED_THROUGH_STATUSES: Final = frozenset(range(400, 500)) - RELAY_CREDENTIAL_STATUSES
+#: How much of an upstream error message the log line keeps.
+MAX_LOGGED_DETAIL_CHARS: Final = 200
 USER_AGENT: Final = "openai-realtime-relay/0.1"
 
 
@@ -162,6 +168,18 @@ async def _read_error_body(transport: Transport, response: handshake.ResponseHea
 
 
 def _refusal(status: int, body: bytes) -> UpstreamRefused:
+    if status in RELAY_CREDENTIAL_STATUSES:
+        # The upstream refused *our* key: its body quotes part of it and would blame
+        # the client's key. The client learns only that the relay failed.
+        return UpstreamRefused(
+            502,
+            http_error_body(
+                "The relay could not authenticate with the upstream Realtime API.",
+                error_type="server_error",
+                code="upstream_auth_failed",
+            ),
+            detail=f"upstream answered HTTP {status} to the relay's key: {_error_detail(body)}",
+        )
     if status in PASSED_THROUGH_STATUSES:
         if not body.lstrip().startswith(b"{"):
             body = http_error_body(
@@ -177,6 +195,15 @@ def _refusal(status: int, body: bytes) -> UpstreamRefused:
         ),
         detail=f"upstream answered HTTP {status}",
     )
+
+
+def _error_detail(body: bytes) -> str:
+    """The upstream's own error code and message, for the relay's log (redacted there)."""
+    try:
+        error = orjson.loads(body).get("error", {})
+        return f"{error.get('code')}: {str(error.get('message'))[:MAX_LOGGED_DETAIL_CHARS]}"
+    except (orjson.JSONDecodeError, AttributeError):
+        return f"{len(body)} bytes, not OpenAI's error envelope"
 
 
 def _bad_gateway() -> bytes:

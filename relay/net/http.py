@@ -82,6 +82,7 @@ async def send_error(
 ) -> None:
     """Answer with OpenAI's error envelope and ``Connection: close``."""
     body = http_error_body(message, error_type=error_type, code=code, param=param)
+    transport.answered = True
     try:
         await transport.send_all(handshake.http_response(status, body, extra_headers=extra_headers))
     except TransportClosed:

@@ -62,13 +62,17 @@ class Transport:
     ``relay.net.websocket``). One reader task and one writer task at a time is fine.
     """
 
-    __slots__ = ("_closed", "_ops_without_yield", "peer", "sock")
+    __slots__ = ("_closed", "_ops_without_yield", "answered", "peer", "sock")
 
     def __init__(self, sock: socket.socket, *, peer: tuple[str, int] | None = None) -> None:
         self.sock = sock
         self.peer = peer
         self._ops_without_yield = 0
         self._closed = False
+        #: Set by whoever starts answering a request on this connection (an HTTP
+        #: answer, a 101, a hand-off to hypercorn): a failure after that point must
+        #: not write a second answer. Not touched on the per-frame path.
+        self.answered = False
 
     @property
     def is_tls(self) -> bool:

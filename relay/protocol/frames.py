@@ -293,20 +293,36 @@ class FrameReader:
                 return None
         opcode = first & 0x0F
         fin = bool(first & 0x80)
-        self._check(first, opcode, fin, bool(masked), length)
+        message_bytes = self._check(first, opcode, fin, bool(masked), length)
         total = header_len + length
         if length <= self.whole_frame_max_bytes or opcode >= OP_CLOSE:
             if available < total:
+                # Nothing is consumed yet: the same header is checked again once the
+                # rest of the frame has arrived, so no message state may change here.
                 return None
             raw = bytes(buffer[pos : pos + total])
             self._pos = pos + total
+            self._advance_message(opcode, fin, message_bytes)
             mask_key = raw[header_len - 4 : header_len] if masked else None
             return Frame(opcode, fin, mask_key, raw, header_len)
         header = bytes(buffer[pos : pos + header_len])
         self._pos = pos + header_len
+        self._advance_message(opcode, fin, message_bytes)
         self._streaming_left = length
         self._streaming_offset = 0
         return FrameStart(opcode, fin, header[-4:] if masked else None, header, length)
+
+    def _advance_message(self, opcode: int, fin: bool, message_bytes: int) -> None:
+        """Record a consumed data frame in the fragmented-message state."""
+        if opcode >= OP_CLOSE:
+            return
+        if fin:
+            self._message_opcode = None
+            self._message_bytes = 0
+        else:
+            if opcode != OP_CONTINUATION:
+                self._message_opcode = opcode
+            self._message_bytes = message_bytes
 
     def _next_chunk(self) -> FrameChunk | None:
         buffer = self._buffer
@@ -322,7 +338,8 @@ class FrameReader:
         self._streaming_left -= take
         return FrameChunk(data, offset, self._streaming_left == 0)
 
-    def _check(self, first: int, opcode: int, fin: bool, masked: bool, length: int) -> None:
+    def _check(self, first: int, opcode: int, fin: bool, masked: bool, length: int) -> int:
+        """Validate one header; returns the message size so far. Changes no message state."""
         try:
             if first & 0x70:
                 raise FrameProtocolError(CLOSE_PROTOCOL_ERROR, "RSV bits set without an extension")
@@ -342,7 +359,7 @@ class FrameReader:
                     raise FrameProtocolError(CLOSE_PROTOCOL_ERROR, "fragmented control frame")
                 if length > MAX_CONTROL_PAYLOAD_BYTES:
                     raise FrameProtocolError(CLOSE_PROTOCOL_ERROR, "control frame over 125 bytes")
-                return
+                return 0
             if opcode == OP_CONTINUATION:
                 if self._message_opcode is None:
                     raise FrameProtocolError(
@@ -360,13 +377,7 @@ class FrameReader:
                     CLOSE_MESSAGE_TOO_BIG,
                     f"message over {self.max_message_bytes} bytes",
                 )
-            if fin:
-                self._message_opcode = None
-                self._message_bytes = 0
-            else:
-                if opcode != OP_CONTINUATION:
-                    self._message_opcode = opcode
-                self._message_bytes = size
+            return size
         except FrameProtocolError:
             self._dead = True
             raise

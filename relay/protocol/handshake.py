@@ -27,7 +27,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Final
-from urllib.parse import urlsplit
+from urllib.parse import unquote_plus, urlsplit
 
 import h11
 
@@ -41,16 +41,39 @@ API_KEY_SUBPROTOCOL_PREFIX: Final = "openai-insecure-api-key."
 BETA_SUBPROTOCOL: Final = "openai-beta.realtime-v1"
 BETA_HEADER: Final = b"openai-beta"
 _HEAD_END: Final = b"\r\n\r\n"
+#: A ``Sec-WebSocket-Key`` decodes to this many random bytes.
+WEBSOCKET_KEY_BYTES: Final = 16
+#: Headers a WebSocket handshake may carry once only (two values mean two readings).
+SINGLE_INSTANCE_HEADERS: Final = (b"sec-websocket-key", b"sec-websocket-version", b"upgrade")
+MALFORMED_REQUEST: Final = "Malformed HTTP request."
+ALLOW_GET: Final = (("Allow", "GET"),)
+#: RFC 9110 §15.5.22 (426 names the protocol) and RFC 6455 §4.4 (the versions we speak).
+UPGRADE_REQUIRED: Final = (("Upgrade", "websocket"), ("Sec-WebSocket-Version", "13"))
 
 
 class HandshakeError(Exception):
-    """A head that cannot be answered with a WebSocket: ``status`` is the HTTP answer."""
+    """A head that cannot be answered with a WebSocket: ``status`` is the HTTP answer.
 
-    def __init__(self, status: int, message: str, *, code: str | None = None) -> None:
+    ``message`` is ours, never text taken from the request, so an answer cannot echo
+    a credential or header bytes back; ``headers`` go on the answer (``Allow``,
+    ``Sec-WebSocket-Version``...).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        headers: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.param = param
+        self.headers = headers
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +83,8 @@ class RequestHead:
     method: str
     target: str
     headers: tuple[tuple[bytes, bytes], ...] = field(repr=False)
+    #: ``1.1`` or ``1.0`` (h11 refuses anything else).
+    http_version: str = "1.1"
     #: Bytes that followed the head in the same read (pipelined data).
     trailing: bytes = field(default=b"", repr=False)
     #: The exact bytes of the head, for handing the connection to another server.
@@ -79,6 +104,10 @@ class RequestHead:
             if key == name:
                 return value.decode("latin-1")
         return None
+
+    def header_count(self, name: bytes) -> int:
+        """How many times a header was sent."""
+        return sum(1 for key, _ in self.headers if key == name)
 
     def header_tokens(self, name: bytes) -> list[str]:
         """All comma-separated tokens of every instance of a header, stripped."""
@@ -119,37 +148,122 @@ def parse_request_head(buffer: bytes | bytearray) -> RequestHead | None:
     try:
         conn.receive_data(raw)
         event = conn.next_event()
-    except h11.RemoteProtocolError as exc:
-        raise HandshakeError(400, f"Malformed HTTP request: {exc}") from None
+    except h11.RemoteProtocolError:
+        # h11's text quotes the offending line (which may carry a key): never echo it.
+        raise HandshakeError(400, MALFORMED_REQUEST, code="malformed_request") from None
     if not isinstance(event, h11.Request):
-        raise HandshakeError(400, "Malformed HTTP request.")
+        raise HandshakeError(400, MALFORMED_REQUEST, code="malformed_request")
     return RequestHead(
         method=event.method.decode("ascii", "replace"),
         target=event.target.decode("ascii", "replace"),
         headers=tuple((bytes(k), bytes(v)) for k, v in event.headers),
+        http_version=event.http_version.decode("ascii", "replace"),
         trailing=bytes(buffer[end:]),
         raw=raw,
     )
 
 
 def websocket_request_problem(head: RequestHead) -> HandshakeError | None:
-    """Why this request is not a valid RFC 6455 opening handshake, or ``None``."""
+    """Why this request is not a valid RFC 6455 §4.2.1 opening handshake, or ``None``."""
     if head.method != "GET":
-        return HandshakeError(405, "WebSocket upgrades must use GET.")
+        return HandshakeError(
+            405, "WebSocket upgrades must use GET.", code="method_not_allowed", headers=ALLOW_GET
+        )
+    if head.http_version != "1.1":
+        return HandshakeError(400, "WebSocket upgrades need HTTP/1.1.", code="invalid_handshake")
     if not head.is_websocket_upgrade():
-        return HandshakeError(426, "This endpoint requires a WebSocket upgrade.")
+        return HandshakeError(
+            426,
+            "This endpoint requires a WebSocket upgrade.",
+            code="upgrade_required",
+            headers=UPGRADE_REQUIRED,
+        )
+    for name in SINGLE_INSTANCE_HEADERS:
+        if head.header_count(name) > 1:
+            return HandshakeError(
+                400,
+                f"The '{name.decode()}' header was sent more than once.",
+                code="invalid_handshake",
+            )
     if "upgrade" not in (t.lower() for t in head.header_tokens(b"connection")):
-        return HandshakeError(400, "Missing 'Connection: Upgrade' header.")
+        return HandshakeError(
+            400, "Missing 'Connection: Upgrade' header.", code="invalid_handshake"
+        )
     if head.header(b"sec-websocket-version") != "13":
-        return HandshakeError(426, "Unsupported WebSocket version; use 13.")
-    key = head.header(b"sec-websocket-key")
-    try:
-        valid_key = key is not None and len(base64.b64decode(key, validate=True)) == 16
-    except binascii.Error:
-        valid_key = False
-    if not valid_key:
-        return HandshakeError(400, "Missing or malformed 'Sec-WebSocket-Key' header.")
+        return HandshakeError(
+            426,
+            "Unsupported WebSocket version; use 13.",
+            code="upgrade_required",
+            headers=UPGRADE_REQUIRED,
+        )
+    if not is_valid_websocket_key(head.header(b"sec-websocket-key")):
+        return HandshakeError(
+            400, "Missing or malformed 'Sec-WebSocket-Key' header.", code="invalid_handshake"
+        )
     return None
+
+
+def is_valid_websocket_key(key: str | None) -> bool:
+    """A ``Sec-WebSocket-Key``: base64 of exactly 16 bytes (RFC 6455 §4.1, item 7)."""
+    if key is None or not key.isascii():
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == WEBSOCKET_KEY_BYTES
+    except (binascii.Error, ValueError):
+        return False
+
+
+#: Query parameters of ``/v1/realtime`` that OpenAI documents; only these (and an
+#: operator's allowlist) reach the upstream, so ``api_key=`` or a test hook never does.
+DOCUMENTED_QUERY_PARAMS: Final = frozenset({"model", "call_id", "intent"})
+#: Parameters whose value decides something (model checks, routing): one value only.
+SINGLE_VALUE_QUERY_PARAMS: Final = frozenset({"model", "call_id", "intent"})
+#: Longest dropped parameter name quoted in a log line.
+MAX_LOGGED_PARAM_CHARS: Final = 40
+
+
+@dataclass(frozen=True, slots=True)
+class RealtimeQuery:
+    """The realtime query string as the relay reads it and as the upstream will get it."""
+
+    #: The single ``model`` value, or None.
+    model: str | None
+    #: The allowed parameters, in their original order and encoding.
+    forwarded: str
+    #: Names of parameters not forwarded (for the log; never their values).
+    dropped: tuple[str, ...]
+
+
+def parse_realtime_query(query: str, extra_allowed: Iterable[str] = ()) -> RealtimeQuery:
+    """Split a client's query into what is forwarded and what is dropped.
+
+    Raises :class:`HandshakeError` (400) when a single-value parameter such as
+    ``model`` is repeated: the relay would check one value while the upstream
+    might read another.
+    """
+    allowed = DOCUMENTED_QUERY_PARAMS.union(extra_allowed)
+    kept: list[str] = []
+    dropped: list[str] = []
+    seen: dict[str, str] = {}
+    for piece in query.split("&"):
+        if not piece:
+            continue
+        raw_name, _, raw_value = piece.partition("=")
+        name = unquote_plus(raw_name)
+        if name in SINGLE_VALUE_QUERY_PARAMS:
+            if name in seen:
+                raise HandshakeError(
+                    400,
+                    f"The query parameter '{name}' was given more than once.",
+                    code="invalid_request",
+                    param=name,
+                )
+            seen[name] = unquote_plus(raw_value)
+        if name in allowed:
+            kept.append(piece)
+        else:
+            dropped.append(name[:MAX_LOGGED_PARAM_CHARS].encode("ascii", "replace").decode())
+    return RealtimeQuery(model=seen.get("model"), forwarded="&".join(kept), dropped=tuple(dropped))
 
 
 def client_credential(head: RequestHead) -> str | None:

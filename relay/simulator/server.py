@@ -180,7 +180,13 @@ class Simulator:
                     401, "Invalid or expired ephemeral key.", code="invalid_api_key"
                 )
         elif not self.is_api_key(credential):
-            raise HandshakeError(401, "Incorrect API key provided.", code="invalid_api_key")
+            # OpenAI's wording, which quotes the key's ends: a relay must not pass it on.
+            raise HandshakeError(
+                401,
+                f"Incorrect API key provided: {_masked_key(credential)}. You can find your "
+                "API key at https://platform.openai.com/account/api-keys.",
+                code="invalid_api_key",
+            )
         else:
             self.sessions_by_key_index[self.api_key_index(credential)] += 1
         # What the upstream saw of the relay's handshake, for tests (never a credential).
@@ -390,3 +396,10 @@ async def serve_simulator(
 
 
 __all__ = ["OP_TEXT", "Simulator", "serve_simulator"]
+
+
+def _masked_key(key: str) -> str:
+    """A key the way OpenAI quotes a wrong one: its first and last characters only."""
+    if len(key) <= 12:
+        return "****"
+    return f"{key[:8]}****{key[-4:]}"
