@@ -231,3 +231,91 @@ def test_random_bytes_raise_only_our_protocol_error(data: bytes, masked: bool) -
                 F.decode_close_payload(event.payload())
     except FrameProtocolError:
         pass
+
+
+# ------------------------------------------------ fragmented messages in any chunking
+
+
+def _message_sequence_wire(
+    messages: list[tuple[int, list[bytes], list[bool]]], key: bytes | None
+) -> tuple[bytes, list[tuple[int, bool, bytes]]]:
+    """Wire bytes of messages in fragments, a ping wherever ``pings`` says, and the
+    (opcode, fin, payload) of every frame in order."""
+    wire = b""
+    expected: list[tuple[int, bool, bytes]] = []
+    for opcode, fragments, pings in messages:
+        for index, fragment in enumerate(fragments):
+            op = opcode if index == 0 else F.OP_CONTINUATION
+            fin = index == len(fragments) - 1
+            wire += F.encode_frame(op, fragment, fin=fin, mask_key=key)
+            expected.append((op, fin, fragment))
+            if pings[index % len(pings)] and not fin:
+                wire += F.encode_frame(F.OP_PING, b"p", mask_key=key)
+                expected.append((F.OP_PING, True, b"p"))
+    return wire, expected
+
+
+messages_strategy = st.lists(
+    st.tuples(
+        st.sampled_from([F.OP_TEXT, F.OP_BINARY]),
+        st.lists(st.binary(max_size=300), min_size=1, max_size=6),
+        st.lists(st.booleans(), min_size=1, max_size=4),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    messages_strategy,
+    st.lists(st.integers(min_value=1, max_value=700), min_size=1, max_size=20),
+    st.booleans(),
+)
+def test_fragments_and_control_frames_in_any_chunking(
+    messages: list[tuple[int, list[bytes], list[bool]]], cuts: list[int], masked: bool
+) -> None:
+    """Regression (issue 10, finding 10): a fragment whose header arrived before its
+    payload was checked twice, and the second check saw "a new data frame inside a
+    fragmented message". Any valid sequence, fed in any pieces, must come out whole."""
+    key = b"\x05\x06\x07\x08" if masked else None
+    wire, expected = _message_sequence_wire(messages, key)
+    r = reader(masked=masked, whole=128)
+    got: list[tuple[int, bool, bytes]] = []
+    pending: FrameStart | None = None
+    body = b""
+    position, index = 0, 0
+    while position < len(wire):
+        step = cuts[index % len(cuts)]
+        r.feed(wire[position : position + step])
+        position, index = position + step, index + 1
+        for event in drain(r):
+            if isinstance(event, Frame):
+                got.append((event.opcode, event.fin, event.payload()))
+            elif isinstance(event, FrameStart):
+                pending, body = event, b""
+            else:
+                assert pending is not None
+                data = event.data
+                if pending.mask_key is not None:
+                    data = F.xor_mask(data, pending.mask_key, event.offset)
+                body += data
+                if event.last:
+                    got.append((pending.opcode, pending.fin, body))
+    assert got == expected
+    assert not r.in_message
+
+
+def test_fragment_header_before_its_payload() -> None:
+    """The exact failing case: two fragments, fed one octet at a time."""
+    wire = F.encode_frame(F.OP_TEXT, b'{"type":', fin=False, mask_key=b"abcd")
+    wire += F.encode_frame(F.OP_CONTINUATION, b'"x"}', mask_key=b"abcd")
+    r = reader()
+    events: list[Frame | FrameStart | FrameChunk] = []
+    for octet in wire:
+        r.feed(bytes([octet]))
+        events.extend(drain(r))
+    assert [(e.opcode, e.fin) for e in events if isinstance(e, Frame)] == [
+        (F.OP_TEXT, False),
+        (F.OP_CONTINUATION, True),
+    ]
