@@ -135,7 +135,8 @@ async def test_a_bug_in_one_connection_is_a_500_logged_once_and_counted(
         "code": "internal_error",
     }
     failures = [r for r in caplog.records if r.exc_info is not None]
-    assert len(failures) == 1 and "a bug in a credential check" in caplog.text
+    assert len(failures) == 1
+    assert "a bug in a credential check" in caplog.text
     metrics = relay.server.metrics.render().decode()
     assert 'relay_errors_total{kind="connection_internal_error"} 1.0' in metrics
     assert await healthy(relay)
@@ -236,7 +237,8 @@ async def test_a_malformed_header_line_is_never_echoed(relay: RunningRelay) -> N
     )
     status, _, body = await raw_request(relay.port, request)
     assert status == 400
-    assert b"sk-secret" not in body and b"Authorization" not in body
+    assert b"sk-secret" not in body
+    assert b"Authorization" not in body
     assert orjson.loads(body)["error"]["message"] == "Malformed HTTP request."
 
 
