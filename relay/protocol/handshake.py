@@ -153,6 +153,11 @@ def parse_request_head(buffer: bytes | bytearray) -> RequestHead | None:
         raise HandshakeError(400, MALFORMED_REQUEST, code="malformed_request") from None
     if not isinstance(event, h11.Request):
         raise HandshakeError(400, MALFORMED_REQUEST, code="malformed_request")
+    if event.http_version not in (b"1.0", b"1.1"):
+        raise HandshakeError(505, "Only HTTP/1.1 is served here.", code="http_version")
+    if not event.target.startswith(b"/"):
+        # Only origin-form targets: this is a server, not a forward proxy.
+        raise HandshakeError(400, MALFORMED_REQUEST, code="malformed_request")
     return RequestHead(
         method=event.method.decode("ascii", "replace"),
         target=event.target.decode("ascii", "replace"),
