@@ -210,3 +210,40 @@ async def read_until_closed(
                 events.append(json.loads(await ws.get_message()))
             except trio_websocket.ConnectionClosed as closed:
                 return events, close_reason(closed)
+
+
+async def open_raw_session(
+    port: int, query: str, *, receive_buffer_bytes: int | None = None
+) -> tuple[trio.SocketStream, Any]:
+    """A hand-driven realtime client: the 101 read, and a frame reader for what follows.
+
+    For tests that need byte control (fragments, one octet per write, a client that
+    stops reading: pass a small ``receive_buffer_bytes``). Returns (stream, FrameReader).
+    """
+    import socket
+
+    from relay.protocol import frames, handshake
+
+    sock = trio.socket.socket()
+    if receive_buffer_bytes is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer_bytes)
+    await sock.connect(("127.0.0.1", port))
+    stream = trio.SocketStream(sock)
+    await stream.send_all(
+        handshake.upgrade_request(
+            host_header="127.0.0.1",
+            target=f"/v1/realtime?{query}",
+            key=handshake.new_websocket_key(),
+            headers=[("Authorization", f"Bearer {CLIENT_KEY}")],
+        )
+    )
+    data = b""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in data:
+            chunk = await stream.receive_some(65536)
+            assert chunk, "connection closed during the handshake"
+            data += chunk
+    assert data.startswith(b"HTTP/1.1 101"), data[:100]
+    reader = frames.FrameReader(expect_masked=False, max_message_bytes=1 << 26)
+    reader.feed(data[data.index(b"\r\n\r\n") + 4 :])
+    return stream, reader

@@ -336,46 +336,33 @@ json_values = st.recursive(
     max_leaves=12,
 )
 token_counts = st.integers(min_value=-(2**70), max_value=2**70)
+
+
+def usage_of(counts: st.SearchStrategy[Any], details: st.SearchStrategy[Any] | None) -> Any:
+    """``response.usage`` shapes whose counts come from ``counts``; ``details``, when
+    given, may replace either details object wholesale (any JSON, null...)."""
+
+    def details_of(names: tuple[str, ...]) -> st.SearchStrategy[Any]:
+        shaped = st.fixed_dictionaries({}, optional={name: counts for name in names})
+        return shaped if details is None else st.one_of(details, shaped)
+
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "total_tokens": counts,
+            "input_tokens": counts,
+            "output_tokens": counts,
+            "input_token_details": details_of(("text_tokens", "audio_tokens", "cached_tokens")),
+            "output_token_details": details_of(("text_tokens", "audio_tokens")),
+        },
+    )
+
+
 #: Usage the relay's decoder accepts (every count an integer, any sign or size): the
 #: shapes that reach the accounting, so the fuzzer spends its examples there.
-well_typed_usage = st.fixed_dictionaries(
-    {},
-    optional={
-        "total_tokens": token_counts,
-        "input_tokens": token_counts,
-        "output_tokens": token_counts,
-        "input_token_details": st.fixed_dictionaries(
-            {}, optional={k: token_counts for k in ("text_tokens", "audio_tokens", "cached_tokens")}
-        ),
-        "output_token_details": st.fixed_dictionaries(
-            {}, optional={k: token_counts for k in ("text_tokens", "audio_tokens")}
-        ),
-    },
-)
-usage_values = st.one_of(token_counts, json_values)
-usage_shapes = st.fixed_dictionaries(
-    {},
-    optional={
-        "total_tokens": usage_values,
-        "input_tokens": usage_values,
-        "output_tokens": usage_values,
-        "input_token_details": st.one_of(
-            json_values,
-            st.fixed_dictionaries(
-                {},
-                optional={
-                    k: usage_values for k in ("text_tokens", "audio_tokens", "cached_tokens")
-                },
-            ),
-        ),
-        "output_token_details": st.one_of(
-            json_values,
-            st.fixed_dictionaries(
-                {}, optional={k: usage_values for k in ("text_tokens", "audio_tokens")}
-            ),
-        ),
-    },
-)
+well_typed_usage = usage_of(token_counts, None)
+#: Anything at all in every position.
+usage_shapes = usage_of(st.one_of(token_counts, json_values), json_values)
 
 
 def _event(kind: str, body: Any) -> bytes:

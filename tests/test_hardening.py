@@ -18,6 +18,7 @@ from relay.protocol.handshake import RequestHead
 from tests.conftest import (
     CLIENT_KEY,
     RunningRelay,
+    open_raw_session,
     open_ws,
     raw_handshake,
     read_until_closed,
@@ -298,26 +299,6 @@ async def test_a_static_key_clients_safety_identifier_is_dropped(nursery: trio.N
 # ------------------------------------------------------------ fragments in small pieces
 
 
-async def _open_raw(port: int, query: str) -> tuple[trio.SocketStream, frames.FrameReader]:
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    await stream.send_all(
-        handshake.upgrade_request(
-            host_header="127.0.0.1",
-            target=f"/v1/realtime?{query}",
-            key=handshake.new_websocket_key(),
-            headers=BEARER,
-        )
-    )
-    data = b""
-    with trio.fail_after(5):
-        while b"\r\n\r\n" not in data:
-            data += await stream.receive_some(65536)
-    assert data.startswith(b"HTTP/1.1 101")
-    reader = frames.FrameReader(expect_masked=False, max_message_bytes=1 << 26)
-    reader.feed(data[data.index(b"\r\n\r\n") + 4 :])
-    return stream, reader
-
-
 async def _receive_frames(
     stream: trio.SocketStream, reader: frames.FrameReader, count: int
 ) -> tuple[list[tuple[int, bool, bytes]], int]:
@@ -396,7 +377,7 @@ async def test_fragmented_messages_in_small_tcp_pieces_pass_byte_identical(
     sent, write_bytes, ping_between = CASES[case]
     simulator = await start_simulator(nursery)
     relay = await start_relay(nursery, simulator.ws_base)
-    stream, reader = await _open_raw(relay.port, f"model={MODEL}&sim_mode=raw-echo")
+    stream, reader = await open_raw_session(relay.port, f"model={MODEL}&sim_mode=raw-echo")
     async with stream:
         wire = b""
         for index, (opcode, fin, payload) in enumerate(sent):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from tests.conftest import (
     SIM_KEY,
     RunningRelay,
     close_reason,
+    open_raw_session,
     open_ws,
     start_relay,
     start_simulator,
@@ -79,29 +79,8 @@ async def test_client_that_sends_a_partial_head_gets_408(nursery: trio.Nursery) 
     assert answer.startswith(b"HTTP/1.1 408")
 
 
-async def _raw_client(port: int, query: str) -> tuple[trio.SocketStream, frames.FrameReader]:
-    sock = trio.socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
-    await sock.connect(("127.0.0.1", port))
-    stream = trio.SocketStream(sock)
-    await stream.send_all(
-        handshake.upgrade_request(
-            host_header="relay",
-            target=f"/v1/realtime?{query}",
-            key=handshake.new_websocket_key(),
-            headers=BEARER,
-        )
-    )
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += await stream.receive_some(65536)
-    reader = frames.FrameReader(expect_masked=False, max_message_bytes=1 << 25)
-    reader.feed(data[data.index(b"\r\n\r\n") + 4 :])
-    return stream, reader
-
-
 async def test_fragmented_messages_pass_through(relay: RunningRelay) -> None:
-    stream, reader = await _raw_client(relay.port, f"model={MODEL}&sim_mode=raw-echo")
+    stream, reader = await open_raw_session(relay.port, f"model={MODEL}&sim_mode=raw-echo")
     async with stream:
         key = b"\x01\x02\x03\x04"
         parts = [b'{"type":"x.frag",', b'"n":1,', b'"end":true}']
@@ -132,7 +111,9 @@ async def test_upstream_that_stops_reading_keeps_relay_memory_bounded(
 ) -> None:
     simulator = await start_simulator(nursery)
     relay = await start_relay(nursery, simulator.ws_base)
-    stream, _ = await _raw_client(relay.port, f"model={MODEL}&sim_fault=stall")
+    stream, _ = await open_raw_session(
+        relay.port, f"model={MODEL}&sim_fault=stall", receive_buffer_bytes=16 * 1024
+    )
     async with stream:
         append = frames.encode_frame(
             frames.OP_TEXT,
