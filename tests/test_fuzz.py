@@ -164,8 +164,12 @@ def assert_well_formed_answer(data: bytes) -> None:
     if response.status < 400:
         return
     assert response.status < 600, response.status
+    body = response.trailing[: response.content_length]
+    if not body and response.header(b"server") == "hypercorn-h11":
+        # hypercorn treats the client's half-close as a disconnect and drops the body of
+        # an answer it has started; the fuzzer half-closes to end each example quickly.
+        return
     if response.header(b"content-type") == "application/json":
-        body = response.trailing[: response.content_length]
         assert set(orjson.loads(body)["error"]) == {"message", "type", "param", "code"}
 
 
