@@ -13,15 +13,22 @@ This module owns two small JSON files:
   with ids. ``relay keys rotate-signing`` adds a new active key and retires the
   old one, which keeps verifying tokens until they have all expired.
 
-Files are written atomically (temp file + rename) with mode 0600.
+Files are written atomically (temp file + rename) with mode 0600. A configured
+file that does not exist is an error (:class:`KeyFileError`), except for the
+commands that create it (``relay keys create``, ``relay keys rotate-signing``).
+Loading validates every entry: app key digests are SHA-256 hex, signing secrets
+are standard base64 of at least :data:`relay.tokens.MIN_SIGNING_KEY_BYTES` bytes;
+errors name the file and the key, never a secret.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
+import re
 import secrets
 import tempfile
 import time
@@ -30,12 +37,19 @@ from typing import Final, Literal
 
 import msgspec
 
-from relay.tokens import MAX_TOKEN_TTL_S, Keyring, SigningKey, new_signing_key
+from relay.tokens import (
+    MAX_TOKEN_TTL_S,
+    MIN_SIGNING_KEY_BYTES,
+    Keyring,
+    SigningKey,
+    new_signing_key,
+)
 
 AppKeyMode = Literal["relay", "passthrough"]
 APP_KEY_PREFIX: Final = "rk_"
 #: Random bytes in a new app key.
 APP_KEY_RANDOM_BYTES: Final = 24
+_SHA256_HEX_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class AppKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -78,13 +92,24 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def _read(path: Path, kind: type[AppKeyFile] | type[SigningKeyFile]) -> AppKeyFile | SigningKeyFile:
+def _read(
+    path: Path,
+    kind: type[AppKeyFile] | type[SigningKeyFile],
+    *,
+    missing_ok: bool = False,
+) -> AppKeyFile | SigningKeyFile:
+    """The file's document; a missing file is an empty one only with ``missing_ok``."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        return kind()
+        if missing_ok:
+            return kind()
+        command = "create NAME" if kind is AppKeyFile else "rotate-signing"
+        raise KeyFileError(
+            f"{path}: no such file (create it with `relay keys {command} --file {path}`)"
+        ) from None
     except OSError as exc:
-        raise KeyFileError(f"{path}: {exc.strerror}") from None
+        raise KeyFileError(f"{path}: {exc.strerror or exc}") from None
     try:
         return msgspec.json.decode(data, type=kind)
     except msgspec.DecodeError as exc:
@@ -98,17 +123,27 @@ def digest(key: str) -> str:
 # ------------------------------------------------------------------ app keys
 
 
-def load_app_keys(path: Path) -> AppKeyFile:
-    document = _read(path, AppKeyFile)
+def load_app_keys(path: Path, *, missing_ok: bool = False) -> AppKeyFile:
+    """The app key file, every digest checked; missing is empty only with ``missing_ok``."""
+    document = _read(path, AppKeyFile, missing_ok=missing_ok)
     assert isinstance(document, AppKeyFile)
+    for key in document.keys:
+        if not _SHA256_HEX_RE.fullmatch(key.sha256):
+            raise KeyFileError(
+                f"{path}: app key {key.name!r}: sha256 is not a SHA-256 hex digest "
+                "(64 hex characters)"
+            )
     return document
 
 
 def create_app_key(
     path: Path, name: str, mode: AppKeyMode = "relay", *, max_concurrent_sessions: int = 0
 ) -> str:
-    """Add a key named ``name``; returns the key (shown once, never stored)."""
-    document = load_app_keys(path)
+    """Add a key named ``name``; returns the key (shown once, never stored).
+
+    Creates the file when it does not exist yet.
+    """
+    document = load_app_keys(path, missing_ok=True)
     if any(key.name == name for key in document.keys):
         raise KeyFileError(f"{path}: an app key named {name!r} exists; revoke it first")
     key = APP_KEY_PREFIX + secrets.token_urlsafe(APP_KEY_RANDOM_BYTES)
@@ -187,14 +222,31 @@ class AppKeyStore:
 # ------------------------------------------------------------------ signing keys
 
 
+def _signing_secret(path: Path, stored: StoredSigningKey) -> bytes:
+    """The secret of one stored key, checked; errors name the file and kid, never the secret."""
+    try:
+        secret = base64.b64decode(stored.secret_b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise KeyFileError(
+            f"{path}: signing key {stored.kid!r}: secret_b64 is not valid base64"
+        ) from None
+    if len(secret) < MIN_SIGNING_KEY_BYTES:
+        raise KeyFileError(
+            f"{path}: signing key {stored.kid!r}: secret is {len(secret)} bytes, at least "
+            f"{MIN_SIGNING_KEY_BYTES} are needed (`relay keys rotate-signing` makes one)"
+        )
+    return secret
+
+
 def load_keyring(path: Path, now: float) -> Keyring:
+    """The keys of a signing key file still inside their window; every entry is checked."""
     document = _read(path, SigningKeyFile)
     assert isinstance(document, SigningKeyFile)
     keys = [
-        SigningKey(kid=k.kid, secret=base64.b64decode(k.secret_b64), retired_at=k.retired_at)
+        SigningKey(kid=k.kid, secret=_signing_secret(path, k), retired_at=k.retired_at)
         for k in document.keys
-        if k.retired_at is None or now <= k.retired_at + MAX_TOKEN_TTL_S
     ]
+    keys = [k for k in keys if k.retired_at is None or now <= k.retired_at + MAX_TOKEN_TTL_S]
     if not keys:
         raise KeyFileError(f"{path}: no signing key; run `relay keys rotate-signing`")
     try:
@@ -204,8 +256,11 @@ def load_keyring(path: Path, now: float) -> Keyring:
 
 
 def rotate_signing_key(path: Path, now: float) -> str:
-    """Add a new active signing key, retire the current one; returns the new key id."""
-    document = _read(path, SigningKeyFile)
+    """Add a new active signing key, retire the current one; returns the new key id.
+
+    Creates the file when it does not exist yet.
+    """
+    document = _read(path, SigningKeyFile, missing_ok=True)
     assert isinstance(document, SigningKeyFile)
     fresh = new_signing_key()
     kept = [

@@ -4,7 +4,10 @@ This module owns argument parsing and process start-up: flags are turned into
 config overrides (:mod:`relay.config` merges them over TOML and environment and
 validates), logging is configured, and the matching Trio entry point runs in one
 ``trio.run``. A bad setting exits with status 2 and a one-line message naming
-the key; Ctrl-C exits quietly.
+the key, never a traceback: ``relay serve`` checks its whole configuration
+(:func:`relay.config.check_serve_config`) and tries its port before it logs
+anything, and a start-up failure inside the loop
+(:class:`relay.launch.StartupError`) is one line too. Ctrl-C exits quietly.
 """
 
 from __future__ import annotations
@@ -37,12 +40,21 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser(
         "serve",
-        help="run the relay (the built-in simulator is the upstream when no upstream key is set)",
+        help="run the relay (needs serve.upstream_api_key, or --simulator for local runs)",
     )
     _add_common(serve)
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--upstream-url", dest="upstream_url")
+    upstream = serve.add_mutually_exclusive_group()
+    upstream.add_argument("--upstream-url", dest="upstream_url")
+    upstream.add_argument(
+        "--simulator",
+        dest="upstream_url",
+        action="store_const",
+        const=cfg.SIMULATOR_UPSTREAM,
+        help=f"relay to the built-in simulator (upstream_url = {cfg.SIMULATOR_UPSTREAM!r}): "
+        "local runs, no upstream key, nothing leaves the machine",
+    )
     serve.add_argument("--upstream-ca-file", dest="upstream_ca_file")
     serve.add_argument(
         "--client-key",
@@ -228,6 +240,12 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             toml_path=args.config,
             overrides=_overrides(args, cfg.ServeConfig.__struct_fields__),
         )
+        cfg.check_serve_config(serve)
+        from relay.launch import listen_problem
+
+        problem = listen_problem(serve.host, serve.port)
+        if problem is not None:
+            return lambda: _fail(problem)
         from relay.logs import setup_logging
 
         setup_logging(serve.log_level, serve.log_format)
@@ -268,15 +286,21 @@ def _run_simulate(sim: cfg.SimulatorConfig) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"relay: {message}", file=sys.stderr)
+    return 2
+
+
 def _run_serve(serve: cfg.ServeConfig, reload: Callable[[], cfg.ServeConfig]) -> int:
     from relay.appkeys import KeyFileError
-    from relay.launch import run_relay
+    from relay.launch import StartupError, run_relay
 
     try:
         trio.run(run_relay, serve, reload)
-    except KeyFileError as exc:
-        print(f"relay: {exc}", file=sys.stderr)
-        return 2
+    except (StartupError, KeyFileError) as exc:
+        return _fail(str(exc))
+    except cfg.ConfigError as exc:
+        return _fail(f"configuration error: {exc}")
     return 0
 
 

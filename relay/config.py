@@ -8,14 +8,25 @@ unknown keys; any bad value raises :class:`ConfigError` whose one-line message
 names the key (``serve.port: Expected `int`, got `str```).
 
 Units are in the names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes`` bytes.
-Secrets (API keys) are typed :class:`Secret`-bearing strings and are never
-printed by :func:`redacted`.
+Secrets (API keys, client keys and their digests) are listed by field in
+:data:`SECRET_FIELDS` and never printed by :func:`redacted`.
+
+Typing cannot say everything: :func:`serve_config_problems` checks a loaded
+``[serve]`` section for what can be known without binding a socket (TLS files
+that load, digests that are hex, proxies that are addresses, key files that
+exist and parse, an upstream key or an explicit choice of the built-in
+simulator) and returns one line per problem, each naming the setting and never
+quoting a secret; :func:`check_serve_config` raises them as one
+:class:`ConfigError`.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
+import ssl
+import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -77,8 +88,9 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     tls_cert_file: str = ""
     tls_key_file: str = ""
     #: Upstream base URL; the relay dials ``<upstream_url>/realtime?<client query>``.
+    #: ``simulator`` (``relay serve --simulator``): the built-in simulator, for local runs.
     upstream_url: str = "wss://api.openai.com/v1"
-    #: The relay's upstream key (``sk-…``). Empty means: start the built-in simulator.
+    #: The relay's upstream key (``sk-…``); required unless the upstream is ``simulator``.
     upstream_api_key: str = ""
     #: CA bundle for a private upstream (tests use a throwaway CA); empty = system store.
     upstream_ca_file: str = ""
@@ -180,12 +192,27 @@ def load(
         raise ConfigError(_one_line(name, str(exc))) from None
 
 
+#: The fields whose values are secrets, or digests an attacker could test guesses
+#: against; :func:`redacted` never shows them. Chosen by field, not by name pattern.
+SECRET_FIELDS: Final[Mapping[type[_Section], frozenset[str]]] = {
+    SimulatorConfig: frozenset({"api_keys"}),
+    ServeConfig: frozenset(
+        {"upstream_api_key", "client_keys", "client_key_sha256", "admin_key_sha256"}
+    ),
+    DemoConfig: frozenset({"api_key"}),
+}
+_REDACTED: Final = "<redacted>"
+
+
 def redacted(section: _Section) -> dict[str, Any]:
     """The effective settings with every secret replaced, for the start-up log line."""
     out: dict[str, Any] = msgspec.to_builtins(section)
-    for key in list(out):
-        if any(word in key for word in ("key", "secret", "token")) and out[key]:
-            out[key] = "<redacted>" if isinstance(out[key], str) else ["<redacted>"] * len(out[key])
+    for key in SECRET_FIELDS[type(section)]:
+        value = out[key]
+        if isinstance(value, str):
+            out[key] = _REDACTED if value else ""
+        else:  # a list of secrets: how many, never which
+            out[key] = [_REDACTED] * len(value)
     return out
 
 
@@ -246,3 +273,222 @@ def _one_line(section: str, msgspec_message: str) -> str:
         field = msgspec_message.split("`")[1] if "`" in msgspec_message else "?"
         return f"{section}.{field}: unknown setting"
     return f"{section}: {detail}"
+
+
+# ------------------------------------------------------------------ [serve] checks
+
+#: ``upstream_url`` value choosing the built-in simulator (``relay serve --simulator``).
+SIMULATOR_UPSTREAM: Final = "simulator"
+#: Hex characters in a SHA-256 digest.
+SHA256_HEX_CHARS: Final = 64
+#: Longest DNS name (RFC 1035 §2.3.4), in characters.
+MAX_HOSTNAME_CHARS: Final = 253
+_SHA256_HEX_RE: Final = re.compile(rf"[0-9a-fA-F]{{{SHA256_HEX_CHARS}}}")
+_HOST_LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_ORIGIN_RE: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+")
+_WS_SCHEMES: Final = ("ws://", "wss://")
+_PEM_CERTIFICATE: Final = b"-----BEGIN CERTIFICATE-----"
+_SSL_SOURCE_RE: Final = re.compile(r"^\[SSL\] | \(_ssl\.c:\d+\)$")
+
+
+def uses_builtin_simulator(config: ServeConfig) -> bool:
+    """Whether ``relay serve`` is to start the built-in simulator as its upstream."""
+    return config.upstream_url == SIMULATOR_UPSTREAM
+
+
+def check_serve_config(config: ServeConfig, *, now: float | None = None) -> None:
+    """Raise :class:`ConfigError` with every problem of ``config`` on one line."""
+    problems = serve_config_problems(config, now=now)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def serve_config_problems(config: ServeConfig, *, now: float | None = None) -> list[str]:
+    """Everything wrong with ``config`` that shows without binding a socket.
+
+    Reads the files the settings name (TLS, CA, key files) but opens no socket.
+    Each problem is one line starting with ``serve.<setting>``; secrets are never
+    quoted. ``now`` (Unix seconds) decides which retired signing keys still count.
+    """
+    problems = [
+        *_upstream_problems(config),
+        *_listen_problems(config),
+        *_client_auth_problems(config),
+        *_key_file_problems(config, time.time() if now is None else now),
+    ]
+    return [f"serve.{problem}" for problem in problems]
+
+
+def _upstream_problems(config: ServeConfig) -> list[str]:
+    problems: list[str] = []
+    if uses_builtin_simulator(config):
+        if config.upstream_api_key:
+            problems.append(
+                "upstream_api_key: set, but the upstream is the built-in simulator "
+                f'(--simulator or upstream_url = "{SIMULATOR_UPSTREAM}"); drop one of the two'
+            )
+    else:
+        if not config.upstream_url.startswith(_WS_SCHEMES):
+            problems.append(
+                "upstream_url: must start with ws:// or wss:// (e.g. wss://api.openai.com/v1), "
+                f'or be "{SIMULATOR_UPSTREAM}" for the built-in simulator'
+            )
+        else:
+            from relay.protocol.handshake import UpstreamTarget
+
+            try:
+                UpstreamTarget.from_url(config.upstream_url)
+            except ValueError as exc:
+                problems.append(f"upstream_url: {exc}")
+        if not config.upstream_api_key:
+            problems.append(
+                "upstream_api_key: not set; relay serve needs the upstream's API key "
+                "(RELAY_SERVE_UPSTREAM_API_KEY), or --simulator for a local run against "
+                "the built-in simulator"
+            )
+    if config.upstream_api_key and not _is_token_text(config.upstream_api_key):
+        problems.append(
+            "upstream_api_key: has spaces, control or non-ASCII characters "
+            "(a stray newline or quote?)"
+        )
+    if config.upstream_ca_file:
+        try:
+            ssl.create_default_context(cafile=config.upstream_ca_file)
+        except (OSError, ssl.SSLError) as exc:
+            problems.append(f"upstream_ca_file: cannot load {config.upstream_ca_file}: {_why(exc)}")
+    return problems
+
+
+def _listen_problems(config: ServeConfig) -> list[str]:
+    problems: list[str] = []
+    if not _is_host(config.host):
+        problems.append(
+            f"host: {config.host!r} is not an IP address or host name "
+            "(0.0.0.0 or :: for every interface; no brackets, no port)"
+        )
+    if config.tls_key_file and not config.tls_cert_file:
+        problems.append("tls_key_file: set tls_cert_file too (the key alone would serve plaintext)")
+    elif config.tls_cert_file:
+        problems.extend(_tls_problems(config.tls_cert_file, config.tls_key_file))
+    return problems
+
+
+def _tls_problems(cert_file: str, key_file: str) -> list[str]:
+    for setting, path in (("tls_cert_file", cert_file), ("tls_key_file", key_file)):
+        if path:
+            try:
+                text = Path(path).read_bytes()
+            except OSError as exc:
+                return [f"{setting}: cannot read {path}: {_why(exc)}"]
+            if setting == "tls_cert_file" and _PEM_CERTIFICATE not in text:
+                return [f"tls_cert_file: {path} holds no PEM certificate"]
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        # No password prompt at start-up: an encrypted key is refused here.
+        context.load_cert_chain(cert_file, key_file or None, password=_no_password)
+    except (OSError, ssl.SSLError) as exc:
+        if not key_file:
+            return [
+                f"tls_cert_file: {cert_file} does not hold both the certificate chain and its "
+                f"private key ({_why(exc)}); set tls_key_file"
+            ]
+        return [
+            f"tls_key_file: {key_file} is not an unencrypted PEM private key matching "
+            f"tls_cert_file {cert_file} ({_why(exc)})"
+        ]
+    return []
+
+
+def _client_auth_problems(config: ServeConfig) -> list[str]:
+    problems: list[str] = []
+    for index, digest in enumerate(config.client_key_sha256):
+        if not _SHA256_HEX_RE.fullmatch(digest.strip()):
+            problems.append(
+                f"client_key_sha256[{index}]: not a SHA-256 hex digest ({SHA256_HEX_CHARS} hex "
+                "characters; make one with `relay keys hash`)"
+            )
+    for index, key in enumerate(config.client_keys):
+        if not _is_token_text(key):
+            problems.append(
+                f"client_keys[{index}]: empty, or has spaces, control or non-ASCII characters "
+                "(clients send keys in HTTP headers: printable ASCII only)"
+            )
+    if config.admin_key_sha256 and not _SHA256_HEX_RE.fullmatch(config.admin_key_sha256):
+        problems.append(
+            f"admin_key_sha256: not a SHA-256 hex digest ({SHA256_HEX_CHARS} hex characters; "
+            "make one with `relay keys hash`)"
+        )
+    for index, proxy in enumerate(config.trusted_proxies):
+        try:
+            canonical = str(ipaddress.ip_address(proxy))
+        except ValueError:
+            hint = "; networks are not supported" if "/" in proxy else ""
+            problems.append(
+                f"trusted_proxies[{index}]: {proxy!r} is not an IP address (list each proxy's "
+                f"address{hint})"
+            )
+            continue
+        if canonical != proxy:
+            problems.append(
+                f"trusted_proxies[{index}]: write {proxy!r} as {canonical!r} (compared as text "
+                "with the connection's address)"
+            )
+    for index, origin in enumerate(config.allowed_origins):
+        if origin == "*":
+            problems.append(
+                f'allowed_origins[{index}]: "*" would be taken literally and match no browser; '
+                "leave allowed_origins empty to allow any Origin"
+            )
+        elif origin != "null" and not _ORIGIN_RE.fullmatch(origin):
+            problems.append(
+                f"allowed_origins[{index}]: {origin!r} is not an Origin (scheme://host[:port], "
+                "lower case, no path or trailing slash)"
+            )
+    return problems
+
+
+def _key_file_problems(config: ServeConfig, now: float) -> list[str]:
+    from relay.appkeys import KeyFileError, load_app_keys, load_keyring
+
+    problems: list[str] = []
+    if config.app_keys_file:
+        try:
+            load_app_keys(Path(config.app_keys_file))
+        except KeyFileError as exc:
+            problems.append(f"app_keys_file: {exc}")
+    if config.signing_keys_file:
+        try:
+            load_keyring(Path(config.signing_keys_file), now)
+        except KeyFileError as exc:
+            problems.append(f"signing_keys_file: {exc}")
+    return problems
+
+
+def _is_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        return True
+    name = host[:-1] if host.endswith(".") else host
+    return (
+        0 < len(name) <= MAX_HOSTNAME_CHARS
+        and name.isascii()
+        and all(_HOST_LABEL_RE.fullmatch(label) for label in name.split("."))
+    )
+
+
+def _is_token_text(value: str) -> bool:
+    """Non-empty printable ASCII without spaces: what an HTTP credential can carry."""
+    return bool(value) and value.isascii() and value.isprintable() and " " not in value
+
+
+def _no_password() -> bytes:
+    raise ssl.SSLError("the key is encrypted; give an unencrypted key")
+
+
+def _why(exc: OSError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or _SSL_SOURCE_RE.sub("", str(exc.strerror or exc))
+    return str(exc.strerror or exc)

@@ -3,16 +3,26 @@
 This module owns what ``relay serve`` and ``relay demo`` start inside one
 ``trio.run``:
 
-- :func:`run_relay`: the relay; when no upstream key is configured it starts the
-  built-in simulator on a loopback port first and points the relay at it, and
-  says so in the log (nothing leaves the machine);
+- :func:`run_relay`: the relay; with ``upstream_url = "simulator"`` (``relay
+  serve --simulator``) it starts the built-in simulator on a loopback port first
+  and points the relay at it, and says so loudly in the log (nothing leaves the
+  machine). Without that explicit choice an upstream key is required
+  (:func:`relay.config.serve_config_problems`); the simulator is never a silent
+  fallback;
 - :func:`run_demo_stack`: the README's main job: simulator + relay in-process and
   the demo voice session through the relay (or straight to the simulator, or to
   a given URL), printing the event flow and round-trip figures.
+
+Operator mistakes that only show when the relay starts (the port is taken, the
+host is not an address here, a key file broke after the configuration check)
+leave :func:`open_relay` as one :class:`StartupError` whose message names the
+setting, never as an exception group; :func:`listen_problem` finds the listening
+ones before anything is logged.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -28,53 +38,129 @@ import trio
 from relay.appkeys import KeyFileError
 from relay.config import (
     DEFAULT_SIMULATOR_API_KEY,
+    SIMULATOR_UPSTREAM,
     ConfigError,
     DemoConfig,
     ServeConfig,
     SimulatorConfig,
+    check_serve_config,
+    uses_builtin_simulator,
 )
 from relay.dataplane.upstream import UpstreamEndpoint
+from relay.net.transport import open_listener
 from relay.server import RelayServer
 from relay.simulator.server import serve_simulator
 
 LOGGER = logging.getLogger("relay.launch")
 
 
+class StartupError(Exception):
+    """The relay could not start; ``str()`` is one line naming the setting."""
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinSimulator:
+    """The loopback simulator ``relay serve --simulator`` relays to."""
+
+    url: str
+    api_key: str
+
+    def __repr__(self) -> str:  # never show the key
+        return f"BuiltinSimulator(url={self.url!r})"
+
+
 @dataclass(frozen=True, slots=True)
 class RunningRelay:
     port: int
     server: RelayServer
+    #: Set when the upstream is the built-in simulator.
+    simulator: BuiltinSimulator | None = None
 
 
-async def _start_builtin_simulator(nursery: trio.Nursery) -> tuple[str, str]:
-    """Start a loopback simulator; returns (upstream base URL, its key)."""
+async def _start_builtin_simulator(nursery: trio.Nursery) -> BuiltinSimulator:
+    """Start a loopback simulator with a fresh key."""
     key = f"sk-sim-{secrets.token_hex(16)}"
     sim_config = SimulatorConfig(host="127.0.0.1", port=0, api_keys=(key,))
     port: int = await nursery.start(serve_simulator, sim_config)
-    return f"ws://127.0.0.1:{port}/v1", key
+    return BuiltinSimulator(url=f"ws://127.0.0.1:{port}/v1", api_key=key)
+
+
+def _with_simulator(config: ServeConfig, simulator: BuiltinSimulator) -> ServeConfig:
+    return msgspec.structs.replace(
+        config, upstream_url=simulator.url, upstream_api_key=simulator.api_key
+    )
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why ``relay serve`` could not listen on ``host:port``, or None (binds and closes)."""
+    try:
+        open_listener(host, port).close()
+    except OSError as exc:
+        return describe_listen_error(host, port, exc)
+    return None
+
+
+def describe_listen_error(host: str, port: int, exc: OSError) -> str:
+    """One line naming the setting at fault for a failed bind."""
+    reason = exc.strerror or str(exc)
+    if isinstance(exc, socket.gaierror):
+        return f"serve.host: cannot listen on {host!r}: {reason}"
+    if exc.errno == errno.EADDRINUSE:
+        return f"serve.port: cannot listen on {host}:{port}: the port is in use"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"serve.host: cannot listen on {host}: not an address of this machine"
+    if exc.errno == errno.EACCES:
+        return f"serve.port: cannot listen on {host}:{port}: permission denied"
+    return f"serve.host/serve.port: cannot listen on {host}:{port}: {reason}"
 
 
 @asynccontextmanager
 async def open_relay(config: ServeConfig) -> AsyncIterator[RunningRelay]:
-    """Run a relay (and, without an upstream key, a built-in simulator) for a block."""
-    async with trio.open_nursery() as nursery:
-        if not config.upstream_api_key:
-            url, key = await _start_builtin_simulator(nursery)
-            LOGGER.warning(
-                "no upstream API key configured: using the BUILT-IN SIMULATOR at %s "
-                "(set RELAY_SERVE_UPSTREAM_API_KEY to relay to OpenAI)",
-                url,
-            )
-            config = msgspec.structs.replace(config, upstream_url=url, upstream_api_key=key)
-        endpoint = UpstreamEndpoint.from_config(
-            config.upstream_url, config.upstream_api_key, config.upstream_ca_file
+    """Run a relay (and, for ``upstream_url = "simulator"``, the built-in simulator).
+
+    Raises :class:`StartupError` (never an exception group) when the relay cannot
+    start: a bind failure, or a file that broke after the configuration check.
+    """
+    simulated = uses_builtin_simulator(config)
+    if not simulated and not config.upstream_api_key:
+        raise ConfigError(
+            "serve.upstream_api_key: not set (choose the built-in simulator explicitly "
+            f'with upstream_url = "{SIMULATOR_UPSTREAM}")'
         )
-        server = RelayServer(config, upstream=endpoint)
-        port: int = await nursery.start(server.serve)
+    failure: str | None = None
+    async with trio.open_nursery() as nursery:
+        simulator: BuiltinSimulator | None = None
+        if simulated:
+            simulator = await _start_builtin_simulator(nursery)
+            LOGGER.warning(
+                "upstream is the BUILT-IN SIMULATOR at %s (--simulator): clients get "
+                "fabricated audio and nothing leaves the machine; set upstream_url and "
+                "upstream_api_key to relay to OpenAI",
+                simulator.url,
+            )
+            config = _with_simulator(config, simulator)
+        server: RelayServer | None = None
         try:
-            yield RunningRelay(port=port, server=server)
-        finally:
+            endpoint = UpstreamEndpoint.from_config(
+                config.upstream_url, config.upstream_api_key, config.upstream_ca_file
+            )
+            server = RelayServer(config, upstream=endpoint)
+        except (KeyFileError, ValueError, OSError) as exc:
+            failure = f"cannot start: {exc}"
+        if server is not None:
+            try:
+                port: int = await nursery.start(server.serve)
+            except OSError as exc:
+                failure = describe_listen_error(config.host, config.port, exc)
+        if failure is not None or server is None:
             nursery.cancel_scope.cancel()
+        else:
+            try:
+                yield RunningRelay(port=port, server=server, simulator=simulator)
+            finally:
+                nursery.cancel_scope.cancel()
+    if failure is not None:
+        raise StartupError(failure)
 
 
 def notify_systemd(message: str) -> None:
@@ -105,11 +191,14 @@ async def run_relay(config: ServeConfig, reload: Callable[[], ServeConfig] | Non
         stop = trio.Event()
         hurry = trio.Event()
 
-        async def handle_signals() -> None:
+        async def handle_signals(
+            *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        ) -> None:
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as rx:
+                task_status.started()
                 async for signum in rx:
                     if signum == signal.SIGHUP:
-                        _reload(server, reload)
+                        _reload(server, reload, running.simulator)
                     elif stop.is_set():
                         LOGGER.info("second stop signal: ending sessions now")
                         hurry.set()
@@ -117,7 +206,8 @@ async def run_relay(config: ServeConfig, reload: Callable[[], ServeConfig] | Non
                         stop.set()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(handle_signals)
+            # Signals are handled before systemd (or anyone) hears we are ready.
+            await nursery.start(handle_signals)
             notify_systemd("READY=1\nSTATUS=listening")
             await stop.wait()
             notify_systemd("STOPPING=1\nSTATUS=draining")
@@ -131,18 +221,25 @@ async def run_relay(config: ServeConfig, reload: Callable[[], ServeConfig] | Non
             nursery.cancel_scope.cancel()
 
 
-def _reload(server: RelayServer, reload: Callable[[], ServeConfig] | None) -> None:
+def _reload(
+    server: RelayServer,
+    reload: Callable[[], ServeConfig] | None,
+    simulator: BuiltinSimulator | None = None,
+) -> None:
+    """SIGHUP: check and adopt ``reload()``; a refused configuration keeps the old one."""
     if reload is None:
         LOGGER.warning("SIGHUP: this relay was not started from a reloadable configuration")
         return
     try:
         config = reload()
-        if not config.upstream_api_key:  # still the built-in simulator
-            config = msgspec.structs.replace(
-                config,
-                upstream_url=server.config.upstream_url,
-                upstream_api_key=server.config.upstream_api_key,
-            )
+        check_serve_config(config)
+        if uses_builtin_simulator(config):
+            if simulator is None:
+                raise ConfigError(
+                    f'serve.upstream_url: "{SIMULATOR_UPSTREAM}" needs a restart (this relay '
+                    "was started without the built-in simulator)"
+                )
+            config = _with_simulator(config, simulator)
         endpoint = UpstreamEndpoint.from_config(
             config.upstream_url, config.upstream_api_key, config.upstream_ca_file
         )
@@ -179,7 +276,12 @@ async def run_demo_stack(config: DemoConfig, direct: bool = False) -> bool:
             print(f"demo: simulator on 127.0.0.1:{sim_port}, no relay in between")
         else:
             client_key = f"demo-client-{secrets.token_hex(8)}"
-            serve_config = ServeConfig(host="127.0.0.1", port=0, client_keys=(client_key,))
+            serve_config = ServeConfig(
+                host="127.0.0.1",
+                port=0,
+                upstream_url=SIMULATOR_UPSTREAM,
+                client_keys=(client_key,),
+            )
             running = await nursery.start(_serve_for_demo, serve_config)
             url, key = f"ws://127.0.0.1:{running}/v1", client_key
             print(

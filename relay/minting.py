@@ -12,6 +12,9 @@ This module owns the endpoint's decisions (the quart route is a thin shell in
 - the answer is OpenAI's shape ``{"value", "expires_at", "session"}`` where
   ``value`` is a relay token (``ek_r1.…``) binding the expiry, the models, the
   session config to enforce, and the options above;
+- a session config too large for a token (over :data:`relay.tokens.MAX_CLAIMS_BYTES`
+  once packed, which the verifier would refuse) is answered 400 with OpenAI's
+  envelope, code ``session_too_large``, param ``session``: no token is issued;
 - an app key in ``passthrough`` mode instead gets a real OpenAI ``ek_`` minted by
   the upstream with the relay's key (for clients that go to OpenAI directly over
   WebRTC); the upstream's answer is passed on as it came.

@@ -11,9 +11,15 @@ SDKs only accept browser keys that start with ``ek_``)::
   already issued: a retired key keeps verifying until every token it signed has
   expired (``retired_at + MAX_TOKEN_TTL_S``), then it is dropped;
 - ``claims``: base64url (no padding) of a msgpack array, zlib-compressed when
-  that is shorter (first byte says which), bounded before and after inflation;
+  that is shorter (first byte says which), bounded before and after inflation
+  (:data:`MAX_CLAIMS_BYTES`, checked by :func:`mint` too, so a token is never
+  issued that :func:`verify` would refuse);
 - ``mac``: base64url of HMAC-SHA256 over ``ek_r1.<kid>.<claims>`` with the key,
   compared in constant time *before* anything inside the claims is parsed.
+
+Only canonical base64url is accepted (the url-safe alphabet, no padding, no
+stray trailing bits): every token has exactly one spelling. Signing keys are at
+least :data:`MIN_SIGNING_KEY_BYTES` long; :class:`Keyring` refuses shorter ones.
 
 Verification needs no shared state: the key and the token are enough. Single-use
 tokens are the exception and need a replay store (see :mod:`relay.replay`).
@@ -52,10 +58,14 @@ MAX_CLAIMS_BYTES: Final = 32 * 1024
 MAX_CLOCK_SKEW_S: Final = 60
 #: Signing keys: 32 random bytes; ids are short and URL-safe.
 SIGNING_KEY_BYTES: Final = 32
+#: Shortest signing key accepted, in bytes (HMAC-SHA256's output size, RFC 2104 §3).
+MIN_SIGNING_KEY_BYTES: Final = 32
 _MAC_BYTES: Final = 32
 _RAW: Final = b"\x00"
 _DEFLATED: Final = b"\x01"
 _KID_ALPHABET: Final = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_")
+#: base64url (RFC 4648 §5) without padding: the same characters as key ids.
+_B64URL_ALPHABET: Final = _KID_ALPHABET
 MAX_KID_CHARS: Final = 32
 
 
@@ -122,9 +132,14 @@ class Keyring:
 
     def __init__(self, keys: Iterable[SigningKey]) -> None:
         self._keys = {key.kid: key for key in keys}
-        for kid in self._keys:
+        for kid, key in self._keys.items():
             if not kid or len(kid) > MAX_KID_CHARS or not set(kid) <= _KID_ALPHABET:
                 raise ValueError(f"invalid signing key id {kid!r}: use [A-Za-z0-9_-], at most 32")
+            if len(key.secret) < MIN_SIGNING_KEY_BYTES:
+                raise ValueError(
+                    f"signing key {kid!r} is {len(key.secret)} bytes; at least "
+                    f"{MIN_SIGNING_KEY_BYTES} are needed (`relay keys rotate-signing` makes one)"
+                )
         active = [key for key in self._keys.values() if key.retired_at is None]
         if len(active) != 1:
             raise ValueError(f"exactly one active signing key is needed, found {len(active)}")
@@ -147,8 +162,16 @@ def _b64encode(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _b64decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+def _b64decode(text: str) -> bytes | None:
+    """Canonical unpadded base64url only: anything :func:`_b64encode` would not write is None."""
+    if not set(text) <= _B64URL_ALPHABET or len(text) % 4 == 1:
+        return None
+    try:
+        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError):
+        return None
+    # Non-zero trailing bits decode to the same bytes; re-encoding tells them apart.
+    return data if _b64encode(data) == text else None
 
 
 def _mac(secret: bytes, signed_part: str) -> bytes:
@@ -156,8 +179,17 @@ def _mac(secret: bytes, signed_part: str) -> bytes:
 
 
 def mint(claims: TokenClaims, key: SigningKey) -> str:
-    """Encode and sign ``claims``. Raises ``ValueError`` if the token would be too long."""
+    """Encode and sign ``claims``.
+
+    Raises ``ValueError`` if the claims exceed :data:`MAX_CLAIMS_BYTES` (the
+    verifier would refuse the token) or the token :data:`MAX_TOKEN_CHARS`.
+    """
     packed = _ENCODER.encode(claims)
+    if len(packed) > MAX_CLAIMS_BYTES:
+        raise ValueError(
+            f"session config is {len(packed)} bytes once packed (limit {MAX_CLAIMS_BYTES} "
+            "bytes): shorten the session config"
+        )
     deflated = zlib.compress(packed, 6)
     body = _DEFLATED + deflated if len(deflated) < len(packed) else _RAW + packed
     signed_part = f"{_HEAD}{key.kid}.{_b64encode(body)}"
@@ -185,11 +217,8 @@ def verify(token: str, keyring: Keyring, now: float) -> TokenClaims | TokenRefus
     key = keyring.verifier_for(kid, now)
     if key is None:
         return UNKNOWN_KEY
-    try:
-        mac = _b64decode(mac_text)
-    except (binascii.Error, ValueError):
-        return MALFORMED
-    if len(mac) != _MAC_BYTES:
+    mac = _b64decode(mac_text)
+    if mac is None or len(mac) != _MAC_BYTES:
         return MALFORMED
     if not hmac.compare_digest(mac, _mac(key.secret, f"{_HEAD}{kid}.{body_text}")):
         return BAD_SIGNATURE
@@ -204,22 +233,20 @@ def verify(token: str, keyring: Keyring, now: float) -> TokenClaims | TokenRefus
 
 
 def _decode_claims(body_text: str) -> TokenClaims | None:
-    try:
-        body = _b64decode(body_text)
-    except (binascii.Error, ValueError):
-        return None
+    body = _b64decode(body_text)
     if not body:
         return None
     flag, payload = body[:1], body[1:]
     if flag == _DEFLATED:
         inflater = zlib.decompressobj()
         try:
-            payload = inflater.decompress(payload, MAX_CLAIMS_BYTES)
+            # One byte over the limit tells "exactly at the limit" from "past it".
+            payload = inflater.decompress(payload, MAX_CLAIMS_BYTES + 1)
         except zlib.error:
             return None
-        if inflater.unconsumed_tail or not inflater.eof:
+        if len(payload) > MAX_CLAIMS_BYTES or inflater.unconsumed_tail or not inflater.eof:
             return None
-    elif flag != _RAW:
+    elif flag != _RAW:  # raw claims are bounded by MAX_TOKEN_CHARS already
         return None
     try:
         return _DECODER.decode(payload)

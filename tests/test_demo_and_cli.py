@@ -90,4 +90,36 @@ def test_cli_bad_value_exits_2_with_one_line() -> None:
     assert lines == ["relay: configuration error: serve.max_sessions: Expected `int`, got `str`"]
 
 
+def test_relay_demo_runs_on_the_builtin_simulator_without_a_key() -> None:
+    # The README's main command: no upstream key, no setup, the simulator by default.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "demo", "--turns", "1"],
+        env={**env, "RELAY_DEMO_SPEECH_MS": "100"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "in front of the built-in simulator" in result.stdout
+    assert "demo OK: 1 turns completed" in result.stdout
+
+
+def test_cli_serve_without_upstream_key_refuses_to_start() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", "serve"],
+        env={**env, "RELAY_SERVE_CLIENT_KEYS": "k1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert lines[0].startswith("relay: configuration error: serve.upstream_api_key: not set")
+
+
 _ = trio

@@ -28,7 +28,14 @@ def free_port() -> int:
 
 
 class RelayProcess:
-    def __init__(self, tmp: Path, toml: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        toml: str,
+        *,
+        env: dict[str, str] | None = None,
+        simulator: bool = True,
+    ) -> None:
         self.port = free_port()
         self.config = tmp / "relay.toml"
         self.config.write_text(toml)
@@ -42,6 +49,7 @@ class RelayProcess:
                 str(self.config),
                 "--port",
                 str(self.port),
+                *(["--simulator"] if simulator else []),
             ],
             cwd=REPO,
             env={**os.environ, **(env or {})},
@@ -88,8 +96,10 @@ Spawn = Callable[..., RelayProcess]
 def spawn(tmp_path: Path) -> Iterator[Spawn]:
     started: list[RelayProcess] = []
 
-    def start(toml: str, *, env: dict[str, str] | None = None) -> RelayProcess:
-        process = RelayProcess(tmp_path, toml, env=env)
+    def start(
+        toml: str, *, env: dict[str, str] | None = None, simulator: bool = True
+    ) -> RelayProcess:
+        process = RelayProcess(tmp_path, toml, env=env, simulator=simulator)
         started.append(process)
         return process
 
@@ -209,7 +219,7 @@ async def test_sighup_rotates_the_upstream_key_for_new_sessions_only(
 
     simulator = await start_simulator(nursery, api_keys=("sk-upstream-one", "sk-upstream-two"))
     base = f'[serve]\nclient_keys = ["k1"]\nupstream_url = "{simulator.ws_base}"\n'
-    relay = spawn(base + 'upstream_api_key = "sk-upstream-one"\n')
+    relay = spawn(base + 'upstream_api_key = "sk-upstream-one"\n', simulator=False)
     await relay.wait_listening()
     url = f"{relay.ws_base}/realtime?model={MODEL}"
     async with open_ws(url, extra_headers=bearer("k1")) as live:

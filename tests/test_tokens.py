@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import json
 import time
+from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import tokens
+from relay import appkeys, tokens
 from relay.tokens import Keyring, SigningKey, TokenClaims, TokenRefusal
 
 NOW = 1_800_000_000.0
@@ -101,6 +104,106 @@ def test_mutated_tokens_are_refused_never_raise(position: int, junk: bytes) -> N
     result = tokens.verify(mutated, RING, NOW)
     if mutated != token:
         assert isinstance(result, TokenRefusal)
+
+
+def _resign(body: str, key: SigningKey = KEY) -> str:
+    """A token with this exact claims text and a valid MAC over it."""
+    import hashlib
+    import hmac
+
+    signed = f"ek_r1.{key.kid}.{body}"
+    mac = hmac.new(key.secret, signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+_URLSAFE = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+
+
+def test_only_canonical_base64url_is_accepted() -> None:
+    token = tokens.mint(claims(), KEY)
+    head, kid, body, mac = token.split(".")
+    assert isinstance(tokens.verify(token, RING, NOW), TokenClaims)
+    # A 32-byte MAC is 43 characters; the last one carries 2 unused bits, which
+    # must be zero. Setting one decodes to the same bytes: a second spelling.
+    last = _URLSAFE.index(mac[-1])
+    odd_mac = mac[:-1] + _URLSAFE[last ^ 1]
+    padded_mac = mac + "="
+    for variant in (
+        ".".join((head, kid, body, odd_mac)),
+        ".".join((head, kid, body, padded_mac)),
+        ".".join((head, kid, body[:5] + "!" + body[5:], mac)),  # a lenient decoder drops "!"
+        ".".join((head, kid, body, mac[:7] + "\n" + mac[7:])),
+    ):
+        assert tokens.verify(variant, RING, NOW) == tokens.MALFORMED, variant
+    # The same checks apply to the claims, even under a valid MAC.
+    raw = base64.urlsafe_b64decode(body + "=" * (-len(body) % 4))
+    standard = base64.b64encode(raw).decode()
+    if "+" in standard or "/" in standard:
+        assert tokens.verify(_resign(standard.rstrip("=")), RING, NOW) == tokens.MALFORMED
+    assert tokens.verify(_resign(body + "=" * (-len(body) % 4 or 4)), RING, NOW) == (
+        tokens.MALFORMED
+    )
+    assert tokens.verify(_resign(body), RING, NOW) == claims()
+
+
+def test_claims_past_the_verifier_limit_are_refused_at_mint() -> None:
+    # 40 KB of instructions compress to a short token that would inflate past the limit.
+    huge = claims(session=b'{"instructions":"' + b"be kind " * 5000 + b'"}')
+    with pytest.raises(ValueError, match=r"limit 32768 bytes"):
+        tokens.mint(huge, KEY)
+    # Right at the limit, mint and verify agree.
+    overhead = len(tokens._ENCODER.encode(claims(session=b"x" * 1000))) - 1000
+    at_limit = claims(session=b"x" * (tokens.MAX_CLAIMS_BYTES - overhead))
+    assert len(tokens._ENCODER.encode(at_limit)) == tokens.MAX_CLAIMS_BYTES
+    assert tokens.verify(tokens.mint(at_limit, KEY), RING, NOW) == at_limit
+    over = claims(session=at_limit.session + b"x")
+    with pytest.raises(ValueError):
+        tokens.mint(over, KEY)
+
+
+def test_short_signing_keys_are_refused() -> None:
+    with pytest.raises(ValueError, match=r"signing key 'k0' is 0 bytes; at least 32"):
+        Keyring([SigningKey("k0", b"")])
+    with pytest.raises(ValueError, match=r"'old' is 31 bytes"):
+        Keyring([SigningKey("old", b"o" * 31, retired_at=NOW), SigningKey("new", b"n" * 32)])
+
+
+def _signing_file(tmp_path: Path, *entries: dict[str, object]) -> Path:
+    path = tmp_path / "signing.json"
+    path.write_text(json.dumps({"keys": list(entries)}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("secret_b64", "message"),
+    [
+        ("", r"signing key 'k0': secret is 0 bytes, at least 32 are needed"),
+        (base64.b64encode(b"s" * 16).decode(), r"signing key 'k0': secret is 16 bytes"),
+        ("not base64!!", r"signing key 'k0': secret_b64 is not valid base64"),
+        ("c2VjcmV0", r"signing key 'k0': secret is 6 bytes"),
+        (base64.b64encode(b"s" * 32).decode()[:-3], r"signing key 'k0': secret_b64 is not valid"),
+    ],
+)
+def test_signing_key_file_refuses_empty_short_and_invalid_secrets(
+    tmp_path: Path, secret_b64: str, message: str
+) -> None:
+    path = _signing_file(tmp_path, {"kid": "k0", "secret_b64": secret_b64})
+    with pytest.raises(appkeys.KeyFileError, match=message) as caught:
+        appkeys.load_keyring(path, NOW)
+    assert str(caught.value).startswith(f"{path}: ")
+    if secret_b64:
+        assert secret_b64 not in str(caught.value)
+
+
+def test_short_retired_signing_key_is_refused_too(tmp_path: Path) -> None:
+    good = base64.b64encode(b"g" * 32).decode()
+    path = _signing_file(
+        tmp_path,
+        {"kid": "old", "secret_b64": "", "retired_at": NOW - 10 * tokens.MAX_TOKEN_TTL_S},
+        {"kid": "new", "secret_b64": good},
+    )
+    with pytest.raises(appkeys.KeyFileError, match=r"signing key 'old'"):
+        appkeys.load_keyring(path, NOW)
 
 
 _ = time
