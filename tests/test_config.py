@@ -125,6 +125,7 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "log_format": ("text", "text"),
             "trusted_proxies": ("127.0.0.1,::1", ("127.0.0.1", "::1")),
             "admin_key_sha256": (key_digest("admin-key"), key_digest("admin-key")),
+            "upstream_query_params": ("api-version,deployment", ("api-version", "deployment")),
         },
         cfg.SimulatorConfig: {
             "host": ("0.0.0.0", "0.0.0.0"),
