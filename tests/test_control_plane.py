@@ -407,10 +407,14 @@ async def test_control_connections_are_capped_and_realtime_still_flows(
         with trio.fail_after(5):
             while host.open_connections < 2:
                 await trio.sleep(0.01)
-        data, _ = await exchange(token_relay.port, get("/healthz"))
+        data, _ = await exchange(token_relay.port, get("/metrics"))
         (answer,) = parse_answers(data)
         error = assert_envelope(answer, 503)
         assert error["code"] == "control_plane_busy"
+        assert answer.headers["retry-after"] == "1"
+        # A load balancer's probe is never capped.
+        data, _ = await exchange(token_relay.port, get("/readyz"))
+        assert [a.status for a in parse_answers(data)] == [200]
         # The data plane is not starved: an upgrade still gets its 101.
         stream = await trio.open_tcp_stream("127.0.0.1", token_relay.port)
         async with stream:
@@ -423,7 +427,7 @@ async def test_control_connections_are_capped_and_realtime_still_flows(
         with trio.fail_after(5):
             while host.open_connections:
                 await trio.sleep(0.01)
-        data, _ = await exchange(token_relay.port, get("/healthz"))
+        data, _ = await exchange(token_relay.port, get("/metrics"))
         assert [a.status for a in parse_answers(data)] == [200]
         nursery.cancel_scope.cancel()
 

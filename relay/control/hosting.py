@@ -29,7 +29,9 @@ The connection discipline, all enforced here:
   :data:`CONTROL_CONNECTION_DEADLINE_S`.
 - **Bounded count.** At most :data:`CONTROL_MAX_CONNECTIONS` control connections
   at once; beyond that a connection is answered 503 and closed at once, without
-  reaching hypercorn. The data plane has its own limits and never waits on these.
+  reaching hypercorn. Health and readiness probes are not counted (each is answered
+  and closed at once, within the same deadlines). The data plane has its own limits
+  and never waits on these.
 
 Every refusal is OpenAI's ``{"error": {...}}`` envelope, including hypercorn's
 own answers to malformed bodies.
@@ -41,7 +43,6 @@ WebSocket request itself.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -71,8 +72,9 @@ CONTROL_REQUEST_DEADLINE_S: Final = 10.0
 CONTROL_CONNECTION_DEADLINE_S: Final = 30.0
 #: Control connections served at once; more are answered 503.
 CONTROL_MAX_CONNECTIONS: Final = 256
-
-_LINE_END = re.compile(rb"\r?\n")
+#: Health and readiness probes are never capped: they read no body, answer a few bytes
+#: and close, and a load balancer must not see the relay as down because of other traffic.
+PROBE_PATHS: Final = frozenset({"/healthz", "/readyz"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,9 +88,7 @@ class ControlLimits:
 
 def request_problem(head: RequestHead) -> tuple[int, str, str] | None:
     """Why this head must not reach hypercorn: ``(status, message, code)``, or ``None``."""
-    request_line = _LINE_END.split(head.raw, maxsplit=1)[0]
-    version = request_line.rpartition(b" ")[2]
-    if head.method == "PRI" or version not in (b"HTTP/1.1", b"HTTP/1.0"):
+    if head.method == "PRI" or head.http_version not in ("1.1", "1.0"):
         return 400, "This endpoint speaks HTTP/1.1 only.", "unsupported_http_version"
     names = {name for name, _ in head.headers}
     if b"transfer-encoding" in names and b"content-length" in names:
@@ -276,7 +276,8 @@ class ControlPlaneHost:
             status, message, code = problem
             await http.send_error(transport, status, message, code=code)
             return
-        if self.open_connections >= limits.max_connections:
+        probe = head.method in ("GET", "HEAD") and head.path in PROBE_PATHS
+        if not probe and self.open_connections >= limits.max_connections:
             await http.send_error(
                 transport,
                 503,
@@ -286,12 +287,13 @@ class ControlPlaneHost:
                 extra_headers=(("Retry-After", "1"),),
             )
             return
-        self.open_connections += 1
+        counted = 0 if probe else 1
+        self.open_connections += counted
         try:
             started = trio.current_time()
             with trio.move_on_at(started + limits.connection_deadline_s):
                 connection = ControlConnection(self, transport, head.raw + head.trailing)
                 await connection.run(started + limits.request_deadline_s)
         finally:
-            self.open_connections -= 1
+            self.open_connections -= counted
             transport.close()
