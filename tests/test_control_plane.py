@@ -130,6 +130,18 @@ async def test_connection_close_request_is_closed_at_once(relay: RunningRelay) -
     assert took < 1.0  # was held ~30 s
 
 
+async def test_a_half_closed_client_still_gets_its_answer(relay: RunningRelay) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    data = b""
+    async with stream:
+        await stream.send_all(get("/healthz"))
+        await stream.send_eof()
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+    assert [a.status for a in parse_answers(data)] == [200]
+
+
 async def test_readyz_then_upgrade_on_the_same_connection_never_reaches_hypercorn(
     relay: RunningRelay,
 ) -> None:
