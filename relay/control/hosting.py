@@ -101,7 +101,11 @@ def request_problem(head: RequestHead) -> tuple[int, str, str] | None:
 
 
 class _RelayH11Protocol(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol, HTTP/1.1 only and with OpenAI-shaped refusals."""
+    """hypercorn's HTTP/1.1 protocol, HTTP/1.1 only and with OpenAI-shaped refusals.
+
+    Overrides two of its private methods (hypercorn is pinned below 0.19; the tests in
+    ``tests/test_control_plane.py`` pin the behaviour: h2c, bad chunked bodies).
+    """
 
     refused = False
 
