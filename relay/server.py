@@ -239,7 +239,7 @@ class RelayServer:
             else:
                 # hypercorn answers and closes the socket itself; our close is then a no-op.
                 transport.answered = True
-                await self.control.handle(transport, head.raw + head.trailing)
+                await self.control.handle(transport, head)
         except HandshakeError as exc:
             await http.send_error(
                 transport,

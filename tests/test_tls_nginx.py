@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
+import ssl
 import subprocess
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 import trustme
 
+from relay.protocol import frames, handshake
 from tests.conftest import CLIENT_KEY, RunningSimulator, start_relay
 from tests.sdk_client import sdk_voice_turn
 
@@ -50,6 +55,8 @@ def free_port() -> int:
 class Nginx:
     port: int
     access_log: Path
+    #: The template's internal listener (metrics and admin API).
+    internal_port: int
 
 
 @pytest.fixture
@@ -59,11 +66,13 @@ def nginx_for(tmp_path: Path, certificates: Certificates) -> Iterator[object]:
     processes: list[subprocess.Popen[bytes]] = []
 
     def start(relay_port: int) -> Nginx:
-        port = free_port()
+        port, internal_port = free_port(), free_port()
         access_log = tmp_path / "access.log"
+        # The shipped file, adapted only for ports, certificates and paths.
         site = (REPO / "scripts/nginx/relay.conf").read_text()
         site = site.replace("127.0.0.1:8080", f"127.0.0.1:{relay_port}")
         site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{port} ssl;")
+        site = site.replace("listen 127.0.0.1:9180;", f"listen 127.0.0.1:{internal_port};")
         site = site.replace("/etc/relay/tls/fullchain.pem", str(certificates.cert))
         site = site.replace("/etc/relay/tls/privkey.pem", str(certificates.key))
         site = site.replace("/var/log/nginx/relay_access.log", str(access_log))
@@ -91,7 +100,7 @@ http {{
             stderr=subprocess.DEVNULL,
         )
         processes.append(process)
-        return Nginx(port=port, access_log=access_log)
+        return Nginx(port=port, access_log=access_log, internal_port=internal_port)
 
     yield start
     for process in processes:
@@ -153,11 +162,163 @@ async def test_relay_terminates_tls_itself(
     )
     assert summary["types"][-1] == "response.done"
     # The control plane is served over the same TLS port.
-    import ssl
-
-    import httpx
-
     context = ssl.create_default_context(cafile=str(certificates.ca))
     async with httpx.AsyncClient(verify=context) as http:
         health = await http.get(f"https://localhost:{relay.port}/healthz")
     assert health.status_code == 200
+
+
+# ------------------------------------------------- the shipped template under load
+
+UPGRADES = 1000
+UPGRADE_WORKERS = 4
+HEALTH_INTERVAL_S = 0.1
+
+
+async def _read_exactly(stream: trio.abc.Stream, buffer: bytearray, size: int) -> bytes:
+    while len(buffer) < size:
+        chunk = await stream.receive_some(65536)
+        if not chunk:
+            raise EOFError(f"closed with {len(buffer)} of {size} bytes")
+        buffer += chunk
+    data = bytes(buffer[:size])
+    del buffer[:size]
+    return data
+
+
+async def wss_first_event(port: int, context: ssl.SSLContext) -> str:
+    """One real WebSocket handshake through nginx; the answer's status, or the first event."""
+    stream = await trio.open_ssl_over_tcp_stream(
+        "127.0.0.1", port, ssl_context=context, https_compatible=True
+    )
+    async with stream:
+        await stream.send_all(
+            handshake.upgrade_request(
+                host_header=f"localhost:{port}",
+                target="/v1/realtime?model=gpt-realtime",
+                key=handshake.new_websocket_key(),
+                headers=[("Authorization", f"Bearer {CLIENT_KEY}")],
+            )
+        )
+        buffer = bytearray()
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return "closed before an answer"
+            buffer += chunk
+        status_line = bytes(buffer[: buffer.find(b"\r\n")]).decode("latin-1")
+        if not status_line.startswith("HTTP/1.1 101 "):
+            return status_line
+        del buffer[: end + 4]
+        _, second = await _read_exactly(stream, buffer, 2)
+        size = second & 0x7F
+        if size == 126:
+            size = int.from_bytes(await _read_exactly(stream, buffer, 2), "big")
+        elif size == 127:
+            size = int.from_bytes(await _read_exactly(stream, buffer, 8), "big")
+        event = json.loads(await _read_exactly(stream, buffer, size))
+        await stream.send_all(
+            frames.encode_frame(
+                0x8, frames.encode_close_payload(1000), mask_key=b"\x01\x02\x03\x04"
+            )
+        )
+        return str(event["type"])
+
+
+async def test_shipped_nginx_template_never_sends_an_upgrade_to_the_control_plane(
+    nursery: trio.Nursery,
+    simulator: RunningSimulator,
+    nginx_for: object,
+    certificates: Certificates,
+) -> None:
+    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
+    nginx = nginx_for(relay.port)  # type: ignore[operator]
+    await wait_for_port(nginx.port)
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    outcomes: Counter[str] = Counter()
+    health: Counter[int] = Counter()
+    attempted = 0
+    done = trio.Event()
+
+    async def health_checks() -> None:
+        # A load balancer's probe through nginx, every 100 ms, for the whole run.
+        async with httpx.AsyncClient(verify=context, timeout=5) as http:
+            while not done.is_set():
+                answer = await http.get(f"https://localhost:{nginx.port}/readyz")
+                health[answer.status_code] += 1
+                with trio.move_on_after(HEALTH_INTERVAL_S):
+                    await done.wait()
+
+    async def upgrades() -> None:
+        nonlocal attempted
+        while attempted < UPGRADES:
+            attempted += 1
+            try:
+                with trio.fail_after(10):
+                    outcomes[await wss_first_event(nginx.port, context)] += 1
+            except (OSError, EOFError, trio.BrokenResourceError, trio.TooSlowError) as exc:
+                outcomes[type(exc).__name__] += 1
+
+    started = trio.current_time()
+    with trio.fail_after(240):  # bounded: 1,000 upgrades take ~10-30 s on 2 cores
+        async with trio.open_nursery() as load:
+            load.start_soon(health_checks)
+            async with trio.open_nursery() as workers:
+                for _ in range(UPGRADE_WORKERS):
+                    workers.start_soon(upgrades)
+            done.set()
+    took = trio.current_time() - started
+    print(
+        f"\nnginx template: {attempted} upgrades, outcomes {dict(outcomes)}, "
+        f"{sum(health.values())} health checks {dict(health)}, {took:.1f} s"
+    )
+    assert attempted == UPGRADES
+    assert outcomes == {"session.created": UPGRADES}  # zero failed
+    assert set(health) == {200}
+    assert sum(health.values()) >= took / HEALTH_INTERVAL_S / 2  # ~one per 100 ms, really
+
+
+async def test_metrics_and_admin_are_refused_on_the_public_listener(
+    nursery: trio.Nursery,
+    simulator: RunningSimulator,
+    nginx_for: object,
+    certificates: Certificates,
+) -> None:
+    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
+    nginx = nginx_for(relay.port)  # type: ignore[operator]
+    await wait_for_port(nginx.port)
+    await wait_for_port(nginx.internal_port)
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    public = f"https://localhost:{nginx.port}"
+    async with httpx.AsyncClient(verify=context) as http:
+        for method, path in [
+            ("GET", "/metrics"),
+            ("GET", "/metrics?format=text"),
+            ("GET", "//metrics"),
+            ("GET", "/%6Detrics"),
+            ("GET", "/admin/sessions"),
+            ("POST", "/admin/sessions/abc/end"),
+            ("GET", "/admin"),
+        ]:
+            answer = await http.request(method, public + path)
+            assert answer.status_code == 404, (path, answer.status_code)
+            assert answer.headers["content-type"].startswith("application/json")
+            assert answer.json()["error"]["code"] == "not_found", path
+        assert b"relay_" not in (await http.get(public + "/metrics")).content
+        # The public control plane still works, and nginx's own refusals are envelopes too.
+        assert (await http.get(public + "/healthz")).status_code == 200
+        too_big = await http.post(
+            public + "/v1/realtime/client_secrets", content=b"x" * (2 * 1024 * 1024)
+        )
+        assert too_big.status_code == 413
+        assert too_big.json()["error"]["code"] == "request_too_large"
+        # The relay's own 503 (readiness while draining) passes through nginx untouched.
+        relay.server._draining = True
+        draining = await http.get(public + "/readyz")
+        relay.server._draining = False
+        assert draining.status_code == 503
+        assert draining.json() == {"status": "draining"}
+        # The internal listener serves Prometheus.
+        scraped = await http.get(f"http://127.0.0.1:{nginx.internal_port}/metrics")
+    assert scraped.status_code == 200
+    assert b"relay_" in scraped.content

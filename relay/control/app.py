@@ -3,7 +3,8 @@
 This module owns the control-plane routes and their answers: ``/healthz``
 (the process is up), ``/readyz`` (new sessions are accepted: 503 while
 draining or at the session limit), ``POST /v1/realtime/client_secrets``
-(minting, see :mod:`relay.minting`), ``/metrics`` (Prometheus; requires the
+(minting, see :mod:`relay.minting`; the app key is checked before the body is
+read, and bodies over :data:`MAX_BODY_BYTES` answer 413), ``/metrics`` (Prometheus; requires the
 admin key when one is configured) and the admin API behind the admin key
 (``GET /admin/sessions``, ``POST /admin/sessions/<id>/end``). Unknown routes
 answer 404 and errors answer with OpenAI's ``{"error": {...}}`` envelope, never
@@ -19,7 +20,7 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import Protocol
+from typing import Final, Protocol
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -58,13 +59,32 @@ class ControlState(Protocol):
 
 ACCESS_LOG = logging.getLogger("relay.access")
 
+#: The largest request body the control plane reads (a mint request is a few KiB).
+MAX_BODY_BYTES: Final = 1024 * 1024
+
 
 def _json(body: bytes, status: int) -> Response:
     return Response(body, status=status, content_type="application/json")
 
 
+def bearer_credential() -> str | None:
+    """The credential of an ``Authorization: Bearer`` header, or ``None``."""
+    scheme, _, value = (request.headers.get("Authorization") or "").strip().partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else None
+
+
+def too_large() -> Response:
+    return _json(
+        http_error_body(
+            f"Request body larger than {MAX_BODY_BYTES} bytes.", code="request_too_large"
+        ),
+        413,
+    )
+
+
 def create_app(state: ControlState) -> QuartTrio:
     app = QuartTrio("relay")
+    app.config["MAX_CONTENT_LENGTH"] = MAX_BODY_BYTES
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -82,7 +102,14 @@ def create_app(state: ControlState) -> QuartTrio:
     @app.post("/v1/realtime/client_secrets")
     @app.post("/realtime/client_secrets")
     async def client_secrets() -> Response:
-        body = await request.get_data()
+        # The app key first: an unauthenticated body is never read, let alone buffered.
+        if state.minter.app_keys.check(bearer_credential()) is None:
+            return _json(
+                http_error_body("Incorrect app key provided.", code="invalid_api_key"), 401
+            )
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            return too_large()
+        body = await request.get_data()  # chunked bodies: quart stops at MAX_CONTENT_LENGTH
         assert isinstance(body, bytes)
         answer = await state.minter.mint(request.headers.get("Authorization"), body, time.time())
         return _json(answer.body, answer.status)
@@ -142,6 +169,8 @@ def create_app(state: ControlState) -> QuartTrio:
     @app.errorhandler(HTTPException)
     async def http_error(error: HTTPException) -> Response:
         status = error.code or 500
+        if status == 413:
+            return too_large()
         message = {404: "Not found.", 405: "Method not allowed."}.get(status, error.name)
         code = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
         return _json(http_error_body(message, code=code), status)
