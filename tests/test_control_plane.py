@@ -176,7 +176,7 @@ async def test_h2c_upgrade_is_answered_as_http11(relay: RunningRelay) -> None:
 async def test_h2_prior_knowledge_preface_is_refused(relay: RunningRelay) -> None:
     data, _ = await exchange(relay.port, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
     (answer,) = parse_answers(data)
-    error = assert_envelope(answer, 400)
+    error = assert_envelope(answer, 505)  # HTTP Version Not Supported
     assert "HTTP/1.1" in error["message"]
 
 

@@ -18,8 +18,9 @@ The connection discipline, all enforced here:
   listener routes each connection by its first head, so a second request on the
   same connection (a proxy's keep-alive pool reusing it for a WebSocket upgrade)
   must never reach hypercorn: there is no second request.
-- **HTTP/1.1 only.** An ``Upgrade: h2c`` offer is ignored (answered in HTTP/1.1)
-  and the HTTP/2 preface ``PRI * HTTP/2.0`` is refused with 400.
+- **HTTP/1.1 only.** An ``Upgrade: h2c`` offer is ignored (answered in HTTP/1.1);
+  the HTTP/2 preface ``PRI * HTTP/2.0`` never gets here: the front parser answers
+  any version but 1.0/1.1 with 505 (:func:`relay.protocol.handshake.parse_request_head`).
 - **No smuggling.** ``Content-Length`` with ``Transfer-Encoding`` is refused with
   400 and a close (RFC 9112 §6.3).
 - **Bounded time.** The request (what was not yet read of the head, and the
@@ -88,8 +89,6 @@ class ControlLimits:
 
 def request_problem(head: RequestHead) -> tuple[int, str, str] | None:
     """Why this head must not reach hypercorn: ``(status, message, code)``, or ``None``."""
-    if head.method == "PRI" or head.http_version not in ("1.1", "1.0"):
-        return 400, "This endpoint speaks HTTP/1.1 only.", "unsupported_http_version"
     names = {name for name, _ in head.headers}
     if b"transfer-encoding" in names and b"content-length" in names:
         return (
