@@ -322,3 +322,34 @@ async def test_metrics_and_admin_are_refused_on_the_public_listener(
         scraped = await http.get(f"http://127.0.0.1:{nginx.internal_port}/metrics")
     assert scraped.status_code == 200
     assert b"relay_" in scraped.content
+
+
+async def test_a_non_ascii_websocket_key_through_nginx_is_400_and_the_relay_lives(
+    nursery: trio.Nursery,
+    simulator: RunningSimulator,
+    nginx_for: object,
+    certificates: Certificates,
+) -> None:
+    """Issue 10, finding 1, the way it arrives in production: through the shipped template."""
+    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
+    nginx = nginx_for(relay.port)  # type: ignore[operator]
+    await wait_for_port(nginx.port)
+    context = ssl.create_default_context(cafile=str(certificates.ca))
+    request = (
+        b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: localhost\r\n"
+        b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: " + b"\xe9" * 24 + b"\r\n\r\n"
+    )
+    tcp = await trio.open_tcp_stream("127.0.0.1", nginx.port)
+    stream = trio.SSLStream(tcp, context, server_hostname="localhost")
+    data = b""
+    async with stream:
+        await stream.send_all(request)
+        with trio.fail_after(10):
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                assert chunk
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 400")
+    async with httpx.AsyncClient(verify=context) as http:
+        assert (await http.get(f"https://localhost:{nginx.port}/healthz")).status_code == 200
