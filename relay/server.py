@@ -15,10 +15,12 @@ shared:
    running the quart-trio control app in this same ``trio.run``
    (:mod:`relay.control.hosting`).
 
-The realtime handshake, in order: valid RFC 6455 request; credential check
-before anything else (401 with OpenAI's envelope); session capacity (503);
-the retired beta marker stripped and logged; upstream dialed (its refusal
-becomes this handshake's HTTP answer); only then ``101`` with exactly
+The realtime handshake: admission decides in one ordered, pure step
+(:mod:`relay.dataplane.admission`: request, query, Origin, credential, drain and
+capacity, per-credential limits); the registry (:mod:`relay.dataplane.registry`)
+holds capacity and any single-use token while the upstream is dialed (its
+refusal becomes this handshake's HTTP answer); only when the upstream said
+``101`` is the token spent, and then the client gets ``101`` with exactly
 ``Sec-WebSocket-Protocol: realtime`` when offered.
 """
 
@@ -26,12 +28,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import itertools
 import logging
 import socket
 import ssl
-import time
-from collections import Counter
 from typing import Final
 
 import orjson
@@ -42,18 +41,18 @@ from relay.appkeys import AppKeyStore, KeyringFile
 from relay.config import ServeConfig
 from relay.control.app import create_app
 from relay.control.hosting import ControlPlaneHost
+from relay.dataplane.admission import AdmissionPolicy, Admitted, Refused, admit
 from relay.dataplane.auth import (
-    AuthRefusal,
     CredentialChecker,
     NoAuthChecker,
     RelayTokenChecker,
     ReplayStore,
     StaticKeyChecker,
-    TokenGrant,
     key_digest,
 )
 from relay.dataplane.lock import SessionLock
-from relay.dataplane.policy import Ending, EndKind
+from relay.dataplane.policy import EndKind
+from relay.dataplane.registry import SessionContext, SessionRegistry
 from relay.dataplane.session import RelaySession, SessionLimits
 from relay.dataplane.upstream import UpstreamEndpoint, UpstreamRefused, dial_upstream
 from relay.metrics import RelayMetrics
@@ -70,17 +69,13 @@ from relay.net.transport import (
 )
 from relay.net.websocket import WebSocket
 from relay.protocol import handshake
-from relay.protocol.events import new_id
 from relay.protocol.handshake import HandshakeError, RequestHead
-from relay.tokens import Keyring, TokenClaims, new_signing_key
+from relay.tokens import Keyring, new_signing_key
 
 LOGGER = logging.getLogger("relay.server")
 ACCESS_LOG = logging.getLogger("relay.access")
-SESSION_LOG = logging.getLogger("relay.session")
 
 REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
-#: Token ids whose start counts are kept before expired ones are pruned.
-MAX_TRACKED_TOKENS: Final = 100_000
 
 
 def build_checker(config: ServeConfig) -> CredentialChecker:
@@ -111,55 +106,59 @@ class RelayServer:
         upstream: UpstreamEndpoint,
         checker: CredentialChecker | None = None,
     ) -> None:
-        self.config = config
-        self.upstream = upstream
         self.keyring = build_keyring(config)
         self.replay = ReplayStore(config.replay_store_max_entries)
-        self.checker = checker or RelayTokenChecker(
-            self.keyring.current, build_checker(config), self.replay
+        self.metrics = RelayMetrics(
+            live_sessions=lambda: len(self.registry.sessions),
+            draining=lambda: float(self.registry.draining),
+            dropped_log_lines=lambda: float(logs.dropped_lines()),
         )
-        self.app_keys = AppKeyStore(config.app_keys_file)
-        self.minter = Minter(
-            self.app_keys,
-            self.keyring.current,
-            upstream_http_base=http_base_for(config.upstream_url),
-            upstream_api_key=config.upstream_api_key,
-            upstream_ca_file=config.upstream_ca_file,
-        )
-        self.sessions: dict[str, RelaySession] = {}
-        #: Live sessions per relay token id and per app, and sessions started per token.
-        self._live_by_token: Counter[str] = Counter()
-        self._live_by_app: Counter[str] = Counter()
-        self._starts_by_token: dict[str, tuple[int, float]] = {}
-        self._draining = False
-        #: Set (and replaced) whenever a session ends; drain waits on it.
-        self._sessions_changed = trio.Event()
-        self._session_numbers = itertools.count(1)
-        self.limits = SessionLimits(
-            idle_timeout_s=config.idle_timeout_s,
-            max_session_s=config.max_session_s,
-            ping_interval_s=config.ping_interval_s,
-            pong_timeout_s=config.pong_timeout_s,
-            close_timeout_s=config.close_timeout_s,
-        )
+        self.registry = SessionRegistry(self.replay, self.metrics)
+        self._fixed_checker = checker
         self._tls = (
             server_tls_context(config.tls_cert_file, config.tls_key_file)
             if config.tls_cert_file
             else None
         )
-        self.metrics = RelayMetrics(
-            live_sessions=lambda: len(self.sessions),
-            draining=lambda: float(self._draining),
-            dropped_log_lines=lambda: float(logs.dropped_lines()),
-        )
+        self._configure(config, upstream)
         self.control = ControlPlaneHost(create_app(self))
-        #: Handshakes in progress count against capacity too.
-        self._pending_handshakes = 0
+
+    def _configure(self, config: ServeConfig, upstream: UpstreamEndpoint) -> None:
+        """Everything new handshakes read from the configuration, built in one place
+        (start-up and SIGHUP); live sessions keep what they started with."""
+        checker = self._fixed_checker or RelayTokenChecker(
+            self.keyring.current, build_checker(config), self.replay
+        )
+        app_keys = AppKeyStore(config.app_keys_file)
+        minter = Minter(
+            app_keys,
+            self.keyring.current,
+            upstream_http_base=http_base_for(config.upstream_url),
+            upstream_api_key=config.upstream_api_key,
+            upstream_ca_file=config.upstream_ca_file,
+        )
+        limits = session_limits(config)
+        policy = AdmissionPolicy(
+            max_sessions=config.max_sessions,
+            allowed_origins=config.allowed_origins,
+            upstream_query_params=config.upstream_query_params,
+            max_sessions_per_token=config.max_sessions_per_token,
+            max_session_starts_per_token=config.max_session_starts_per_token,
+        )
+        # Swapped together, with no await in between: a handshake sees the old
+        # configuration or the new one, never half of each.
+        self.config, self.upstream, self.checker = config, upstream, checker
+        self.app_keys, self.minter, self.limits = app_keys, minter, limits
+        self.admission_policy = policy
 
     # ControlState
     @property
+    def sessions(self) -> dict[str, RelaySession]:
+        return self.registry.sessions
+
+    @property
     def live_sessions(self) -> int:
-        return len(self.sessions)
+        return len(self.registry.sessions)
 
     @property
     def max_sessions(self) -> int:
@@ -167,7 +166,7 @@ class RelayServer:
 
     @property
     def draining(self) -> bool:
-        return self._draining
+        return self.registry.draining
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve until cancelled; ``task_status.started(port)``."""
@@ -256,37 +255,28 @@ class RelayServer:
         except TransportClosed:
             pass
 
-    async def _refuse(
-        self,
-        transport: Transport,
-        head: RequestHead,
-        status: int,
-        message: str,
-        *,
-        code: str,
-        error_type: str = "invalid_request_error",
-        extra_headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        self.metrics.errors.labels(kind=code).inc()
+    async def _refuse(self, transport: Transport, head: RequestHead, refusal: Refused) -> None:
+        self.metrics.errors.labels(kind=refusal.code).inc()
         ACCESS_LOG.info(
             "realtime handshake refused",
             extra={
                 "fields": {
                     "event": "access",
                     "path": head.path,
-                    "status": status,
-                    "code": code,
+                    "status": refusal.status,
+                    "code": refusal.code,
                     "client": self.client_address(head, transport.peer),
                 }
             },
         )
         await http.send_error(
             transport,
-            status,
-            message,
-            error_type=error_type,
-            code=code,
-            extra_headers=extra_headers,
+            refusal.status,
+            refusal.message,
+            error_type=refusal.error_type,
+            code=refusal.code,
+            param=refusal.param,
+            extra_headers=refusal.headers,
         )
 
     def client_address(self, head: RequestHead, peer: tuple[str, int] | None) -> str:
@@ -307,73 +297,28 @@ class RelayServer:
 
     async def _realtime(self, transport: Transport, head: RequestHead) -> None:
         handshake_started = trio.current_time()
-        problem = handshake.websocket_request_problem(head)
-        if problem is not None:
-            raise problem
-        query = handshake.parse_realtime_query(head.query, self.config.upstream_query_params)
-        if query.dropped:
+        registry = self.registry
+        decision = admit(
+            head,
+            checker=self.checker,
+            policy=self.admission_policy,
+            occupancy=registry.occupancy(),
+            app_session_limit=self._app_session_limit,
+        )
+        if isinstance(decision, Refused):
+            await self._refuse(transport, head, decision)
+            return
+        if decision.query.dropped:
             LOGGER.info(
-                "dropped query parameters not forwarded upstream: %s", ", ".join(query.dropped)
+                "dropped query parameters not forwarded upstream: %s",
+                ", ".join(decision.query.dropped),
             )
-        origin = head.header(b"origin")
-        if (
-            self.config.allowed_origins
-            and origin is not None
-            and (origin not in self.config.allowed_origins)
-        ):
-            # Cross-site WebSocket hijacking: refused whatever the credential.
-            await self._refuse(
-                transport, head, 403, "This Origin is not allowed.", code="origin_not_allowed"
-            )
-            return
-        decision = self.checker.check(handshake.client_credential(head), head)
-        if isinstance(decision, AuthRefusal):
-            await self._refuse(
-                transport,
-                head,
-                decision.status,
-                decision.message,
-                error_type=decision.error_type,
-                code=decision.code,
-            )
-            return
-        if self._draining:
-            await self._refuse(
-                transport,
-                head,
-                503,
-                "The relay is shutting down; retry shortly.",
-                error_type="server_error",
-                code="server_shutdown",
-            )
-            return
-        if len(self.sessions) + self._pending_handshakes >= self.config.max_sessions:
-            await self._refuse(
-                transport,
-                head,
-                503,
-                "The relay is at its session limit; retry shortly.",
-                error_type="server_error",
-                code="server_busy",
-                extra_headers=(("Retry-After", "1"),),
-            )
-            return
-        claims = decision.claims if isinstance(decision, TokenGrant) else None
-        grant_id = decision.credential_id
-        limit_refusal = self._credential_limit_refusal(claims)
-        if limit_refusal is not None:
-            await self._refuse(transport, head, 429, limit_refusal, code="rate_limit_exceeded")
-            return
         if handshake.has_beta_marker(head):
             LOGGER.info(
                 "stripped the retired beta marker (OpenAI-Beta / openai-beta.realtime-v1) "
                 "from a client handshake; the upstream gets the GA protocol"
             )
-        # A client's own OpenAI-Safety-Identifier is never forwarded: the relay
-        # derives it (from a token's hashed end user) or sends none.
-        extra: list[tuple[str, str]] = []
-        if claims is not None and claims.user:
-            extra.append(("OpenAI-Safety-Identifier", claims.user))
+        claims = decision.claims
         # Everything that can fail is built before the 101: after it, only the
         # session's own close table answers the client.
         limits = self.limits
@@ -385,24 +330,20 @@ class RelayServer:
                 )
             if claims.session:
                 lock = SessionLock(orjson.loads(claims.session))
-        self._pending_handshakes += 1
+        reservation = registry.reserve(decision)
         try:
-            dial_started = trio.current_time()
-            try:
-                upstream = await dial_upstream(
-                    self.upstream,
-                    client_query=query.forwarded,
-                    extra_headers=extra,
-                    max_message_bytes=self.config.max_message_bytes,
-                    timeout_s=self.config.upstream_connect_timeout_s,
-                )
-            except UpstreamRefused as refusal:
-                LOGGER.info("upstream refused a session: %s", refusal.detail)
-                self.metrics.errors.labels(kind=f"upstream_{refusal.status}").inc()
-                transport.answered = True
-                await transport.send_all(handshake.http_response(refusal.status, refusal.body))
+            upstream = await self._dial(transport, decision)
+            if upstream is None:
                 return
-            self.metrics.upstream_connect_seconds.observe(trio.current_time() - dial_started)
+            if not registry.establish(reservation):
+                # Another instance of this single-use token won the race to 101.
+                upstream.transport.close()
+                await self._refuse(
+                    transport,
+                    head,
+                    Refused(401, "This single-use token was already used.", "token_used"),
+                )
+                return
             transport.answered = True
             try:
                 await transport.send_all(handshake.accept_response(head))
@@ -410,7 +351,7 @@ class RelayServer:
                 upstream.transport.close()
                 raise
         finally:
-            self._pending_handshakes -= 1
+            registry.release(reservation)
         self.metrics.handshake_seconds.observe(trio.current_time() - handshake_started)
         client = WebSocket(
             transport,
@@ -418,196 +359,88 @@ class RelayServer:
             max_message_bytes=self.config.max_message_bytes,
             initial_data=head.trailing,
         )
-        session_id = f"rs_{next(self._session_numbers)}_{new_id('')[:8]}"
         session = RelaySession(
             client,
             upstream,
             limits,
             remask_upstream=_needs_remask(self.config, upstream),
-            session_id=session_id,
+            session_id=registry.new_session_id(),
             lock=lock,
         )
-        session.credential_id = grant_id
-        self.sessions[session_id] = session
-        self._count_start(claims)
+        session.credential_id = decision.credential_id
+        context = SessionContext(
+            decision.credential_id, claims, self.client_address(head, transport.peer)
+        )
+        registry.add(session, claims)
         try:
             await session.run()
         finally:
-            del self.sessions[session_id]
-            self._count_end(claims)
+            registry.remove(session, claims)
             upstream.transport.close()
-            self._sessions_changed.set()
-            self._sessions_changed = trio.Event()
         try:
-            self._record_session_end(session, head, transport, grant_id, claims)
+            registry.record_end(session, context)
         except Exception:
             # Accounting must never take the connection (or the process) with it.
             self.metrics.errors.labels(kind="session_accounting_error").inc()
-            LOGGER.exception("session %s: recording its end failed", session_id)
+            LOGGER.exception("session %s: recording its end failed", session.session_id)
 
-    def _record_session_end(
-        self,
-        session: RelaySession,
-        head: RequestHead,
-        transport: Transport,
-        credential_id: str,
-        claims: TokenClaims | None,
-    ) -> None:
-        stats = session.stats
-        ending = stats.ending
-        plan = session.close_plan
-        client_close = plan.client if plan is not None else None
-        upstream_close = plan.upstream if plan is not None else None
-        ended_by = ending.side.value if ending and ending.side else "relay"
-        client_code = str(client_close.code) if client_close and client_close.send_close else "none"
-        metrics = self.metrics
-        metrics.sessions_ended.labels(close_code=client_code, ended_by=ended_by).inc()
-        metrics.messages.labels(direction="up").inc(stats.messages_up)
-        metrics.messages.labels(direction="down").inc(stats.messages_down)
-        metrics.bytes.labels(direction="up").inc(session.client.bytes_received)
-        metrics.bytes.labels(direction="down").inc(session.upstream.bytes_received)
-        usage = stats.tap.usage
-        model = stats.tap.upstream_model or "unknown"
-        for kind, value in (
-            ("input_text", usage.input_text_tokens),
-            ("input_audio", usage.input_audio_tokens),
-            ("input_image", usage.input_image_tokens),
-            ("input_cached", usage.input_cached_tokens),
-            ("output_text", usage.output_text_tokens),
-            ("output_audio", usage.output_audio_tokens),
-        ):
-            if value:
-                metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
-        if ending is not None and ending.kind is EndKind.INTERNAL_ERROR:
-            metrics.errors.labels(kind="session_internal_error").inc()
-        SESSION_LOG.info(
-            "session ended",
-            extra={
-                "fields": {
-                    "event": "session_end",
-                    "session_id": session.session_id,
-                    "upstream_session_id": stats.tap.upstream_session_id,
-                    "client": self.client_address(head, transport.peer),
-                    "credential_id": credential_id,
-                    "model": stats.tap.upstream_model,
-                    "duration_s": round(trio.current_time() - stats.started_at, 3),
-                    "messages_up": stats.messages_up,
-                    "messages_down": stats.messages_down,
-                    "bytes_up": session.client.bytes_received,
-                    "bytes_down": session.upstream.bytes_received,
-                    "ended_by": ended_by,
-                    "end_kind": ending.kind.value if ending else None,
-                    "client_close": [client_close.code, client_close.reason]
-                    if client_close
-                    else None,
-                    "upstream_close": (
-                        [upstream_close.code, upstream_close.reason] if upstream_close else None
-                    ),
-                    "locked_fields_removed": stats.locked_fields_removed,
-                    "usage": {
-                        "responses": usage.responses,
-                        "total_tokens": usage.total_tokens,
-                        "input_text": usage.input_text_tokens,
-                        "input_audio": usage.input_audio_tokens,
-                        "input_cached": usage.input_cached_tokens,
-                        "output_text": usage.output_text_tokens,
-                        "output_audio": usage.output_audio_tokens,
-                    },
-                    "token_app": claims.app if claims else None,
-                }
-            },
-        )
-
-    def _credential_limit_refusal(self, claims: TokenClaims | None) -> str | None:
-        """Why a token may not open another session now, or None."""
-        if claims is None:
+    async def _dial(self, transport: Transport, admitted: Admitted) -> WebSocket | None:
+        """The upstream leg, or None once its refusal has been answered to the client."""
+        dial_started = trio.current_time()
+        try:
+            upstream = await dial_upstream(
+                self.upstream,
+                client_query=admitted.query.forwarded,
+                extra_headers=admitted.upstream_headers,
+                max_message_bytes=self.config.max_message_bytes,
+                timeout_s=self.config.upstream_connect_timeout_s,
+            )
+        except UpstreamRefused as refusal:
+            LOGGER.info("upstream refused a session: %s", refusal.detail)
+            self.metrics.errors.labels(kind=f"upstream_{refusal.status}").inc()
+            transport.answered = True
+            await transport.send_all(handshake.http_response(refusal.status, refusal.body))
             return None
-        config = self.config
-        if config.max_sessions_per_token and (
-            self._live_by_token[claims.jti] >= config.max_sessions_per_token
-        ):
-            return "This token has reached its concurrent session limit."
-        started = self._starts_by_token.get(claims.jti, (0, 0.0))[0]
-        if config.max_session_starts_per_token and started >= config.max_session_starts_per_token:
-            return "This token has opened as many sessions as it may."
-        app = self.app_keys.check_name(claims.app)
-        if (
-            app is not None
-            and app.max_concurrent_sessions
-            and (self._live_by_app[claims.app] >= app.max_concurrent_sessions)
-        ):
-            return "This app key has reached its concurrent session limit."
-        return None
+        self.metrics.upstream_connect_seconds.observe(trio.current_time() - dial_started)
+        return upstream
 
-    def _count_start(self, claims: TokenClaims | None) -> None:
-        if claims is None:
-            return
-        self._live_by_token[claims.jti] += 1
-        self._live_by_app[claims.app] += 1
-        count = self._starts_by_token.get(claims.jti, (0, 0.0))[0]
-        self._starts_by_token[claims.jti] = (count + 1, float(claims.expires_at))
-        if len(self._starts_by_token) > MAX_TRACKED_TOKENS:
-            now = time.time()
-            self._starts_by_token = {k: v for k, v in self._starts_by_token.items() if v[1] > now}
-
-    def _count_end(self, claims: TokenClaims | None) -> None:
-        if claims is None:
-            return
-        for counter, key in ((self._live_by_token, claims.jti), (self._live_by_app, claims.app)):
-            counter[key] -= 1
-            if counter[key] <= 0:
-                del counter[key]
+    def _app_session_limit(self, app: str) -> int:
+        key = self.app_keys.check_name(app)
+        return key.max_concurrent_sessions if key is not None else 0
 
     def end_all_sessions(self, kind: EndKind = EndKind.SHUTDOWN) -> None:
-        for session in list(self.sessions.values()):
-            session.end(Ending(kind))
+        self.registry.end_all(kind)
 
     @property
     def admin_key_sha256(self) -> str:
         return self.config.admin_key_sha256
 
     def list_sessions(self) -> list[dict[str, object]]:
-        now = trio.current_time()
-        return [
-            {
-                "id": session_id,
-                "age_s": round(now - session.stats.started_at, 3),
-                "model": session.stats.tap.upstream_model,
-                "credential_id": session.credential_id,
-                "bytes_up": session.client.bytes_received,
-                "bytes_down": session.upstream.bytes_received,
-                "messages_up": session.stats.messages_up,
-                "messages_down": session.stats.messages_down,
-            }
-            for session_id, session in self.sessions.items()
-        ]
+        return self.registry.listing()
 
     def end_session(self, session_id: str) -> bool:
-        session = self.sessions.get(session_id)
-        if session is None:
-            return False
-        session.end(Ending(EndKind.ADMIN))
-        return True
+        return self.registry.end(session_id)
 
     def start_drain(self) -> None:
         """Stop taking sessions: readiness and new handshakes answer 503 from now on."""
-        self._draining = True
+        self.registry.draining = True
 
     async def drain(self, timeout_s: float, *, hurry: trio.Event) -> None:
         """Let live sessions finish for up to ``timeout_s`` (or until ``hurry``), then end
         the rest with an ``error`` event and 1001; returns when every session has closed."""
         self.start_drain()
+        registry = self.registry
         with trio.move_on_after(timeout_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_set, hurry, nursery.cancel_scope)
-                while self.sessions:
-                    await self._sessions_changed.wait()
+                while registry.sessions:
+                    await registry.wait_changed()
                 nursery.cancel_scope.cancel()
-        if self.sessions:
-            LOGGER.info("drain: ending %d live session(s) with 1001", len(self.sessions))
-            self.end_all_sessions(EndKind.SHUTDOWN)
-        while self.sessions:
-            await self._sessions_changed.wait()
+        if registry.sessions:
+            LOGGER.info("drain: ending %d live session(s) with 1001", len(registry.sessions))
+            registry.end_all(EndKind.SHUTDOWN)
+        while registry.sessions:
+            await registry.wait_changed()
 
     def apply_config(self, config: ServeConfig, upstream: UpstreamEndpoint) -> list[str]:
         """Adopt a reloaded configuration for new sessions; live sessions keep theirs.
@@ -617,26 +450,20 @@ class RelayServer:
         needs_restart = [
             name for name in ("host", "port") if getattr(config, name) != getattr(self.config, name)
         ]
-        self.config = config
-        self.upstream = upstream
-        self.checker = RelayTokenChecker(self.keyring.current, build_checker(config), self.replay)
-        self.app_keys = AppKeyStore(config.app_keys_file)
-        self.minter = Minter(
-            self.app_keys,
-            self.keyring.current,
-            upstream_http_base=http_base_for(config.upstream_url),
-            upstream_api_key=config.upstream_api_key,
-            upstream_ca_file=config.upstream_ca_file,
-        )
-        self.limits = SessionLimits(
-            idle_timeout_s=config.idle_timeout_s,
-            max_session_s=config.max_session_s,
-            ping_interval_s=config.ping_interval_s,
-            pong_timeout_s=config.pong_timeout_s,
-            close_timeout_s=config.close_timeout_s,
-        )
+        self._configure(config, upstream)
         logging.getLogger("relay").setLevel(config.log_level.upper())
         return needs_restart
+
+
+def session_limits(config: ServeConfig) -> SessionLimits:
+    """The per-session limits a configuration sets."""
+    return SessionLimits(
+        idle_timeout_s=config.idle_timeout_s,
+        max_session_s=config.max_session_s,
+        ping_interval_s=config.ping_interval_s,
+        pong_timeout_s=config.pong_timeout_s,
+        close_timeout_s=config.close_timeout_s,
+    )
 
 
 async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:

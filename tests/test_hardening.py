@@ -149,7 +149,7 @@ async def test_a_failing_session_end_record_is_counted_not_fatal(
     def broken(*args: Any) -> None:
         raise ValueError("accounting bug")
 
-    monkeypatch.setattr(relay.server, "_record_session_end", broken)
+    monkeypatch.setattr(relay.server.registry, "record_end", broken)
     async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=BEARER) as ws:
         await ws.get_message()
     with trio.fail_after(5):

@@ -313,9 +313,9 @@ async def test_metrics_and_admin_are_refused_on_the_public_listener(
         assert too_big.status_code == 413
         assert too_big.json()["error"]["code"] == "request_too_large"
         # The relay's own 503 (readiness while draining) passes through nginx untouched.
-        relay.server._draining = True
+        relay.server.registry.draining = True
         draining = await http.get(public + "/readyz")
-        relay.server._draining = False
+        relay.server.registry.draining = False
         assert draining.status_code == 503
         assert draining.json() == {"status": "draining"}
         # The internal listener serves Prometheus.

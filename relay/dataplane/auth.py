@@ -107,14 +107,21 @@ class ReplayStore:
         self.max_entries = max_entries
         self._expiry_by_id: dict[str, float] = {}
 
-    def claim(self, token_id: str, expires_at: float, now: float) -> bool | None:
-        """True the first time, False for a replay, None when the store is full."""
-        if token_id in self._expiry_by_id:
-            return False
+    def is_spent(self, token_id: str) -> bool:
+        return token_id in self._expiry_by_id
+
+    def has_room(self, now: float) -> bool:
+        """Whether one more id fits (expired ids are dropped first when full)."""
         if len(self._expiry_by_id) >= self.max_entries:
             self._expiry_by_id = {k: v for k, v in self._expiry_by_id.items() if v > now}
-            if len(self._expiry_by_id) >= self.max_entries:
-                return None
+        return len(self._expiry_by_id) < self.max_entries
+
+    def claim(self, token_id: str, expires_at: float, now: float) -> bool | None:
+        """Spend ``token_id``: True the first time, False for a replay, None when full."""
+        if token_id in self._expiry_by_id:
+            return False
+        if not self.has_room(now):
+            return None
         self._expiry_by_id[token_id] = expires_at
         return True
 
@@ -133,7 +140,9 @@ class RelayTokenChecker:
     """Relay tokens (``ek_r1.…``) first, anything else to the fallback checker.
 
     Checked before the upgrade: signature, expiry, model (``?model=`` must be one
-    the token allows), Origin (when the token names origins), single use.
+    the token allows), Origin (when the token names origins), and that a single-use
+    token is not spent yet. Spending it is not this check's business: the registry
+    does that once the upstream has accepted the session.
     """
 
     def __init__(
@@ -166,15 +175,6 @@ class RelayTokenChecker:
         origin = head.header(b"origin")
         if claims.origins and origin not in claims.origins:
             return AuthRefusal(403, "This token does not allow this Origin.", "origin_not_allowed")
-        if claims.single_use:
-            claimed = self.replay.claim(claims.jti, claims.expires_at, now)
-            if claimed is False:
-                return AuthRefusal(401, "This single-use token was already used.", "token_used")
-            if claimed is None:
-                return AuthRefusal(
-                    503,
-                    "Too many single-use tokens in flight; retry shortly.",
-                    "replay_store_full",
-                    "server_error",
-                )
+        if claims.single_use and self.replay.is_spent(claims.jti):
+            return AuthRefusal(401, "This single-use token was already used.", "token_used")
         return TokenGrant(credential_id=f"token:{claims.app}:{claims.jti[:8]}", claims=claims)

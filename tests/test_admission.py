@@ -1,0 +1,290 @@
+"""Admission as one ordered decision (issue 11): a table without an event loop, the
+registry's commit points, and the single-use guarantee across refusals end to end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import trio
+
+from relay.dataplane.admission import AdmissionPolicy, Admitted, Occupancy, Refused, admit
+from relay.dataplane.auth import MISSING, AuthGrant, AuthRefusal, ReplayStore, TokenGrant
+from relay.metrics import RelayMetrics
+from relay.protocol.handshake import RequestHead, parse_request_head
+from relay.tokens import TokenClaims
+from tests.conftest import RunningRelay, RunningSimulator, open_ws, raw_handshake, start_relay
+from tests.test_relay_tokens import Keys, auth, token_for
+
+MODEL = "gpt-realtime"
+KEY = "dGhlIHNhbXBsZSBub25jZQ=="
+CLAIMS = TokenClaims(
+    jti="jti-1", app="voice-app", issued_at=0, expires_at=10**10, user="u-hash", single_use=True
+)
+
+
+def head(
+    *extra: str, target: str = f"/v1/realtime?model={MODEL}", method: str = "GET"
+) -> RequestHead:
+    lines = [
+        f"{method} {target} HTTP/1.1",
+        "Host: relay",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Version: 13",
+        f"Sec-WebSocket-Key: {KEY}",
+        *extra,
+    ]
+    parsed = parse_request_head(("\r\n".join(lines) + "\r\n\r\n").encode())
+    assert parsed is not None
+    return parsed
+
+
+@dataclass
+class FixedChecker:
+    """Answers every credential the same way (the real checkers are tested elsewhere)."""
+
+    answer: AuthGrant | AuthRefusal
+
+    def check(self, credential: str | None, head: RequestHead) -> AuthGrant | AuthRefusal:
+        return self.answer
+
+
+TOKEN = FixedChecker(TokenGrant(credential_id="token:voice-app:jti-1", claims=CLAIMS))
+STATIC = FixedChecker(AuthGrant(credential_id="key:abc"))
+NO_KEY = FixedChecker(MISSING)
+POLICY = AdmissionPolicy(
+    max_sessions=10,
+    allowed_origins=("https://app.example",),
+    max_sessions_per_token=1,
+    max_session_starts_per_token=3,
+)
+FREE = Occupancy()
+
+
+def outcome(decision: Admitted | Refused) -> tuple[int, str]:
+    return (101, "admitted") if isinstance(decision, Admitted) else (decision.status, decision.code)
+
+
+# Each row breaks the checks from some point on: the first broken check in the
+# documented order decides, whatever else is wrong.
+ROWS = [
+    ("valid token", head(), TOKEN, FREE, (101, "admitted")),
+    ("valid static key", head(), STATIC, FREE, (101, "admitted")),
+    (
+        "POST beats everything",
+        head("Origin: https://evil.example", method="POST"),
+        NO_KEY,
+        replace(FREE, draining=True),
+        (405, "method_not_allowed"),
+    ),
+    (
+        "repeated model before Origin",
+        head("Origin: https://evil.example", target="/v1/realtime?model=a&model=b"),
+        NO_KEY,
+        FREE,
+        (400, "invalid_request"),
+    ),
+    (
+        "Origin before credential",
+        head("Origin: https://evil.example"),
+        NO_KEY,
+        FREE,
+        (403, "origin_not_allowed"),
+    ),
+    (
+        "credential before drain",
+        head(),
+        NO_KEY,
+        replace(FREE, draining=True),
+        (401, "missing_api_key"),
+    ),
+    (
+        "single use in flight before drain",
+        head(),
+        TOKEN,
+        replace(FREE, draining=True, single_use_in_flight={"jti-1"}),
+        (401, "token_used"),
+    ),
+    (
+        "replay store full",
+        head(),
+        TOKEN,
+        replace(FREE, replay_has_room=False),
+        (503, "replay_store_full"),
+    ),
+    (
+        "a full replay store does not concern static keys",
+        head(),
+        STATIC,
+        replace(FREE, replay_has_room=False),
+        (101, "admitted"),
+    ),
+    (
+        "drain before capacity",
+        head(),
+        TOKEN,
+        replace(FREE, draining=True, sessions=10),
+        (503, "server_shutdown"),
+    ),
+    (
+        "capacity counts handshakes in flight",
+        head(),
+        STATIC,
+        replace(FREE, sessions=10),
+        (503, "server_busy"),
+    ),
+    (
+        "capacity before per-token limit",
+        head(),
+        TOKEN,
+        replace(FREE, sessions=10, live_by_token={"jti-1": 1}),
+        (503, "server_busy"),
+    ),
+    (
+        "per-token live limit",
+        head(),
+        TOKEN,
+        replace(FREE, live_by_token={"jti-1": 1}),
+        (429, "rate_limit_exceeded"),
+    ),
+    (
+        "per-token start limit",
+        head(),
+        TOKEN,
+        replace(FREE, starts_by_token={"jti-1": 3}),
+        (429, "rate_limit_exceeded"),
+    ),
+    (
+        "per-app limit",
+        head(),
+        TOKEN,
+        replace(FREE, live_by_app={"voice-app": 2}),
+        (429, "rate_limit_exceeded"),
+    ),
+    (
+        "static keys have no per-token limits",
+        head(),
+        STATIC,
+        replace(FREE, live_by_token={"jti-1": 9}),
+        (101, "admitted"),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "request_head", "checker", "occupancy", "expected"), ROWS, ids=[r[0] for r in ROWS]
+)
+def test_admission_order(
+    name: str,
+    request_head: RequestHead,
+    checker: FixedChecker,
+    occupancy: Occupancy,
+    expected: tuple[int, str],
+) -> None:
+    decision = admit(
+        request_head,
+        checker=checker,
+        policy=POLICY,
+        occupancy=occupancy,
+        app_session_limit=lambda app: 2 if app == "voice-app" else 0,
+    )
+    assert outcome(decision) == expected
+
+
+def test_admitted_carries_what_the_upstream_gets() -> None:
+    request_head = head(
+        "OpenAI-Safety-Identifier: chosen-by-client",
+        target=f"/v1/realtime?model={MODEL}&api_key=sk-x&intent=y",
+    )
+    decision = admit(request_head, checker=TOKEN, policy=POLICY, occupancy=FREE)
+    assert isinstance(decision, Admitted)
+    assert decision.query.forwarded == f"model={MODEL}&intent=y"
+    assert decision.query.dropped == ("api_key",)
+    assert decision.upstream_headers == (("OpenAI-Safety-Identifier", "u-hash"),)
+    assert decision.single_use_id == "jti-1"
+    static = admit(request_head, checker=STATIC, policy=POLICY, occupancy=FREE)
+    assert isinstance(static, Admitted)
+    assert static.upstream_headers == ()
+    assert static.single_use_id is None
+
+
+def test_refusals_carry_protocol_headers() -> None:
+    busy = admit(head(), checker=STATIC, policy=POLICY, occupancy=replace(FREE, sessions=10))
+    assert isinstance(busy, Refused)
+    assert busy.headers == (("Retry-After", "1"),)
+    post = admit(head(method="POST"), checker=STATIC, policy=POLICY, occupancy=FREE)
+    assert isinstance(post, Refused)
+    assert post.headers == (("Allow", "GET"),)
+
+
+# ------------------------------------------------------------ the registry's commit points
+
+
+def test_a_single_use_token_is_spent_only_when_established() -> None:
+    from relay.dataplane.registry import SessionRegistry
+
+    metrics = RelayMetrics(live_sessions=lambda: 0, draining=lambda: 0, dropped_log_lines=lambda: 0)
+    replay = ReplayStore(10)
+    registry = SessionRegistry(replay, metrics)
+    decision = admit(head(), checker=TOKEN, policy=POLICY, occupancy=registry.occupancy())
+    assert isinstance(decision, Admitted)
+    held = registry.reserve(decision)
+    occupancy = registry.occupancy()
+    assert occupancy.sessions == 1
+    assert occupancy.single_use_in_flight == {"jti-1"}
+    assert outcome(admit(head(), checker=TOKEN, policy=POLICY, occupancy=occupancy)) == (
+        401,
+        "token_used",
+    )
+    registry.release(held)  # the upstream refused: nothing is spent
+    registry.release(held)  # twice is harmless
+    assert registry.occupancy().sessions == 0
+    assert not replay.is_spent("jti-1")
+    again = registry.reserve(decision)
+    assert registry.establish(again)  # the upstream said 101
+    registry.release(again)
+    assert replay.is_spent("jti-1")
+    assert not registry.establish(registry.reserve(decision))  # a second 101 cannot spend it
+
+
+# ------------------------------------------------------------ end to end
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> Keys:
+    return Keys(tmp_path)
+
+
+async def test_refusals_inviting_a_retry_never_burn_a_single_use_token(
+    nursery: trio.Nursery, simulator: RunningSimulator, keys: Keys
+) -> None:
+    """Issue 11, defect 3: 503 (draining, full), 429 and 502 used to spend the token, so
+    the retry those answers invite got 401 token_used."""
+    relay: RunningRelay = await start_relay(
+        nursery,
+        simulator.ws_base,
+        app_keys_file=str(keys.app_file),
+        signing_keys_file=str(keys.signing_file),
+        max_sessions=1,
+    )
+    once = await token_for(relay, keys, relay={"single_use": True})
+    target = f"/v1/realtime?model={MODEL}"
+
+    relay.server.start_drain()
+    assert (await raw_handshake(relay.port, target, auth(once))).status == 503
+    relay.server.registry.draining = False
+
+    upstream_down = await raw_handshake(relay.port, f"{target}&sim_fault=refuse:500", auth(once))
+    assert upstream_down.status == 502
+
+    other = await token_for(relay, keys)
+    async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=auth(other)) as ws:
+        await ws.get_message()  # the relay is now full (max_sessions=1)
+        assert (await raw_handshake(relay.port, target, auth(once))).status == 503
+
+    async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=auth(once)) as ws:
+        assert '"session.created"' in await ws.get_message()
+    replay = await raw_handshake(relay.port, target, auth(once))
+    assert (replay.status, replay.json()["error"]["code"]) == (401, "token_used")
