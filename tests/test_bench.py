@@ -217,6 +217,7 @@ async def test_relay_bench_refuses_bad_arguments_in_one_line(nursery: trio.Nurse
     assert b"Traceback" not in completed.stderr
 
 
+@pytest.mark.slow  # a benchmark run, with nginx
 def test_relay_throughput_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     completed = subprocess.run(
@@ -241,6 +242,7 @@ def test_relay_throughput_quick_run(tmp_path: Path) -> None:
     assert "relay us/msg" in completed.stdout
 
 
+@pytest.mark.slow  # a benchmark run, with nginx
 def test_suite_tiny_run_prints_one_table_and_writes_json_and_plots(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "bench/suite.py", "--tiny", "--out", str(tmp_path), "--budget-ms", "1000"],

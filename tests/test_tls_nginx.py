@@ -120,6 +120,7 @@ async def wait_for_port(port: int) -> None:
             return
 
 
+@pytest.mark.slow  # a real nginx
 async def test_openai_sdk_over_wss_through_nginx(
     nursery: trio.Nursery,
     simulator: RunningSimulator,
@@ -225,6 +226,7 @@ async def wss_first_event(port: int, context: ssl.SSLContext) -> str:
         return str(event["type"])
 
 
+@pytest.mark.slow  # a real nginx
 async def test_shipped_nginx_template_never_sends_an_upgrade_to_the_control_plane(
     nursery: trio.Nursery,
     simulator: RunningSimulator,
@@ -278,6 +280,7 @@ async def test_shipped_nginx_template_never_sends_an_upgrade_to_the_control_plan
     assert sum(health.values()) >= took / HEALTH_INTERVAL_S / 2  # ~one per 100 ms, really
 
 
+@pytest.mark.slow  # a real nginx
 async def test_metrics_and_admin_are_refused_on_the_public_listener(
     nursery: trio.Nursery,
     simulator: RunningSimulator,
@@ -324,6 +327,7 @@ async def test_metrics_and_admin_are_refused_on_the_public_listener(
     assert b"relay_" in scraped.content
 
 
+@pytest.mark.slow  # a real nginx
 async def test_a_non_ascii_websocket_key_through_nginx_is_400_and_the_relay_lives(
     nursery: trio.Nursery,
     simulator: RunningSimulator,
