@@ -60,6 +60,20 @@ class ConnectionClosed(Exception):
         self.reason = reason
 
 
+class LegFailed(TransportClosed):
+    """A read from, or a write to, one WebSocket failed: names which and which way.
+
+    A relay has two legs, and a broken pipe on one must be blamed on that leg, from
+    the fact and not from a guess: :attr:`leg` is the connection whose socket failed,
+    :attr:`writing` whether it was a write.
+    """
+
+    def __init__(self, leg: WebSocket, *, writing: bool, detail: str) -> None:
+        super().__init__(detail)
+        self.leg = leg
+        self.writing = writing
+
+
 class WebSocket:
     """One WebSocket connection in one role (``client_side`` masks what it sends)."""
 
@@ -98,7 +112,7 @@ class WebSocket:
     async def send_raw(self, data: bytes | bytearray | memoryview) -> None:
         """Write wire bytes (one or more whole frames, or part of a frame the caller owns)."""
         if self._send_broken:
-            raise TransportClosed("connection broken by an interrupted write")
+            raise LegFailed(self, writing=True, detail="connection broken by an interrupted write")
         lock = self._send_lock
         try:
             lock.acquire_nowait()
@@ -107,6 +121,9 @@ class WebSocket:
         try:
             await self.transport.send_all(data)
             self.bytes_sent += len(data)
+        except TransportClosed as exc:
+            self._send_broken = True
+            raise LegFailed(self, writing=True, detail=str(exc)) from None
         except BaseException:
             self._send_broken = True
             raise
@@ -120,6 +137,15 @@ class WebSocket:
     def lock_for_frame(self) -> trio.Lock:
         """The write lock, for a caller that writes one frame in several pieces."""
         return self._send_lock
+
+    async def send_piece(self, data: bytes | bytearray | memoryview) -> None:
+        """Write part of a frame while holding :meth:`lock_for_frame` (cut-through)."""
+        try:
+            await self.transport.send_all(data)
+        except TransportClosed as exc:
+            self._send_broken = True
+            raise LegFailed(self, writing=True, detail=str(exc)) from None
+        self.bytes_sent += len(data)
 
     def _encode(self, opcode: int, payload: bytes | bytearray | memoryview) -> bytes:
         mask_key = os.urandom(4) if self.client_side else None
@@ -149,7 +175,10 @@ class WebSocket:
 
     async def fill(self) -> bool:
         """Read once from the socket into the frame reader; ``False`` at end of stream."""
-        received = await self.transport.recv_into(self._read_view)
+        try:
+            received = await self.transport.recv_into(self._read_view)
+        except TransportClosed as exc:
+            raise LegFailed(self, writing=False, detail=str(exc)) from None
         if received == 0:
             return False
         self.bytes_received += received
@@ -283,5 +312,6 @@ __all__ = [
     "OP_TEXT",
     "ConnectionClosed",
     "FrameEvent",
+    "LegFailed",
     "WebSocket",
 ]
