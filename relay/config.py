@@ -448,7 +448,7 @@ def _client_auth_problems(config: ServeConfig) -> list[str]:
 
 
 def _key_file_problems(config: ServeConfig, now: float) -> list[str]:
-    from relay.appkeys import KeyFileError, load_app_keys, load_keyring
+    from relay.credentials.keyfiles import KeyFileError, load_app_keys, load_keyring
 
     problems: list[str] = []
     if config.app_keys_file:

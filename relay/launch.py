@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
-from relay.appkeys import KeyFileError
 from relay.config import (
     DEFAULT_SIMULATOR_API_KEY,
     SIMULATOR_UPSTREAM,
@@ -46,6 +45,7 @@ from relay.config import (
     check_serve_config,
     uses_builtin_simulator,
 )
+from relay.credentials.keyfiles import KeyFileError
 from relay.dataplane.upstream import UpstreamEndpoint
 from relay.net.transport import open_listener
 from relay.server import RelayServer

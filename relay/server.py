@@ -37,12 +37,10 @@ import orjson
 import trio
 
 from relay import logs
-from relay.appkeys import AppKeyStore, KeyringFile
 from relay.config import ServeConfig
 from relay.control.app import create_app
 from relay.control.hosting import ControlPlaneHost
-from relay.dataplane.admission import AdmissionPolicy, Admitted, Refused, admit
-from relay.dataplane.auth import (
+from relay.credentials.checkers import (
     CredentialChecker,
     NoAuthChecker,
     RelayTokenChecker,
@@ -50,13 +48,16 @@ from relay.dataplane.auth import (
     StaticKeyChecker,
     key_digest,
 )
+from relay.credentials.keyfiles import AppKeyStore, KeyringFile
+from relay.credentials.minting import Minter, http_base_for
+from relay.credentials.tokens import Keyring, new_signing_key
+from relay.dataplane.admission import AdmissionPolicy, Admitted, Refused, admit
 from relay.dataplane.lock import SessionLock
 from relay.dataplane.policy import EndKind
 from relay.dataplane.registry import SessionContext, SessionRegistry
 from relay.dataplane.session import RelaySession, SessionLimits
 from relay.dataplane.upstream import UpstreamEndpoint, UpstreamRefused, dial_upstream
 from relay.metrics import RelayMetrics
-from relay.minting import Minter, http_base_for
 from relay.net import http
 from relay.net.transport import (
     Transport,
@@ -70,7 +71,6 @@ from relay.net.transport import (
 from relay.net.websocket import WebSocket
 from relay.protocol import handshake
 from relay.protocol.handshake import HandshakeError, RequestHead
-from relay.tokens import Keyring, new_signing_key
 
 LOGGER = logging.getLogger("relay.server")
 ACCESS_LOG = logging.getLogger("relay.access")

@@ -21,9 +21,9 @@ import pytest
 import trio
 import trustme
 
-from relay import appkeys
 from relay import config as cfg
-from relay.dataplane.auth import key_digest
+from relay.credentials import keyfiles
+from relay.credentials.checkers import key_digest
 
 # ------------------------------------------------------------------ files the settings name
 
@@ -71,8 +71,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     issued.private_key_and_cert_chain_pem.write_to_path(str(made.both))
     other.private_key_pem.write_to_path(str(made.other_key))
     ca.cert_pem.write_to_path(str(made.ca))
-    appkeys.create_app_key(made.app_keys, "voice-app")
-    appkeys.rotate_signing_key(made.signing_keys, time.time())
+    keyfiles.create_app_key(made.app_keys, "voice-app")
+    keyfiles.rotate_signing_key(made.signing_keys, time.time())
     made.garbage.write_text("this is not JSON {")
     made.directory.mkdir()
     made.short_signing_keys.write_text(
@@ -405,13 +405,13 @@ def test_several_problems_are_one_line() -> None:
 
 def test_keys_create_still_makes_a_new_app_key_file(tmp_path: Path) -> None:
     path = tmp_path / "new" / "app-keys.json"
-    with pytest.raises(appkeys.KeyFileError, match="no such file"):
-        appkeys.load_app_keys(path)
-    assert appkeys.AppKeyStore("").path is None  # unset stays "no app keys"
-    with pytest.raises(appkeys.KeyFileError, match="no such file"):
-        appkeys.AppKeyStore(str(path))
-    appkeys.create_app_key(path, "first")
-    assert [key.name for key in appkeys.load_app_keys(path).keys] == ["first"]
+    with pytest.raises(keyfiles.KeyFileError, match="no such file"):
+        keyfiles.load_app_keys(path)
+    assert keyfiles.AppKeyStore("").path is None  # unset stays "no app keys"
+    with pytest.raises(keyfiles.KeyFileError, match="no such file"):
+        keyfiles.AppKeyStore(str(path))
+    keyfiles.create_app_key(path, "first")
+    assert [key.name for key in keyfiles.load_app_keys(path).keys] == ["first"]
 
 
 # ------------------------------------------------------------------ the real command line
@@ -476,7 +476,7 @@ def test_relay_keys_create_and_rotate_signing_make_new_files(tmp_path: Path) -> 
     app_file, signing_file = tmp_path / "app-keys.json", tmp_path / "signing.json"
     created = relay_cli(["keys", "create", "first", "--file", str(app_file)])
     assert created.returncode == 0, created.stderr
-    assert created.stdout.startswith(appkeys.APP_KEY_PREFIX)
+    assert created.stdout.startswith(keyfiles.APP_KEY_PREFIX)
     rotated = relay_cli(["keys", "rotate-signing", "--file", str(signing_file)])
     assert rotated.returncode == 0, rotated.stderr
     listed = relay_cli(["keys", "list", "--file", str(tmp_path / "missing.json")])

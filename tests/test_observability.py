@@ -14,8 +14,9 @@ import httpx
 import pytest
 import trio
 
-from relay import appkeys, logs
-from relay.dataplane.auth import key_digest
+from relay import logs
+from relay.credentials import keyfiles
+from relay.credentials.checkers import key_digest
 from tests.conftest import (
     CLIENT_KEY,
     RunningSimulator,
@@ -83,8 +84,8 @@ async def test_no_secret_reaches_logs_metrics_or_errors(
     nursery: trio.Nursery, simulator: RunningSimulator, captured: io.StringIO, tmp_path: Path
 ) -> None:
     app_file, signing_file = tmp_path / "apps.json", tmp_path / "signing.json"
-    app_key = appkeys.create_app_key(app_file, "app")
-    appkeys.rotate_signing_key(signing_file, time.time())
+    app_key = keyfiles.create_app_key(app_file, "app")
+    keyfiles.rotate_signing_key(signing_file, time.time())
     relay = await start_relay(
         nursery,
         simulator.ws_base,

@@ -3,7 +3,7 @@
 This module owns the control-plane routes and their answers: ``/healthz``
 (the process is up), ``/readyz`` (new sessions are accepted: 503 while
 draining or at the session limit), ``POST /v1/realtime/client_secrets``
-(minting, see :mod:`relay.minting`; the app key is checked before the body is
+(minting, see :mod:`relay.credentials.minting`; the app key is checked before the body is
 read, and bodies over :data:`MAX_BODY_BYTES` answer 413), ``/metrics`` (Prometheus; requires the
 admin key when one is configured) and the admin API behind the admin key
 (``GET /admin/sessions``, ``POST /admin/sessions/<id>/end``). Unknown routes
@@ -28,8 +28,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from relay.credentials.minting import Minter
 from relay.metrics import RelayMetrics
-from relay.minting import Minter
 from relay.protocol.events import http_error_body
 
 

@@ -17,7 +17,7 @@ Files are written atomically (temp file + rename) with mode 0600. A configured
 file that does not exist is an error (:class:`KeyFileError`), except for the
 commands that create it (``relay keys create``, ``relay keys rotate-signing``).
 Loading validates every entry: app key digests are SHA-256 hex, signing secrets
-are standard base64 of at least :data:`relay.tokens.MIN_SIGNING_KEY_BYTES` bytes;
+are standard base64 of at least :data:`relay.credentials.tokens.MIN_SIGNING_KEY_BYTES` bytes;
 errors name the file and the key, never a secret.
 """
 
@@ -37,7 +37,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from relay.tokens import (
+from relay.credentials.tokens import (
     MAX_TOKEN_TTL_S,
     MIN_SIGNING_KEY_BYTES,
     Keyring,

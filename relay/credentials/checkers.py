@@ -21,8 +21,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.credentials.tokens import (
+    Keyring,
+    TokenClaims,
+    TokenRefusal,
+    looks_like_relay_token,
+    verify,
+)
 from relay.protocol.handshake import RequestHead, parse_realtime_query
-from relay.tokens import Keyring, TokenClaims, TokenRefusal, looks_like_relay_token, verify
 
 
 @dataclass(frozen=True, slots=True)
