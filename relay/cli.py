@@ -372,13 +372,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _keys_hash() -> int:
-    from relay.credentials.checkers import key_digest
+    from relay.credentials.digests import digest_hex
 
     key = sys.stdin.readline().strip() if not sys.stdin.isatty() else getpass.getpass("key: ")
     if not key:
         print("relay: no key given", file=sys.stderr)
         return 2
-    print(key_digest(key))
+    print(digest_hex(key))
     return 0
 
 

@@ -34,6 +34,8 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 
+from relay.credentials.digests import DIGEST_HEX_CHARS, is_digest_hex
+
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeSeconds = Annotated[float, msgspec.Meta(ge=0)]
@@ -279,11 +281,8 @@ def _one_line(section: str, msgspec_message: str) -> str:
 
 #: ``upstream_url`` value choosing the built-in simulator (``relay serve --simulator``).
 SIMULATOR_UPSTREAM: Final = "simulator"
-#: Hex characters in a SHA-256 digest.
-SHA256_HEX_CHARS: Final = 64
 #: Longest DNS name (RFC 1035 §2.3.4), in characters.
 MAX_HOSTNAME_CHARS: Final = 253
-_SHA256_HEX_RE: Final = re.compile(rf"[0-9a-fA-F]{{{SHA256_HEX_CHARS}}}")
 _HOST_LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _ORIGIN_RE: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+")
 _WS_SCHEMES: Final = ("ws://", "wss://")
@@ -402,9 +401,9 @@ def _tls_problems(cert_file: str, key_file: str) -> list[str]:
 def _client_auth_problems(config: ServeConfig) -> list[str]:
     problems: list[str] = []
     for index, digest in enumerate(config.client_key_sha256):
-        if not _SHA256_HEX_RE.fullmatch(digest.strip()):
+        if not is_digest_hex(digest.strip()):
             problems.append(
-                f"client_key_sha256[{index}]: not a SHA-256 hex digest ({SHA256_HEX_CHARS} hex "
+                f"client_key_sha256[{index}]: not a SHA-256 hex digest ({DIGEST_HEX_CHARS} hex "
                 "characters; make one with `relay keys hash`)"
             )
     for index, key in enumerate(config.client_keys):
@@ -413,9 +412,9 @@ def _client_auth_problems(config: ServeConfig) -> list[str]:
                 f"client_keys[{index}]: empty, or has spaces, control or non-ASCII characters "
                 "(clients send keys in HTTP headers: printable ASCII only)"
             )
-    if config.admin_key_sha256 and not _SHA256_HEX_RE.fullmatch(config.admin_key_sha256):
+    if config.admin_key_sha256 and not is_digest_hex(config.admin_key_sha256):
         problems.append(
-            f"admin_key_sha256: not a SHA-256 hex digest ({SHA256_HEX_CHARS} hex characters; "
+            f"admin_key_sha256: not a SHA-256 hex digest ({DIGEST_HEX_CHARS} hex characters; "
             "make one with `relay keys hash`)"
         )
     for index, proxy in enumerate(config.trusted_proxies):

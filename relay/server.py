@@ -46,8 +46,8 @@ from relay.credentials.checkers import (
     RelayTokenChecker,
     ReplayStore,
     StaticKeyChecker,
-    key_digest,
 )
+from relay.credentials.digests import digest_hex
 from relay.credentials.keyfiles import AppKeyStore, KeyringFile
 from relay.credentials.minting import Minter, http_base_for
 from relay.credentials.tokens import Keyring, new_signing_key
@@ -81,7 +81,7 @@ REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
 def build_checker(config: ServeConfig) -> CredentialChecker:
     if config.no_auth:
         return NoAuthChecker()
-    digests = [*config.client_key_sha256, *(key_digest(k) for k in config.client_keys)]
+    digests = [*config.client_key_sha256, *(digest_hex(k) for k in config.client_keys)]
     return StaticKeyChecker(digests)
 
 

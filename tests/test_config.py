@@ -23,7 +23,7 @@ import trustme
 
 from relay import config as cfg
 from relay.credentials import keyfiles
-from relay.credentials.checkers import key_digest
+from relay.credentials.digests import digest_hex
 
 # ------------------------------------------------------------------ files the settings name
 
@@ -98,7 +98,7 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "upstream_url": ("wss://upstream.example/v1", "wss://upstream.example/v1"),
             "upstream_api_key": ("sk-plausible-upstream-key", "sk-plausible-upstream-key"),
             "upstream_ca_file": (str(files.ca), str(files.ca)),
-            "client_key_sha256": (key_digest("client-one"), (key_digest("client-one"),)),
+            "client_key_sha256": (digest_hex("client-one"), (digest_hex("client-one"),)),
             "client_keys": ("client-two, client-three", ("client-two", "client-three")),
             "no_auth": ("true", True),
             "app_keys_file": (str(files.app_keys), str(files.app_keys)),
@@ -124,7 +124,7 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "log_level": ("warning", "warning"),
             "log_format": ("text", "text"),
             "trusted_proxies": ("127.0.0.1,::1", ("127.0.0.1", "::1")),
-            "admin_key_sha256": (key_digest("admin-key"), key_digest("admin-key")),
+            "admin_key_sha256": (digest_hex("admin-key"), digest_hex("admin-key")),
             "upstream_query_params": ("api-version,deployment", ("api-version", "deployment")),
         },
         cfg.SimulatorConfig: {
@@ -327,7 +327,7 @@ CASES: list[Case] = [
         {
             "client_keys": ["k1"],
             "app_keys_file": "{app_keys}",
-            "admin_key_sha256": key_digest("admin"),
+            "admin_key_sha256": digest_hex("admin"),
         },
         "upstream_api_key",
         simulator=False,

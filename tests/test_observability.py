@@ -16,7 +16,7 @@ import trio
 
 from relay import logs
 from relay.credentials import keyfiles
-from relay.credentials.checkers import key_digest
+from relay.credentials.digests import digest_hex
 from tests.conftest import (
     CLIENT_KEY,
     RunningSimulator,
@@ -91,7 +91,7 @@ async def test_no_secret_reaches_logs_metrics_or_errors(
         simulator.ws_base,
         app_keys_file=str(app_file),
         signing_keys_file=str(signing_file),
-        admin_key_sha256=key_digest(ADMIN_KEY),
+        admin_key_sha256=digest_hex(ADMIN_KEY),
     )
     bodies: list[str] = []
     async with httpx.AsyncClient() as http:
@@ -161,7 +161,7 @@ async def test_metrics_count_sessions_usage_and_refusals(
 async def test_admin_lists_and_ends_a_session(
     nursery: trio.Nursery, simulator: RunningSimulator
 ) -> None:
-    relay = await start_relay(nursery, simulator.ws_base, admin_key_sha256=key_digest(ADMIN_KEY))
+    relay = await start_relay(nursery, simulator.ws_base, admin_key_sha256=digest_hex(ADMIN_KEY))
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     url = f"{relay.ws_base}/realtime?model={MODEL}"
     async with open_ws(url, extra_headers=[("Authorization", f"Bearer {CLIENT_KEY}")]) as ws:

@@ -25,10 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import os
-import re
 import secrets
 import tempfile
 import time
@@ -37,6 +34,7 @@ from typing import Final, Literal
 
 import msgspec
 
+from relay.credentials.digests import digest_hex, is_digest_hex, matches_any
 from relay.credentials.tokens import (
     MAX_TOKEN_TTL_S,
     MIN_SIGNING_KEY_BYTES,
@@ -49,7 +47,6 @@ AppKeyMode = Literal["relay", "passthrough"]
 APP_KEY_PREFIX: Final = "rk_"
 #: Random bytes in a new app key.
 APP_KEY_RANDOM_BYTES: Final = 24
-_SHA256_HEX_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class AppKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -116,10 +113,6 @@ def _read(
         raise KeyFileError(f"{path}: {exc}") from None
 
 
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 # ------------------------------------------------------------------ app keys
 
 
@@ -128,7 +121,7 @@ def load_app_keys(path: Path, *, missing_ok: bool = False) -> AppKeyFile:
     document = _read(path, AppKeyFile, missing_ok=missing_ok)
     assert isinstance(document, AppKeyFile)
     for key in document.keys:
-        if not _SHA256_HEX_RE.fullmatch(key.sha256):
+        if not is_digest_hex(key.sha256):
             raise KeyFileError(
                 f"{path}: app key {key.name!r}: sha256 is not a SHA-256 hex digest "
                 "(64 hex characters)"
@@ -149,7 +142,7 @@ def create_app_key(
     key = APP_KEY_PREFIX + secrets.token_urlsafe(APP_KEY_RANDOM_BYTES)
     created = AppKey(
         name=name,
-        sha256=digest(key),
+        sha256=digest_hex(key),
         mode=mode,
         created_at=int(time.time()),
         max_concurrent_sessions=max_concurrent_sessions,
@@ -174,7 +167,8 @@ class AppKeyStore:
 
     def __init__(self, path: str) -> None:
         self.path = Path(path) if path else None
-        self._keys: tuple[tuple[bytes, AppKey], ...] = ()
+        self._digests: tuple[bytes, ...] = ()
+        self._keys: tuple[AppKey, ...] = ()
         self._stamp: tuple[int, int] | None = None
         self.reload_if_changed()
 
@@ -190,7 +184,8 @@ class AppKeyStore:
         if stamp == self._stamp:
             return False
         document = load_app_keys(self.path)
-        self._keys = tuple((bytes.fromhex(key.sha256), key) for key in document.keys)
+        self._digests = tuple(bytes.fromhex(key.sha256) for key in document.keys)
+        self._keys = tuple(document.keys)
         self._stamp = stamp
         return True
 
@@ -202,15 +197,11 @@ class AppKeyStore:
             pass  # keep serving with the keys we have; the error is logged by the caller
         if not credential:
             return None
-        candidate = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
-        found: AppKey | None = None
-        for key_digest, key in self._keys:
-            if hmac.compare_digest(candidate, key_digest):
-                found = key
-        return found
+        index = matches_any(credential, self._digests)
+        return None if index is None else self._keys[index]
 
     def check_name(self, name: str) -> AppKey | None:
-        for _, key in self._keys:
+        for key in self._keys:
             if key.name == name:
                 return key
         return None
