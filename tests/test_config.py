@@ -24,6 +24,7 @@ import trustme
 from relay import config as cfg
 from relay.credentials import keyfiles
 from relay.credentials.digests import digest_hex
+from relay.credentials.secret import Secret
 
 # ------------------------------------------------------------------ files the settings name
 
@@ -218,8 +219,8 @@ def test_plausible_serve_settings_pass_the_checks(files: Files) -> None:
 
 def test_redaction_counts_secrets_and_keeps_limits_named_like_secrets() -> None:
     serve = cfg.ServeConfig(
-        upstream_api_key="sk-very-secret",
-        client_keys=("ck-1", "ck-2"),
+        upstream_api_key=Secret("sk-very-secret"),
+        client_keys=(Secret("ck-1"), Secret("ck-2")),
         max_sessions_per_token=2,
         max_session_starts_per_token=3,
         tls_key_file="/etc/relay/key.pem",
@@ -366,7 +367,7 @@ def _serve(files: Files, case: Case) -> cfg.ServeConfig:
     settings = resolve(case, files)
     if case.simulator:
         settings["upstream_url"] = cfg.SIMULATOR_UPSTREAM
-    return msgspec.convert(settings, cfg.ServeConfig)
+    return cfg.load(cfg.ServeConfig, environ={}, overrides=settings)
 
 
 def _secrets(case: Case) -> list[str]:
@@ -387,9 +388,9 @@ def test_each_mistake_is_one_problem_naming_its_setting(files: Files, case: Case
 def test_the_simulator_is_never_a_silent_fallback() -> None:
     assert not cfg.uses_builtin_simulator(cfg.ServeConfig())
     assert cfg.serve_config_problems(cfg.ServeConfig(upstream_url="simulator")) == []
-    assert cfg.serve_config_problems(cfg.ServeConfig(upstream_api_key="sk-1")) == []
+    assert cfg.serve_config_problems(cfg.ServeConfig(upstream_api_key=Secret("sk-1"))) == []
     with pytest.raises(cfg.ConfigError, match=r"^serve\.upstream_api_key: not set"):
-        cfg.check_serve_config(cfg.ServeConfig(client_keys=("k1",)))
+        cfg.check_serve_config(cfg.ServeConfig(client_keys=(Secret("k1"),)))
 
 
 def test_several_problems_are_one_line() -> None:
@@ -507,7 +508,7 @@ def test_relay_serve_host_it_cannot_listen_on_is_one_line(host: str) -> None:
 async def test_a_bind_failure_after_the_checks_is_a_startup_error(busy_port: int) -> None:
     from relay.launch import StartupError, open_relay
 
-    config = cfg.ServeConfig(upstream_url="simulator", port=busy_port, client_keys=("k1",))
+    config = cfg.ServeConfig(upstream_url="simulator", port=busy_port, client_keys=(Secret("k1"),))
     with pytest.raises(
         StartupError, match=rf"^serve\.port: cannot listen on 127\.0\.0\.1:{busy_port}"
     ):
@@ -567,7 +568,7 @@ def test_relay_serve_starts_with_every_plausible_setting(
 async def test_reload_keeps_the_builtin_simulator_and_checks_the_new_config() -> None:
     from relay.launch import _reload, open_relay
 
-    started = cfg.ServeConfig(upstream_url="simulator", port=0, client_keys=("old",))
+    started = cfg.ServeConfig(upstream_url="simulator", port=0, client_keys=(Secret("old"),))
     async with open_relay(started) as running:
         assert running.simulator is not None
         server = running.server
@@ -594,7 +595,10 @@ async def test_reload_to_the_simulator_needs_a_restart(nursery: trio.Nursery) ->
 
     upstream = await start_simulator(nursery)
     started = cfg.ServeConfig(
-        upstream_url=upstream.ws_base, upstream_api_key=upstream.key, port=0, client_keys=("k",)
+        upstream_url=upstream.ws_base,
+        upstream_api_key=Secret(upstream.key),
+        port=0,
+        client_keys=(Secret("k"),),
     )
     async with open_relay(started) as running:
         assert running.simulator is None

@@ -39,6 +39,7 @@ import msgspec
 import orjson
 
 from relay.credentials.keyfiles import AppKeyStore
+from relay.credentials.secret import Secret
 from relay.credentials.tokens import Keyring, TokenClaims, mint, new_token_id
 from relay.protocol.events import http_error_body
 from relay.simulator.engine import ClientEventError
@@ -88,7 +89,7 @@ class Minter:
         self.app_keys = app_keys
         self.keyring = keyring
         self.upstream_http_base = upstream_http_base.rstrip("/")
-        self.upstream_api_key = upstream_api_key
+        self.upstream_api_key = Secret(upstream_api_key)
         self.upstream_ca_file = upstream_ca_file
         self._session_objects = ClientSecretStore()
 
@@ -156,7 +157,7 @@ class Minter:
                     url,
                     content=body,
                     headers={
-                        "Authorization": f"Bearer {self.upstream_api_key}",
+                        "Authorization": f"Bearer {self.upstream_api_key.reveal()}",
                         "Content-Type": "application/json",
                     },
                 )
