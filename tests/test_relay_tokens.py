@@ -181,6 +181,7 @@ async def test_signing_key_rotation_keeps_old_tokens_and_live_sessions(
     async with open_ws(url, extra_headers=auth(old_token)) as live:
         await live.get_message()  # the lock's session.update, echoed
         keyfiles.rotate_signing_key(keys.signing_file, time.time())
+        await token_relay.server.key_files.wait_polled()
         new_token = await token_for(token_relay, keys)
         assert new_token.split(".")[1] != old_token.split(".")[1]
         for token in (new_token,):
@@ -325,8 +326,10 @@ async def test_app_keys_reload_without_restart_or_touching_sessions(
     async with open_ws(url, extra_headers=auth(token)) as live:
         await live.get_message()
         late_key = keyfiles.create_app_key(keys.app_file, "late-app")
+        await token_relay.server.key_files.wait_polled()
         assert (await mint(token_relay, late_key, {})).status_code == 200
         assert keyfiles.revoke_app_key(keys.app_file, "voice-app")
+        await token_relay.server.key_files.wait_polled()
         refused = await mint(token_relay, keys.app_key, {})
         assert refused.status_code == 401
         # The live session, opened with a token from the revoked key, is untouched.

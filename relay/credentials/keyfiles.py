@@ -6,19 +6,24 @@ This module owns two small JSON files:
   call ``POST /v1/realtime/client_secrets``. Only SHA-256 digests are stored; a new
   key is printed once by ``relay keys create NAME``. Each key has a mode: ``relay``
   (mint relay tokens) or ``passthrough`` (mint a real OpenAI ``ek_`` from the
-  upstream). :class:`AppKeyStore` re-reads the file when its modification time
-  changes, so keys are added and revoked without a restart and without touching
-  live sessions.
+  upstream). :class:`AppKeyStore` holds them in memory for the mint endpoint.
 - the **signing key file** (``serve.signing_keys_file``): relay-token signing keys
   with ids. ``relay keys rotate-signing`` adds a new active key and retires the
   old one, which keeps verifying tokens until they have all expired.
+  :class:`KeyringFile` holds them in memory for minting and verification.
+
+Both stores are re-read when their file changes, by a timer task
+(:mod:`relay.credentials.watch`), never on a request: keys are added, revoked and
+rotated without a restart and without touching live sessions. A version that does
+not load keeps the previous keys (:class:`Reload` says why).
 
 Files are written atomically (temp file + rename) with mode 0600. A configured
 file that does not exist is an error (:class:`KeyFileError`), except for the
 commands that create it (``relay keys create``, ``relay keys rotate-signing``).
 Loading validates every entry: app key digests are SHA-256 hex, signing secrets
-are standard base64 of at least :data:`relay.credentials.tokens.MIN_SIGNING_KEY_BYTES` bytes;
-errors name the file and the key, never a secret.
+are standard base64 of at least
+:data:`relay.credentials.tokens.MIN_SIGNING_KEY_BYTES` bytes; errors name the file
+and the key, never a secret.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import os
 import secrets
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
@@ -113,6 +119,84 @@ def _read(
         raise KeyFileError(f"{path}: {exc}") from None
 
 
+# ------------------------------------------------------------------ watched files
+
+#: Metric labels (``relay_key_file_reload_failures{file=…}``) and log names of the files.
+APP_KEYS_LABEL: Final = "app_keys"
+SIGNING_KEYS_LABEL: Final = "signing_keys"
+
+#: What ``stat`` says about a file's version: inode, size, mtime and ctime (ns).
+#: The inode catches an atomic replace inside one mtime tick, ctime a ``chmod`` that
+#: makes an unreadable file readable; None when the file cannot be stat'ed.
+FileStamp = tuple[int, int, int, int] | None
+
+
+def file_stamp(path: Path) -> FileStamp:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """What one look at a key file found."""
+
+    #: The file changed since the last look (so it was read again).
+    changed: bool = False
+    #: Why the new version was refused (the previous keys stay), naming the file.
+    error: str | None = None
+    #: The refusal of the look before, if that one failed too.
+    previous_error: str | None = None
+
+
+UNCHANGED: Final = Reload()
+
+
+class _WatchedFile:
+    """A key file loaded into memory, re-read only by :meth:`reload_if_changed`.
+
+    Nothing that serves a request touches the disk: a timer task
+    (:class:`relay.credentials.watch.KeyFilePoller`) calls :meth:`reload_if_changed`.
+    The file is loaded at construction and a broken one raises :class:`KeyFileError`
+    then; later, a broken version keeps the previous keys.
+    """
+
+    label: str
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path) if path else None
+        self.last_error: str | None = None
+        self._stamp: FileStamp = None
+        if self.path is not None:
+            # Stamp first: a change while we read shows as a new stamp next time.
+            self._stamp = file_stamp(self.path)
+            self._load(self.path)
+
+    def _load(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What is loaded, for the reload log line (names and counts, never a secret)."""
+        raise NotImplementedError
+
+    def reload_if_changed(self) -> Reload:
+        """Re-read the file if its stamp changed; a broken file keeps the previous keys."""
+        if self.path is None:
+            return UNCHANGED
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return UNCHANGED
+        self._stamp = stamp
+        previous, self.last_error = self.last_error, None
+        try:
+            self._load(self.path)
+        except KeyFileError as exc:
+            self.last_error = str(exc)
+        return Reload(changed=True, error=self.last_error, previous_error=previous)
+
+
 # ------------------------------------------------------------------ app keys
 
 
@@ -162,39 +246,29 @@ def revoke_app_key(path: Path, name: str) -> bool:
     return True
 
 
-class AppKeyStore:
-    """App keys, re-read from disk whenever the file changes."""
+class AppKeyStore(_WatchedFile):
+    """App keys in memory, checked with no syscall; :meth:`reload_if_changed` refreshes them."""
+
+    label = APP_KEYS_LABEL
 
     def __init__(self, path: str) -> None:
-        self.path = Path(path) if path else None
         self._digests: tuple[bytes, ...] = ()
         self._keys: tuple[AppKey, ...] = ()
-        self._stamp: tuple[int, int] | None = None
-        self.reload_if_changed()
+        super().__init__(path)
 
-    def reload_if_changed(self) -> bool:
-        """Re-read the file if it changed; a broken file keeps the previous keys."""
-        if self.path is None:
-            return False
-        try:
-            stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp == self._stamp:
-            return False
-        document = load_app_keys(self.path)
-        self._digests = tuple(bytes.fromhex(key.sha256) for key in document.keys)
-        self._keys = tuple(document.keys)
-        self._stamp = stamp
-        return True
+    def _load(self, path: Path) -> None:
+        document = load_app_keys(path)
+        # Swapped together: a check sees the old keys or the new ones, never a mix.
+        self._digests, self._keys = (
+            tuple(bytes.fromhex(key.sha256) for key in document.keys),
+            tuple(document.keys),
+        )
+
+    def describe(self) -> str:
+        return f"{len(self._keys)} app key(s)"
 
     def check(self, credential: str | None) -> AppKey | None:
         """The app key ``credential`` is, compared in constant time against every key."""
-        try:
-            self.reload_if_changed()
-        except KeyFileError:
-            pass  # keep serving with the keys we have; the error is logged by the caller
         if not credential:
             return None
         index = matches_any(credential, self._digests)
@@ -264,40 +338,24 @@ def rotate_signing_key(path: Path, now: float) -> str:
     return fresh.kid
 
 
-class KeyringFile:
-    """The signing keyring, re-read when its file changes (rotation without a restart).
+class KeyringFile(_WatchedFile):
+    """The signing keyring in memory (rotation without a restart): :meth:`current` makes
+    no syscall; :meth:`reload_if_changed` refreshes it. Without a file, ``fallback`` is
+    the keyring for the life of the process."""
 
-    A file that became unreadable or invalid keeps the previous keyring (the error
-    is kept in :attr:`last_error` for the caller to log).
-    """
+    label = SIGNING_KEYS_LABEL
 
     def __init__(self, path: str, fallback: Keyring | None = None) -> None:
-        self.path = Path(path) if path else None
-        self._stamp: tuple[int, int] | None = None
-        self.last_error: str | None = None
-        if self.path is None:
+        if not path:
             assert fallback is not None
             self._keyring = fallback
-        else:
-            self._keyring = load_keyring(self.path, time.time())
-            self._stamp = self._read_stamp()
+        super().__init__(path)
 
-    def _read_stamp(self) -> tuple[int, int] | None:
-        assert self.path is not None
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
+    def _load(self, path: Path) -> None:
+        self._keyring = load_keyring(path, time.time())
+
+    def describe(self) -> str:
+        return f"{len(self._keyring.kids)} signing key(s), active {self._keyring.active.kid!r}"
 
     def current(self) -> Keyring:
-        if self.path is not None:
-            stamp = self._read_stamp()
-            if stamp != self._stamp:
-                try:
-                    self._keyring = load_keyring(self.path, time.time())
-                    self.last_error = None
-                except KeyFileError as exc:
-                    self.last_error = str(exc)
-                self._stamp = stamp
         return self._keyring
