@@ -1,12 +1,13 @@
 """Client credential checks: one small interface in front of the data plane.
 
 This module owns the decision "may this handshake open a session?", made before
-any upgrade. :class:`CredentialChecker` is the interface the data plane calls;
-:class:`StaticKeyChecker` implements it for static client keys from configuration,
-kept only as SHA-256 digests and compared in constant time (every digest is
-compared, so neither timing nor key length says which key almost matched);
-:class:`NoAuthChecker` is for local development. Short-lived relay tokens plug in
-as another implementation of the same interface.
+any upgrade, and the state it needs. :class:`CredentialChecker` is the interface
+the data plane calls; :class:`StaticKeyChecker` implements it for static client
+keys from configuration, kept only as SHA-256 digests and compared with
+:func:`relay.credentials.digests.matches_any` (every digest, constant time);
+:class:`NoAuthChecker` is for local development; :class:`RelayTokenChecker` takes
+short-lived relay tokens (``ek_r1.…``) and hands anything else to one of the
+others. :class:`ReplayStore` remembers spent single-use token ids.
 
 Refusals are :class:`AuthRefusal` values carrying the HTTP status and OpenAI's
 error fields; their messages never contain the credential.
