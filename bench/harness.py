@@ -33,7 +33,7 @@ from typing import Any, Final
 import msgspec
 import trio
 
-from relay import appkeys
+from relay.credentials import keyfiles
 from relay.loadgen import LoadResult, LoadSpec, ProgressBar, run_load
 
 REPO: Final = Path(__file__).resolve().parent.parent
@@ -225,8 +225,8 @@ class Rig:
         keys.mkdir(exist_ok=True)
         app_keys, signing = keys / "app-keys.json", keys / "signing.json"
         if not self.app_key:
-            self.app_key = appkeys.create_app_key(app_keys, "bench")
-            appkeys.rotate_signing_key(signing, time.time())
+            self.app_key = keyfiles.create_app_key(app_keys, "bench")
+            keyfiles.rotate_signing_key(signing, time.time())
         return {
             **self.env,
             "RELAY_SERVE_PORT": str(port),

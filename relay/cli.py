@@ -292,7 +292,7 @@ def _fail(message: str) -> int:
 
 
 def _run_serve(serve: cfg.ServeConfig, reload: Callable[[], cfg.ServeConfig]) -> int:
-    from relay.appkeys import KeyFileError
+    from relay.credentials.keyfiles import KeyFileError
     from relay.launch import StartupError, run_relay
 
     try:
@@ -372,13 +372,13 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _keys_hash() -> int:
-    from relay.dataplane.auth import key_digest
+    from relay.credentials.digests import digest_hex
 
     key = sys.stdin.readline().strip() if not sys.stdin.isatty() else getpass.getpass("key: ")
     if not key:
         print("relay: no key given", file=sys.stderr)
         return 2
-    print(key_digest(key))
+    print(digest_hex(key))
     return 0
 
 
@@ -386,7 +386,7 @@ def _keys_manage(args: argparse.Namespace, serve: cfg.ServeConfig) -> int:
     import time
     from pathlib import Path
 
-    from relay import appkeys
+    from relay.credentials import keyfiles
 
     command = args.keys_command
     default = serve.signing_keys_file if command == "rotate-signing" else serve.app_keys_file
@@ -398,7 +398,7 @@ def _keys_manage(args: argparse.Namespace, serve: cfg.ServeConfig) -> int:
     path = Path(path_text)
     try:
         if command == "create":
-            key = appkeys.create_app_key(
+            key = keyfiles.create_app_key(
                 path,
                 args.name,
                 "passthrough" if args.passthrough else "relay",
@@ -407,21 +407,21 @@ def _keys_manage(args: argparse.Namespace, serve: cfg.ServeConfig) -> int:
             print(key)
             print(f"app key {args.name!r} created; it is shown only now", file=sys.stderr)
         elif command == "revoke":
-            if not appkeys.revoke_app_key(path, args.name):
+            if not keyfiles.revoke_app_key(path, args.name):
                 print(f"relay: no app key named {args.name!r}", file=sys.stderr)
                 return 1
             print(f"app key {args.name!r} revoked", file=sys.stderr)
         elif command == "list":
-            for app_key in appkeys.load_app_keys(path).keys:
+            for app_key in keyfiles.load_app_keys(path).keys:
                 created = time.strftime("%Y-%m-%d %H:%M", time.gmtime(app_key.created_at))
                 print(
                     f"{app_key.name}\t{app_key.mode}\tcreated {created} UTC\t"
                     f"sha256 {app_key.sha256[:12]}…"
                 )
         else:
-            kid = appkeys.rotate_signing_key(path, time.time())
+            kid = keyfiles.rotate_signing_key(path, time.time())
             print(f"new signing key {kid!r} is active; older keys verify until their tokens expire")
-    except appkeys.KeyFileError as exc:
+    except keyfiles.KeyFileError as exc:
         print(f"relay: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,8 +8,11 @@ unknown keys; any bad value raises :class:`ConfigError` whose one-line message
 names the key (``serve.port: Expected `int`, got `str```).
 
 Units are in the names: ``_s`` seconds, ``_ms`` milliseconds, ``_bytes`` bytes.
-Secrets (API keys, client keys and their digests) are listed by field in
-:data:`SECRET_FIELDS` and never printed by :func:`redacted`.
+Secrets (API keys, client keys and their digests) are typed
+:class:`~relay.credentials.secret.Secret`: decoded from TOML and the environment
+like any string (same checks, same messages), never shown by ``str``/``repr``, and
+hidden by :func:`redacted` because of their type (:data:`SECRET_FIELDS` lists them,
+derived from the types).
 
 Typing cannot say everything: :func:`serve_config_problems` checks a loaded
 ``[serve]`` section for what can be known without binding a socket (TLS files
@@ -29,10 +32,14 @@ import ssl
 import time
 import tomllib
 from collections.abc import Mapping
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar, get_args, get_origin
 
 import msgspec
+
+from relay.credentials.digests import DIGEST_HEX_CHARS, is_digest_hex
+from relay.credentials.secret import Secret
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -51,7 +58,31 @@ SimulatorMode = Literal["normal", "echo", "raw-echo"]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    pass
+    def __post_init__(self) -> None:
+        # A section built directly (tests, ``relay demo``, the built-in simulator) may
+        # hold plain strings in secret fields: wrap them, so no display shows them.
+        for name in _secret_fields(type(self)):
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                wrapped: object = tuple(_as_secret(item) for item in value)
+            else:
+                wrapped = _as_secret(value)
+            msgspec.structs.force_setattr(self, name, wrapped)
+
+
+def _as_secret(value: object) -> object:
+    return Secret(value) if isinstance(value, str) else value
+
+
+@cache
+def _secret_fields(section_type: type[_Section]) -> frozenset[str]:
+    """The fields typed ``Secret`` or ``tuple[Secret, ...]``."""
+    return frozenset(
+        field.name
+        for field in msgspec.structs.fields(section_type)
+        if field.type is Secret
+        or (get_origin(field.type) is tuple and Secret in get_args(field.type))
+    )
 
 
 class SimulatorConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -60,7 +91,7 @@ class SimulatorConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     host: str = "127.0.0.1"
     port: Port = 8765
     #: API keys (``sk-…``) the simulator accepts; client secrets it mints are accepted too.
-    api_keys: tuple[str, ...] = (DEFAULT_SIMULATOR_API_KEY,)
+    api_keys: tuple[Secret, ...] = (Secret(DEFAULT_SIMULATOR_API_KEY),)
     #: normal: a full model turn per response; echo: each append answered by one
     #: audio delta; raw-echo: every frame echoed unchanged.
     mode: SimulatorMode = "normal"
@@ -91,13 +122,13 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: ``simulator`` (``relay serve --simulator``): the built-in simulator, for local runs.
     upstream_url: str = "wss://api.openai.com/v1"
     #: The relay's upstream key (``sk-…``); required unless the upstream is ``simulator``.
-    upstream_api_key: str = ""
+    upstream_api_key: Secret = Secret()
     #: CA bundle for a private upstream (tests use a throwaway CA); empty = system store.
     upstream_ca_file: str = ""
     #: SHA-256 hex digests of accepted client keys (see ``relay keys hash``).
-    client_key_sha256: tuple[str, ...] = ()
+    client_key_sha256: tuple[Secret, ...] = ()
     #: Plain client keys; hashed at start-up and never kept.
-    client_keys: tuple[str, ...] = ()
+    client_keys: tuple[Secret, ...] = ()
     #: Local development only: accept every client without a credential.
     no_auth: bool = False
     #: App keys for ``POST /v1/realtime/client_secrets`` (managed by ``relay keys``).
@@ -135,7 +166,7 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     trusted_proxies: tuple[str, ...] = ()
     #: SHA-256 hex of the admin key that ``/metrics`` and ``/admin/*`` require; empty:
     #: ``/metrics`` is open and the admin API is off.
-    admin_key_sha256: str = ""
+    admin_key_sha256: Secret = Secret()
     #: Query parameters forwarded upstream besides the documented ``model``,
     #: ``call_id`` and ``intent`` (e.g. an Azure ``api-version``); others are dropped.
     upstream_query_params: tuple[str, ...] = ()
@@ -145,7 +176,7 @@ class DemoConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
     """``relay demo``: a scripted voice session that prints the event flow."""
 
     url: str = ""
-    api_key: str = ""
+    api_key: Secret = Secret()
     model: str = "gpt-realtime"
     turns: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     speech_ms: Annotated[int, msgspec.Meta(ge=20, le=30_000)] = 600
@@ -187,33 +218,47 @@ def load(
     if overrides:
         merged.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return msgspec.convert(merged, section_type, strict=False)
+        return msgspec.convert(merged, section_type, strict=False, dec_hook=_decode_hook)
     except msgspec.ValidationError as exc:
         raise ConfigError(_one_line(name, str(exc))) from None
 
 
+def _decode_hook(target: type, value: Any) -> Any:
+    if target is Secret:
+        # msgspec's own str check, so a wrong value reads exactly as for a str field;
+        # raised as TypeError so msgspec adds where it is (`$.client_keys[0]`).
+        try:
+            return Secret(msgspec.convert(value, str, strict=False))
+        except msgspec.ValidationError as exc:
+            raise TypeError(str(exc)) from None
+    raise NotImplementedError(f"no decoder for {target!r}")
+
+
 #: The fields whose values are secrets, or digests an attacker could test guesses
-#: against; :func:`redacted` never shows them. Chosen by field, not by name pattern.
+#: against: those typed ``Secret``. Chosen by type, not by name pattern.
 SECRET_FIELDS: Final[Mapping[type[_Section], frozenset[str]]] = {
-    SimulatorConfig: frozenset({"api_keys"}),
-    ServeConfig: frozenset(
-        {"upstream_api_key", "client_keys", "client_key_sha256", "admin_key_sha256"}
-    ),
-    DemoConfig: frozenset({"api_key"}),
+    section_type: _secret_fields(section_type)
+    for section_type in (SimulatorConfig, ServeConfig, DemoConfig)
 }
-_REDACTED: Final = "<redacted>"
 
 
 def redacted(section: _Section) -> dict[str, Any]:
-    """The effective settings with every secret replaced, for the start-up log line."""
-    out: dict[str, Any] = msgspec.to_builtins(section)
-    for key in SECRET_FIELDS[type(section)]:
-        value = out[key]
-        if isinstance(value, str):
-            out[key] = _REDACTED if value else ""
-        else:  # a list of secrets: how many, never which
-            out[key] = [_REDACTED] * len(value)
-    return out
+    """The effective settings with every secret replaced, for the start-up log line.
+
+    A secret shows as ``<redacted>`` (or empty when unset); a list of secrets says
+    how many, never which.
+    """
+    shown: dict[str, Any] = msgspec.to_builtins(section, enc_hook=_display)
+    for name in _secret_fields(type(section)):
+        if isinstance(shown[name], tuple):
+            shown[name] = list(shown[name])
+    return shown
+
+
+def _display(value: Any) -> Any:
+    if isinstance(value, Secret):
+        return str(value) if value else ""
+    raise NotImplementedError(f"cannot display {type(value).__name__}")
 
 
 def _section_name(section_type: type[_Section]) -> str:
@@ -279,11 +324,8 @@ def _one_line(section: str, msgspec_message: str) -> str:
 
 #: ``upstream_url`` value choosing the built-in simulator (``relay serve --simulator``).
 SIMULATOR_UPSTREAM: Final = "simulator"
-#: Hex characters in a SHA-256 digest.
-SHA256_HEX_CHARS: Final = 64
 #: Longest DNS name (RFC 1035 §2.3.4), in characters.
 MAX_HOSTNAME_CHARS: Final = 253
-_SHA256_HEX_RE: Final = re.compile(rf"[0-9a-fA-F]{{{SHA256_HEX_CHARS}}}")
 _HOST_LABEL_RE: Final = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
 _ORIGIN_RE: Final = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+")
 _WS_SCHEMES: Final = ("ws://", "wss://")
@@ -402,9 +444,9 @@ def _tls_problems(cert_file: str, key_file: str) -> list[str]:
 def _client_auth_problems(config: ServeConfig) -> list[str]:
     problems: list[str] = []
     for index, digest in enumerate(config.client_key_sha256):
-        if not _SHA256_HEX_RE.fullmatch(digest.strip()):
+        if not is_digest_hex(digest.strip()):
             problems.append(
-                f"client_key_sha256[{index}]: not a SHA-256 hex digest ({SHA256_HEX_CHARS} hex "
+                f"client_key_sha256[{index}]: not a SHA-256 hex digest ({DIGEST_HEX_CHARS} hex "
                 "characters; make one with `relay keys hash`)"
             )
     for index, key in enumerate(config.client_keys):
@@ -413,9 +455,9 @@ def _client_auth_problems(config: ServeConfig) -> list[str]:
                 f"client_keys[{index}]: empty, or has spaces, control or non-ASCII characters "
                 "(clients send keys in HTTP headers: printable ASCII only)"
             )
-    if config.admin_key_sha256 and not _SHA256_HEX_RE.fullmatch(config.admin_key_sha256):
+    if config.admin_key_sha256 and not is_digest_hex(config.admin_key_sha256):
         problems.append(
-            f"admin_key_sha256: not a SHA-256 hex digest ({SHA256_HEX_CHARS} hex characters; "
+            f"admin_key_sha256: not a SHA-256 hex digest ({DIGEST_HEX_CHARS} hex characters; "
             "make one with `relay keys hash`)"
         )
     for index, proxy in enumerate(config.trusted_proxies):
@@ -448,7 +490,7 @@ def _client_auth_problems(config: ServeConfig) -> list[str]:
 
 
 def _key_file_problems(config: ServeConfig, now: float) -> list[str]:
-    from relay.appkeys import KeyFileError, load_app_keys, load_keyring
+    from relay.credentials.keyfiles import KeyFileError, load_app_keys, load_keyring
 
     problems: list[str] = []
     if config.app_keys_file:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 import msgspec
 import trio
 
-from relay.appkeys import KeyFileError
 from relay.config import (
     DEFAULT_SIMULATOR_API_KEY,
     SIMULATOR_UPSTREAM,
@@ -46,6 +45,8 @@ from relay.config import (
     check_serve_config,
     uses_builtin_simulator,
 )
+from relay.credentials.keyfiles import KeyFileError
+from relay.credentials.secret import Secret
 from relay.dataplane.upstream import UpstreamEndpoint
 from relay.net.transport import open_listener
 from relay.server import RelayServer
@@ -80,7 +81,7 @@ class RunningRelay:
 async def _start_builtin_simulator(nursery: trio.Nursery) -> BuiltinSimulator:
     """Start a loopback simulator with a fresh key."""
     key = f"sk-sim-{secrets.token_hex(16)}"
-    sim_config = SimulatorConfig(host="127.0.0.1", port=0, api_keys=(key,))
+    sim_config = SimulatorConfig(host="127.0.0.1", port=0, api_keys=(Secret(key),))
     port: int = await nursery.start(serve_simulator, sim_config)
     return BuiltinSimulator(url=f"ws://127.0.0.1:{port}/v1", api_key=key)
 
@@ -260,7 +261,7 @@ async def run_demo_stack(config: DemoConfig, direct: bool = False) -> bool:
     if config.url:
         report = await run_demo(
             config.url,
-            config.api_key,
+            config.api_key.reveal(),
             model=config.model,
             turns=config.turns,
             speech_ms=config.speech_ms,
@@ -280,7 +281,7 @@ async def run_demo_stack(config: DemoConfig, direct: bool = False) -> bool:
                 host="127.0.0.1",
                 port=0,
                 upstream_url=SIMULATOR_UPSTREAM,
-                client_keys=(client_key,),
+                client_keys=(Secret(client_key),),
             )
             running = await nursery.start(_serve_for_demo, serve_config)
             url, key = f"ws://127.0.0.1:{running}/v1", client_key

@@ -8,7 +8,8 @@ This module owns how the relay writes logs:
 - :func:`redact` scrubs anything shaped like a credential (``sk-…``, ``ek_…``,
   ``rk_…``, ``Bearer …``, ``openai-insecure-api-key.…``) from every message and
   string field before it is written, as a last line of defence: the code already
-  never logs a credential on purpose;
+  never logs a credential on purpose; a :class:`~relay.credentials.secret.Secret`
+  in the fields is written as ``<redacted>``;
 - records go through a bounded queue to a writer thread, so a slow or blocked
   stderr never stalls a Trio task; when the queue is full the line is dropped and
   counted (:attr:`QueueingHandler.dropped`, exported as a metric).
@@ -25,6 +26,8 @@ import time
 from typing import IO, Any, Final
 
 import orjson
+
+from relay.credentials.secret import Secret
 
 #: Log lines waiting for the writer thread before new ones are dropped.
 LOG_QUEUE_MAX_LINES: Final = 10_000
@@ -47,6 +50,8 @@ def redact(text: str) -> str:
 
 
 def _scrub(value: Any) -> Any:
+    if isinstance(value, Secret):  # orjson would write a str subclass's value
+        return str(value)
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):

@@ -5,7 +5,7 @@ the per-message path: sessions add their message and byte counts and their usage
 when they end, and gauges are read by callback when ``/metrics`` is scraped.
 
 Label values never carry a credential: close codes, sides, model names, token
-kinds and error kinds only.
+kinds, error kinds and key file names only.
 """
 
 from __future__ import annotations
@@ -31,6 +31,10 @@ HANDSHAKE_BUCKETS_S: Final = (
     5,
     10,
 )
+
+#: The ``file`` labels of ``relay_key_file_reload_failures`` (the key files'
+#: ``label`` in :mod:`relay.credentials.keyfiles`), exported at 0 from the start.
+KEY_FILE_LABELS: Final = ("app_keys", "signing_keys")
 
 
 class RelayMetrics:
@@ -96,6 +100,18 @@ class RelayMetrics:
             ["model", "kind"],
             registry=r,
         )
+
+        self.key_file_reload_failures = Counter(
+            "relay_key_file_reload_failures",
+            "Key file versions that failed to load (the previous keys were kept), by file.",
+            ["file"],
+            registry=r,
+        )
+        for label in KEY_FILE_LABELS:
+            self.key_file_reload_failures.labels(file=label)
+
+    def count_key_file_reload_failure(self, label: str) -> None:
+        self.key_file_reload_failures.labels(file=label).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -37,26 +37,28 @@ import orjson
 import trio
 
 from relay import logs
-from relay.appkeys import AppKeyStore, KeyringFile
 from relay.config import ServeConfig
 from relay.control.app import create_app
 from relay.control.hosting import ControlPlaneHost
-from relay.dataplane.admission import AdmissionPolicy, Admitted, Refused, admit
-from relay.dataplane.auth import (
+from relay.credentials.checkers import (
     CredentialChecker,
     NoAuthChecker,
     RelayTokenChecker,
     ReplayStore,
     StaticKeyChecker,
-    key_digest,
 )
+from relay.credentials.digests import digest_hex
+from relay.credentials.keyfiles import AppKeyStore, KeyringFile
+from relay.credentials.minting import Minter, http_base_for
+from relay.credentials.tokens import Keyring, new_signing_key
+from relay.credentials.watch import KEY_FILE_POLL_INTERVAL_S, KeyFilePoller
+from relay.dataplane.admission import AdmissionPolicy, Admitted, Refused, admit
 from relay.dataplane.lock import SessionLock
 from relay.dataplane.policy import EndKind
 from relay.dataplane.registry import SessionContext, SessionRegistry
 from relay.dataplane.session import RelaySession, SessionLimits
 from relay.dataplane.upstream import UpstreamEndpoint, UpstreamRefused, dial_upstream
 from relay.metrics import RelayMetrics
-from relay.minting import Minter, http_base_for
 from relay.net import http
 from relay.net.transport import (
     Transport,
@@ -70,7 +72,6 @@ from relay.net.transport import (
 from relay.net.websocket import WebSocket
 from relay.protocol import handshake
 from relay.protocol.handshake import HandshakeError, RequestHead
-from relay.tokens import Keyring, new_signing_key
 
 LOGGER = logging.getLogger("relay.server")
 ACCESS_LOG = logging.getLogger("relay.access")
@@ -81,7 +82,7 @@ REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
 def build_checker(config: ServeConfig) -> CredentialChecker:
     if config.no_auth:
         return NoAuthChecker()
-    digests = [*config.client_key_sha256, *(key_digest(k) for k in config.client_keys)]
+    digests = [*config.client_key_sha256, *(digest_hex(k) for k in config.client_keys)]
     return StaticKeyChecker(digests)
 
 
@@ -105,6 +106,7 @@ class RelayServer:
         *,
         upstream: UpstreamEndpoint,
         checker: CredentialChecker | None = None,
+        key_file_poll_interval_s: float = KEY_FILE_POLL_INTERVAL_S,
     ) -> None:
         self.keyring = build_keyring(config)
         self.replay = ReplayStore(config.replay_store_max_entries)
@@ -121,6 +123,12 @@ class RelayServer:
             else None
         )
         self._configure(config, upstream)
+        # Handshakes and mint calls read keys from memory; this task re-reads the files.
+        self.key_files = KeyFilePoller(
+            lambda: (self.app_keys, self.keyring),
+            interval_s=key_file_poll_interval_s,
+            on_failure=self.metrics.count_key_file_reload_failure,
+        )
         self.control = ControlPlaneHost(create_app(self))
 
     def _configure(self, config: ServeConfig, upstream: UpstreamEndpoint) -> None:
@@ -180,6 +188,7 @@ class RelayServer:
             port = int(listener.getsockname()[1])
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.control.run)
+                await nursery.start(self.key_files.run)
                 LOGGER.info(
                     "relay listening on %s:%d, upstream %s",
                     self.config.host,

@@ -19,6 +19,8 @@ from relay.server import RelayServer
 from relay.simulator.server import Simulator
 
 SIM_KEY = "sk-sim-test-key-0123456789"
+#: Seconds between key-file polls in test relays: tests wait for a poll, not for 2 s.
+TEST_KEY_FILE_POLL_INTERVAL_S = 0.05
 CLIENT_KEY = "client-key-test-abcdef"
 
 T = TypeVar("T")
@@ -71,7 +73,12 @@ async def start_simulator(nursery: trio.Nursery, **overrides: Any) -> RunningSim
 
 
 async def start_relay(
-    nursery: trio.Nursery, upstream_url: str, upstream_key: str = SIM_KEY, **overrides: Any
+    nursery: trio.Nursery,
+    upstream_url: str,
+    upstream_key: str = SIM_KEY,
+    *,
+    key_file_poll_interval_s: float = TEST_KEY_FILE_POLL_INTERVAL_S,
+    **overrides: Any,
 ) -> RunningRelay:
     fields: dict[str, Any] = {
         "host": "127.0.0.1",
@@ -88,7 +95,9 @@ async def start_relay(
     endpoint = UpstreamEndpoint.from_config(
         config.upstream_url, config.upstream_api_key, config.upstream_ca_file
     )
-    server = RelayServer(config, upstream=endpoint)
+    server = RelayServer(
+        config, upstream=endpoint, key_file_poll_interval_s=key_file_poll_interval_s
+    )
     port: int = await nursery.start(server.serve)
     return RunningRelay(port=port, key=CLIENT_KEY, server=server)
 

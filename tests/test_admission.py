@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
+from relay.credentials.checkers import MISSING, AuthGrant, AuthRefusal, ReplayStore, TokenGrant
+from relay.credentials.tokens import TokenClaims
 from relay.dataplane.admission import AdmissionPolicy, Admitted, Occupancy, Refused, admit
-from relay.dataplane.auth import MISSING, AuthGrant, AuthRefusal, ReplayStore, TokenGrant
 from relay.metrics import RelayMetrics
 from relay.protocol.handshake import RequestHead, parse_request_head
-from relay.tokens import TokenClaims
 from tests.conftest import RunningRelay, RunningSimulator, open_ws, raw_handshake, start_relay
 from tests.test_relay_tokens import Keys, auth, token_for
 

@@ -21,9 +21,10 @@ import pytest
 import trio
 import trustme
 
-from relay import appkeys
 from relay import config as cfg
-from relay.dataplane.auth import key_digest
+from relay.credentials import keyfiles
+from relay.credentials.digests import digest_hex
+from relay.credentials.secret import Secret
 
 # ------------------------------------------------------------------ files the settings name
 
@@ -71,8 +72,8 @@ def files(tmp_path_factory: pytest.TempPathFactory) -> Files:
     issued.private_key_and_cert_chain_pem.write_to_path(str(made.both))
     other.private_key_pem.write_to_path(str(made.other_key))
     ca.cert_pem.write_to_path(str(made.ca))
-    appkeys.create_app_key(made.app_keys, "voice-app")
-    appkeys.rotate_signing_key(made.signing_keys, time.time())
+    keyfiles.create_app_key(made.app_keys, "voice-app")
+    keyfiles.rotate_signing_key(made.signing_keys, time.time())
     made.garbage.write_text("this is not JSON {")
     made.directory.mkdir()
     made.short_signing_keys.write_text(
@@ -98,7 +99,7 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "upstream_url": ("wss://upstream.example/v1", "wss://upstream.example/v1"),
             "upstream_api_key": ("sk-plausible-upstream-key", "sk-plausible-upstream-key"),
             "upstream_ca_file": (str(files.ca), str(files.ca)),
-            "client_key_sha256": (key_digest("client-one"), (key_digest("client-one"),)),
+            "client_key_sha256": (digest_hex("client-one"), (digest_hex("client-one"),)),
             "client_keys": ("client-two, client-three", ("client-two", "client-three")),
             "no_auth": ("true", True),
             "app_keys_file": (str(files.app_keys), str(files.app_keys)),
@@ -124,7 +125,7 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "log_level": ("warning", "warning"),
             "log_format": ("text", "text"),
             "trusted_proxies": ("127.0.0.1,::1", ("127.0.0.1", "::1")),
-            "admin_key_sha256": (key_digest("admin-key"), key_digest("admin-key")),
+            "admin_key_sha256": (digest_hex("admin-key"), digest_hex("admin-key")),
             "upstream_query_params": ("api-version,deployment", ("api-version", "deployment")),
         },
         cfg.SimulatorConfig: {
@@ -218,8 +219,8 @@ def test_plausible_serve_settings_pass_the_checks(files: Files) -> None:
 
 def test_redaction_counts_secrets_and_keeps_limits_named_like_secrets() -> None:
     serve = cfg.ServeConfig(
-        upstream_api_key="sk-very-secret",
-        client_keys=("ck-1", "ck-2"),
+        upstream_api_key=Secret("sk-very-secret"),
+        client_keys=(Secret("ck-1"), Secret("ck-2")),
         max_sessions_per_token=2,
         max_session_starts_per_token=3,
         tls_key_file="/etc/relay/key.pem",
@@ -327,7 +328,7 @@ CASES: list[Case] = [
         {
             "client_keys": ["k1"],
             "app_keys_file": "{app_keys}",
-            "admin_key_sha256": key_digest("admin"),
+            "admin_key_sha256": digest_hex("admin"),
         },
         "upstream_api_key",
         simulator=False,
@@ -366,7 +367,7 @@ def _serve(files: Files, case: Case) -> cfg.ServeConfig:
     settings = resolve(case, files)
     if case.simulator:
         settings["upstream_url"] = cfg.SIMULATOR_UPSTREAM
-    return msgspec.convert(settings, cfg.ServeConfig)
+    return cfg.load(cfg.ServeConfig, environ={}, overrides=settings)
 
 
 def _secrets(case: Case) -> list[str]:
@@ -387,9 +388,9 @@ def test_each_mistake_is_one_problem_naming_its_setting(files: Files, case: Case
 def test_the_simulator_is_never_a_silent_fallback() -> None:
     assert not cfg.uses_builtin_simulator(cfg.ServeConfig())
     assert cfg.serve_config_problems(cfg.ServeConfig(upstream_url="simulator")) == []
-    assert cfg.serve_config_problems(cfg.ServeConfig(upstream_api_key="sk-1")) == []
+    assert cfg.serve_config_problems(cfg.ServeConfig(upstream_api_key=Secret("sk-1"))) == []
     with pytest.raises(cfg.ConfigError, match=r"^serve\.upstream_api_key: not set"):
-        cfg.check_serve_config(cfg.ServeConfig(client_keys=("k1",)))
+        cfg.check_serve_config(cfg.ServeConfig(client_keys=(Secret("k1"),)))
 
 
 def test_several_problems_are_one_line() -> None:
@@ -405,13 +406,13 @@ def test_several_problems_are_one_line() -> None:
 
 def test_keys_create_still_makes_a_new_app_key_file(tmp_path: Path) -> None:
     path = tmp_path / "new" / "app-keys.json"
-    with pytest.raises(appkeys.KeyFileError, match="no such file"):
-        appkeys.load_app_keys(path)
-    assert appkeys.AppKeyStore("").path is None  # unset stays "no app keys"
-    with pytest.raises(appkeys.KeyFileError, match="no such file"):
-        appkeys.AppKeyStore(str(path))
-    appkeys.create_app_key(path, "first")
-    assert [key.name for key in appkeys.load_app_keys(path).keys] == ["first"]
+    with pytest.raises(keyfiles.KeyFileError, match="no such file"):
+        keyfiles.load_app_keys(path)
+    assert keyfiles.AppKeyStore("").path is None  # unset stays "no app keys"
+    with pytest.raises(keyfiles.KeyFileError, match="no such file"):
+        keyfiles.AppKeyStore(str(path))
+    keyfiles.create_app_key(path, "first")
+    assert [key.name for key in keyfiles.load_app_keys(path).keys] == ["first"]
 
 
 # ------------------------------------------------------------------ the real command line
@@ -476,7 +477,7 @@ def test_relay_keys_create_and_rotate_signing_make_new_files(tmp_path: Path) -> 
     app_file, signing_file = tmp_path / "app-keys.json", tmp_path / "signing.json"
     created = relay_cli(["keys", "create", "first", "--file", str(app_file)])
     assert created.returncode == 0, created.stderr
-    assert created.stdout.startswith(appkeys.APP_KEY_PREFIX)
+    assert created.stdout.startswith(keyfiles.APP_KEY_PREFIX)
     rotated = relay_cli(["keys", "rotate-signing", "--file", str(signing_file)])
     assert rotated.returncode == 0, rotated.stderr
     listed = relay_cli(["keys", "list", "--file", str(tmp_path / "missing.json")])
@@ -507,7 +508,7 @@ def test_relay_serve_host_it_cannot_listen_on_is_one_line(host: str) -> None:
 async def test_a_bind_failure_after_the_checks_is_a_startup_error(busy_port: int) -> None:
     from relay.launch import StartupError, open_relay
 
-    config = cfg.ServeConfig(upstream_url="simulator", port=busy_port, client_keys=("k1",))
+    config = cfg.ServeConfig(upstream_url="simulator", port=busy_port, client_keys=(Secret("k1"),))
     with pytest.raises(
         StartupError, match=rf"^serve\.port: cannot listen on 127\.0\.0\.1:{busy_port}"
     ):
@@ -567,7 +568,7 @@ def test_relay_serve_starts_with_every_plausible_setting(
 async def test_reload_keeps_the_builtin_simulator_and_checks_the_new_config() -> None:
     from relay.launch import _reload, open_relay
 
-    started = cfg.ServeConfig(upstream_url="simulator", port=0, client_keys=("old",))
+    started = cfg.ServeConfig(upstream_url="simulator", port=0, client_keys=(Secret("old"),))
     async with open_relay(started) as running:
         assert running.simulator is not None
         server = running.server
@@ -594,7 +595,10 @@ async def test_reload_to_the_simulator_needs_a_restart(nursery: trio.Nursery) ->
 
     upstream = await start_simulator(nursery)
     started = cfg.ServeConfig(
-        upstream_url=upstream.ws_base, upstream_api_key=upstream.key, port=0, client_keys=("k",)
+        upstream_url=upstream.ws_base,
+        upstream_api_key=Secret(upstream.key),
+        port=0,
+        client_keys=(Secret("k"),),
     )
     async with open_relay(started) as running:
         assert running.simulator is None

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import trio
 
-from relay import appkeys
 from relay.control.hosting import ControlLimits
+from relay.credentials import keyfiles
 from relay.protocol import handshake
 from tests.conftest import CLIENT_KEY, RunningRelay, RunningSimulator, start_relay
 
@@ -214,8 +214,8 @@ class Keys:
     def __init__(self, tmp: Path) -> None:
         self.app_file = tmp / "app-keys.json"
         self.signing_file = tmp / "signing-keys.json"
-        self.app_key = appkeys.create_app_key(self.app_file, "voice-app")
-        appkeys.rotate_signing_key(self.signing_file, time.time())
+        self.app_key = keyfiles.create_app_key(self.app_file, "voice-app")
+        keyfiles.rotate_signing_key(self.signing_file, time.time())
 
 
 @pytest.fixture

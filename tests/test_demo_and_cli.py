@@ -13,6 +13,7 @@ import pytest
 import trio
 
 from relay import config as cfg
+from relay.credentials.secret import Secret
 from relay.demo import run_demo
 from tests.conftest import RunningRelay
 
@@ -69,7 +70,9 @@ def test_config_layers_and_one_line_errors(tmp_path: Path) -> None:
         cfg.load(cfg.ServeConfig, toml_path=toml, environ={})
     with pytest.raises(cfg.ConfigError, match=r"^serve\.idle_timeout_s: Expected `float` > 0"):
         cfg.load(cfg.ServeConfig, environ={"RELAY_SERVE_IDLE_TIMEOUT_S": "-1"})
-    secret = cfg.ServeConfig(upstream_api_key="sk-very-secret", client_keys=("ck-1",))
+    secret = cfg.ServeConfig(
+        upstream_api_key=Secret("sk-very-secret"), client_keys=(Secret("ck-1"),)
+    )
     shown = cfg.redacted(secret)
     assert "sk-very-secret" not in str(shown)
     assert "ck-1" not in str(shown)

@@ -12,7 +12,7 @@ import orjson
 import pytest
 import trio
 
-from relay.dataplane.auth import AuthGrant, AuthRefusal
+from relay.credentials.checkers import AuthGrant, AuthRefusal
 from relay.protocol import frames, handshake
 from relay.protocol.handshake import RequestHead
 from tests.conftest import (

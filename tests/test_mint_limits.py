@@ -9,8 +9,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from relay import appkeys
-from relay.tokens import MAX_CLAIMS_BYTES
+from relay.credentials import keyfiles
+from relay.credentials.tokens import MAX_CLAIMS_BYTES
 from tests.conftest import RunningSimulator, start_relay
 
 
@@ -18,8 +18,8 @@ async def test_oversized_session_is_refused_at_mint_with_openai_envelope(
     nursery: trio.Nursery, simulator: RunningSimulator, tmp_path: Path
 ) -> None:
     app_file, signing_file = tmp_path / "app-keys.json", tmp_path / "signing.json"
-    app_key = appkeys.create_app_key(app_file, "voice-app")
-    appkeys.rotate_signing_key(signing_file, time.time())
+    app_key = keyfiles.create_app_key(app_file, "voice-app")
+    keyfiles.rotate_signing_key(signing_file, time.time())
     relay = await start_relay(
         nursery,
         simulator.ws_base,

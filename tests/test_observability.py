@@ -14,8 +14,9 @@ import httpx
 import pytest
 import trio
 
-from relay import appkeys, logs
-from relay.dataplane.auth import key_digest
+from relay import logs
+from relay.credentials import keyfiles
+from relay.credentials.digests import digest_hex
 from tests.conftest import (
     CLIENT_KEY,
     RunningSimulator,
@@ -83,14 +84,14 @@ async def test_no_secret_reaches_logs_metrics_or_errors(
     nursery: trio.Nursery, simulator: RunningSimulator, captured: io.StringIO, tmp_path: Path
 ) -> None:
     app_file, signing_file = tmp_path / "apps.json", tmp_path / "signing.json"
-    app_key = appkeys.create_app_key(app_file, "app")
-    appkeys.rotate_signing_key(signing_file, time.time())
+    app_key = keyfiles.create_app_key(app_file, "app")
+    keyfiles.rotate_signing_key(signing_file, time.time())
     relay = await start_relay(
         nursery,
         simulator.ws_base,
         app_keys_file=str(app_file),
         signing_keys_file=str(signing_file),
-        admin_key_sha256=key_digest(ADMIN_KEY),
+        admin_key_sha256=digest_hex(ADMIN_KEY),
     )
     bodies: list[str] = []
     async with httpx.AsyncClient() as http:
@@ -160,7 +161,7 @@ async def test_metrics_count_sessions_usage_and_refusals(
 async def test_admin_lists_and_ends_a_session(
     nursery: trio.Nursery, simulator: RunningSimulator
 ) -> None:
-    relay = await start_relay(nursery, simulator.ws_base, admin_key_sha256=key_digest(ADMIN_KEY))
+    relay = await start_relay(nursery, simulator.ws_base, admin_key_sha256=digest_hex(ADMIN_KEY))
     admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
     url = f"{relay.ws_base}/realtime?model={MODEL}"
     async with open_ws(url, extra_headers=[("Authorization", f"Bearer {CLIENT_KEY}")]) as ws:

@@ -10,6 +10,7 @@ import trio
 import trustme
 from trio_websocket import ConnectionClosed
 
+from relay.credentials.secret import Secret
 from relay.protocol import frames, handshake
 from tests.conftest import (
     CLIENT_KEY,
@@ -147,7 +148,7 @@ def test_client_address_trusts_only_configured_proxies() -> None:
         return parsed
 
     server = RelayServer(
-        ServeConfig(trusted_proxies=("10.0.0.1", "10.0.0.2"), client_keys=("k",)),
+        ServeConfig(trusted_proxies=("10.0.0.1", "10.0.0.2"), client_keys=(Secret("k"),)),
         upstream=UpstreamEndpoint.from_config("ws://127.0.0.1:1/v1", "sk-x"),
     )
     spoofed = head("X-Forwarded-For: 6.6.6.6")

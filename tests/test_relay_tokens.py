@@ -12,7 +12,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from relay import appkeys
+from relay.credentials import keyfiles
 from relay.demo import run_demo
 from tests.conftest import (
     RunningRelay,
@@ -32,9 +32,9 @@ class Keys:
     def __init__(self, tmp: Path) -> None:
         self.app_file = tmp / "app-keys.json"
         self.signing_file = tmp / "signing-keys.json"
-        self.app_key = appkeys.create_app_key(self.app_file, "voice-app")
-        self.passthrough_key = appkeys.create_app_key(self.app_file, "webrtc-app", "passthrough")
-        appkeys.rotate_signing_key(self.signing_file, time.time())
+        self.app_key = keyfiles.create_app_key(self.app_file, "voice-app")
+        self.passthrough_key = keyfiles.create_app_key(self.app_file, "webrtc-app", "passthrough")
+        keyfiles.rotate_signing_key(self.signing_file, time.time())
 
 
 @pytest.fixture
@@ -155,8 +155,8 @@ async def test_refusals_before_upgrade(token_relay: RunningRelay, keys: Keys) ->
 async def test_expired_token_refused(
     nursery: trio.Nursery, simulator: RunningSimulator, keys: Keys
 ) -> None:
-    from relay.tokens import TokenClaims
-    from relay.tokens import mint as mint_token
+    from relay.credentials.tokens import TokenClaims
+    from relay.credentials.tokens import mint as mint_token
 
     relay = await start_relay(
         nursery,
@@ -164,7 +164,7 @@ async def test_expired_token_refused(
         signing_keys_file=str(keys.signing_file),
         app_keys_file=str(keys.app_file),
     )
-    ring = appkeys.load_keyring(keys.signing_file, time.time())
+    ring = keyfiles.load_keyring(keys.signing_file, time.time())
     past = int(time.time()) - 100
     expired = mint_token(
         TokenClaims(jti="j", app="voice-app", issued_at=past - 60, expires_at=past), ring.active
@@ -180,7 +180,8 @@ async def test_signing_key_rotation_keeps_old_tokens_and_live_sessions(
     url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo"
     async with open_ws(url, extra_headers=auth(old_token)) as live:
         await live.get_message()  # the lock's session.update, echoed
-        appkeys.rotate_signing_key(keys.signing_file, time.time())
+        keyfiles.rotate_signing_key(keys.signing_file, time.time())
+        await token_relay.server.key_files.wait_polled()
         new_token = await token_for(token_relay, keys)
         assert new_token.split(".")[1] != old_token.split(".")[1]
         for token in (new_token,):
@@ -324,9 +325,11 @@ async def test_app_keys_reload_without_restart_or_touching_sessions(
     url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo"
     async with open_ws(url, extra_headers=auth(token)) as live:
         await live.get_message()
-        late_key = appkeys.create_app_key(keys.app_file, "late-app")
+        late_key = keyfiles.create_app_key(keys.app_file, "late-app")
+        await token_relay.server.key_files.wait_polled()
         assert (await mint(token_relay, late_key, {})).status_code == 200
-        assert appkeys.revoke_app_key(keys.app_file, "voice-app")
+        assert keyfiles.revoke_app_key(keys.app_file, "voice-app")
+        await token_relay.server.key_files.wait_polled()
         refused = await mint(token_relay, keys.app_key, {})
         assert refused.status_code == 401
         # The live session, opened with a token from the revoked key, is untouched.
@@ -338,8 +341,8 @@ async def test_app_key_concurrency_starts_per_token_and_safety_identifier(
     nursery: trio.Nursery, simulator: RunningSimulator, tmp_path: Path
 ) -> None:
     app_file, signing_file = tmp_path / "apps.json", tmp_path / "signing.json"
-    app_key = appkeys.create_app_key(app_file, "small-app", max_concurrent_sessions=1)
-    appkeys.rotate_signing_key(signing_file, time.time())
+    app_key = keyfiles.create_app_key(app_file, "small-app", max_concurrent_sessions=1)
+    keyfiles.rotate_signing_key(signing_file, time.time())
     relay = await start_relay(
         nursery,
         simulator.ws_base,

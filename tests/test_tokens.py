@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import appkeys, tokens
-from relay.tokens import Keyring, SigningKey, TokenClaims, TokenRefusal
+from relay.credentials import keyfiles, tokens
+from relay.credentials.tokens import Keyring, SigningKey, TokenClaims, TokenRefusal
 
 NOW = 1_800_000_000.0
 
@@ -188,8 +188,8 @@ def test_signing_key_file_refuses_empty_short_and_invalid_secrets(
     tmp_path: Path, secret_b64: str, message: str
 ) -> None:
     path = _signing_file(tmp_path, {"kid": "k0", "secret_b64": secret_b64})
-    with pytest.raises(appkeys.KeyFileError, match=message) as caught:
-        appkeys.load_keyring(path, NOW)
+    with pytest.raises(keyfiles.KeyFileError, match=message) as caught:
+        keyfiles.load_keyring(path, NOW)
     assert str(caught.value).startswith(f"{path}: ")
     if secret_b64:
         assert secret_b64 not in str(caught.value)
@@ -202,8 +202,8 @@ def test_short_retired_signing_key_is_refused_too(tmp_path: Path) -> None:
         {"kid": "old", "secret_b64": "", "retired_at": NOW - 10 * tokens.MAX_TOKEN_TTL_S},
         {"kid": "new", "secret_b64": good},
     )
-    with pytest.raises(appkeys.KeyFileError, match=r"signing key 'old'"):
-        appkeys.load_keyring(path, NOW)
+    with pytest.raises(keyfiles.KeyFileError, match=r"signing key 'old'"):
+        keyfiles.load_keyring(path, NOW)
 
 
 _ = time

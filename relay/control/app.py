@@ -3,7 +3,7 @@
 This module owns the control-plane routes and their answers: ``/healthz``
 (the process is up), ``/readyz`` (new sessions are accepted: 503 while
 draining or at the session limit), ``POST /v1/realtime/client_secrets``
-(minting, see :mod:`relay.minting`; the app key is checked before the body is
+(minting, see :mod:`relay.credentials.minting`; the app key is checked before the body is
 read, and bodies over :data:`MAX_BODY_BYTES` answer 413), ``/metrics`` (Prometheus; requires the
 admin key when one is configured) and the admin API behind the admin key
 (``GET /admin/sessions``, ``POST /admin/sessions/<id>/end``). Unknown routes
@@ -16,8 +16,6 @@ data plane implements, so the app can be built and tested on its own.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import time
 from typing import Final, Protocol
@@ -28,8 +26,9 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from relay.credentials.digests import is_digest_hex, matches_any
+from relay.credentials.minting import Minter
 from relay.metrics import RelayMetrics
-from relay.minting import Minter
 from relay.protocol.events import http_error_body
 
 
@@ -118,9 +117,10 @@ def create_app(state: ControlState) -> QuartTrio:
         expected = state.admin_key_sha256
         if not expected:
             return None
-        scheme, _, key = (request.headers.get("Authorization") or "").partition(" ")
-        digest = hashlib.sha256(key.strip().encode("utf-8", "surrogatepass")).hexdigest()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(digest, expected.lower()):
+        key = bearer_credential()
+        # A digest that is not hex (refused by the configuration check) matches nothing.
+        digests = (bytes.fromhex(expected),) if is_digest_hex(expected) else ()
+        if key is None or matches_any(key, digests) is None:
             return _json(http_error_body("Admin key required.", code="invalid_api_key"), 401)
         return None
 

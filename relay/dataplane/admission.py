@@ -8,7 +8,7 @@ drive with tables and no event loop:
 2. the query: no repeated single-value parameter (400); what is forwarded;
 3. the browser ``Origin`` against the global allowlist (403, whatever the credential:
    cross-site WebSocket hijacking);
-4. the credential (:class:`~relay.dataplane.auth.CredentialChecker`: 401, or 403 for a
+4. the credential (:class:`~relay.credentials.checkers.CredentialChecker`: 401, or 403 for a
    relay token's model or Origin), then a single-use token not already spent or being
    used by a handshake in flight (401 ``token_used``) and room in the replay store (503);
 5. the relay is draining (503) or full, live sessions plus handshakes in flight (503
@@ -28,10 +28,10 @@ from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Final
 
-from relay.dataplane.auth import AuthRefusal, CredentialChecker, TokenGrant
+from relay.credentials.checkers import AuthRefusal, CredentialChecker, TokenGrant
+from relay.credentials.tokens import TokenClaims
 from relay.protocol import handshake
 from relay.protocol.handshake import HandshakeError, RealtimeQuery, RequestHead
-from relay.tokens import TokenClaims
 
 #: Seconds a client is asked to wait after a 503 for capacity.
 RETRY_AFTER_S: Final = 1

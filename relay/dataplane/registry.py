@@ -28,13 +28,13 @@ from typing import Final
 
 import trio
 
+from relay.credentials.checkers import ReplayStore
+from relay.credentials.tokens import TokenClaims
 from relay.dataplane.admission import Admitted, Occupancy
-from relay.dataplane.auth import ReplayStore
 from relay.dataplane.policy import Ending, EndKind
 from relay.dataplane.session import RelaySession
 from relay.metrics import RelayMetrics
 from relay.protocol.events import new_id
-from relay.tokens import TokenClaims
 
 SESSION_LOG = logging.getLogger("relay.session")
 #: Token ids whose start counts are kept before expired ones are pruned.

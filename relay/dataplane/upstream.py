@@ -24,6 +24,7 @@ from typing import Final
 import orjson
 import trio
 
+from relay.credentials.secret import Secret
 from relay.net import http
 from relay.net.transport import Transport, TransportClosed, open_transport
 from relay.net.websocket import WebSocket
@@ -56,7 +57,7 @@ class UpstreamEndpoint:
     """Where and how to dial; built once from configuration."""
 
     target: UpstreamTarget
-    api_key: str
+    api_key: Secret
     ssl_context: ssl.SSLContext | None
 
     @classmethod
@@ -65,7 +66,7 @@ class UpstreamEndpoint:
         context: ssl.SSLContext | None = None
         if target.tls:
             context = ssl.create_default_context(cafile=ca_file or None)
-        return cls(target=target, api_key=api_key, ssl_context=context)
+        return cls(target=target, api_key=Secret(api_key), ssl_context=context)
 
     def request_target(self, client_query: str) -> str:
         path = f"{self.target.base_path}/realtime"
@@ -104,7 +105,7 @@ async def dial_upstream(
                 ) from None
             key = handshake.new_websocket_key()
             headers = [
-                ("Authorization", f"Bearer {endpoint.api_key}"),
+                ("Authorization", f"Bearer {endpoint.api_key.reveal()}"),
                 ("User-Agent", USER_AGENT),
                 *extra_headers,
             ]

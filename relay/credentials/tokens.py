@@ -22,7 +22,8 @@ stray trailing bits): every token has exactly one spelling. Signing keys are at
 least :data:`MIN_SIGNING_KEY_BYTES` long; :class:`Keyring` refuses shorter ones.
 
 Verification needs no shared state: the key and the token are enough. Single-use
-tokens are the exception and need a replay store (see :mod:`relay.replay`).
+tokens are the exception and need a replay store
+(:class:`relay.credentials.checkers.ReplayStore`).
 
 Parsing is tiny and total: every malformed, truncated or tampered token is a
 :class:`TokenRefusal`, never an exception (fuzzed in ``tests/test_tokens.py``).

@@ -6,38 +6,42 @@ This module owns two small JSON files:
   call ``POST /v1/realtime/client_secrets``. Only SHA-256 digests are stored; a new
   key is printed once by ``relay keys create NAME``. Each key has a mode: ``relay``
   (mint relay tokens) or ``passthrough`` (mint a real OpenAI ``ek_`` from the
-  upstream). :class:`AppKeyStore` re-reads the file when its modification time
-  changes, so keys are added and revoked without a restart and without touching
-  live sessions.
+  upstream). :class:`AppKeyStore` holds them in memory for the mint endpoint.
 - the **signing key file** (``serve.signing_keys_file``): relay-token signing keys
   with ids. ``relay keys rotate-signing`` adds a new active key and retires the
   old one, which keeps verifying tokens until they have all expired.
+  :class:`KeyringFile` holds them in memory for minting and verification.
+
+Both stores are re-read when their file changes, by a timer task
+(:mod:`relay.credentials.watch`), never on a request: keys are added, revoked and
+rotated without a restart and without touching live sessions. A version that does
+not load keeps the previous keys (:class:`Reload` says why).
 
 Files are written atomically (temp file + rename) with mode 0600. A configured
 file that does not exist is an error (:class:`KeyFileError`), except for the
 commands that create it (``relay keys create``, ``relay keys rotate-signing``).
 Loading validates every entry: app key digests are SHA-256 hex, signing secrets
-are standard base64 of at least :data:`relay.tokens.MIN_SIGNING_KEY_BYTES` bytes;
-errors name the file and the key, never a secret.
+are standard base64 of at least
+:data:`relay.credentials.tokens.MIN_SIGNING_KEY_BYTES` bytes; errors name the file
+and the key, never a secret.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import os
-import re
 import secrets
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
 import msgspec
 
-from relay.tokens import (
+from relay.credentials.digests import digest_hex, is_digest_hex, matches_any
+from relay.credentials.tokens import (
     MAX_TOKEN_TTL_S,
     MIN_SIGNING_KEY_BYTES,
     Keyring,
@@ -49,7 +53,6 @@ AppKeyMode = Literal["relay", "passthrough"]
 APP_KEY_PREFIX: Final = "rk_"
 #: Random bytes in a new app key.
 APP_KEY_RANDOM_BYTES: Final = 24
-_SHA256_HEX_RE: Final = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class AppKey(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -116,8 +119,82 @@ def _read(
         raise KeyFileError(f"{path}: {exc}") from None
 
 
-def digest(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+# ------------------------------------------------------------------ watched files
+
+#: Metric labels (``relay_key_file_reload_failures{file=…}``) and log names of the files.
+APP_KEYS_LABEL: Final = "app_keys"
+SIGNING_KEYS_LABEL: Final = "signing_keys"
+
+#: What ``stat`` says about a file's version: inode, size, mtime and ctime (ns).
+#: The inode catches an atomic replace inside one mtime tick, ctime a ``chmod`` that
+#: makes an unreadable file readable; None when the file cannot be stat'ed.
+FileStamp = tuple[int, int, int, int] | None
+
+
+def file_stamp(path: Path) -> FileStamp:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """What one look at a key file found."""
+
+    #: The file changed since the last look (so it was read again).
+    changed: bool = False
+    #: Why the new version was refused (the previous keys stay), naming the file.
+    error: str | None = None
+    #: The refusal of the look before, if that one failed too.
+    previous_error: str | None = None
+
+
+UNCHANGED: Final = Reload()
+
+
+class _WatchedFile:
+    """A key file loaded into memory, re-read only by :meth:`reload_if_changed`.
+
+    Nothing that serves a request touches the disk: a timer task
+    (:class:`relay.credentials.watch.KeyFilePoller`) calls :meth:`reload_if_changed`.
+    The file is loaded at construction and a broken one raises :class:`KeyFileError`
+    then; later, a broken version keeps the previous keys.
+    """
+
+    label: str
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path) if path else None
+        self.last_error: str | None = None
+        self._stamp: FileStamp = None
+        if self.path is not None:
+            # Stamp first: a change while we read shows as a new stamp next time.
+            self._stamp = file_stamp(self.path)
+            self._load(self.path)
+
+    def _load(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """What is loaded, for the reload log line (names and counts, never a secret)."""
+        raise NotImplementedError
+
+    def reload_if_changed(self) -> Reload:
+        """Re-read the file if its stamp changed; a broken file keeps the previous keys."""
+        if self.path is None:
+            return UNCHANGED
+        stamp = file_stamp(self.path)
+        if stamp == self._stamp:
+            return UNCHANGED
+        self._stamp = stamp
+        previous, self.last_error = self.last_error, None
+        try:
+            self._load(self.path)
+        except KeyFileError as exc:
+            self.last_error = str(exc)
+        return Reload(changed=True, error=self.last_error, previous_error=previous)
 
 
 # ------------------------------------------------------------------ app keys
@@ -128,7 +205,7 @@ def load_app_keys(path: Path, *, missing_ok: bool = False) -> AppKeyFile:
     document = _read(path, AppKeyFile, missing_ok=missing_ok)
     assert isinstance(document, AppKeyFile)
     for key in document.keys:
-        if not _SHA256_HEX_RE.fullmatch(key.sha256):
+        if not is_digest_hex(key.sha256):
             raise KeyFileError(
                 f"{path}: app key {key.name!r}: sha256 is not a SHA-256 hex digest "
                 "(64 hex characters)"
@@ -149,7 +226,7 @@ def create_app_key(
     key = APP_KEY_PREFIX + secrets.token_urlsafe(APP_KEY_RANDOM_BYTES)
     created = AppKey(
         name=name,
-        sha256=digest(key),
+        sha256=digest_hex(key),
         mode=mode,
         created_at=int(time.time()),
         max_concurrent_sessions=max_concurrent_sessions,
@@ -169,48 +246,36 @@ def revoke_app_key(path: Path, name: str) -> bool:
     return True
 
 
-class AppKeyStore:
-    """App keys, re-read from disk whenever the file changes."""
+class AppKeyStore(_WatchedFile):
+    """App keys in memory, checked with no syscall; :meth:`reload_if_changed` refreshes them."""
+
+    label = APP_KEYS_LABEL
 
     def __init__(self, path: str) -> None:
-        self.path = Path(path) if path else None
-        self._keys: tuple[tuple[bytes, AppKey], ...] = ()
-        self._stamp: tuple[int, int] | None = None
-        self.reload_if_changed()
+        self._digests: tuple[bytes, ...] = ()
+        self._keys: tuple[AppKey, ...] = ()
+        super().__init__(path)
 
-    def reload_if_changed(self) -> bool:
-        """Re-read the file if it changed; a broken file keeps the previous keys."""
-        if self.path is None:
-            return False
-        try:
-            stat = self.path.stat()
-            stamp = (stat.st_mtime_ns, stat.st_size)
-        except FileNotFoundError:
-            stamp = (0, 0)
-        if stamp == self._stamp:
-            return False
-        document = load_app_keys(self.path)
-        self._keys = tuple((bytes.fromhex(key.sha256), key) for key in document.keys)
-        self._stamp = stamp
-        return True
+    def _load(self, path: Path) -> None:
+        document = load_app_keys(path)
+        # Swapped together: a check sees the old keys or the new ones, never a mix.
+        self._digests, self._keys = (
+            tuple(bytes.fromhex(key.sha256) for key in document.keys),
+            tuple(document.keys),
+        )
+
+    def describe(self) -> str:
+        return f"{len(self._keys)} app key(s)"
 
     def check(self, credential: str | None) -> AppKey | None:
         """The app key ``credential`` is, compared in constant time against every key."""
-        try:
-            self.reload_if_changed()
-        except KeyFileError:
-            pass  # keep serving with the keys we have; the error is logged by the caller
         if not credential:
             return None
-        candidate = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
-        found: AppKey | None = None
-        for key_digest, key in self._keys:
-            if hmac.compare_digest(candidate, key_digest):
-                found = key
-        return found
+        index = matches_any(credential, self._digests)
+        return None if index is None else self._keys[index]
 
     def check_name(self, name: str) -> AppKey | None:
-        for _, key in self._keys:
+        for key in self._keys:
             if key.name == name:
                 return key
         return None
@@ -273,40 +338,24 @@ def rotate_signing_key(path: Path, now: float) -> str:
     return fresh.kid
 
 
-class KeyringFile:
-    """The signing keyring, re-read when its file changes (rotation without a restart).
+class KeyringFile(_WatchedFile):
+    """The signing keyring in memory (rotation without a restart): :meth:`current` makes
+    no syscall; :meth:`reload_if_changed` refreshes it. Without a file, ``fallback`` is
+    the keyring for the life of the process."""
 
-    A file that became unreadable or invalid keeps the previous keyring (the error
-    is kept in :attr:`last_error` for the caller to log).
-    """
+    label = SIGNING_KEYS_LABEL
 
     def __init__(self, path: str, fallback: Keyring | None = None) -> None:
-        self.path = Path(path) if path else None
-        self._stamp: tuple[int, int] | None = None
-        self.last_error: str | None = None
-        if self.path is None:
+        if not path:
             assert fallback is not None
             self._keyring = fallback
-        else:
-            self._keyring = load_keyring(self.path, time.time())
-            self._stamp = self._read_stamp()
+        super().__init__(path)
 
-    def _read_stamp(self) -> tuple[int, int] | None:
-        assert self.path is not None
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return (stat.st_mtime_ns, stat.st_size)
+    def _load(self, path: Path) -> None:
+        self._keyring = load_keyring(path, time.time())
+
+    def describe(self) -> str:
+        return f"{len(self._keyring.kids)} signing key(s), active {self._keyring.active.kid!r}"
 
     def current(self) -> Keyring:
-        if self.path is not None:
-            stamp = self._read_stamp()
-            if stamp != self._stamp:
-                try:
-                    self._keyring = load_keyring(self.path, time.time())
-                    self.last_error = None
-                except KeyFileError as exc:
-                    self.last_error = str(exc)
-                self._stamp = stamp
         return self._keyring

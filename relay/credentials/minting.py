@@ -3,7 +3,8 @@
 This module owns the endpoint's decisions (the quart route is a thin shell in
 :mod:`relay.control.app`):
 
-- the caller authenticates with an app key (:class:`relay.appkeys.AppKeyStore`);
+- the caller authenticates with an app key
+  (:class:`relay.credentials.keyfiles.AppKeyStore`);
 - the body is OpenAI's GA shape, validated with OpenAI's rules and wording
   (TTL 10–7200 s, default 600), so a backend written for OpenAI points at the
   relay unchanged. Relay-only options ride in one optional top-level object,
@@ -12,9 +13,10 @@ This module owns the endpoint's decisions (the quart route is a thin shell in
 - the answer is OpenAI's shape ``{"value", "expires_at", "session"}`` where
   ``value`` is a relay token (``ek_r1.…``) binding the expiry, the models, the
   session config to enforce, and the options above;
-- a session config too large for a token (over :data:`relay.tokens.MAX_CLAIMS_BYTES`
-  once packed, which the verifier would refuse) is answered 400 with OpenAI's
-  envelope, code ``session_too_large``, param ``session``: no token is issued;
+- a session config too large for a token (over
+  :data:`relay.credentials.tokens.MAX_CLAIMS_BYTES` once packed, which the verifier
+  would refuse) is answered 400 with OpenAI's envelope, code ``session_too_large``,
+  param ``session``: no token is issued;
 - an app key in ``passthrough`` mode instead gets a real OpenAI ``ek_`` minted by
   the upstream with the relay's key (for clients that go to OpenAI directly over
   WebRTC); the upstream's answer is passed on as it came.
@@ -36,13 +38,14 @@ import httpx
 import msgspec
 import orjson
 
-from relay.appkeys import AppKeyStore
+from relay.credentials.keyfiles import AppKeyStore
+from relay.credentials.secret import Secret
+from relay.credentials.tokens import Keyring, TokenClaims, mint, new_token_id
 from relay.protocol.events import http_error_body
 from relay.simulator.engine import ClientEventError
 from relay.simulator.secrets import ClientSecretStore, parse_request
-from relay.tokens import Keyring, TokenClaims, mint, new_token_id
 
-LOGGER = logging.getLogger("relay.minting")
+LOGGER = logging.getLogger("relay.credentials.minting")
 
 #: Timeout for a passthrough mint at the upstream.
 PASSTHROUGH_TIMEOUT_S: Final = 10.0
@@ -86,7 +89,7 @@ class Minter:
         self.app_keys = app_keys
         self.keyring = keyring
         self.upstream_http_base = upstream_http_base.rstrip("/")
-        self.upstream_api_key = upstream_api_key
+        self.upstream_api_key = Secret(upstream_api_key)
         self.upstream_ca_file = upstream_ca_file
         self._session_objects = ClientSecretStore()
 
@@ -154,7 +157,7 @@ class Minter:
                     url,
                     content=body,
                     headers={
-                        "Authorization": f"Bearer {self.upstream_api_key}",
+                        "Authorization": f"Bearer {self.upstream_api_key.reveal()}",
                         "Content-Type": "application/json",
                     },
                 )

@@ -1,12 +1,13 @@
 """Client credential checks: one small interface in front of the data plane.
 
 This module owns the decision "may this handshake open a session?", made before
-any upgrade. :class:`CredentialChecker` is the interface the data plane calls;
-:class:`StaticKeyChecker` implements it for static client keys from configuration,
-kept only as SHA-256 digests and compared in constant time (every digest is
-compared, so neither timing nor key length says which key almost matched);
-:class:`NoAuthChecker` is for local development. Short-lived relay tokens plug in
-as another implementation of the same interface.
+any upgrade, and the state it needs. :class:`CredentialChecker` is the interface
+the data plane calls; :class:`StaticKeyChecker` implements it for static client
+keys from configuration, kept only as SHA-256 digests and compared with
+:func:`relay.credentials.digests.matches_any` (every digest, constant time);
+:class:`NoAuthChecker` is for local development; :class:`RelayTokenChecker` takes
+short-lived relay tokens (``ek_r1.…``) and hands anything else to one of the
+others. :class:`ReplayStore` remembers spent single-use token ids.
 
 Refusals are :class:`AuthRefusal` values carrying the HTTP status and OpenAI's
 error fields; their messages never contain the credential.
@@ -14,15 +15,20 @@ error fields; their messages never contain the credential.
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+from relay.credentials.digests import DIGEST_BYTES, matches_any, parse_digest_hex
+from relay.credentials.tokens import (
+    Keyring,
+    TokenClaims,
+    TokenRefusal,
+    looks_like_relay_token,
+    verify,
+)
 from relay.protocol.handshake import RequestHead, parse_realtime_query
-from relay.tokens import Keyring, TokenClaims, TokenRefusal, looks_like_relay_token, verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,31 +62,25 @@ MISSING = AuthRefusal(
 INVALID = AuthRefusal(401, "Incorrect API key provided.", "invalid_api_key")
 
 
-def key_digest(key: str) -> str:
-    """The hex SHA-256 digest stored in configuration instead of a client key."""
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
-
-
 class StaticKeyChecker:
     """Static client keys, stored as digests, compared in constant time."""
 
     def __init__(self, digests_hex: Iterable[str]) -> None:
-        self._digests = tuple(bytes.fromhex(d.strip().lower()) for d in digests_hex)
-        if any(len(d) != 32 for d in self._digests):
-            raise ValueError("client key digests must be SHA-256 hex (64 characters)")
+        try:
+            self._digests = tuple(parse_digest_hex(d) for d in digests_hex)
+        except ValueError:
+            raise ValueError(
+                f"client key digests must be SHA-256 hex ({2 * DIGEST_BYTES} characters)"
+            ) from None
 
     def check(self, credential: str | None, head: RequestHead) -> AuthGrant | AuthRefusal:
         if not credential:
             return MISSING
-        candidate = hashlib.sha256(credential.encode("utf-8", "surrogatepass")).digest()
-        matched_index = -1
-        for index, digest in enumerate(self._digests):
-            if hmac.compare_digest(candidate, digest):
-                matched_index = index
-        if matched_index < 0:
+        index = matches_any(credential, self._digests)
+        if index is None:
             return INVALID
         # The id names the key by a digest prefix: stable, loggable, not the key.
-        return AuthGrant(credential_id=f"key:{candidate.hex()[:12]}")
+        return AuthGrant(credential_id=f"key:{self._digests[index].hex()[:12]}")
 
 
 class NoAuthChecker:
