@@ -143,6 +143,10 @@ class RelayServer:
             ping_interval_s=config.ping_interval_s,
             pong_timeout_s=config.pong_timeout_s,
             close_timeout_s=config.close_timeout_s,
+            client_max_frames_per_s=config.client_max_frames_per_s,
+            client_frame_burst=config.client_frame_burst,
+            client_max_bytes_per_s=config.client_max_bytes_per_s,
+            client_byte_burst_bytes=config.client_byte_burst_bytes,
         )
         self._tls = (
             server_tls_context(config.tls_cert_file, config.tls_key_file)
@@ -596,6 +600,10 @@ class RelayServer:
             ping_interval_s=config.ping_interval_s,
             pong_timeout_s=config.pong_timeout_s,
             close_timeout_s=config.close_timeout_s,
+            client_max_frames_per_s=config.client_max_frames_per_s,
+            client_frame_burst=config.client_frame_burst,
+            client_max_bytes_per_s=config.client_max_bytes_per_s,
+            client_byte_burst_bytes=config.client_byte_burst_bytes,
         )
         logging.getLogger("relay").setLevel(config.log_level.upper())
         return needs_restart
