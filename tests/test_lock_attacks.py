@@ -22,7 +22,15 @@ import trio
 from relay import appkeys
 from relay.protocol import frames
 from tests.conftest import RunningRelay, start_relay
-from tests.wire import RawClient, RecordingUpstream, UpstreamLeg, fragments, masked, text
+from tests.wire import (
+    RawClient,
+    RecordingUpstream,
+    UpstreamLeg,
+    error_codes,
+    fragments,
+    masked,
+    text,
+)
 
 MODEL = "gpt-realtime"
 LOCKED = {
@@ -182,7 +190,7 @@ async def test_refuted_append_ends_the_session_before_the_rest_goes_up(
     with trio.fail_after(10):
         events, closed = await client.until_closed()
         await leg.wait_for(lambda: leg.ended)
-    assert [e["error"]["code"] for e in events] == ["locked_config_violation"]  # type: ignore[index]
+    assert error_codes(events) == ["locked_config_violation"]
     assert (closed.code, closed.reason) == (1008, "locked_config_violation")
     assert_nothing_evil(leg)
     # The message never completed upstream: only the lock's own update did.

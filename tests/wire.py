@@ -38,6 +38,11 @@ def fragments(payload: bytes, cuts: list[int]) -> bytes:
     return b"".join(out)
 
 
+def error_codes(events: list[dict[str, object]]) -> list[object]:
+    """The ``error.code`` of each ``error`` event."""
+    return [e["error"]["code"] for e in events if e["type"] == "error"]  # type: ignore[index]
+
+
 class Closed(Exception):
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(code, reason)
