@@ -151,6 +151,18 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     idle_timeout_s: PositiveSeconds = 600.0
     max_session_s: PositiveSeconds = DEFAULT_MAX_SESSION_S
     max_sessions: PositiveInt = 1000
+    #: Per-session limits on what the client sends, counting every frame (control
+    #: frames too), so one flooding client cannot starve the other sessions; a rate
+    #: of 0 turns that limit off. Over either: ``error`` (``rate_limit_exceeded``)
+    #: then close 1008. Real-time audio is about 50 appends/s: 1000 frames/s is 20x
+    #: that, and the burst of 5000 lets a client send 100 s of 20 ms chunks at once.
+    client_max_frames_per_s: Annotated[int, msgspec.Meta(ge=0)] = 1000
+    client_frame_burst: PositiveInt = 5000
+    #: 8 MiB/s is over 100x real-time 24 kHz PCM16 in base64 (64 KiB/s). The burst
+    #: must admit one message of ``max_message_bytes`` (a 15 MiB append is about
+    #: 20 MiB of JSON), hence 32 MiB: keep it at or above ``max_message_bytes``.
+    client_max_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 8 * 1024 * 1024
+    client_byte_burst_bytes: PositiveInt = 32 * 1024 * 1024
     ping_interval_s: PositiveSeconds = 20.0
     pong_timeout_s: PositiveSeconds = 20.0
     close_timeout_s: PositiveSeconds = 2.0
@@ -357,8 +369,21 @@ def serve_config_problems(config: ServeConfig, *, now: float | None = None) -> l
         *_listen_problems(config),
         *_client_auth_problems(config),
         *_key_file_problems(config, time.time() if now is None else now),
+        *_limit_problems(config),
     ]
     return [f"serve.{problem}" for problem in problems]
+
+
+def _limit_problems(config: ServeConfig) -> list[str]:
+    if config.client_max_bytes_per_s and config.client_byte_burst_bytes < config.max_message_bytes:
+        # A message larger than the burst could never be admitted: refused by the
+        # rate limit although max_message_bytes allows it.
+        return [
+            f"client_byte_burst_bytes: {config.client_byte_burst_bytes} is below "
+            f"max_message_bytes ({config.max_message_bytes}); one maximum-size message "
+            "must fit the burst"
+        ]
+    return []
 
 
 def _upstream_problems(config: ServeConfig) -> list[str]:

@@ -472,6 +472,10 @@ def session_limits(config: ServeConfig) -> SessionLimits:
         ping_interval_s=config.ping_interval_s,
         pong_timeout_s=config.pong_timeout_s,
         close_timeout_s=config.close_timeout_s,
+        client_max_frames_per_s=config.client_max_frames_per_s,
+        client_frame_burst=config.client_frame_burst,
+        client_max_bytes_per_s=config.client_max_bytes_per_s,
+        client_byte_burst_bytes=config.client_byte_burst_bytes,
     )
 
 

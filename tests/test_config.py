@@ -127,6 +127,10 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "trusted_proxies": ("127.0.0.1,::1", ("127.0.0.1", "::1")),
             "admin_key_sha256": (digest_hex("admin-key"), digest_hex("admin-key")),
             "upstream_query_params": ("api-version,deployment", ("api-version", "deployment")),
+            "client_max_frames_per_s": ("500", 500),
+            "client_frame_burst": ("2000", 2000),
+            "client_max_bytes_per_s": ("4194304", 4194304),
+            "client_byte_burst_bytes": ("33554432", 33554432),
         },
         cfg.SimulatorConfig: {
             "host": ("0.0.0.0", "0.0.0.0"),
@@ -309,6 +313,11 @@ CASES: list[Case] = [
         says="'short-kid'",
     ),
     Case("admin-digest-not-hex", {"admin_key_sha256": "my-admin-key"}, "admin_key_sha256"),
+    Case(
+        "byte-burst-below-message",
+        {"client_byte_burst_bytes": 1024, "max_message_bytes": 4096},
+        "client_byte_burst_bytes",
+    ),
     Case("proxy-name", {"trusted_proxies": ["nginx"]}, "trusted_proxies[0]"),
     Case("proxy-network", {"trusted_proxies": ["10.0.0.0/8"]}, "trusted_proxies[0]"),
     Case(

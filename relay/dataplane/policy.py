@@ -28,6 +28,12 @@ Close codes the relay itself chooses (documented in the README):
   1011 if it was the upstream;
 - idle timeout, maximum session duration: ``error`` then 1008 (policy), reason
   ``idle_timeout`` / ``session_expired``; not retryable by the SDKs' rules;
+- the client ran over its frame or byte rate: ``error`` (``rate_limit_exceeded``)
+  then 1008; the upstream gets 1000 (it did nothing wrong);
+- under a locked config, part of a client message that started like an audio
+  append was forwarded before the rest proved it was not one: ``error``
+  (``locked_config_violation``) then 1008; the upstream leg is dropped without a
+  close frame, because it may be mid-frame and must never receive the rest;
 - a dead peer (no pong within the deadline): 1011 to the client if the upstream
   died (retryable), nothing to send if the client died;
 - an unexpected relay failure in one session: 1011 ``internal_error``.
@@ -44,7 +50,7 @@ import msgspec
 from relay.protocol import frames
 from relay.protocol.events import EventDecodeError, decode_envelope, error_event
 
-#: Close code for relay-enforced limits (idle, duration): RFC 6455 "policy violation".
+#: Close code for relay-enforced limits (idle, duration, rate, lock): RFC 6455 "policy violation".
 CLOSE_LIMIT_REACHED: Final = frames.CLOSE_POLICY_VIOLATION
 #: Reason sent upstream when the client went away without a close frame.
 CLIENT_GONE_REASON: Final = "client disconnected"
@@ -64,6 +70,8 @@ class EndKind(enum.Enum):
     PROTOCOL_ERROR = "protocol_error"  # a leg broke RFC 6455
     DEAD_PEER = "dead_peer"  # a leg stopped answering pings
     IDLE_TIMEOUT = "idle_timeout"
+    RATE_LIMITED = "rate_limit_exceeded"  # the client sent frames or bytes too fast
+    LOCKED_VIOLATION = "locked_config_violation"  # a streamed append failed its proof
     SESSION_EXPIRED = "session_expired"
     SHUTDOWN = "shutdown"  # the relay is going away
     ADMIN = "admin"  # an operator ended it through the admin API
@@ -190,6 +198,36 @@ def plan_close(ending: Ending) -> ClosePlan:
                 _tell(message, kind.value, "invalid_request_error"),
             ),
             upstream=LegClose(frames.CLOSE_NORMAL, kind.value),
+        )
+    if kind is EndKind.RATE_LIMITED:
+        return ClosePlan(
+            client=LegClose(
+                CLOSE_LIMIT_REACHED,
+                kind.value,
+                _tell(
+                    f"The client sent too fast ({ending.reason or 'rate limit'}); "
+                    "the session has been closed.",
+                    kind.value,
+                    "invalid_request_error",
+                ),
+            ),
+            upstream=LegClose(frames.CLOSE_NORMAL, kind.value),
+        )
+    if kind is EndKind.LOCKED_VIOLATION:
+        return ClosePlan(
+            client=LegClose(
+                CLOSE_LIMIT_REACHED,
+                kind.value,
+                _tell(
+                    "This session's config is locked by its credential, and an event that "
+                    f"was partly forwarded broke the lock ({ending.reason or 'violation'}); "
+                    "the session has been closed.",
+                    kind.value,
+                    "invalid_request_error",
+                ),
+            ),
+            # Possibly mid-frame: a close frame would land inside the frame's payload.
+            upstream=LegClose(None, send_close=False),
         )
     if kind is EndKind.SHUTDOWN:
         return ClosePlan(

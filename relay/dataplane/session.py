@@ -11,6 +11,14 @@ This module owns the Trio shell of a session after both handshakes:
   fresh key: one XOR pass with ``old_key XOR new_key``. Frames larger than the
   codec's whole-frame limit are cut through, chunk by chunk, holding the
   destination's write lock for the frame so nothing interleaves with it.
+- Under a locked config (:mod:`relay.dataplane.lock`) a separate up-pump
+  forwards as it came only what is proven to be an audio append, streaming
+  fragmented and cut-through appends through the lock's append proof piece by
+  piece (a proof that fails after part of a message went upstream ends the
+  session); every other text event is parsed and forwarded re-serialised, or
+  refused; binary messages are refused.
+- What the client sends is charged to its rate limit
+  (:mod:`relay.dataplane.ratelimit`), one frame at a time, control frames included.
 - Control frames are per hop: pings answered on the leg they came from, pongs
   recorded for dead-peer detection, a close frame turned into an
   :class:`~relay.dataplane.policy.Ending` that the policy maps to both legs.
@@ -36,7 +44,14 @@ from typing import Final
 
 import trio
 
-from relay.dataplane.lock import PREFIX_PROBE_BYTES, SessionLock, needs_inspection
+from relay.dataplane.lock import (
+    HOLDS,
+    PENDING,
+    AppendProof,
+    SessionLock,
+    binary_refusal,
+    is_plain_append,
+)
 from relay.dataplane.policy import (
     ClosePlan,
     Ending,
@@ -46,11 +61,13 @@ from relay.dataplane.policy import (
     UpstreamTap,
     plan_close,
 )
+from relay.dataplane.ratelimit import ClientRateLimit
 from relay.net.transport import TransportClosed
-from relay.net.websocket import ConnectionClosed, FrameEvent, WebSocket
+from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import frames
 from relay.protocol.frames import (
     OP_CLOSE,
+    OP_CONTINUATION,
     OP_PING,
     OP_PONG,
     OP_TEXT,
@@ -65,6 +82,7 @@ LOGGER = logging.getLogger("relay.session")
 #: Largest client control event assembled for the lock to inspect (session.update with
 #: long instructions and many tools fits easily; appends are never assembled).
 LOCKED_EVENT_MAX_BYTES: Final = 1024 * 1024
+_TOO_BIG_REASON: Final = f"event over {LOCKED_EVENT_MAX_BYTES} bytes that is not an audio append"
 #: How often the watchdog wakes to check idle and pong deadlines, at most.
 WATCHDOG_TICK_MAX_S: Final = 1.0
 
@@ -76,6 +94,19 @@ class SessionLimits:
     ping_interval_s: float
     pong_timeout_s: float
     close_timeout_s: float
+    #: What the client may send (every frame, control frames included); a rate of 0 is off.
+    client_max_frames_per_s: float
+    client_frame_burst: int
+    client_max_bytes_per_s: float
+    client_byte_burst_bytes: int
+
+
+class _SessionEnded(Exception):
+    """Raised inside a pump once it has recorded why the session ends."""
+
+
+class _LockViolation(Exception):
+    """Part of a client message was forwarded before it failed the append proof."""
 
 
 @dataclass(slots=True)
@@ -116,6 +147,13 @@ class RelaySession:
         #: How both legs were closed (set once the session has ended).
         self.close_plan: ClosePlan | None = None
         self._external_ending: Ending | None = None
+        self._rate = ClientRateLimit(
+            max_frames_per_s=limits.client_max_frames_per_s,
+            frame_burst=limits.client_frame_burst,
+            max_bytes_per_s=limits.client_max_bytes_per_s,
+            byte_burst_bytes=limits.client_byte_burst_bytes,
+            clock=trio.current_time,
+        )
 
     def end(self, ending: Ending) -> None:
         """Ask the session to end (shutdown, admin); safe from any task."""
@@ -156,10 +194,14 @@ class RelaySession:
         client, upstream = self.client, self.upstream
         remask = self.remask_upstream
         stats = self.stats
+        admit = self._rate.admit
         try:
             while True:
                 event = await client.next_frame_event()
                 if type(event) is Frame:
+                    if not admit(len(event.raw)):
+                        self._finish(self._rate_ending())
+                        return
                     opcode = event.opcode
                     if opcode < OP_CLOSE:
                         if remask:
@@ -171,6 +213,9 @@ class RelaySession:
                     elif not await self._control(event, client, Side.CLIENT):
                         return
                 elif type(event) is FrameStart:
+                    if not admit(len(event.header) + event.payload_len):
+                        self._finish(self._rate_ending())
+                        return
                     await self._cut_through(event, client, upstream, remask=remask)
                     if event.fin:
                         stats.messages_up += 1
@@ -183,69 +228,37 @@ class RelaySession:
             side = Side.UPSTREAM if upstream.transport.closed else Side.CLIENT
             self._finish(Ending(EndKind.DROPPED, side))
 
+    def _rate_ending(self) -> Ending:
+        return Ending(EndKind.RATE_LIMITED, Side.CLIENT, reason=self._rate.exceeded)
+
     async def _pump_up_locked(self, lock: SessionLock) -> None:
         """Client -> upstream under a locked config (a separate loop so the plain one stays lean).
 
-        Appends are recognised from their first bytes and forwarded like in
-        :meth:`_pump_up`; other text messages (small control events) are assembled,
-        rewritten by the lock, and sent as one fresh frame.
+        A message in one text frame that is proven to be an append is forwarded as
+        it came, like in :meth:`_pump_up`; any other one-frame text event goes
+        through the lock's rewrite and is sent as one fresh frame (or refused).
+        Fragmented and cut-through messages take :meth:`_locked_message`.
         """
-        client, upstream = self.client, self.upstream
+        upstream = self.upstream
         remask = self.remask_upstream
         stats = self.stats
-        assembling: list[bytes] | None = None
-        assembled_bytes = 0
+        next_event = self._next_locked_event
         try:
             while True:
-                event = await client.next_frame_event()
-                if type(event) is Frame:
-                    opcode = event.opcode
-                    if opcode >= OP_CLOSE:
-                        if not await self._control(event, client, Side.CLIENT):
-                            return
-                        continue
-                    if assembling is None and not (
-                        opcode == OP_TEXT and needs_inspection(_probe(event))
-                    ):
-                        await upstream.send_raw(_remasked(event) if remask else event.raw)
-                        if event.fin:
-                            stats.messages_up += 1
-                        continue
+                event = await next_event()
+                if type(event) is Frame and event.fin and event.opcode == OP_TEXT:
                     payload = event.payload()
-                    if event.fin and assembling is None:
+                    if is_plain_append(payload):
+                        await upstream.send_raw(_remasked(event) if remask else event.raw)
+                        stats.messages_up += 1
+                    else:
                         await self._forward_locked(lock, payload)
-                        continue
-                    assembling = assembling or []
-                    assembling.append(payload)
-                    assembled_bytes += len(payload)
-                elif type(event) is FrameStart:
-                    first = await client.next_frame_event()
-                    if type(first) is not FrameChunk:
-                        raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
-                    head = first.data[:PREFIX_PROBE_BYTES]
-                    if event.mask_key is not None:
-                        head = frames.xor_mask(head, event.mask_key)
-                    if assembling is None and not (
-                        event.opcode == OP_TEXT and needs_inspection(head)
-                    ):
-                        await self._cut_through(event, client, upstream, remask=remask, first=first)
-                        if event.fin:
-                            stats.messages_up += 1
-                        continue
-                    assembling = assembling or []
-                    payload = await self._collect(event, first, client)
-                    assembling.append(payload)
-                    assembled_bytes += len(payload)
                 else:
-                    continue
-                if assembled_bytes > LOCKED_EVENT_MAX_BYTES:
-                    raise FrameProtocolError(
-                        frames.CLOSE_MESSAGE_TOO_BIG,
-                        f"control event over {LOCKED_EVENT_MAX_BYTES} bytes",
-                    )
-                if event.fin and assembling is not None:
-                    await self._forward_locked(lock, b"".join(assembling))
-                    assembling, assembled_bytes = None, 0
+                    await self._locked_message(lock, event)
+        except _SessionEnded:
+            pass
+        except _LockViolation as exc:
+            self._finish(Ending(EndKind.LOCKED_VIOLATION, Side.CLIENT, reason=str(exc)))
         except FrameProtocolError as exc:
             self._finish(_protocol_ending(exc, Side.CLIENT))
         except ConnectionClosed:
@@ -254,32 +267,144 @@ class RelaySession:
             side = Side.UPSTREAM if upstream.transport.closed else Side.CLIENT
             self._finish(Ending(EndKind.DROPPED, side))
 
+    async def _next_locked_event(self) -> Frame | FrameStart:
+        """The client's next data frame (or large frame's start); control frames handled.
+
+        Raises :class:`_SessionEnded` once the client closed or ran over its rate.
+        """
+        client = self.client
+        admit = self._rate.admit
+        while True:
+            event = await client.next_frame_event()
+            if type(event) is Frame:
+                if not admit(len(event.raw)):
+                    self._finish(self._rate_ending())
+                    raise _SessionEnded
+                if event.opcode < OP_CLOSE:
+                    return event
+                if not await self._control(event, client, Side.CLIENT):
+                    raise _SessionEnded
+            elif type(event) is FrameStart:
+                if not admit(len(event.header) + event.payload_len):
+                    self._finish(self._rate_ending())
+                    raise _SessionEnded
+                return event
+            else:
+                raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame chunk out of place")
+
+    async def _next_chunk(self) -> FrameChunk:
+        event = await self.client.next_frame_event()
+        if type(event) is not FrameChunk:
+            raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
+        return event
+
+    async def _locked_message(self, lock: SessionLock, first: Frame | FrameStart) -> None:
+        """One client message that is not a single text frame, under the lock.
+
+        Text: the pieces (whole fragments, a large frame's header and chunks) are
+        held, unforwarded, until the first ``APPEND_PREFIX_MAX_BYTES`` decide
+        whether it starts like an append. If it does, every piece is shown to the
+        :class:`AppendProof` before it is forwarded, so the message streams with
+        bounded memory; should a later piece refute the proof, what went upstream
+        cannot be recalled, and the session ends (:class:`_LockViolation`). A
+        message that fails the proof before any of it was forwarded is assembled
+        (up to ``LOCKED_EVENT_MAX_BYTES``) and goes through the lock's rewrite.
+        Binary messages are refused: nothing the lock cannot read is forwarded.
+        """
+        if first.opcode != OP_TEXT:
+            await self._skip_message(first)
+            await self.client.send_text(binary_refusal())
+            return
+        proof = AppendProof()
+        writer = _FrameWriter(self.upstream, remask=self.remask_upstream)
+        held: list[tuple[Frame | FrameStart | FrameChunk, bytes]] = []
+        assembled: list[bytes] | None = None
+        assembled_bytes = 0
+        start: FrameStart | None = None  # the large frame whose chunks are being read
+        piece: Frame | FrameStart | FrameChunk = first
+        try:
+            while True:
+                if type(piece) is Frame:
+                    data = piece.payload()
+                    ends = piece.fin
+                    if not data and not ends and piece.opcode == OP_CONTINUATION:
+                        # An empty middle fragment changes nothing; skipping it keeps
+                        # `held` bounded by the prefix length whatever the client sends.
+                        piece = await self._next_locked_event()
+                        continue
+                elif type(piece) is FrameStart:
+                    start, data, ends = piece, b"", False
+                else:
+                    assert start is not None
+                    data = piece.data
+                    if start.mask_key is not None:
+                        data = frames.xor_mask(data, start.mask_key, piece.offset)
+                    ends = piece.last and start.fin
+                if assembled is not None:
+                    if data:
+                        assembled.append(data)
+                        assembled_bytes += len(data)
+                    # A large frame announces its size: refuse before reading it.
+                    announced = piece.payload_len if type(piece) is FrameStart else 0
+                    if assembled_bytes + announced > LOCKED_EVENT_MAX_BYTES:
+                        raise FrameProtocolError(frames.CLOSE_MESSAGE_TOO_BIG, _TOO_BIG_REASON)
+                else:
+                    state = proof.feed(data)
+                    if ends:
+                        state = proof.finish()
+                    if state == PENDING:
+                        held.append((piece, data))
+                    elif state == HOLDS:
+                        for earlier, _ in held:
+                            await writer.forward(earlier)
+                        held.clear()
+                        await writer.forward(piece)
+                    elif writer.started:
+                        raise _LockViolation("an event that started like an append was not one")
+                    else:
+                        # Not provably an append, and nothing of it sent: parse it whole.
+                        assembled = [d for _, d in held if d]
+                        if data:
+                            assembled.append(data)
+                        assembled_bytes = sum(map(len, assembled))
+                        held.clear()
+                        if assembled_bytes > LOCKED_EVENT_MAX_BYTES:
+                            raise FrameProtocolError(frames.CLOSE_MESSAGE_TOO_BIG, _TOO_BIG_REASON)
+                if ends:
+                    break
+                if type(piece) is FrameChunk and piece.last:
+                    start = None
+                if start is not None:
+                    piece = await self._next_chunk()
+                else:
+                    piece = await self._next_locked_event()
+        finally:
+            writer.abandon()
+        if assembled is None:
+            self.stats.messages_up += 1  # streamed, proven
+        else:
+            await self._forward_locked(lock, b"".join(assembled))
+
+    async def _skip_message(self, first: Frame | FrameStart) -> None:
+        """Read one client message to its end without forwarding any of it."""
+        event = first
+        while True:
+            if type(event) is FrameStart:
+                while not (await self._next_chunk()).last:
+                    pass
+            if event.fin:
+                return
+            event = await self._next_locked_event()
+
     async def _forward_locked(self, lock: SessionLock, payload: bytes) -> None:
+        """Forward one whole text event as the lock rewrote it, or tell the client why not."""
         rewrite = lock.rewrite(payload)
-        await self.upstream.send_text(rewrite.payload if rewrite.payload is not None else payload)
-        self.stats.messages_up += 1
+        if rewrite.payload is not None:
+            await self.upstream.send_text(rewrite.payload)
+            self.stats.messages_up += 1
         if rewrite.notice is not None:
             self.stats.locked_fields_removed += len(rewrite.removed)
             await self.client.send_text(rewrite.notice)
-
-    async def _collect(self, start: FrameStart, first: FrameChunk, source: WebSocket) -> bytes:
-        """Read a large frame's payload (bounded by the locked-event limit), unmasked."""
-        if start.payload_len > LOCKED_EVENT_MAX_BYTES:
-            raise FrameProtocolError(
-                frames.CLOSE_MESSAGE_TOO_BIG, f"control event over {LOCKED_EVENT_MAX_BYTES} bytes"
-            )
-        parts: list[bytes] = []
-        chunk: FrameEvent = first
-        while True:
-            if type(chunk) is not FrameChunk:
-                raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
-            data = chunk.data
-            if start.mask_key is not None:
-                data = frames.xor_mask(data, start.mask_key, chunk.offset)
-            parts.append(data)
-            if chunk.last:
-                return b"".join(parts)
-            chunk = await source.next_frame_event()
 
     async def _pump_down(self) -> None:
         """Upstream -> client. Upstream text is shown to the tap, then sent unchanged."""
@@ -425,13 +550,6 @@ async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
     await leg.close(plan.code, plan.reason, timeout_s=timeout_s)
 
 
-def _probe(frame: Frame) -> bytes:
-    """The first bytes of a frame's payload, unmasked (enough to recognise an append)."""
-    start = frame.header_len
-    head = frame.raw[start : start + PREFIX_PROBE_BYTES]
-    return frames.xor_mask(head, frame.mask_key) if frame.mask_key is not None else head
-
-
 def _protocol_ending(exc: FrameProtocolError, side: Side) -> Ending:
     kind = (
         EndKind.TOO_BIG
@@ -456,3 +574,52 @@ def _remasked(frame: Frame) -> bytes:
     raw = frame.raw
     header = frames.remask_header(bytes(raw[:header_len]), new)
     return header + frames.xor_mask(raw[header_len:], _xor_key(old, new))
+
+
+class _FrameWriter:
+    """Writes the pieces of one client message upstream as they came, frame by frame.
+
+    A large frame's header and chunks go out under the upstream's write lock, held
+    from the header to the last chunk so nothing interleaves with the frame. If the
+    message is abandoned mid-frame (a lock violation, an error, cancellation), the
+    upstream is marked broken: it must never see another byte, least of all the
+    rest of that frame.
+    """
+
+    __slots__ = ("_destination", "_flip", "_in_frame", "_remask", "started")
+
+    def __init__(self, destination: WebSocket, *, remask: bool) -> None:
+        self._destination = destination
+        self._remask = remask
+        self._flip: bytes | None = None
+        self._in_frame = False
+        #: Whether any piece of the message has been written.
+        self.started = False
+
+    async def forward(self, piece: Frame | FrameStart | FrameChunk) -> None:
+        destination = self._destination
+        self.started = True
+        if type(piece) is Frame:
+            await destination.send_raw(_remasked(piece) if self._remask else piece.raw)
+        elif type(piece) is FrameStart:
+            new_key = os.urandom(4) if self._remask and piece.mask_key is not None else None
+            self._flip = _xor_key(piece.mask_key, new_key) if new_key is not None else None
+            header = frames.remask_header(piece.header, new_key) if new_key else piece.header
+            await destination.lock_for_frame().acquire()
+            self._in_frame = True
+            await destination.transport.send_all(header)
+        else:
+            data = piece.data
+            if self._flip is not None:
+                data = frames.xor_mask(data, self._flip, piece.offset)
+            await destination.transport.send_all(data)
+            if piece.last:
+                self._in_frame = False
+                destination.lock_for_frame().release()
+
+    def abandon(self) -> None:
+        """Called when the message ends, however it ends: no torn frame may stay open."""
+        if self._in_frame:
+            self._in_frame = False
+            self._destination.mark_broken()
+            self._destination.lock_for_frame().release()
