@@ -1,8 +1,8 @@
 """OpenAI's ``POST /v1/realtime/client_secrets``: the request body and the session answered.
 
 This module owns the wire schema of the endpoint, for both the relay (which
-answers it with relay tokens, :mod:`relay.minting`) and the simulator (which
-mints ``ek_`` secrets like OpenAI's, :mod:`relay.simulator.secrets`):
+answers it with relay tokens, :mod:`relay.minting`) and the simulator (whose
+secret store mints ``ek_`` secrets like OpenAI's):
 
 - validation of the request body with OpenAI's wording and codes (GA shape:
   ``{"expires_after": {"anchor": "created_at", "seconds": 10..7200}, "session":
