@@ -24,11 +24,9 @@ from pydantic import BaseModel, TypeAdapter
 
 from relay.config import SimulatorConfig
 from relay.protocol import audio
-from relay.simulator.engine import (
-    DEFAULT_INSTRUCTIONS,
-    SUPPORTED_CLIENT_EVENT_TYPES,
-    SimulatedSession,
-)
+from relay.protocol.client_events import SUPPORTED_CLIENT_EVENT_TYPES
+from relay.protocol.session_config import DEFAULT_INSTRUCTIONS
+from relay.simulator.engine import SimulatedSession
 
 T0 = 1_750_000_000.0
 ADAPTER: TypeAdapter[Any] = TypeAdapter(RealtimeServerEvent)

@@ -11,12 +11,9 @@ from openai.types.realtime import ClientSecretCreateResponse
 from pydantic import TypeAdapter
 
 from relay.config import SimulatorConfig
+from relay.protocol.client_secrets import DEFAULT_SECRET_TTL_S, INVALID_JSON_MESSAGE
 from relay.simulator.engine import SimulatedSession
-from relay.simulator.secrets import (
-    DEFAULT_SECRET_TTL_S,
-    INVALID_JSON_MESSAGE,
-    ClientSecretStore,
-)
+from relay.simulator.secrets import ClientSecretStore
 
 NOW = 1_750_000_000.0
 SECRET_RE = re.compile(r"^ek_[0-9a-f]{32}$")

@@ -41,9 +41,10 @@ import orjson
 from relay.credentials.keyfiles import AppKeyStore
 from relay.credentials.secret import Secret
 from relay.credentials.tokens import Keyring, TokenClaims, mint, new_token_id
+from relay.protocol.client_secrets import SessionObjects as ClientSecretStore
+from relay.protocol.client_secrets import parse_request
 from relay.protocol.events import http_error_body
-from relay.simulator.engine import ClientEventError
-from relay.simulator.secrets import ClientSecretStore, parse_request
+from relay.protocol.validation import ClientEventError
 
 LOGGER = logging.getLogger("relay.credentials.minting")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import secrets
 import string
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -92,6 +93,10 @@ def decode_envelope(data: bytes | bytearray | memoryview | str) -> Envelope:
     raise EventDecodeError(
         "Invalid type for 'event_id': expected a string.", code="invalid_type", param="event_id"
     )
+
+
+#: Makes an id from its prefix (``new_id``, or a seeded stand-in in tests and the simulator).
+IdFactory = Callable[[str], str]
 
 
 def new_id(prefix: str) -> str:
