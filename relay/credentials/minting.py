@@ -41,8 +41,7 @@ import orjson
 from relay.credentials.keyfiles import AppKeyStore
 from relay.credentials.secret import Secret
 from relay.credentials.tokens import Keyring, TokenClaims, mint, new_token_id
-from relay.protocol.client_secrets import SessionObjects as ClientSecretStore
-from relay.protocol.client_secrets import parse_request
+from relay.protocol.client_secrets import SessionObjects, parse_request
 from relay.protocol.events import http_error_body
 from relay.protocol.validation import ClientEventError
 
@@ -92,7 +91,7 @@ class Minter:
         self.upstream_http_base = upstream_http_base.rstrip("/")
         self.upstream_api_key = Secret(upstream_api_key)
         self.upstream_ca_file = upstream_ca_file
-        self._session_objects = ClientSecretStore()
+        self._session_objects = SessionObjects()
 
     async def mint(self, authorization: str | None, body: bytes, now: float) -> MintAnswer:
         credential = None
