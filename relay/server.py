@@ -53,7 +53,7 @@ from relay.credentials.minting import Minter, http_base_for
 from relay.credentials.tokens import Keyring, new_signing_key
 from relay.credentials.watch import KEY_FILE_POLL_INTERVAL_S, KeyFilePoller
 from relay.dataplane.admission import AdmissionPolicy, Admitted, Refused, admit
-from relay.dataplane.lock import SessionLock
+from relay.dataplane.lock import LockedStart, LockedStartDone, LockedStartFailed, SessionLock
 from relay.dataplane.policy import EndKind
 from relay.dataplane.registry import SessionContext, SessionRegistry
 from relay.dataplane.session import RelaySession, SessionLimits
@@ -69,7 +69,7 @@ from relay.net.transport import (
     tls_handshake,
     wrap_server_tls,
 )
-from relay.net.websocket import WebSocket
+from relay.net.websocket import OP_TEXT, ConnectionClosed, WebSocket
 from relay.protocol import handshake
 from relay.protocol.handshake import HandshakeError, RequestHead
 
@@ -344,6 +344,23 @@ class RelayServer:
             upstream = await self._dial(transport, decision)
             if upstream is None:
                 return
+            first_events: tuple[bytes, ...] = ()
+            if lock is not None:
+                started = await self._start_locked(upstream, lock)
+                if started is None:
+                    upstream.transport.close()
+                    await self._refuse(
+                        transport,
+                        head,
+                        Refused(
+                            502,
+                            "The upstream did not accept the session config.",
+                            "upstream_refused_session_config",
+                            "server_error",
+                        ),
+                    )
+                    return
+                first_events = started
             if not registry.establish(reservation):
                 # Another instance of this single-use token won the race to 101.
                 upstream.transport.close()
@@ -377,6 +394,8 @@ class RelayServer:
             lock=lock,
         )
         session.credential_id = decision.credential_id
+        for event in first_events:
+            await client.send_text(event)
         context = SessionContext(
             decision.credential_id, claims, self.client_address(head, transport.peer)
         )
@@ -412,6 +431,35 @@ class RelayServer:
             return None
         self.metrics.upstream_connect_seconds.observe(trio.current_time() - dial_started)
         return upstream
+
+    async def _start_locked(
+        self, upstream: WebSocket, lock: SessionLock
+    ) -> tuple[bytes, ...] | None:
+        """Apply a token's locked config before the client's 101, invisibly: the
+        client's first events (a ``session.created`` carrying the applied session),
+        or None when the upstream refused it (logged)."""
+        start = LockedStart()
+        with trio.move_on_after(self.config.upstream_connect_timeout_s):
+            try:
+                await upstream.send_text(lock.initial_update())
+                while True:
+                    opcode, payload = await upstream.receive_message()
+                    if opcode != OP_TEXT:
+                        outcome: LockedStartDone | LockedStartFailed | None = LockedStartFailed(
+                            "the upstream sent a binary message before the session"
+                        )
+                    else:
+                        outcome = start.feed(payload)
+                    if isinstance(outcome, LockedStartDone):
+                        return outcome.client_events
+                    if isinstance(outcome, LockedStartFailed):
+                        LOGGER.warning("locked session config not applied: %s", outcome.detail)
+                        return None
+            except (ConnectionClosed, TransportClosed):
+                LOGGER.warning("locked session config not applied: the upstream went away")
+                return None
+        LOGGER.warning("locked session config not applied: the upstream did not answer in time")
+        return None
 
     def _app_session_limit(self, app: str) -> int:
         key = self.app_keys.check_name(app)

@@ -88,7 +88,7 @@ async def start_relay(
         "client_keys": (CLIENT_KEY,),
         "upstream_connect_timeout_s": 5.0,
         # The simulator's per-connection test hooks; a production relay never forwards them.
-        "upstream_query_params": ("sim_mode", "sim_fault"),
+        "upstream_query_params": ("sim_mode", "sim_fault", "sim_start"),
     }
     fields.update(overrides)
     config = ServeConfig(**fields)

@@ -63,9 +63,13 @@ class Locked:
             client = await RawClient.connect(self.relay.port, target, self.token)
             self.clients.append(client)
             leg = await self.upstream.leg(index)
-            # The lock's own session.update is the first thing the upstream gets.
+            # The lock's own session.update is the first thing the upstream gets, and
+            # the client's first event is the session.created that carries it.
             await leg.wait_for(lambda: len(leg.messages) >= 1)
+            created = await client.event()
         assert orjson.loads(leg.messages[0])["session"]["instructions"] == "LOCKED"
+        assert created["type"] == "session.created"
+        assert created["session"]["instructions"] == "LOCKED"  # type: ignore[index]
         return client, leg
 
 

@@ -177,9 +177,9 @@ async def test_signing_key_rotation_keeps_old_tokens_and_live_sessions(
     token_relay: RunningRelay, keys: Keys
 ) -> None:
     old_token = await token_for(token_relay, keys)
-    url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo"
+    url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo&sim_start=session"
     async with open_ws(url, extra_headers=auth(old_token)) as live:
-        await live.get_message()  # the lock's session.update, echoed
+        await live.get_message()  # session.created, carrying the lock
         keyfiles.rotate_signing_key(keys.signing_file, time.time())
         await token_relay.server.key_files.wait_polled()
         new_token = await token_for(token_relay, keys)
@@ -237,10 +237,12 @@ async def test_locked_fields_cannot_be_changed(token_relay: RunningRelay, keys: 
         },
     )
     # raw-echo shows exactly what the relay forwarded upstream.
-    url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo"
+    url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo&sim_start=session"
     async with open_ws(url, extra_headers=auth(token)) as ws:
+        # The lock was applied before the 101: the client's first event is the
+        # session.created carrying it, and no session.updated it did not ask for.
         applied = json.loads(await ws.get_message())
-        assert applied["type"] == "session.update"
+        assert applied["type"] == "session.created"
         assert applied["session"]["instructions"] == "LOCKED"
         await ws.send_message(
             json.dumps(
@@ -322,7 +324,7 @@ async def test_app_keys_reload_without_restart_or_touching_sessions(
     token_relay: RunningRelay, keys: Keys
 ) -> None:
     token = await token_for(token_relay, keys)
-    url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo"
+    url = f"{token_relay.ws_base}/realtime?model={MODEL}&sim_mode=raw-echo&sim_start=session"
     async with open_ws(url, extra_headers=auth(token)) as live:
         await live.get_message()
         late_key = keyfiles.create_app_key(keys.app_file, "late-app")
@@ -369,3 +371,36 @@ async def test_app_key_concurrency_starts_per_token_and_safety_identifier(
     # Two sessions started with `first`: its third is refused.
     spent = await raw_handshake(relay.port, target, auth(first))
     assert spent.status == 429
+
+
+async def test_a_client_waiting_for_its_own_session_updated_gets_it(
+    token_relay: RunningRelay, keys: Keys
+) -> None:
+    """Issue 11, defect 4: the relay applied the token's config after session.created,
+    so the client saw an extra session.updated first and took it for the answer to its
+    own update (wrong instructions, server VAD still on). Now the config is applied
+    before the 101 and the client's first session.updated is the one it asked for."""
+    token = await token_for(
+        token_relay,
+        keys,
+        session={"type": "realtime", "model": MODEL, "instructions": "LOCKED"},
+    )
+    async with open_ws(
+        f"{token_relay.ws_base}/realtime?model={MODEL}", extra_headers=auth(token)
+    ) as ws:
+        created = json.loads(await ws.get_message())
+        assert created["type"] == "session.created"
+        assert created["session"]["instructions"] == "LOCKED"
+        await ws.send_message(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "event_id": "mine",
+                    "session": {"type": "realtime", "audio": {"input": {"turn_detection": None}}},
+                }
+            )
+        )
+        while (event := json.loads(await ws.get_message()))["type"] != "session.updated":
+            assert event["type"] != "error", event
+        assert event["session"]["audio"]["input"]["turn_detection"] is None
+        assert event["session"]["instructions"] == "LOCKED"

@@ -188,6 +188,8 @@ class RecordingUpstream:
                     return
                 data += chunk
             await stream.send_all(handshake.accept_response(head))
+            # Like OpenAI: the session opens with session.created.
+            await stream.send_all(frames.encode_frame(frames.OP_TEXT, SESSION_CREATED))
             leg = UpstreamLeg()
             self.legs.append(leg)
             self._new_leg.set()
@@ -236,4 +238,30 @@ class RecordingUpstream:
             if done:
                 leg.messages.append(b"".join(message))
                 message = []
+                if len(leg.messages) == 1:
+                    await _answer_first_update(stream, leg.messages[0])
             leg._notify()
+
+
+SESSION_CREATED = orjson.dumps(
+    {
+        "type": "session.created",
+        "event_id": "event_up_1",
+        "session": {"id": "sess_up", "model": "gpt-realtime"},
+    }
+)
+
+
+async def _answer_first_update(stream: trio.SocketStream, message: bytes) -> None:
+    """Answer the relay's locked-config update as OpenAI would (recorded all the same)."""
+    try:
+        event = orjson.loads(message)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(event, dict) and event.get("type") == "session.update":
+        updated = {
+            "type": "session.updated",
+            "event_id": "event_up_2",
+            "session": event.get("session"),
+        }
+        await stream.send_all(frames.encode_frame(frames.OP_TEXT, orjson.dumps(updated)))

@@ -5,8 +5,13 @@ carries a locked session config (a relay token minted by the app's backend). The
 rule is *what the relay forwards under a lock is what it checked* (issue 10,
 finding 3): the upstream must never read an event differently from the relay.
 
-- At session start the locked config is sent upstream as one ``session.update``
-  (:func:`SessionLock.initial_update`) before any client event is forwarded.
+- The locked config is applied before the client's upgrade is answered, and
+  invisibly (:class:`LockedStart`): the relay sends it upstream as one
+  ``session.update`` (:func:`SessionLock.initial_update`), consumes the upstream's
+  ``session.updated`` answer, and hands the client a ``session.created`` carrying
+  the applied session, as OpenAI does for an ``ek_`` minted with a config. A
+  client that waits for the ``session.updated`` answering its own update gets
+  exactly that one.
 - Audio appends, by far the most frequent client event, are forwarded as they
   came only once *proven* to be appends (:func:`is_plain_append`, or
   :class:`AppendProof` piece by piece for fragmented and cut-through messages):
@@ -260,7 +265,7 @@ class SessionLock:
         session.pop("id", None)
         session.pop("expires_at", None)
         return orjson.dumps(
-            {"type": "session.update", "event_id": "relay_locked_config", "session": session}
+            {"type": "session.update", "event_id": LOCKED_UPDATE_EVENT_ID, "session": session}
         )
 
     def rewrite(self, payload: bytes) -> Rewrite:
@@ -330,4 +335,63 @@ class SessionLock:
                     param,
                     event_id,
                 )
+        return None
+
+
+# ------------------------------------------------------------------ the invisible start
+
+#: Upstream events other than session.created/updated held while the lock is applied.
+LOCKED_START_MAX_HELD_EVENTS: Final = 16
+LOCKED_UPDATE_EVENT_ID: Final = "relay_locked_config"
+
+
+@dataclass(frozen=True, slots=True)
+class LockedStartDone:
+    #: What the client gets first, in order: ``session.created`` with the applied
+    #: session, then any other upstream event that arrived meanwhile.
+    client_events: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LockedStartFailed:
+    #: Why, for the relay's log (the upstream's own words; redacted there).
+    detail: str
+
+
+class LockedStart:
+    """Turns the upstream's first events into what the client sees under a lock.
+
+    Feed every upstream text event from the start of the session (after sending
+    :meth:`SessionLock.initial_update`); :meth:`feed` answers None while it needs
+    more, then :class:`LockedStartDone` or :class:`LockedStartFailed`. Fails closed:
+    an upstream that refuses the locked config (an ``error`` event) or says
+    something else first opens no session.
+    """
+
+    def __init__(self) -> None:
+        self._created: dict[str, Any] | None = None
+        self._held: list[bytes] = []
+
+    def feed(self, payload: bytes) -> LockedStartDone | LockedStartFailed | None:
+        try:
+            event = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            return LockedStartFailed("the upstream sent an unreadable event before the session")
+        kind = event.get("type") if isinstance(event, dict) else None
+        if kind == "error":
+            error = event.get("error")
+            message = error.get("message") if isinstance(error, dict) else None
+            return LockedStartFailed(f"the upstream refused the locked session config: {message}")
+        if self._created is None:
+            if kind != "session.created":
+                return LockedStartFailed(f"the upstream's first event was {str(kind)[:64]!r}")
+            self._created = event
+            return None
+        if kind == "session.updated" and isinstance(event.get("session"), dict):
+            created = dict(self._created)
+            created["session"] = event["session"]
+            return LockedStartDone((orjson.dumps(created), *self._held))
+        if len(self._held) >= LOCKED_START_MAX_HELD_EVENTS:
+            return LockedStartFailed("the upstream did not answer the locked session config")
+        self._held.append(payload)
         return None

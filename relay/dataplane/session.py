@@ -169,9 +169,6 @@ class RelaySession:
         self.stats.started_at = trio.current_time()
         try:
             with self._cancel_scope:
-                if self.lock is not None:
-                    # Applied before any client event can reach the upstream.
-                    await self.upstream.send_text(self.lock.initial_update())
                 async with trio.open_nursery() as nursery:
                     if self.lock is None:
                         nursery.start_soon(self._pump_up)

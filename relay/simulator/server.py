@@ -19,7 +19,10 @@ This module owns the I/O around the sans-I/O session engine
   ``close:<code>:<reason>`` (after ``session.created``), ``stall`` (stop reading and
   writing), ``garbage`` (bytes that are not a WebSocket frame), ``drop`` (TCP reset,
   no close frame), ``refuse:<status>`` (HTTP error on the handshake),
-  ``hang`` (never answer the handshake).
+  ``hang`` (never answer the handshake); ``?sim_start=session`` makes ``raw-echo``
+  open the session the way OpenAI does first (``session.created``, and the first
+  ``session.update`` answered by ``session.updated`` instead of echoed), for a relay
+  that applies a locked session config before it lets the client in.
 
 The simulator uses the same frame codec and transport as the relay, so it is never
 the bottleneck of a benchmark that puts the relay in front of it.
@@ -37,6 +40,7 @@ import time
 from typing import Final
 from urllib.parse import parse_qs
 
+import orjson
 import trio
 
 from relay.config import SimulatorConfig, SimulatorMode
@@ -52,7 +56,7 @@ from relay.net.transport import (
 )
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import frames, handshake
-from relay.protocol.events import error_event
+from relay.protocol.events import error_event, new_id
 from relay.protocol.frames import (
     OP_BINARY,
     OP_TEXT,
@@ -224,6 +228,13 @@ class Simulator:
                 await ws.close(BETA_CLOSE_CODE, BETA_CLOSE_REASON)
                 return
             if mode == "raw-echo":
+                opens_like_openai = (
+                    self.config.faults_enabled and query.get("sim_start") == "session"
+                )
+                if opens_like_openai and not await _open_session_like_openai(
+                    ws, model or "gpt-realtime"
+                ):
+                    return
                 await _raw_echo(ws)
                 return
             engine = SimulatedSession(
@@ -348,6 +359,34 @@ async def _apply_fault(ws: WebSocket, fault: str) -> bool:
         ws.transport.abort()
         return True
     return False
+
+
+async def _open_session_like_openai(ws: WebSocket, model: str) -> bool:
+    """``session.created``, then the first ``session.update`` answered with
+    ``session.updated`` carrying its session; False if the peer went away."""
+    session_id = new_id("sess_")
+    created = {
+        "type": "session.created",
+        "event_id": new_id("event_"),
+        "session": {"id": session_id, "model": model},
+    }
+    try:
+        await ws.send_text(orjson.dumps(created))
+        opcode, payload = await ws.receive_message()
+        update = orjson.loads(payload) if opcode == frames.OP_TEXT else None
+        if not isinstance(update, dict) or update.get("type") != "session.update":
+            await ws.send_raw(frames.encode_frame(opcode, payload))
+            return True
+        session = {"id": session_id, "model": model, **(update.get("session") or {})}
+        await ws.send_text(
+            orjson.dumps(
+                {"type": "session.updated", "event_id": new_id("event_"), "session": session}
+            )
+        )
+    except (ConnectionClosed, TransportClosed, orjson.JSONDecodeError):
+        ws.transport.close()
+        return False
+    return True
 
 
 async def _raw_echo(ws: WebSocket) -> None:
