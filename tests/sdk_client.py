@@ -13,6 +13,8 @@ import ssl
 import struct
 from typing import Any
 
+from openai import AsyncOpenAI
+
 from tests.conftest import run_asyncio
 
 SAMPLE_RATE_HZ = 24_000
@@ -38,12 +40,17 @@ async def sdk_voice_turn(
     """One voice turn: session.update, appends, commit, response.create, until response.done."""
 
     async def turn() -> dict[str, Any]:
-        from openai import AsyncOpenAI
+        # Closed on the way out: an open HTTP pool or socket left to the garbage
+        # collector becomes a ResourceWarning, an error in this suite.
+        client = AsyncOpenAI(api_key=api_key, base_url=http_base, websocket_base_url=ws_base)
+        async with client:
+            return await _turn_with(client)
+
+    async def _turn_with(client: AsyncOpenAI) -> dict[str, Any]:
         from openai.types.realtime import RealtimeServerEvent
         from pydantic import TypeAdapter
 
         adapter: TypeAdapter[Any] = TypeAdapter(RealtimeServerEvent)
-        client = AsyncOpenAI(api_key=api_key, base_url=http_base, websocket_base_url=ws_base)
         options: dict[str, Any] = {}
         if ca_file is not None:
             options["ssl"] = ssl.create_default_context(cafile=ca_file)
