@@ -17,6 +17,9 @@ so a slow peer stops our reader quickly instead of filling buffers.
 
 Errors are translated here, once: any reset, broken pipe or TLS failure becomes
 :class:`TransportClosed`.
+
+:class:`ByteStream` is what a WebSocket needs of its transport; :class:`Transport`
+is the one over a socket, and tests put in-memory streams in its place.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import errno
 import socket
 import ssl
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import trio
 
@@ -42,6 +45,38 @@ _TCP_NOTSENT_LOWAT: Final = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 class TransportClosed(Exception):
     """The peer reset the connection, or it was closed under us."""
+
+
+class ByteStream(Protocol):
+    """What :class:`~relay.net.websocket.WebSocket` needs of the bytes under it.
+
+    :class:`Transport` (a socket) is the product's; an in-memory double with bounded
+    buffers stands in for it in tests. Failures are :class:`TransportClosed`, and
+    :meth:`close` wakes a task blocked in a read or write with it.
+    """
+
+    @property
+    def peer(self) -> tuple[str, int] | None: ...
+
+    @property
+    def is_tls(self) -> bool: ...
+
+    @property
+    def closed(self) -> bool: ...
+
+    async def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
+        """Read what is available into ``buffer``; 0 means the peer ended the stream."""
+        ...
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Write every byte, waiting while the peer does not take them."""
+        ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None:
+        """Close as a dropped connection (a TCP reset, no FIN)."""
+        ...
 
 
 def tune_stream_socket(sock: socket.socket) -> None:

@@ -1,4 +1,4 @@
-"""A WebSocket endpoint on a :class:`~relay.net.transport.Transport`, after the handshake.
+"""A WebSocket endpoint on a :class:`~relay.net.transport.ByteStream`, after the handshake.
 
 This module owns the Trio shell around the sans-I/O frame codec
 (:mod:`relay.protocol.frames`) for one connection and one role:
@@ -26,7 +26,7 @@ from typing import Final
 
 import trio
 
-from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed
+from relay.net.transport import RECEIVE_BYTES, ByteStream, TransportClosed
 from relay.protocol import frames
 from relay.protocol.frames import (
     OP_BINARY,
@@ -79,7 +79,7 @@ class WebSocket:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: ByteStream,
         *,
         client_side: bool,
         max_message_bytes: int,
