@@ -99,3 +99,22 @@ def test_an_idle_session_wakes_once_per_ping_interval() -> None:
     assert verdict.ending == Ending(EndKind.IDLE_TIMEOUT)
     assert now == 1060.0
     assert wakes <= 2 * 6 + 1  # a ping and a pong check per interval at most
+
+
+@pytest.mark.parametrize("what", ["idle", "pong"])
+def test_a_poll_at_the_instant_it_named_sees_the_deadline(what: str) -> None:
+    """0.7 + 0.1 - 0.7 < 0.1 in floating point: a shell sleeping until next_check_at()
+    must find the deadline there, or it wakes at the same instant forever."""
+    idle, pong = (0.1, 50.0) if what == "idle" else (50.0, 0.1)
+    limits = LivenessLimits(
+        idle_timeout_s=idle, max_session_s=100, ping_interval_s=1, pong_timeout_s=pong
+    )
+    c = SessionClock(limits, started_at=0.7 if what == "idle" else 0.0)
+    if what == "pong":
+        c.ping_sent(Side.CLIENT, 0.7)
+        c.ping_sent(Side.UPSTREAM, 0.7)
+    at = c.next_check_at()
+    assert at == 0.7 + 0.1
+    ending = c.poll(at).ending
+    assert ending is not None
+    assert ending.kind is (EndKind.IDLE_TIMEOUT if what == "idle" else EndKind.DEAD_PEER)

@@ -104,16 +104,22 @@ class SessionClock:
         return min(candidates)
 
     def poll(self, now: float) -> Verdict:
+        """What is due at ``now``.
+
+        Deadlines are compared as the sums :meth:`next_check_at` returns
+        (``now >= t + d``, never ``now - t >= d``, which rounds differently), so a
+        poll at the instant it named always sees what it named.
+        """
         limits = self.limits
         if now >= self.expires_at:
             return Verdict(Ending(EndKind.SESSION_EXPIRED))
-        if now - self._last_activity >= limits.idle_timeout_s:
+        if now >= self._last_activity + limits.idle_timeout_s:
             return Verdict(Ending(EndKind.IDLE_TIMEOUT))
         due: list[Side] = []
         for side, leg in self._legs.items():
             outstanding = leg.ping_outstanding_since
             if outstanding is not None:
-                if now - outstanding >= limits.pong_timeout_s:
+                if now >= outstanding + limits.pong_timeout_s:
                     return Verdict(Ending(EndKind.DEAD_PEER, side))
             elif now >= leg.next_ping_at:
                 due.append(side)
