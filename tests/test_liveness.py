@@ -118,3 +118,34 @@ def test_a_poll_at_the_instant_it_named_sees_the_deadline(what: str) -> None:
     ending = c.poll(at).ending
     assert ending is not None
     assert ending.kind is (EndKind.IDLE_TIMEOUT if what == "idle" else EndKind.DEAD_PEER)
+
+
+@pytest.mark.parametrize("stuck", [Side.CLIENT, Side.UPSTREAM])
+def test_while_one_legs_ping_cannot_be_written_only_that_leg_is_judged(stuck: Side) -> None:
+    """A pump stuck writing to one leg reads nothing from the other: that leg's pong may
+    be waiting unread behind the stuck write, so its silence proves nothing."""
+    c = clock()
+    other = Side.UPSTREAM if stuck is Side.CLIENT else Side.CLIENT
+    c.ping_sent(Side.CLIENT, 1010.0, written=False)
+    c.ping_sent(Side.UPSTREAM, 1010.0, written=False)
+    c.ping_written(other)  # went out; its pong is never seen
+    assert c.next_check_at() == 1015.0
+    assert c.poll(1015.0).ending == Ending(EndKind.DEAD_PEER, stuck)
+
+
+def test_a_pong_cannot_answer_an_unwritten_ping() -> None:
+    c = clock()
+    c.ping_sent(Side.CLIENT, 1010.0, written=False)
+    c.saw_pong(Side.CLIENT, 1011.0)  # unsolicited, or for an older ping
+    assert c.poll(1015.0).ending == Ending(EndKind.DEAD_PEER, Side.CLIENT)
+
+
+def test_once_the_stuck_ping_is_written_the_other_leg_is_judged_again() -> None:
+    c = clock()
+    c.ping_sent(Side.CLIENT, 1010.0, written=False)
+    c.ping_written(Side.CLIENT)
+    c.ping_sent(Side.UPSTREAM, 1012.0, written=False)  # stuck behind a write
+    assert c.next_check_at() == 1017.0  # the client's deadline (1015) waits
+    assert c.poll(1016.0).ending is None
+    c.ping_written(Side.UPSTREAM)
+    assert c.poll(1016.0).ending == Ending(EndKind.DEAD_PEER, Side.CLIENT)

@@ -17,7 +17,12 @@ The rules, for both legs:
 - a ping the shell could not even start writing (the leg's write lock was held, its
   socket full) counts as sent: if the leg is still stuck ``pong_timeout_s`` later it
   is dead. Our pings never wait behind a blocked write, so they cannot stall these
-  deadlines.
+  deadlines;
+- while one leg's ping is still unwritten, only such legs can be judged dead: a
+  pump stuck writing to one leg does not read the other, so that other leg's pong
+  may be waiting, unread, behind the stuck write (a client that never reads silences
+  the upstream's pongs, a stalled upstream the client's). The shell says when a ping
+  was written (:meth:`SessionClock.ping_written`).
 
 Activity is judged from message counters at each check, so the hot path pays
 nothing per message; an idle session wakes once per ping interval, not every second.
@@ -43,6 +48,8 @@ class _Leg:
     #: When our oldest unanswered ping went out (or was due but could not be written).
     ping_outstanding_since: float | None = None
     next_ping_at: float = 0.0
+    #: A ping is due or being written and has not been written yet.
+    unwritten: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,27 +87,49 @@ class SessionClock:
     def saw_pong(self, side: Side, at: float) -> None:
         """The leg's latest pong arrived at ``at``: it answers a ping sent by then."""
         leg = self._legs[side]
+        if leg.unwritten:
+            return  # no pong answers a ping that has not been written
         if leg.ping_outstanding_since is not None and at >= leg.ping_outstanding_since:
             leg.ping_outstanding_since = None
 
-    def ping_sent(self, side: Side, now: float) -> None:
-        """A ping went out (or could not be written: the leg is stuck; same clock)."""
+    def ping_sent(self, side: Side, now: float, *, written: bool = True) -> None:
+        """A ping went out (or could not be written: the leg is stuck; same clock).
+
+        ``written=False``: the ping is due and handed to a writer that may wait;
+        :meth:`ping_written` follows once it is on the wire.
+        """
         leg = self._legs[side]
         if leg.ping_outstanding_since is None:
             leg.ping_outstanding_since = now
+            leg.unwritten = not written
         leg.next_ping_at = now + self.limits.ping_interval_s
 
+    def ping_written(self, side: Side) -> None:
+        """The ping :meth:`ping_sent` announced is now on the wire."""
+        self._legs[side].unwritten = False
+
     # ------------------------------------------------------------------ what is due
+
+    def _pong_deadlines(self) -> list[tuple[float, Side]]:
+        """When each leg that can be judged now is dead, unless it answers first."""
+        timeout = self.limits.pong_timeout_s
+        waiting = [
+            (since + timeout, side, leg.unwritten)
+            for side, leg in self._legs.items()
+            if (since := leg.ping_outstanding_since) is not None
+        ]
+        if any(unwritten for _, _, unwritten in waiting):
+            return [(deadline, side) for deadline, side, unwritten in waiting if unwritten]
+        return [(deadline, side) for deadline, side, _ in waiting]
 
     def next_check_at(self) -> float:
         """The earliest instant at which :meth:`poll` may have something to say."""
         limits = self.limits
         candidates = [self.expires_at, self._last_activity + limits.idle_timeout_s]
-        for leg in self._legs.values():
-            if leg.ping_outstanding_since is None:
-                candidates.append(leg.next_ping_at)
-            else:
-                candidates.append(leg.ping_outstanding_since + limits.pong_timeout_s)
+        candidates.extend(
+            leg.next_ping_at for leg in self._legs.values() if leg.ping_outstanding_since is None
+        )
+        candidates.extend(deadline for deadline, _ in self._pong_deadlines())
         return min(candidates)
 
     def poll(self, now: float) -> Verdict:
@@ -115,12 +144,12 @@ class SessionClock:
             return Verdict(Ending(EndKind.SESSION_EXPIRED))
         if now >= self._last_activity + limits.idle_timeout_s:
             return Verdict(Ending(EndKind.IDLE_TIMEOUT))
-        due: list[Side] = []
-        for side, leg in self._legs.items():
-            outstanding = leg.ping_outstanding_since
-            if outstanding is not None:
-                if now >= outstanding + limits.pong_timeout_s:
-                    return Verdict(Ending(EndKind.DEAD_PEER, side))
-            elif now >= leg.next_ping_at:
-                due.append(side)
-        return Verdict(pings_due=tuple(due))
+        for deadline, side in self._pong_deadlines():
+            if now >= deadline:
+                return Verdict(Ending(EndKind.DEAD_PEER, side))
+        due = tuple(
+            side
+            for side, leg in self._legs.items()
+            if leg.ping_outstanding_since is None and now >= leg.next_ping_at
+        )
+        return Verdict(pings_due=due)
