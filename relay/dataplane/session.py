@@ -22,11 +22,18 @@ This module owns the Trio shell of a session after both handshakes:
 - Control frames are per hop: pings answered on the leg they came from, pongs
   recorded for dead-peer detection, a close frame turned into an
   :class:`~relay.dataplane.policy.Ending` that the policy maps to both legs.
-- The watchdog sends our own pings on both legs and checks pong deadlines, the
-  idle timeout and the maximum session duration.
+- The watchdog asks the sans-I/O :class:`~relay.dataplane.liveness.SessionClock`
+  what is due and sleeps until its next instant; it never awaits a write that may
+  block: each ping is written by its own task (one per leg at most), and counts as
+  sent when it was due, so a leg whose writes are stuck for ``pong_timeout_s`` is a
+  dead peer. ``max_session_s`` is also the deadline of the session's cancel scope,
+  so nothing, not even a stuck write, holds a session past it.
+- A failed read or write is a :class:`~relay.net.websocket.LegFailed` naming its
+  leg; :meth:`RelaySession._pump` turns every way a pump fails into the
+  :class:`Ending`, in one place.
 - The first task to end records the :class:`Ending` and cancels the nursery; then
   :func:`_close_legs` carries out the policy's close plan on both legs at once,
-  shielded and bounded, so no task outlives the session.
+  shielded and bounded by ``close_timeout_s``, so no task outlives the session.
 
 Backpressure is the awaited write: a pump that cannot write does not read, so a
 client that stops reading stops the upstream pump, whose socket buffer fills and
@@ -39,11 +46,13 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
 import trio
 
+from relay.dataplane.liveness import LivenessLimits, SessionClock
 from relay.dataplane.lock import (
     HOLDS,
     PENDING,
@@ -62,8 +71,7 @@ from relay.dataplane.policy import (
     plan_close,
 )
 from relay.dataplane.ratelimit import ClientRateLimit
-from relay.net.transport import TransportClosed
-from relay.net.websocket import ConnectionClosed, WebSocket
+from relay.net.websocket import ConnectionClosed, LegFailed, WebSocket
 from relay.protocol import frames
 from relay.protocol.frames import (
     OP_CLOSE,
@@ -83,8 +91,8 @@ LOGGER = logging.getLogger("relay.session")
 #: long instructions and many tools fits easily; appends are never assembled).
 LOCKED_EVENT_MAX_BYTES: Final = 1024 * 1024
 _TOO_BIG_REASON: Final = f"event over {LOCKED_EVENT_MAX_BYTES} bytes that is not an audio append"
-#: How often the watchdog wakes to check idle and pong deadlines, at most.
-WATCHDOG_TICK_MAX_S: Final = 1.0
+#: Payload of the relay's own pings.
+PING_PAYLOAD: Final = b"relay"
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +152,8 @@ class RelaySession:
         self.credential_id = ""
         self.stats = SessionStats()
         self._cancel_scope = trio.CancelScope()
+        #: Set once both legs are closed and :meth:`run` is about to return.
+        self.ended = trio.Event()
         #: How both legs were closed (set once the session has ended).
         self.close_plan: ClosePlan | None = None
         self._external_ending: Ending | None = None
@@ -167,24 +177,54 @@ class RelaySession:
     async def run(self) -> Ending:
         """Relay until the session ends; both legs are closed when this returns."""
         self.stats.started_at = trio.current_time()
+        # Even a write stuck on a full socket cannot hold the session past this.
+        self._cancel_scope.deadline = self.stats.started_at + self.limits.max_session_s
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     if self.lock is None:
-                        nursery.start_soon(self._pump_up)
+                        nursery.start_soon(self._pump, self._pump_up, Side.CLIENT)
                     else:
-                        nursery.start_soon(self._pump_up_locked, self.lock)
-                    nursery.start_soon(self._pump_down)
+                        nursery.start_soon(self._pump, self._pump_up_locked, Side.CLIENT)
+                    nursery.start_soon(self._pump, self._pump_down, Side.UPSTREAM)
                     nursery.start_soon(self._watchdog)
         except Exception:
             LOGGER.exception("session %s failed", self.session_id)
             if self.stats.ending is None:
                 self.stats.ending = Ending(EndKind.INTERNAL_ERROR)
+        if self.stats.ending is None and self._cancel_scope.cancelled_caught:
+            self.stats.ending = Ending(EndKind.SESSION_EXPIRED)  # the scope's deadline
         ending = self.stats.ending or Ending(EndKind.INTERNAL_ERROR)
-        await self._close_legs(ending)
+        try:
+            await self._close_legs(ending)
+        finally:
+            self.ended.set()
         return ending
 
     # ---------------------------------------------------------------- pumps
+
+    async def _pump(self, pump: Callable[[], Awaitable[None]], source: Side) -> None:
+        """Run one pump; every way it can fail becomes the session's :class:`Ending` here.
+
+        ``source`` is the leg the pump reads: its protocol errors and its end of
+        stream are that leg's. A failed read or write names its own leg
+        (:class:`LegFailed`), whichever direction the pump runs.
+        """
+        try:
+            await pump()
+        except _SessionEnded:
+            pass
+        except _LockViolation as exc:
+            self._finish(Ending(EndKind.LOCKED_VIOLATION, Side.CLIENT, reason=str(exc)))
+        except FrameProtocolError as exc:
+            self._finish(_protocol_ending(exc, source))
+        except ConnectionClosed:
+            self._finish(Ending(EndKind.DROPPED, source))
+        except LegFailed as exc:
+            self._finish(Ending(EndKind.DROPPED, self._side_of(exc.leg)))
+
+    def _side_of(self, leg: WebSocket) -> Side:
+        return Side.CLIENT if leg is self.client else Side.UPSTREAM
 
     async def _pump_up(self) -> None:
         """Client -> upstream."""
@@ -192,43 +232,34 @@ class RelaySession:
         remask = self.remask_upstream
         stats = self.stats
         admit = self._rate.admit
-        try:
-            while True:
-                event = await client.next_frame_event()
-                if type(event) is Frame:
-                    if not admit(len(event.raw)):
-                        self._finish(self._rate_ending())
-                        return
-                    opcode = event.opcode
-                    if opcode < OP_CLOSE:
-                        if remask:
-                            await upstream.send_raw(_remasked(event))
-                        else:
-                            await upstream.send_raw(event.raw)
-                        if event.fin:
-                            stats.messages_up += 1
-                    elif not await self._control(event, client, Side.CLIENT):
-                        return
-                elif type(event) is FrameStart:
-                    if not admit(len(event.header) + event.payload_len):
-                        self._finish(self._rate_ending())
-                        return
-                    await self._cut_through(event, client, upstream, remask=remask)
+        while True:
+            event = await client.next_frame_event()
+            if type(event) is Frame:
+                if not admit(len(event.raw)):
+                    self._finish(self._rate_ending())
+                    return
+                opcode = event.opcode
+                if opcode < OP_CLOSE:
+                    if remask:
+                        await upstream.send_raw(_remasked(event))
+                    else:
+                        await upstream.send_raw(event.raw)
                     if event.fin:
                         stats.messages_up += 1
-        except FrameProtocolError as exc:
-            self._finish(_protocol_ending(exc, Side.CLIENT))
-        except ConnectionClosed:
-            self._finish(Ending(EndKind.DROPPED, Side.CLIENT))
-        except TransportClosed:
-            # Either the client's read or the upstream's write broke; find out which.
-            side = Side.UPSTREAM if upstream.transport.closed else Side.CLIENT
-            self._finish(Ending(EndKind.DROPPED, side))
+                elif not await self._control(event, client, Side.CLIENT):
+                    return
+            elif type(event) is FrameStart:
+                if not admit(len(event.header) + event.payload_len):
+                    self._finish(self._rate_ending())
+                    return
+                await self._cut_through(event, client, upstream, remask=remask)
+                if event.fin:
+                    stats.messages_up += 1
 
     def _rate_ending(self) -> Ending:
         return Ending(EndKind.RATE_LIMITED, Side.CLIENT, reason=self._rate.exceeded)
 
-    async def _pump_up_locked(self, lock: SessionLock) -> None:
+    async def _pump_up_locked(self) -> None:
         """Client -> upstream under a locked config (a separate loop so the plain one stays lean).
 
         A message in one text frame that is proven to be an append is forwarded as
@@ -236,33 +267,23 @@ class RelaySession:
         through the lock's rewrite and is sent as one fresh frame (or refused).
         Fragmented and cut-through messages take :meth:`_locked_message`.
         """
+        lock = self.lock
+        assert lock is not None
         upstream = self.upstream
         remask = self.remask_upstream
         stats = self.stats
         next_event = self._next_locked_event
-        try:
-            while True:
-                event = await next_event()
-                if type(event) is Frame and event.fin and event.opcode == OP_TEXT:
-                    payload = event.payload()
-                    if is_plain_append(payload):
-                        await upstream.send_raw(_remasked(event) if remask else event.raw)
-                        stats.messages_up += 1
-                    else:
-                        await self._forward_locked(lock, payload)
+        while True:
+            event = await next_event()
+            if type(event) is Frame and event.fin and event.opcode == OP_TEXT:
+                payload = event.payload()
+                if is_plain_append(payload):
+                    await upstream.send_raw(_remasked(event) if remask else event.raw)
+                    stats.messages_up += 1
                 else:
-                    await self._locked_message(lock, event)
-        except _SessionEnded:
-            pass
-        except _LockViolation as exc:
-            self._finish(Ending(EndKind.LOCKED_VIOLATION, Side.CLIENT, reason=str(exc)))
-        except FrameProtocolError as exc:
-            self._finish(_protocol_ending(exc, Side.CLIENT))
-        except ConnectionClosed:
-            self._finish(Ending(EndKind.DROPPED, Side.CLIENT))
-        except TransportClosed:
-            side = Side.UPSTREAM if upstream.transport.closed else Side.CLIENT
-            self._finish(Ending(EndKind.DROPPED, side))
+                    await self._forward_locked(lock, payload)
+            else:
+                await self._locked_message(lock, event)
 
     async def _next_locked_event(self) -> Frame | FrameStart:
         """The client's next data frame (or large frame's start); control frames handled.
@@ -408,30 +429,22 @@ class RelaySession:
         client, upstream = self.client, self.upstream
         stats = self.stats
         observe = stats.tap.observe_text
-        try:
-            while True:
-                event = await upstream.next_frame_event()
-                if type(event) is Frame:
-                    opcode = event.opcode
-                    if opcode < OP_CLOSE:
-                        await client.send_raw(event.raw)
-                        if event.fin:
-                            stats.messages_down += 1
-                            if opcode == OP_TEXT:
-                                observe(memoryview(event.raw)[event.header_len :])
-                    elif not await self._control(event, upstream, Side.UPSTREAM):
-                        return
-                elif type(event) is FrameStart:
-                    await self._cut_through(event, upstream, client, remask=False)
+        while True:
+            event = await upstream.next_frame_event()
+            if type(event) is Frame:
+                opcode = event.opcode
+                if opcode < OP_CLOSE:
+                    await client.send_raw(event.raw)
                     if event.fin:
                         stats.messages_down += 1
-        except FrameProtocolError as exc:
-            self._finish(_protocol_ending(exc, Side.UPSTREAM))
-        except ConnectionClosed:
-            self._finish(Ending(EndKind.DROPPED, Side.UPSTREAM))
-        except TransportClosed:
-            side = Side.CLIENT if client.transport.closed else Side.UPSTREAM
-            self._finish(Ending(EndKind.DROPPED, side))
+                        if opcode == OP_TEXT:
+                            observe(memoryview(event.raw)[event.header_len :])
+                elif not await self._control(event, upstream, Side.UPSTREAM):
+                    return
+            elif type(event) is FrameStart:
+                await self._cut_through(event, upstream, client, remask=False)
+                if event.fin:
+                    stats.messages_down += 1
 
     async def _control(self, frame: Frame, source: WebSocket, side: Side) -> bool:
         """Handle a control frame from ``source``; ``False`` when the session ends."""
@@ -463,7 +476,7 @@ class RelaySession:
         lock = destination.lock_for_frame()
         async with lock:
             try:
-                await destination.transport.send_all(header)
+                await destination.send_piece(header)
                 while True:
                     chunk = first if first is not None else await source.next_frame_event()
                     first = None
@@ -472,7 +485,7 @@ class RelaySession:
                     data = chunk.data
                     if flip is not None:
                         data = frames.xor_mask(data, flip, chunk.offset)
-                    await destination.transport.send_all(data)
+                    await destination.send_piece(data)
                     if chunk.last:
                         return
             except BaseException:
@@ -482,44 +495,56 @@ class RelaySession:
     # ---------------------------------------------------------------- watchdog
 
     async def _watchdog(self) -> None:
+        """Carry out the session clock: sleep until it may have news, end or ping as told.
+
+        Pings are written by their own tasks, so a write stuck on a full socket (or
+        behind a cut-through frame holding the write lock) never stalls this loop;
+        a ping counts as sent when it was due, written or not.
+        """
         limits = self.limits
-        started = self.stats.started_at
-        expires_at = started + limits.max_session_s
-        next_ping = started + limits.ping_interval_s
-        last_seen = (-1, -1)
-        last_activity = started
-        tick = min(WATCHDOG_TICK_MAX_S, limits.ping_interval_s, limits.idle_timeout_s / 4)
-        client, upstream = self.client, self.upstream
-        while True:
-            await trio.sleep(tick)
-            now = trio.current_time()
-            if now >= expires_at:
-                self._finish(Ending(EndKind.SESSION_EXPIRED))
-                return
-            seen = (self.stats.messages_up, self.stats.messages_down)
-            if seen != last_seen:
-                last_seen, last_activity = seen, now
-            elif now - last_activity >= limits.idle_timeout_s:
-                self._finish(Ending(EndKind.IDLE_TIMEOUT))
-                return
-            for side, leg in ((Side.CLIENT, client), (Side.UPSTREAM, upstream)):
-                # A pong is overdue when our last ping has gone unanswered too long.
-                if (
-                    leg.ping_sent_at is not None
-                    and leg.last_pong_at < leg.ping_sent_at
-                    and (now - leg.ping_sent_at >= limits.pong_timeout_s)
-                ):
-                    self._finish(Ending(EndKind.DEAD_PEER, side))
+        clock = SessionClock(
+            LivenessLimits(
+                idle_timeout_s=limits.idle_timeout_s,
+                max_session_s=limits.max_session_s,
+                ping_interval_s=limits.ping_interval_s,
+                pong_timeout_s=limits.pong_timeout_s,
+            ),
+            started_at=self.stats.started_at,
+        )
+        legs = ((Side.CLIENT, self.client), (Side.UPSTREAM, self.upstream))
+        stats = self.stats
+        pinging: set[Side] = set()
+        async with trio.open_nursery() as pings:
+            while True:
+                await trio.sleep_until(clock.next_check_at())
+                now = trio.current_time()
+                clock.saw_messages(stats.messages_up, stats.messages_down, now)
+                for side, leg in legs:
+                    clock.saw_pong(side, leg.last_pong_at)
+                verdict = clock.poll(now)
+                if verdict.ending is not None:
+                    self._finish(verdict.ending)
                     return
-            if now >= next_ping:
-                next_ping = now + limits.ping_interval_s
-                for leg in (client, upstream):
-                    if leg.ping_sent_at is None or leg.last_pong_at >= leg.ping_sent_at:
-                        leg.ping_sent_at = now
-                        try:
-                            await leg.send_ping(b"relay")
-                        except TransportClosed:
-                            pass
+                for side, leg in legs:
+                    if side in verdict.pings_due:
+                        if side in pinging:
+                            clock.ping_sent(side, now)  # the last one is still stuck
+                        else:
+                            clock.ping_sent(side, now, written=False)
+                            pinging.add(side)
+                            pings.start_soon(self._ping, clock, side, leg, pinging)
+
+    async def _ping(
+        self, clock: SessionClock, side: Side, leg: WebSocket, pinging: set[Side]
+    ) -> None:
+        """Write one ping, however long the leg's write lock and socket take."""
+        try:
+            await leg.send_ping(PING_PAYLOAD)
+            clock.ping_written(side)
+        except LegFailed as exc:
+            self._finish(Ending(EndKind.DROPPED, self._side_of(exc.leg)))
+        finally:
+            pinging.discard(side)
 
     # ---------------------------------------------------------------- closing
 
@@ -534,17 +559,23 @@ class RelaySession:
 
 
 async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
+    """One leg's part of the close plan, within ``timeout_s`` all told.
+
+    A leg whose socket cannot take the error event and the close frame in time (a
+    client that never reads, a write cut off mid-frame) is just dropped.
+    """
     if not plan.send_close or leg.transport.closed:
         leg.transport.close()
         return
-    with trio.move_on_after(timeout_s):
+    deadline = trio.current_time() + timeout_s
+    with trio.move_on_at(deadline):
         try:
             if plan.error_event is not None and leg.close_sent is None:
                 await leg.send_text(plan.error_event)
-        except TransportClosed:
+        except LegFailed:
             leg.transport.close()
             return
-    await leg.close(plan.code, plan.reason, timeout_s=timeout_s)
+    await leg.close(plan.code, plan.reason, timeout_s=max(0.0, deadline - trio.current_time()))
 
 
 def _protocol_ending(exc: FrameProtocolError, side: Side) -> Ending:
@@ -604,12 +635,12 @@ class _FrameWriter:
             header = frames.remask_header(piece.header, new_key) if new_key else piece.header
             await destination.lock_for_frame().acquire()
             self._in_frame = True
-            await destination.transport.send_all(header)
+            await destination.send_piece(header)
         else:
             data = piece.data
             if self._flip is not None:
                 data = frames.xor_mask(data, self._flip, piece.offset)
-            await destination.transport.send_all(data)
+            await destination.send_piece(data)
             if piece.last:
                 self._in_frame = False
                 destination.lock_for_frame().release()

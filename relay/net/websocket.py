@@ -101,9 +101,8 @@ class WebSocket:
         self.close_sent: tuple[int, str] | None = None
         #: Set once the peer's close frame arrived: (code, reason).
         self.close_received: tuple[int, str] | None = None
+        #: When the peer's latest pong arrived (the session clock reads it at its checks).
         self.last_pong_at = trio.current_time()
-        #: When our last unanswered-or-answered ping went out (dead-peer detection).
-        self.ping_sent_at: float | None = None
         self.bytes_received = 0
         self.bytes_sent = 0
 
