@@ -246,8 +246,10 @@ def _reload(
         )
         needs_restart = server.apply_config(config, endpoint)
     except (ConfigError, KeyFileError, ValueError, OSError) as exc:
+        server.metrics.config_reloads.labels(outcome="refused").inc()
         LOGGER.error("SIGHUP: new configuration refused, keeping the old one: %s", exc)
         return
+    server.metrics.config_reloads.labels(outcome="applied").inc()
     LOGGER.info(
         "SIGHUP: configuration reloaded; new sessions use it, live sessions keep theirs%s",
         f" (restart needed for: {', '.join(needs_restart)})" if needs_restart else "",

@@ -94,6 +94,14 @@ class RelayMetrics:
             ["kind"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "relay_config_reloads",
+            "SIGHUP reloads, by outcome (applied, or refused and the old configuration kept).",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in ("applied", "refused"):
+            self.config_reloads.labels(outcome=outcome)
         self.usage_tokens = Counter(
             "relay_usage_tokens",
             "Tokens from response.done usage, by model and kind.",

@@ -22,7 +22,7 @@ the upstream. The adverse peers are behaviours of those ends:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -281,4 +281,13 @@ async def wait_until(
     """
     with trio.fail_after(timeout_s):
         while not condition():
+            await trio.sleep(step_s)
+
+
+async def wait_until_async(
+    condition: Callable[[], Awaitable[bool]], *, timeout_s: float = 10.0, step_s: float = 0.02
+) -> None:
+    """:func:`wait_until` for a condition that must itself await (an HTTP probe)."""
+    with trio.fail_after(timeout_s):
+        while not await condition():
             await trio.sleep(step_s)

@@ -21,6 +21,7 @@ from relay.control.hosting import ControlLimits
 from relay.credentials import keyfiles
 from relay.protocol import handshake
 from tests.conftest import CLIENT_KEY, RunningRelay, RunningSimulator, start_relay
+from tests.doubles import wait_until
 
 MODEL = "gpt-realtime"
 MIB = 1024 * 1024
@@ -416,9 +417,7 @@ async def test_control_connections_are_capped_and_realtime_still_flows(
             stream = await trio.open_tcp_stream("127.0.0.1", token_relay.port)
             held.append(stream)
             await stream.send_all(mint_head(100, keys.app_key))
-        with trio.fail_after(5):
-            while host.open_connections < 2:
-                await trio.sleep(0.01)
+        await wait_until(lambda: host.open_connections >= 2)
         data, _ = await exchange(token_relay.port, get("/metrics"))
         (answer,) = parse_answers(data)
         error = assert_envelope(answer, 503)
@@ -436,9 +435,7 @@ async def test_control_connections_are_capped_and_realtime_still_flows(
         assert first.startswith(b"HTTP/1.1 101 ")
         for stream in held:
             await stream.aclose()
-        with trio.fail_after(5):
-            while host.open_connections:
-                await trio.sleep(0.01)
+        await wait_until(lambda: not host.open_connections)
         data, _ = await exchange(token_relay.port, get("/metrics"))
         assert [a.status for a in parse_answers(data)] == [200]
         nursery.cancel_scope.cancel()

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from tests.conftest import open_ws, raw_handshake, read_until_closed
+from tests.doubles import wait_until_async
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "gpt-realtime"
@@ -71,6 +72,26 @@ class RelayProcess:
                     continue
                 await stream.aclose()
                 return
+
+    async def wait_draining(self) -> None:
+        """Until readiness says the relay drains (it took the first stop signal)."""
+        async with httpx.AsyncClient() as http:
+
+            async def draining() -> bool:
+                answer = await http.get(f"http://127.0.0.1:{self.port}/readyz")
+                return answer.status_code == 503
+
+            await wait_until_async(draining)
+
+    async def wait_metric(self, line: str) -> None:
+        """Until ``/metrics`` shows ``line`` (e.g. a counter reaching a value)."""
+        async with httpx.AsyncClient() as http:
+
+            async def shown() -> bool:
+                answer = await http.get(f"http://127.0.0.1:{self.port}/metrics")
+                return line in answer.text
+
+            await wait_until_async(shown)
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -147,7 +168,7 @@ async def test_second_signal_ends_sessions_at_once(spawn: Spawn) -> None:
     async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=bearer("k1")) as ws:
         assert json.loads(await ws.get_message())["type"] == "session.created"
         relay.signal(signal.SIGTERM)
-        await trio.sleep(0.3)
+        await relay.wait_draining()
         relay.signal(signal.SIGINT)
         _, closed = await read_until_closed(ws)
         assert closed.code == 1001
@@ -172,7 +193,7 @@ async def test_sighup_reloads_keys_without_dropping_sessions(
         # An invalid configuration is refused; the previous one stays.
         relay.config.write_text('[serve]\nclient_keys = ["x"]\nmax_sessions = "many"\n')
         relay.signal(signal.SIGHUP)
-        await trio.sleep(0.5)
+        await relay.wait_metric('relay_config_reloads_total{outcome="refused"} 1.0')
         assert (await raw_handshake(relay.port, target, bearer("new-key"))).status == 101
         # The live session opened with the old key was not touched.
         await live.send_message('{"type":"input_audio_buffer.clear"}')

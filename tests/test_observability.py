@@ -25,6 +25,7 @@ from tests.conftest import (
     read_until_closed,
     start_relay,
 )
+from tests.doubles import wait_until
 from tests.sdk_client import sdk_voice_turn
 
 MODEL = "gpt-realtime"
@@ -123,8 +124,8 @@ async def test_no_secret_reaches_logs_metrics_or_errors(
             headers={"Authorization": f"Bearer {ADMIN_KEY}"},
         )
     assert metrics.status_code == 200
-    await trio.sleep(0.2)
-    logging.getLogger().handlers[-1].flush()
+    # The log writer thread has written both end-of-session lines.
+    await wait_until(lambda: captured.getvalue().count('"session_end"') >= 2)
     log_text = captured.getvalue()
     lines = [json.loads(line) for line in log_text.splitlines()]
     session_ends = [line for line in lines if line.get("event") == "session_end"]
@@ -145,9 +146,7 @@ async def test_metrics_count_sessions_usage_and_refusals(
     relay = await start_relay(nursery, simulator.ws_base)
     await sdk_voice_turn(relay.http_base, relay.ws_base, CLIENT_KEY)
     await raw_handshake(relay.port, f"/v1/realtime?model={MODEL}", [])
-    with trio.fail_after(5):
-        while relay.server.live_sessions:
-            await trio.sleep(0.02)
+    await wait_until(lambda: not relay.server.live_sessions)
     async with httpx.AsyncClient() as http:
         text = (await http.get(f"http://127.0.0.1:{relay.port}/metrics")).text
     assert 'relay_sessions_ended_total{close_code="1000",ended_by="client"} 1.0' in text

@@ -14,6 +14,7 @@ import httpx
 import orjson
 import pytest
 import trio
+import trio.testing
 import trio_websocket
 from trio_websocket import ConnectionClosed
 
@@ -30,6 +31,7 @@ from tests.conftest import (
     start_relay,
     start_simulator,
 )
+from tests.doubles import wait_until
 
 MODEL = "gpt-realtime"
 BIG = 32 * 1024 * 1024
@@ -349,7 +351,7 @@ def _task_count() -> int:
 
 
 async def test_no_task_outlives_its_session(relay: RunningRelay) -> None:
-    await trio.sleep(0.1)
+    await trio.testing.wait_all_tasks_blocked()  # the relay's own start-up tasks settled
     baseline = _task_count()
     for query in (
         f"model={MODEL}",
@@ -361,10 +363,7 @@ async def test_no_task_outlives_its_session(relay: RunningRelay) -> None:
                 await ws.send_message("x")
             with trio.fail_after(10):
                 await ws.get_message()
-    with trio.fail_after(10):
-        while relay.server.live_sessions or _task_count() > baseline:
-            await trio.sleep(0.05)
-    assert relay.server.live_sessions == 0
+    await wait_until(lambda: not relay.server.live_sessions and _task_count() <= baseline)
 
 
 async def test_client_that_stops_reading_keeps_relay_memory_bounded(
@@ -391,9 +390,7 @@ async def test_client_that_stops_reading_keeps_relay_memory_bounded(
 
     create = frames.encode_frame(frames.OP_TEXT, b'{"type":"response.create"}', mask_key=b"abcd")
     await stream.send_all(create)
-    with trio.fail_after(10):
-        while not relay.server.sessions:
-            await trio.sleep(0.01)
+    await wait_until(lambda: bool(relay.server.sessions))
     (session,) = relay.server.sessions.values()
     # Wait (bounded) until the relay has stopped moving the answer: backpressure holds
     # it, however long filling the buffers takes on a busy machine.

@@ -19,6 +19,7 @@ import trustme
 
 from relay.protocol import frames, handshake
 from tests.conftest import CLIENT_KEY, RunningSimulator, start_relay
+from tests.doubles import wait_until
 from tests.sdk_client import sdk_voice_turn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -139,7 +140,9 @@ async def test_openai_sdk_over_wss_through_nginx(
     assert summary["types"][0] == "session.created"
     assert summary["types"][-1] == "response.done"
     assert summary["audio_deltas"] > 0
-    await trio.sleep(0.3)
+    # nginx writes the access line when the upgraded connection ends.
+    log_file = nginx.access_log
+    await wait_until(lambda: log_file.exists() and "GET /v1/realtime" in log_file.read_text())
     log = nginx.access_log.read_text()
     assert "GET /v1/realtime HTTP/1.1" in log  # the upgrade went through nginx
     assert "model=" not in log  # no query strings on disk
