@@ -256,3 +256,23 @@ async def open_raw_session(
     reader = frames.FrameReader(expect_masked=False, max_message_bytes=1 << 26)
     reader.feed(data[data.index(b"\r\n\r\n") + 4 :])
     return stream, reader
+
+
+class Keys:
+    """An app-key file (a relay-mode and a passthrough key) and a signing-key file."""
+
+    def __init__(self, tmp: Any) -> None:
+        import time
+
+        from relay.credentials import keyfiles
+
+        self.app_file = tmp / "app-keys.json"
+        self.signing_file = tmp / "signing-keys.json"
+        self.app_key = keyfiles.create_app_key(self.app_file, "voice-app")
+        self.passthrough_key = keyfiles.create_app_key(self.app_file, "webrtc-app", "passthrough")
+        keyfiles.rotate_signing_key(self.signing_file, time.time())
+
+
+@pytest.fixture
+def keys(tmp_path: Any) -> Keys:
+    return Keys(tmp_path)

@@ -4,7 +4,6 @@ registry's commit points, and the single-use guarantee across refusals end to en
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pytest
 import trio
@@ -14,8 +13,8 @@ from relay.credentials.tokens import TokenClaims
 from relay.dataplane.admission import AdmissionPolicy, Admitted, Occupancy, Refused, admit
 from relay.metrics import RelayMetrics
 from relay.protocol.handshake import RequestHead, parse_request_head
-from tests.conftest import RunningRelay, RunningSimulator, open_ws, raw_handshake, start_relay
-from tests.test_relay_tokens import Keys, auth, token_for
+from tests.conftest import Keys, RunningRelay, RunningSimulator, open_ws, raw_handshake, start_relay
+from tests.test_relay_tokens import auth, token_for
 
 MODEL = "gpt-realtime"
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
@@ -250,11 +249,6 @@ def test_a_single_use_token_is_spent_only_when_established() -> None:
 
 
 # ------------------------------------------------------------ end to end
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path)
 
 
 async def test_refusals_inviting_a_retry_never_burn_a_single_use_token(

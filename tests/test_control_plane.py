@@ -9,18 +9,15 @@ HTTP/1.1 only, and no request smuggling. Every refusal is OpenAI's envelope.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
 from relay.control.hosting import ControlLimits
-from relay.credentials import keyfiles
 from relay.protocol import handshake
-from tests.conftest import CLIENT_KEY, RunningRelay, RunningSimulator, start_relay
+from tests.conftest import CLIENT_KEY, Keys, RunningRelay, RunningSimulator, start_relay
 from tests.doubles import wait_until
 
 MODEL = "gpt-realtime"
@@ -209,19 +206,6 @@ async def test_bad_chunked_body_gets_the_envelope(token_relay: RunningRelay, key
 
 
 # ----------------------------------------------------------------------- bodies
-
-
-class Keys:
-    def __init__(self, tmp: Path) -> None:
-        self.app_file = tmp / "app-keys.json"
-        self.signing_file = tmp / "signing-keys.json"
-        self.app_key = keyfiles.create_app_key(self.app_file, "voice-app")
-        keyfiles.rotate_signing_key(self.signing_file, time.time())
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path)
 
 
 @pytest.fixture

@@ -426,7 +426,8 @@ async def test_no_key_file_syscall_per_handshake_or_mint(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from tests.test_relay_tokens import MODEL, Keys, auth, mint, token_for
+    from tests.conftest import Keys
+    from tests.test_relay_tokens import MODEL, auth, mint, token_for
 
     keys = Keys(tmp_path)
     key_files = {os.fspath(keys.app_file), os.fspath(keys.signing_file)}
@@ -464,7 +465,8 @@ async def test_no_key_file_syscall_per_handshake_or_mint(
 async def test_a_running_relay_keeps_serving_a_broken_app_key_file_and_says_so_in_metrics(
     nursery: trio.Nursery, simulator: RunningSimulator, tmp_path: Path
 ) -> None:
-    from tests.test_relay_tokens import Keys, mint
+    from tests.conftest import Keys
+    from tests.test_relay_tokens import mint
 
     keys = Keys(tmp_path)
     relay = await start_relay(

@@ -15,6 +15,7 @@ from trio_websocket import ConnectionClosed
 from relay.credentials import keyfiles
 from relay.demo import run_demo
 from tests.conftest import (
+    Keys,
     RunningRelay,
     RunningSimulator,
     close_reason,
@@ -26,20 +27,6 @@ from tests.sdk_client import sdk_voice_turn
 
 MODEL = "gpt-realtime"
 ORIGIN = "https://app.example"
-
-
-class Keys:
-    def __init__(self, tmp: Path) -> None:
-        self.app_file = tmp / "app-keys.json"
-        self.signing_file = tmp / "signing-keys.json"
-        self.app_key = keyfiles.create_app_key(self.app_file, "voice-app")
-        self.passthrough_key = keyfiles.create_app_key(self.app_file, "webrtc-app", "passthrough")
-        keyfiles.rotate_signing_key(self.signing_file, time.time())
-
-
-@pytest.fixture
-def keys(tmp_path: Path) -> Keys:
-    return Keys(tmp_path)
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ import trio
 import trustme
 
 from relay.protocol import frames, handshake
-from tests.conftest import CLIENT_KEY, RunningSimulator, start_relay
+from tests.conftest import CLIENT_KEY, RunningRelay, RunningSimulator, start_relay
 from tests.doubles import wait_until
 from tests.sdk_client import sdk_voice_turn
 
@@ -121,6 +121,16 @@ async def wait_for_port(port: int) -> None:
             return
 
 
+async def relay_behind_nginx(
+    nursery: trio.Nursery, simulator: RunningSimulator, nginx_for: object
+) -> tuple[RunningRelay, Nginx]:
+    """A relay on the simulator, and the shipped template's nginx in front of it."""
+    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
+    nginx: Nginx = nginx_for(relay.port)  # type: ignore[operator]
+    await wait_for_port(nginx.port)
+    return relay, nginx
+
+
 @pytest.mark.slow  # a real nginx
 async def test_openai_sdk_over_wss_through_nginx(
     nursery: trio.Nursery,
@@ -128,9 +138,7 @@ async def test_openai_sdk_over_wss_through_nginx(
     nginx_for: object,
     certificates: Certificates,
 ) -> None:
-    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
-    nginx = nginx_for(relay.port)  # type: ignore[operator]
-    await wait_for_port(nginx.port)
+    _relay, nginx = await relay_behind_nginx(nursery, simulator, nginx_for)
     summary = await sdk_voice_turn(
         f"https://localhost:{nginx.port}/v1",
         f"wss://localhost:{nginx.port}/v1",
@@ -236,9 +244,7 @@ async def test_shipped_nginx_template_never_sends_an_upgrade_to_the_control_plan
     nginx_for: object,
     certificates: Certificates,
 ) -> None:
-    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
-    nginx = nginx_for(relay.port)  # type: ignore[operator]
-    await wait_for_port(nginx.port)
+    _relay, nginx = await relay_behind_nginx(nursery, simulator, nginx_for)
     context = ssl.create_default_context(cafile=str(certificates.ca))
     outcomes: Counter[str] = Counter()
     health: Counter[int] = Counter()
@@ -290,9 +296,7 @@ async def test_metrics_and_admin_are_refused_on_the_public_listener(
     nginx_for: object,
     certificates: Certificates,
 ) -> None:
-    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
-    nginx = nginx_for(relay.port)  # type: ignore[operator]
-    await wait_for_port(nginx.port)
+    relay, nginx = await relay_behind_nginx(nursery, simulator, nginx_for)
     await wait_for_port(nginx.internal_port)
     context = ssl.create_default_context(cafile=str(certificates.ca))
     public = f"https://localhost:{nginx.port}"
@@ -338,9 +342,7 @@ async def test_a_non_ascii_websocket_key_through_nginx_is_400_and_the_relay_live
     certificates: Certificates,
 ) -> None:
     """Issue 10, finding 1, the way it arrives in production: through the shipped template."""
-    relay = await start_relay(nursery, simulator.ws_base, trusted_proxies=("127.0.0.1",))
-    nginx = nginx_for(relay.port)  # type: ignore[operator]
-    await wait_for_port(nginx.port)
+    _relay, nginx = await relay_behind_nginx(nursery, simulator, nginx_for)
     context = ssl.create_default_context(cafile=str(certificates.ca))
     request = (
         b"GET /v1/realtime?model=gpt-realtime HTTP/1.1\r\nHost: localhost\r\n"
