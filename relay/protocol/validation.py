@@ -124,24 +124,31 @@ def boolean(value: Any, path: str) -> None:
         raise wrong_type(path, "a boolean", value)
 
 
+def _bounds(
+    value: float, path: str, minimum: float | None, maximum: float | None, noun: str
+) -> None:
+    """OpenAI's range errors: ``<noun>_below_min_value`` / ``<noun>_above_max_value``."""
+    if minimum is not None and value < minimum:
+        raise ClientEventError(
+            f"Invalid '{path}': {noun} below minimum value. Expected a value >= "
+            f"{minimum}, but got {value} instead.",
+            code=f"{noun}_below_min_value",
+            param=path,
+        )
+    if maximum is not None and value > maximum:
+        raise ClientEventError(
+            f"Invalid '{path}': {noun} above maximum value. Expected a value <= "
+            f"{maximum}, but got {value} instead.",
+            code=f"{noun}_above_max_value",
+            param=path,
+        )
+
+
 def integer(minimum: int | None = None, maximum: int | None = None) -> Check:
     def check(value: Any, path: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int):
             raise wrong_type(path, "an integer", value)
-        if minimum is not None and value < minimum:
-            raise ClientEventError(
-                f"Invalid '{path}': integer below minimum value. Expected a value >= "
-                f"{minimum}, but got {value} instead.",
-                code="integer_below_min_value",
-                param=path,
-            )
-        if maximum is not None and value > maximum:
-            raise ClientEventError(
-                f"Invalid '{path}': integer above maximum value. Expected a value <= "
-                f"{maximum}, but got {value} instead.",
-                code="integer_above_max_value",
-                param=path,
-            )
+        _bounds(value, path, minimum, maximum, "integer")
 
     return check
 
@@ -150,20 +157,7 @@ def number(minimum: float | None = None, maximum: float | None = None) -> Check:
     def check(value: Any, path: str) -> None:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise wrong_type(path, "a number", value)
-        if minimum is not None and value < minimum:
-            raise ClientEventError(
-                f"Invalid '{path}': decimal below minimum value. Expected a value >= "
-                f"{minimum}, but got {value} instead.",
-                code="decimal_below_min_value",
-                param=path,
-            )
-        if maximum is not None and value > maximum:
-            raise ClientEventError(
-                f"Invalid '{path}': decimal above maximum value. Expected a value <= "
-                f"{maximum}, but got {value} instead.",
-                code="decimal_above_max_value",
-                param=path,
-            )
+        _bounds(value, path, minimum, maximum, "decimal")
 
     return check
 
