@@ -156,7 +156,6 @@ class RelaySession:
         self.ended = trio.Event()
         #: How both legs were closed (set once the session has ended).
         self.close_plan: ClosePlan | None = None
-        self._external_ending: Ending | None = None
         self._rate = ClientRateLimit(
             max_frames_per_s=limits.client_max_frames_per_s,
             frame_burst=limits.client_frame_burst,
@@ -467,19 +466,15 @@ class RelaySession:
         destination: WebSocket,
         *,
         remask: bool,
-        first: FrameChunk | None = None,
     ) -> None:
         """Forward one large frame piece by piece while its bytes arrive."""
-        new_key = os.urandom(4) if remask and start.mask_key is not None else None
-        flip = _xor_key(start.mask_key, new_key) if new_key is not None else None
-        header = frames.remask_header(start.header, new_key) if new_key else start.header
+        header, flip = _remasked_start(start, remask)
         lock = destination.lock_for_frame()
         async with lock:
             try:
                 await destination.send_piece(header)
                 while True:
-                    chunk = first if first is not None else await source.next_frame_event()
-                    first = None
+                    chunk = await source.next_frame_event()
                     if type(chunk) is not FrameChunk:
                         raise FrameProtocolError(frames.CLOSE_PROTOCOL_ERROR, "frame interrupted")
                     data = chunk.data
@@ -587,6 +582,17 @@ def _protocol_ending(exc: FrameProtocolError, side: Side) -> Ending:
     return Ending(kind, side, exc.close_code, exc.reason)
 
 
+def _remasked_start(start: FrameStart, remask: bool) -> tuple[bytes, bytes | None]:
+    """A large frame's header to forward, and the key that re-masks its chunks (or None).
+
+    Re-masking is one XOR pass per chunk with ``old_key XOR new_key`` (RFC 6455 §5.3).
+    """
+    if not remask or start.mask_key is None:
+        return start.header, None
+    new_key = os.urandom(4)
+    return frames.remask_header(start.header, new_key), _xor_key(start.mask_key, new_key)
+
+
 def _xor_key(old: bytes | None, new: bytes) -> bytes:
     assert old is not None
     return bytes(a ^ b for a, b in zip(old, new, strict=True))
@@ -630,9 +636,7 @@ class _FrameWriter:
         if type(piece) is Frame:
             await destination.send_raw(_remasked(piece) if self._remask else piece.raw)
         elif type(piece) is FrameStart:
-            new_key = os.urandom(4) if self._remask and piece.mask_key is not None else None
-            self._flip = _xor_key(piece.mask_key, new_key) if new_key is not None else None
-            header = frames.remask_header(piece.header, new_key) if new_key else piece.header
+            header, self._flip = _remasked_start(piece, self._remask)
             await destination.lock_for_frame().acquire()
             self._in_frame = True
             await destination.send_piece(header)

@@ -61,17 +61,15 @@ class ConnectionClosed(Exception):
 
 
 class LegFailed(TransportClosed):
-    """A read from, or a write to, one WebSocket failed: names which and which way.
+    """A read from, or a write to, one WebSocket failed: names which.
 
     A relay has two legs, and a broken pipe on one must be blamed on that leg, from
-    the fact and not from a guess: :attr:`leg` is the connection whose socket failed,
-    :attr:`writing` whether it was a write.
+    the fact and not from a guess: :attr:`leg` is the connection whose socket failed.
     """
 
-    def __init__(self, leg: WebSocket, *, writing: bool, detail: str) -> None:
+    def __init__(self, leg: WebSocket, detail: str) -> None:
         super().__init__(detail)
         self.leg = leg
-        self.writing = writing
 
 
 class WebSocket:
@@ -111,7 +109,7 @@ class WebSocket:
     async def send_raw(self, data: bytes | bytearray | memoryview) -> None:
         """Write wire bytes (one or more whole frames, or part of a frame the caller owns)."""
         if self._send_broken:
-            raise LegFailed(self, writing=True, detail="connection broken by an interrupted write")
+            raise LegFailed(self, "connection broken by an interrupted write")
         lock = self._send_lock
         try:
             lock.acquire_nowait()
@@ -122,7 +120,7 @@ class WebSocket:
             self.bytes_sent += len(data)
         except TransportClosed as exc:
             self._send_broken = True
-            raise LegFailed(self, writing=True, detail=str(exc)) from None
+            raise LegFailed(self, str(exc)) from None
         except BaseException:
             self._send_broken = True
             raise
@@ -143,7 +141,7 @@ class WebSocket:
             await self.transport.send_all(data)
         except TransportClosed as exc:
             self._send_broken = True
-            raise LegFailed(self, writing=True, detail=str(exc)) from None
+            raise LegFailed(self, str(exc)) from None
         self.bytes_sent += len(data)
 
     def _encode(self, opcode: int, payload: bytes | bytearray | memoryview) -> bytes:
@@ -177,7 +175,7 @@ class WebSocket:
         try:
             received = await self.transport.recv_into(self._read_view)
         except TransportClosed as exc:
-            raise LegFailed(self, writing=False, detail=str(exc)) from None
+            raise LegFailed(self, str(exc)) from None
         if received == 0:
             return False
         self.bytes_received += received

@@ -302,7 +302,9 @@ class FrameReader:
                 return None
             raw = bytes(buffer[pos : pos + total])
             self._pos = pos + total
-            self._advance_message(opcode, fin, message_bytes)
+            if not fin or self._message_opcode is not None:
+                # Only fragments move the message state: whole messages skip the call.
+                self._advance_message(opcode, fin, message_bytes)
             mask_key = raw[header_len - 4 : header_len] if masked else None
             return Frame(opcode, fin, mask_key, raw, header_len)
         header = bytes(buffer[pos : pos + header_len])
