@@ -38,7 +38,7 @@ from typing import Annotated, Any, Final, Literal, TypeVar, get_args, get_origin
 
 import msgspec
 
-from relay.credentials.digests import DIGEST_HEX_CHARS, is_digest_hex
+from relay.credentials.digests import parse_digest_hex
 from relay.credentials.secret import Secret
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
@@ -468,23 +468,20 @@ def _tls_problems(cert_file: str, key_file: str) -> list[str]:
 
 def _client_auth_problems(config: ServeConfig) -> list[str]:
     problems: list[str] = []
-    for index, digest in enumerate(config.client_key_sha256):
-        if not is_digest_hex(digest.strip()):
-            problems.append(
-                f"client_key_sha256[{index}]: not a SHA-256 hex digest ({DIGEST_HEX_CHARS} hex "
-                "characters; make one with `relay keys hash`)"
-            )
+    digests = [(f"client_key_sha256[{i}]", d) for i, d in enumerate(config.client_key_sha256)]
+    if config.admin_key_sha256:
+        digests.append(("admin_key_sha256", config.admin_key_sha256))
+    for setting, text in digests:
+        try:
+            parse_digest_hex(text)
+        except ValueError as exc:
+            problems.append(f"{setting}: {exc}; make one with `relay keys hash`")
     for index, key in enumerate(config.client_keys):
         if not _is_token_text(key):
             problems.append(
                 f"client_keys[{index}]: empty, or has spaces, control or non-ASCII characters "
                 "(clients send keys in HTTP headers: printable ASCII only)"
             )
-    if config.admin_key_sha256 and not is_digest_hex(config.admin_key_sha256):
-        problems.append(
-            f"admin_key_sha256: not a SHA-256 hex digest ({DIGEST_HEX_CHARS} hex characters; "
-            "make one with `relay keys hash`)"
-        )
     for index, proxy in enumerate(config.trusted_proxies):
         try:
             canonical = str(ipaddress.ip_address(proxy))

@@ -52,7 +52,13 @@ from relay.credentials.keyfiles import AppKeyStore, KeyringFile
 from relay.credentials.minting import Minter, http_base_for
 from relay.credentials.tokens import Keyring, new_signing_key
 from relay.credentials.watch import KEY_FILE_POLL_INTERVAL_S, KeyFilePoller
-from relay.dataplane.admission import AdmissionPolicy, Admitted, Refused, admit
+from relay.dataplane.admission import (
+    REPLAY_STORE_FULL,
+    AdmissionPolicy,
+    Admitted,
+    Refused,
+    admit,
+)
 from relay.dataplane.lock import LockedStart, LockedStartDone, LockedStartFailed, SessionLock
 from relay.dataplane.policy import EndKind
 from relay.dataplane.registry import SessionContext, SessionRegistry
@@ -361,45 +367,48 @@ class RelayServer:
                     )
                     return
                 first_events = started
-            if not registry.establish(reservation):
-                # Another instance of this single-use token won the race to 101.
+            client = WebSocket(
+                transport,
+                client_side=False,
+                max_message_bytes=self.config.max_message_bytes,
+                initial_data=head.trailing,
+            )
+            session = RelaySession(
+                client,
+                upstream,
+                limits,
+                remask_upstream=_needs_remask(self.config, upstream),
+                session_id=registry.new_session_id(),
+                lock=lock,
+                first_client_events=first_events,
+            )
+            session.credential_id = decision.credential_id
+            spent = registry.establish(reservation, session)
+            if spent is not True:
                 upstream.transport.close()
                 await self._refuse(
                     transport,
                     head,
-                    Refused(401, "This single-use token was already used.", "token_used"),
+                    # Another handshake with this single-use token won the race to 101,
+                    # or the replay store filled up while this one dialed.
+                    Refused(401, "This single-use token was already used.", "token_used")
+                    if spent is False
+                    else REPLAY_STORE_FULL,
                 )
                 return
             transport.answered = True
             try:
                 await transport.send_all(handshake.accept_response(head))
             except BaseException:
+                registry.remove(session, claims)
                 upstream.transport.close()
                 raise
         finally:
             registry.release(reservation)
         self.metrics.handshake_seconds.observe(trio.current_time() - handshake_started)
-        client = WebSocket(
-            transport,
-            client_side=False,
-            max_message_bytes=self.config.max_message_bytes,
-            initial_data=head.trailing,
-        )
-        session = RelaySession(
-            client,
-            upstream,
-            limits,
-            remask_upstream=_needs_remask(self.config, upstream),
-            session_id=registry.new_session_id(),
-            lock=lock,
-        )
-        session.credential_id = decision.credential_id
-        for event in first_events:
-            await client.send_text(event)
         context = SessionContext(
             decision.credential_id, claims, self.client_address(head, transport.peer)
         )
-        registry.add(session, claims)
         try:
             await session.run()
         finally:
@@ -465,9 +474,6 @@ class RelayServer:
         key = self.app_keys.check_name(app)
         return key.max_concurrent_sessions if key is not None else 0
 
-    def end_all_sessions(self, kind: EndKind = EndKind.SHUTDOWN) -> None:
-        self.registry.end_all(kind)
-
     @property
     def admin_key_sha256(self) -> str:
         return self.config.admin_key_sha256
@@ -490,13 +496,15 @@ class RelayServer:
         with trio.move_on_after(timeout_s):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_cancel_when_set, hurry, nursery.cancel_scope)
-                while registry.sessions:
+                while registry.busy:
                     await registry.wait_changed()
                 nursery.cancel_scope.cancel()
         if registry.sessions:
             LOGGER.info("drain: ending %d live session(s) with 1001", len(registry.sessions))
             registry.end_all(EndKind.SHUTDOWN)
-        while registry.sessions:
+        while registry.busy:
+            # A handshake admitted before the drain may still become a session: end it too.
+            registry.end_all(EndKind.SHUTDOWN)
             await registry.wait_changed()
 
     def apply_config(self, config: ServeConfig, upstream: UpstreamEndpoint) -> list[str]:

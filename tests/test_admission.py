@@ -4,6 +4,8 @@ registry's commit points, and the single-use guarantee across refusals end to en
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import trio
@@ -221,6 +223,10 @@ def test_refusals_carry_protocol_headers() -> None:
 # ------------------------------------------------------------ the registry's commit points
 
 
+#: The registry only files a session by its id here.
+SESSION: Any = SimpleNamespace(session_id="rs_1_test")
+
+
 def test_a_single_use_token_is_spent_only_when_established() -> None:
     from relay.dataplane.registry import SessionRegistry
 
@@ -242,10 +248,11 @@ def test_a_single_use_token_is_spent_only_when_established() -> None:
     assert registry.occupancy().sessions == 0
     assert not replay.is_spent("jti-1")
     again = registry.reserve(decision)
-    assert registry.establish(again)  # the upstream said 101
+    assert registry.establish(again, SESSION)  # the upstream said 101
     registry.release(again)
     assert replay.is_spent("jti-1")
-    assert not registry.establish(registry.reserve(decision))  # a second 101 cannot spend it
+    # A second 101 cannot spend it.
+    assert not registry.establish(registry.reserve(decision), SESSION)
 
 
 # ------------------------------------------------------------ end to end

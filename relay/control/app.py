@@ -26,7 +26,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from relay.credentials.digests import is_digest_hex, matches_any
+from relay.credentials.digests import matches_any, parse_digest_hex
 from relay.credentials.minting import Minter
 from relay.metrics import RelayMetrics
 from relay.protocol.events import http_error_body
@@ -119,7 +119,10 @@ def create_app(state: ControlState) -> QuartTrio:
             return None
         key = bearer_credential()
         # A digest that is not hex (refused by the configuration check) matches nothing.
-        digests = (bytes.fromhex(expected),) if is_digest_hex(expected) else ()
+        try:
+            digests: tuple[bytes, ...] = (parse_digest_hex(expected),)
+        except ValueError:
+            digests = ()
         if key is None or matches_any(key, digests) is None:
             return _json(http_error_body("Admin key required.", code="invalid_api_key"), 401)
         return None

@@ -40,7 +40,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from relay.credentials.digests import digest_hex, is_digest_hex, matches_any
+from relay.credentials.digests import digest_hex, matches_any, parse_digest_hex
 from relay.credentials.tokens import (
     MAX_TOKEN_TTL_S,
     MIN_SIGNING_KEY_BYTES,
@@ -205,11 +205,10 @@ def load_app_keys(path: Path, *, missing_ok: bool = False) -> AppKeyFile:
     document = _read(path, AppKeyFile, missing_ok=missing_ok)
     assert isinstance(document, AppKeyFile)
     for key in document.keys:
-        if not is_digest_hex(key.sha256):
-            raise KeyFileError(
-                f"{path}: app key {key.name!r}: sha256 is not a SHA-256 hex digest "
-                "(64 hex characters)"
-            )
+        try:
+            parse_digest_hex(key.sha256)
+        except ValueError as exc:
+            raise KeyFileError(f"{path}: app key {key.name!r}: sha256 is {exc}") from None
     return document
 
 

@@ -96,6 +96,14 @@ class Admitted:
         return claims.jti if claims is not None and claims.single_use else None
 
 
+REPLAY_STORE_FULL: Final = Refused(
+    503,
+    "Too many single-use tokens in flight; retry shortly.",
+    "replay_store_full",
+    "server_error",
+)
+
+
 def _refused(exc: HandshakeError) -> Refused:
     return Refused(
         exc.status, exc.message, exc.code or "invalid_request", param=exc.param, headers=exc.headers
@@ -131,12 +139,7 @@ def admit(
                 401, "This single-use token is being used by another handshake.", "token_used"
             )
         if not occupancy.replay_has_room:
-            return Refused(
-                503,
-                "Too many single-use tokens in flight; retry shortly.",
-                "replay_store_full",
-                "server_error",
-            )
+            return REPLAY_STORE_FULL
     if occupancy.draining:
         return Refused(
             503, "The relay is shutting down; retry shortly.", "server_shutdown", "server_error"

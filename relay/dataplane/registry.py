@@ -7,9 +7,12 @@ This module owns the relay's session bookkeeping, out of the listener:
   single-use token ids they hold, so two handshakes cannot both spend one token;
 - live sessions per relay token and per app key, and sessions started per token;
 - the commit points of a handshake: :meth:`SessionRegistry.reserve` when admission
-  said yes, :meth:`SessionRegistry.establish` once the upstream answered ``101``
-  (only then is a single-use token spent and a start counted), and the reservation
-  released whatever happens (:meth:`SessionRegistry.release`);
+  said yes (the handshake counts against capacity and against its token's and app's
+  limits while it dials, so concurrent handshakes cannot all slip under a limit);
+  :meth:`SessionRegistry.establish` once the upstream answered ``101``: only then
+  is a single-use token spent, and the session is live (listed, drained, counted)
+  before the client's ``101`` goes out; :meth:`SessionRegistry.release` whatever
+  happens, which undoes the counts of a handshake that never became a session;
 - the end-of-session record: metrics and the one log line per session.
 
 :meth:`SessionRegistry.occupancy` is the view admission reads
@@ -62,10 +65,11 @@ class SessionContext:
 class Reservation:
     """A handshake's hold on capacity (and a single-use id) while it dials."""
 
-    __slots__ = ("admitted", "released")
+    __slots__ = ("admitted", "established", "released")
 
     def __init__(self, admitted: Admitted) -> None:
         self.admitted = admitted
+        self.established = False
         self.released = False
 
 
@@ -81,9 +85,9 @@ class SessionRegistry:
         self._single_use_in_flight: set[str] = set()
         self._live_by_token: Counter[str] = Counter()
         self._live_by_app: Counter[str] = Counter()
-        #: Sessions started per token id, with the token's expiry for pruning.
-        self._starts_by_token: dict[str, tuple[int, float]] = {}
-        self._start_counts: dict[str, int] = {}
+        #: Sessions started (or starting) per token id, and each token's expiry for pruning.
+        self._start_counts: Counter[str] = Counter()
+        self._token_expiry: dict[str, float] = {}
         self._numbers = itertools.count(1)
         self._changed = trio.Event()
 
@@ -100,16 +104,44 @@ class SessionRegistry:
             replay_has_room=self.replay.has_room(time.time()),
         )
 
+    @property
+    def busy(self) -> bool:
+        """Whether any session is live or any handshake is still dialing."""
+        return bool(self.sessions) or self._pending > 0
+
     def reserve(self, admitted: Admitted) -> Reservation:
-        """Hold capacity (and the single-use id) for a handshake that is about to dial."""
+        """Hold capacity, the single-use id and the token's and app's counts while dialing."""
         self._pending += 1
         single_use = admitted.single_use_id
         if single_use is not None:
             self._single_use_in_flight.add(single_use)
+        claims = admitted.claims
+        if claims is not None:
+            self._live_by_token[claims.jti] += 1
+            self._live_by_app[claims.app] += 1
+            self._start_counts[claims.jti] += 1
+            self._token_expiry[claims.jti] = float(claims.expires_at)
         return Reservation(admitted)
 
+    def establish(self, reservation: Reservation, session: RelaySession) -> bool | None:
+        """The upstream said 101: spend a single-use token and make ``session`` live.
+
+        Returns True, or what the replay store said instead: False (another
+        handshake spent the token first), None (the store is full).
+        """
+        admitted = reservation.admitted
+        single_use = admitted.single_use_id
+        if admitted.claims is not None and single_use is not None:
+            spent = self.replay.claim(single_use, admitted.claims.expires_at, time.time())
+            if spent is not True:
+                return spent
+        reservation.established = True
+        self.sessions[session.session_id] = session
+        return True
+
     def release(self, reservation: Reservation) -> None:
-        """End a reservation, established or not; safe to call twice."""
+        """End a reservation, established or not; safe to call twice. A handshake that
+        never became a session gives back its token's and app's counts."""
         if reservation.released:
             return
         reservation.released = True
@@ -117,46 +149,37 @@ class SessionRegistry:
         single_use = reservation.admitted.single_use_id
         if single_use is not None:
             self._single_use_in_flight.discard(single_use)
-
-    def establish(self, reservation: Reservation) -> bool:
-        """The upstream said 101: spend a single-use token. False if it cannot be spent."""
-        claims = reservation.admitted.claims
-        single_use = reservation.admitted.single_use_id
-        if claims is not None and single_use is not None:
-            spent = self.replay.claim(single_use, claims.expires_at, time.time())
-            if spent is not True:
-                return False
-        return True
+        if not reservation.established:
+            self._uncount(reservation.admitted.claims, start=True)
+            self._notify()
 
     # ------------------------------------------------------------------ live sessions
 
     def new_session_id(self) -> str:
         return f"rs_{next(self._numbers)}_{new_id('')[:8]}"
 
-    def add(self, session: RelaySession, claims: TokenClaims | None) -> None:
-        self.sessions[session.session_id] = session
-        if claims is None:
-            return
-        self._live_by_token[claims.jti] += 1
-        self._live_by_app[claims.app] += 1
-        count = self._starts_by_token.get(claims.jti, (0, 0.0))[0] + 1
-        self._starts_by_token[claims.jti] = (count, float(claims.expires_at))
-        self._start_counts[claims.jti] = count
-        if len(self._starts_by_token) > MAX_TRACKED_TOKENS:
-            now = time.time()
-            self._starts_by_token = {k: v for k, v in self._starts_by_token.items() if v[1] > now}
-            self._start_counts = {k: v[0] for k, v in self._starts_by_token.items()}
-
     def remove(self, session: RelaySession, claims: TokenClaims | None) -> None:
         del self.sessions[session.session_id]
-        if claims is not None:
-            for counter, key in (
-                (self._live_by_token, claims.jti),
-                (self._live_by_app, claims.app),
-            ):
-                counter[key] -= 1
-                if counter[key] <= 0:
-                    del counter[key]
+        self._uncount(claims, start=False)
+        self._notify()
+
+    def _uncount(self, claims: TokenClaims | None, *, start: bool) -> None:
+        if claims is None:
+            return
+        counters = [(self._live_by_token, claims.jti), (self._live_by_app, claims.app)]
+        if start:
+            counters.append((self._start_counts, claims.jti))
+        for counter, key in counters:
+            counter[key] -= 1
+            if counter[key] <= 0:
+                del counter[key]
+        if len(self._token_expiry) > MAX_TRACKED_TOKENS:
+            now = time.time()
+            for jti in [j for j, expiry in self._token_expiry.items() if expiry <= now]:
+                del self._token_expiry[jti]
+                self._start_counts.pop(jti, None)
+
+    def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
 
@@ -188,7 +211,7 @@ class SessionRegistry:
         ]
 
     async def wait_changed(self) -> None:
-        """Return once a session has ended (drain waits on this)."""
+        """Return once a session has ended or a handshake was released (drain waits on this)."""
         await self._changed.wait()
 
     # ------------------------------------------------------------------ the record

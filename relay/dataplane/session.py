@@ -141,7 +141,11 @@ class RelaySession:
         remask_upstream: bool,
         session_id: str,
         lock: SessionLock | None = None,
+        first_client_events: tuple[bytes, ...] = (),
     ) -> None:
+        #: Text events the client gets before anything relayed (the session.created
+        #: carrying a locked config); sent under the session's own deadline.
+        self.first_client_events = first_client_events
         self.client = client
         self.upstream = upstream
         self.limits = limits
@@ -428,6 +432,8 @@ class RelaySession:
         client, upstream = self.client, self.upstream
         stats = self.stats
         observe = stats.tap.observe_text
+        for first in self.first_client_events:  # before anything the upstream sends
+            await client.send_text(first)
         while True:
             event = await upstream.next_frame_event()
             if type(event) is Frame:
