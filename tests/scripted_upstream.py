@@ -9,7 +9,9 @@ of exactly which request target and headers reached the upstream.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+import orjson
 import trio
 
 from relay.net import http
@@ -28,6 +30,12 @@ class ScriptedUpstream:
     script: list[bytes] = field(default_factory=list)
     #: Close code sent after the script; None keeps the connection open until the relay closes.
     close_code: int | None = 1000
+    #: Answer the handshake only once this is set (a slow upstream, a race to 101).
+    hold: trio.Event | None = None
+    #: Open each session the way OpenAI does first: session.created, and the first
+    #: session.update answered by session.updated (or by ``refuse_update`` if given).
+    opens_like_openai: bool = False
+    refuse_update: bytes | None = None
     heads: list[RequestHead] = field(default_factory=list)
     received: list[tuple[int, bytes]] = field(default_factory=list)
     port: int = 0
@@ -54,6 +62,8 @@ class ScriptedUpstream:
             if head is None:
                 return
             self.heads.append(head)
+            if self.hold is not None:
+                await self.hold.wait()
             await transport.send_all(handshake.accept_response(head))
             ws = WebSocket(
                 transport,
@@ -61,6 +71,8 @@ class ScriptedUpstream:
                 max_message_bytes=MAX_MESSAGE_BYTES,
                 initial_data=head.trailing,
             )
+            if self.opens_like_openai:
+                await self._open_session(ws)
             for message in self.script:
                 await ws.send_text(message)
             if self.close_code is not None:
@@ -73,10 +85,26 @@ class ScriptedUpstream:
         finally:
             transport.close()
 
+    async def _open_session(self, ws: WebSocket) -> None:
+        created = {"type": "session.created", "session": {"id": "sess_s", "model": "gpt-realtime"}}
+        await ws.send_text(orjson.dumps(created))
+        _, payload = await ws.receive_message()
+        self.received.append((1, payload))
+        if self.refuse_update is not None:
+            await ws.send_text(self.refuse_update)
+            return
+        update = orjson.loads(payload)
+        updated = {"type": "session.updated", "session": update.get("session")}
+        await ws.send_text(orjson.dumps(updated))
+
 
 async def start_scripted_upstream(
-    nursery: trio.Nursery, script: list[bytes] | None = None, *, close_code: int | None = 1000
+    nursery: trio.Nursery,
+    script: list[bytes] | None = None,
+    *,
+    close_code: int | None = 1000,
+    **options: Any,
 ) -> ScriptedUpstream:
-    upstream = ScriptedUpstream(script=list(script or []), close_code=close_code)
+    upstream = ScriptedUpstream(script=list(script or []), close_code=close_code, **options)
     await nursery.start(upstream.serve)
     return upstream

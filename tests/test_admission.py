@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from relay.credentials.checkers import MISSING, AuthGrant, AuthRefusal, ReplayStore, TokenGrant
 from relay.credentials.tokens import TokenClaims
@@ -289,3 +290,147 @@ async def test_refusals_inviting_a_retry_never_burn_a_single_use_token(
         assert '"session.created"' in await ws.get_message()
     replay = await raw_handshake(relay.port, target, auth(once))
     assert (replay.status, replay.json()["error"]["code"]) == (401, "token_used")
+
+
+def test_a_replay_store_that_filled_while_dialing_is_not_a_replay() -> None:
+    """establish says None (full), not False (spent): the client gets 503, not token_used."""
+    from relay.dataplane.registry import SessionRegistry
+
+    metrics = RelayMetrics(live_sessions=lambda: 0, draining=lambda: 0, dropped_log_lines=lambda: 0)
+    replay = ReplayStore(1)
+    registry = SessionRegistry(replay, metrics)
+    decision = admit(head(), checker=TOKEN, policy=POLICY, occupancy=registry.occupancy())
+    assert isinstance(decision, Admitted)
+    held = registry.reserve(decision)
+    assert replay.claim("someone-else", 10**10, 0.0)  # filled while this one dialed
+    assert registry.establish(held, SESSION) is None
+    registry.release(held)
+    assert not replay.is_spent("jti-1")
+    assert registry.occupancy().sessions == 0
+
+
+async def _token_relay_on(
+    nursery: trio.Nursery, keys: Keys, upstream_url: str, **overrides: Any
+) -> RunningRelay:
+    return await start_relay(
+        nursery,
+        upstream_url,
+        app_keys_file=str(keys.app_file),
+        signing_keys_file=str(keys.signing_file),
+        **overrides,
+    )
+
+
+async def _racing_handshakes(relay: RunningRelay, token: str, upstream: Any) -> list[int]:
+    """Two handshakes with one token while the upstream holds its 101, then let it go."""
+    statuses: list[int] = []
+
+    async def one() -> None:
+        answer = await raw_handshake(relay.port, f"/v1/realtime?model={MODEL}", auth(token))
+        statuses.append(answer.status)
+
+    async with trio.open_nursery() as racers:
+        racers.start_soon(one)
+        racers.start_soon(one)
+        # Both admitted (or one refused) before the upstream answers anything.
+        with trio.fail_after(10):
+            while len(upstream.heads) + len(statuses) < 2:
+                await trio.sleep(0.01)
+        upstream.hold.set()
+    return sorted(statuses)
+
+
+async def test_concurrent_handshakes_cannot_all_slip_under_a_per_token_limit(
+    nursery: trio.Nursery, keys: Keys
+) -> None:
+    """Handshakes still dialing count against max_sessions_per_token (they used not to)."""
+    from tests.scripted_upstream import start_scripted_upstream
+
+    upstream = await start_scripted_upstream(
+        nursery, close_code=None, hold=trio.Event(), opens_like_openai=True
+    )
+    relay = await _token_relay_on(nursery, keys, upstream.ws_base, max_sessions_per_token=1)
+    token = await token_for(relay, keys)
+    assert await _racing_handshakes(relay, token, upstream) == [101, 429]
+
+
+async def test_two_handshakes_racing_with_one_single_use_token(
+    nursery: trio.Nursery, keys: Keys
+) -> None:
+    from tests.scripted_upstream import start_scripted_upstream
+
+    upstream = await start_scripted_upstream(
+        nursery, close_code=None, hold=trio.Event(), opens_like_openai=True
+    )
+    relay = await _token_relay_on(nursery, keys, upstream.ws_base)
+    once = await token_for(relay, keys, relay={"single_use": True})
+    assert await _racing_handshakes(relay, once, upstream) == [101, 401]
+
+
+async def test_an_upstream_refusing_the_locked_config_opens_no_session(
+    nursery: trio.Nursery, keys: Keys
+) -> None:
+    """502 upstream_refused_session_config, and the single-use token is still unspent."""
+    import orjson
+
+    from tests.scripted_upstream import start_scripted_upstream
+
+    refusal = orjson.dumps(
+        {"type": "error", "error": {"type": "invalid_request_error", "message": "no such voice"}}
+    )
+    upstream = await start_scripted_upstream(
+        nursery, close_code=None, opens_like_openai=True, refuse_update=refusal
+    )
+    relay = await _token_relay_on(nursery, keys, upstream.ws_base)
+    once = await token_for(relay, keys, relay={"single_use": True})
+    answer = await raw_handshake(relay.port, f"/v1/realtime?model={MODEL}", auth(once))
+    assert answer.status == 502
+    assert answer.json()["error"]["code"] == "upstream_refused_session_config"
+    assert not relay.server.registry.busy
+    assert len(relay.server.replay) == 0  # nothing spent
+
+
+async def test_drain_waits_for_a_handshake_still_dialing(nursery: trio.Nursery) -> None:
+    """A handshake admitted before the drain becomes a session after it began: the drain
+    ends that session too (1001) and returns only once it has closed."""
+    from tests.conftest import close_reason
+    from tests.scripted_upstream import start_scripted_upstream
+
+    hold = trio.Event()
+    upstream = await start_scripted_upstream(nursery, close_code=None, hold=hold)
+    relay = await start_relay(nursery, upstream.ws_base)
+    closes: list[int] = []
+
+    async def client() -> None:
+        import trio_websocket
+
+        try:
+            async with open_ws(
+                f"{relay.ws_base}/realtime?model={MODEL}",
+                extra_headers=[("Authorization", f"Bearer {relay.key}")],
+            ) as ws:
+                while True:
+                    await ws.get_message()
+        except trio_websocket.ConnectionClosed as closed:
+            closes.append(close_reason(closed).code)
+
+    drained = trio.Event()
+
+    async def drain() -> None:
+        await relay.server.drain(0, hurry=trio.Event())
+        drained.set()
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(client)
+        with trio.fail_after(10):
+            while not upstream.heads:
+                await trio.sleep(0.01)
+        assert relay.server.registry.busy  # dialing, not yet a session
+        inner.start_soon(drain)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not drained.is_set()  # the handshake in flight holds the drain
+        hold.set()
+        with trio.fail_after(10):
+            await drained.wait()
+    assert closes == [1001]
+    assert not relay.server.registry.busy

@@ -300,7 +300,7 @@ frame_bytes = st.one_of(
             st.sampled_from([0x0, 0x1, 0x2, 0x3, 0x8, 0x9, 0xA, 0xF]),
             st.binary(max_size=200),
             st.booleans(),
-            st.booleans().map(lambda b: b or True),
+            st.booleans(),  # unmasked client frames too: 1002
         ),
         max_size=8,
     ).map(b"".join),

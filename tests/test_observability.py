@@ -43,6 +43,13 @@ def test_redact_hides_credentials() -> None:
     assert "Bearer <redacted>" in cleaned
 
 
+def test_redact_hides_keys_the_way_providers_quote_them() -> None:
+    """An upstream 401 quotes the relay's key masked ("sk-proj-****abcd"): still a key."""
+    cleaned = logs.redact("Incorrect API key provided: sk-proj-****abcd. You can find")
+    assert "abcd" not in cleaned
+    assert "****" not in cleaned
+
+
 def test_full_queue_drops_and_counts_instead_of_blocking() -> None:
     gate = threading.Event()
 

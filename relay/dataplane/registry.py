@@ -137,6 +137,7 @@ class SessionRegistry:
                 return spent
         reservation.established = True
         self.sessions[session.session_id] = session
+        self._notify()  # a drain in progress must end this one too
         return True
 
     def release(self, reservation: Reservation) -> None:
