@@ -15,6 +15,8 @@ from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from relay.credentials.keyfiles import APP_KEYS_LABEL, SIGNING_KEYS_LABEL
+
 #: Buckets for handshake timings, seconds: loopback is sub-millisecond, WAN to OpenAI ~0.1-1 s.
 HANDSHAKE_BUCKETS_S: Final = (
     0.001,
@@ -34,7 +36,7 @@ HANDSHAKE_BUCKETS_S: Final = (
 
 #: The ``file`` labels of ``relay_key_file_reload_failures`` (the key files'
 #: ``label`` in :mod:`relay.credentials.keyfiles`), exported at 0 from the start.
-KEY_FILE_LABELS: Final = ("app_keys", "signing_keys")
+KEY_FILE_LABELS: Final = (APP_KEYS_LABEL, SIGNING_KEYS_LABEL)
 
 
 class RelayMetrics:

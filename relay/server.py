@@ -175,6 +175,10 @@ class RelayServer:
         return len(self.registry.sessions)
 
     @property
+    def sessions_in_use(self) -> int:
+        return self.registry.occupancy().sessions
+
+    @property
     def max_sessions(self) -> int:
         return self.config.max_sessions
 

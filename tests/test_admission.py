@@ -434,3 +434,15 @@ async def test_drain_waits_for_a_handshake_still_dialing(nursery: trio.Nursery) 
             await drained.wait()
     assert closes == [1001]
     assert not relay.server.registry.busy
+
+
+def test_a_full_replay_store_frees_room_exactly_when_an_id_expires() -> None:
+    replay = ReplayStore(2)
+    assert replay.claim("a", 100.0, 0.0)
+    assert replay.claim("b", 200.0, 0.0)
+    assert not replay.has_room(50.0)
+    assert not replay.has_room(99.9)  # not rescanned before the earliest expiry
+    assert replay.has_room(100.0)  # "a" expired
+    assert replay.claim("c", 300.0, 100.0)
+    assert not replay.has_room(150.0)
+    assert replay.is_spent("b")

@@ -37,6 +37,11 @@ class ControlState(Protocol):
     def live_sessions(self) -> int: ...
 
     @property
+    def sessions_in_use(self) -> int:
+        """Live sessions plus handshakes in flight: what capacity is judged by."""
+        ...
+
+    @property
     def max_sessions(self) -> int: ...
 
     @property
@@ -91,7 +96,8 @@ def create_app(state: ControlState) -> QuartTrio:
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        live, limit = state.live_sessions, state.max_sessions
+        # The same count admission refuses by: live sessions and handshakes in flight.
+        live, limit = state.sessions_in_use, state.max_sessions
         if state.draining:
             return _json(b'{"status":"draining"}', 503)
         if live >= limit:
@@ -102,7 +108,8 @@ def create_app(state: ControlState) -> QuartTrio:
     @app.post("/realtime/client_secrets")
     async def client_secrets() -> Response:
         # The app key first: an unauthenticated body is never read, let alone buffered.
-        if state.minter.app_keys.check(bearer_credential()) is None:
+        app_key = state.minter.app_keys.check(bearer_credential())
+        if app_key is None:
             return _json(
                 http_error_body("Incorrect app key provided.", code="invalid_api_key"), 401
             )
@@ -110,7 +117,7 @@ def create_app(state: ControlState) -> QuartTrio:
             return too_large()
         body = await request.get_data()  # chunked bodies: quart stops at MAX_CONTENT_LENGTH
         assert isinstance(body, bytes)
-        answer = await state.minter.mint(request.headers.get("Authorization"), body, time.time())
+        answer = await state.minter.mint(app_key, body, time.time())
         return _json(answer.body, answer.status)
 
     def admin_refusal() -> Response | None:

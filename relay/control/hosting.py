@@ -59,6 +59,7 @@ from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
+from relay.dataplane.admission import RETRY_AFTER_S
 from relay.net import http
 from relay.net.transport import Transport, TransportClosed
 from relay.protocol.events import http_error_body
@@ -287,7 +288,7 @@ class ControlPlaneHost:
                 "Too many control-plane connections; retry shortly.",
                 error_type="server_error",
                 code="control_plane_busy",
-                extra_headers=(("Retry-After", "1"),),
+                extra_headers=(("Retry-After", str(RETRY_AFTER_S)),),
             )
             return
         counted = 0 if probe else 1

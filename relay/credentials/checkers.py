@@ -101,14 +101,18 @@ class ReplayStore:
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
         self._expiry_by_id: dict[str, float] = {}
+        #: No id expires before this (known after a prune): a full store is not
+        #: scanned again until then, so a full store costs nothing per handshake.
+        self._no_expiry_before = 0.0
 
     def is_spent(self, token_id: str) -> bool:
         return token_id in self._expiry_by_id
 
     def has_room(self, now: float) -> bool:
         """Whether one more id fits (expired ids are dropped first when full)."""
-        if len(self._expiry_by_id) >= self.max_entries:
+        if len(self._expiry_by_id) >= self.max_entries and now >= self._no_expiry_before:
             self._expiry_by_id = {k: v for k, v in self._expiry_by_id.items() if v > now}
+            self._no_expiry_before = min(self._expiry_by_id.values(), default=now)
         return len(self._expiry_by_id) < self.max_entries
 
     def claim(self, token_id: str, expires_at: float, now: float) -> bool | None:

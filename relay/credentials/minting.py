@@ -38,7 +38,7 @@ import httpx
 import msgspec
 import orjson
 
-from relay.credentials.keyfiles import AppKeyStore
+from relay.credentials.keyfiles import AppKey, AppKeyStore
 from relay.credentials.secret import Secret
 from relay.credentials.tokens import Keyring, TokenClaims, mint, new_token_id
 from relay.protocol.client_secrets import SessionObjects, parse_request
@@ -93,14 +93,8 @@ class Minter:
         self.upstream_ca_file = upstream_ca_file
         self._session_objects = SessionObjects()
 
-    async def mint(self, authorization: str | None, body: bytes, now: float) -> MintAnswer:
-        credential = None
-        if authorization:
-            scheme, _, value = authorization.strip().partition(" ")
-            credential = value.strip() if scheme.lower() == "bearer" else None
-        app = self.app_keys.check(credential)
-        if app is None:
-            return _error(401, "Incorrect app key provided.", "invalid_api_key")
+    async def mint(self, app: AppKey, body: bytes, now: float) -> MintAnswer:
+        """Mint for ``app``, whose key the caller checked before reading ``body``."""
         if app.mode == "passthrough":
             return await self._passthrough(body)
         try:
