@@ -243,8 +243,9 @@ def _address(sock: Any, *, peer: bool) -> tuple[str, int] | None:
 class ControlPlaneHost:
     """Runs one ASGI app for connections handed over by the front listener."""
 
-    def __init__(self, app: Any, limits: ControlLimits | None = None) -> None:
-        self.limits = limits or ControlLimits()
+    def __init__(self, app: Any) -> None:
+        #: The bounds this host enforces; tests swap in small ones.
+        self.limits = ControlLimits()
         self.config = HypercornConfig()
         # One request per connection: hypercorn adds ``Connection: close`` to every answer.
         self.config.keep_alive_max_requests = 1
