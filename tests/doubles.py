@@ -89,9 +89,11 @@ class MemoryStream:
             await pipe.changed.park()
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # The ByteStream contract: ``data`` may be a view of the thread's shared
+        # receive buffer, so it is copied before the first suspension.
+        view = memoryview(bytes(data))
         await trio.lowlevel.checkpoint()
         pipe = self._out
-        view = memoryview(data)
         while True:
             if self._closed:
                 raise TransportClosed("connection closed")

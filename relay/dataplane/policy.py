@@ -346,8 +346,13 @@ def _clamp_tokens(count: int) -> int:
 MAX_TAPPED_ID_CHARS: Final = 128
 #: Events whose type the tap cares about; every other type is only counted.
 TAPPED_TYPES: Final = frozenset({"session.created", "response.done", "error"})
-#: The bulk of upstream traffic; recognised by prefix so the tap skips even the envelope decode.
-_AUDIO_DELTA_PREFIX: Final = b'{"type":"response.output_audio.delta"'
+_TAPPED_TYPE_NAMES: Final = frozenset(name.encode() for name in TAPPED_TYPES)
+#: How OpenAI's events begin: ``type`` is the first member. An event that begins so
+#: with a type the tap does not want (audio deltas, transcripts: nearly all traffic)
+#: is skipped from its first bytes, without a JSON decode.
+_TYPE_FIRST: Final = b'{"type":"'
+#: How far into an event the type's closing quote is looked for.
+_TYPE_SCAN_BYTES: Final = 96
 
 
 @dataclass(slots=True)
@@ -362,8 +367,13 @@ class UpstreamTap:
 
     def observe_text(self, payload: bytes | memoryview) -> None:
         """Look at one complete upstream text message (unmasked payload)."""
-        if payload[: len(_AUDIO_DELTA_PREFIX)] == _AUDIO_DELTA_PREFIX:
-            return
+        head = bytes(payload[:_TYPE_SCAN_BYTES])
+        if head.startswith(_TYPE_FIRST):
+            end = head.find(b'"', len(_TYPE_FIRST))
+            name = head[len(_TYPE_FIRST) : end]
+            # An escape in the name could spell a tapped type: those take the decode.
+            if end > 0 and b"\\" not in name and name not in _TAPPED_TYPE_NAMES:
+                return
         try:
             event_type = decode_envelope(payload).type
         except EventDecodeError:

@@ -80,26 +80,30 @@ class ClientRateLimit:
         #: Which limit the last refused frame ran over, for the log and the error message.
         self.exceeded = ""
 
-    def admit(self, wire_bytes: int) -> bool:
-        """Charge one frame of ``wire_bytes`` (header included); ``False``: over the limit.
+    def admit(self, wire_bytes: int, frames: int = 1) -> bool:
+        """Charge ``frames`` frames of ``wire_bytes`` in all (headers included).
+
+        ``False``: over a limit, and nothing is charged. The relay charges each run
+        of frames from one read at once; a run the budget cannot cover is refused
+        whole (the session then ends, rate limited).
 
         The hot path is one subtraction and one comparison per bucket; the clock is
         read only when a bucket's budget has run out.
         """
-        frames, size = self.frames, self.bytes
-        frames.tokens -= 1
+        frame_bucket, size = self.frames, self.bytes
+        frame_bucket.tokens -= frames
         size.tokens -= wire_bytes
-        if frames.tokens >= 0 and size.tokens >= 0:
+        if frame_bucket.tokens >= 0 and size.tokens >= 0:
             return True
         # Settle both at one clock reading, so the budget still in credit does not go stale.
         now = self._clock()
-        frames_ok = frames.settle(now, 1)
+        frames_ok = frame_bucket.settle(now, frames)
         bytes_ok = size.settle(now, wire_bytes)
         if frames_ok and bytes_ok:
             return True
         # Refused: neither bucket keeps the payment.
         if frames_ok:
-            frames.tokens += 1
+            frame_bucket.tokens += frames
         if bytes_ok:
             size.tokens += wire_bytes
         self.exceeded = "bytes per second" if frames_ok else "frames per second"

@@ -45,7 +45,6 @@ partial header, or one whole frame up to ``WHOLE_FRAME_MAX_BYTES``).
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Final
@@ -230,14 +229,30 @@ class RelaySession:
         return Side.CLIENT if leg is self.client else Side.UPSTREAM
 
     async def _pump_up(self) -> None:
-        """Client -> upstream."""
+        """Client -> upstream.
+
+        The hot path is :meth:`WebSocket.receive_run`: the whole small data frames
+        of one read, charged to the rate limit together and forwarded in one write
+        (re-masked in one pass towards a plain ``ws://`` upstream). What the run
+        leaves (control frames, large frames, a frame split across reads) is taken
+        from the reader as events.
+        """
         client, upstream = self.client, self.upstream
+        reader = client.reader
         remask = self.remask_upstream
         stats = self.stats
         admit = self._rate.admit
         while True:
-            event = await client.next_frame_event()
-            if type(event) is Frame:
+            event = reader.next_event()
+            if event is None:
+                run = await client.receive_run()
+                if run:
+                    if not admit(len(run), reader.run_frames):
+                        self._finish(self._rate_ending())
+                        return
+                    await upstream.send_raw(frames.remask_run(run) if remask else run)
+                    stats.messages_up += reader.run_messages
+            elif type(event) is Frame:
                 if not admit(len(event.raw)):
                     self._finish(self._rate_ending())
                     return
@@ -428,15 +443,25 @@ class RelaySession:
             await self.client.send_text(rewrite.notice)
 
     async def _pump_down(self) -> None:
-        """Upstream -> client. Upstream text is shown to the tap, then sent unchanged."""
+        """Upstream -> client. Upstream text is shown to the tap, then sent unchanged.
+
+        The same hot path as :meth:`_pump_up`: one read's whole small frames in one
+        write, the tap seeing each text message in place.
+        """
         client, upstream = self.client, self.upstream
+        reader = upstream.reader
         stats = self.stats
         observe = stats.tap.observe_text
         for first in self.first_client_events:  # before anything the upstream sends
             await client.send_text(first)
         while True:
-            event = await upstream.next_frame_event()
-            if type(event) is Frame:
+            event = reader.next_event()
+            if event is None:
+                run = await upstream.receive_run(observe)
+                if run:
+                    await client.send_raw(run)
+                    stats.messages_down += reader.run_messages
+            elif type(event) is Frame:
                 opcode = event.opcode
                 if opcode < OP_CLOSE:
                     await client.send_raw(event.raw)
@@ -595,13 +620,8 @@ def _remasked_start(start: FrameStart, remask: bool) -> tuple[bytes, bytes | Non
     """
     if not remask or start.mask_key is None:
         return start.header, None
-    new_key = os.urandom(4)
-    return frames.remask_header(start.header, new_key), _xor_key(start.mask_key, new_key)
-
-
-def _xor_key(old: bytes | None, new: bytes) -> bytes:
-    assert old is not None
-    return bytes(a ^ b for a, b in zip(old, new, strict=True))
+    new_key = frames.fresh_mask_key()
+    return frames.remask_header(start.header, new_key), frames.xor_mask(start.mask_key, new_key)
 
 
 def _remasked(frame: Frame) -> bytes:
@@ -609,11 +629,11 @@ def _remasked(frame: Frame) -> bytes:
     old = frame.mask_key
     if old is None:
         return bytes(frame.raw)
-    new = os.urandom(4)
+    new = frames.fresh_mask_key()
     header_len = frame.header_len
     raw = frame.raw
     header = frames.remask_header(bytes(raw[:header_len]), new)
-    return header + frames.xor_mask(raw[header_len:], _xor_key(old, new))
+    return header + frames.xor_mask(raw[header_len:], frames.xor_mask(old, new))
 
 
 class _FrameWriter:

@@ -35,7 +35,7 @@ import trio
 CHECKPOINT_EVERY_OPS: Final = 32
 #: Unsent bytes the kernel may hold per socket before it stops being writable.
 NOTSENT_LOWAT_BYTES: Final = 64 * 1024
-#: Receive size per read; also the per-direction read buffer of a session.
+#: Receive size per read: the size of the receive buffer every connection of a thread shares.
 RECEIVE_BYTES: Final = 64 * 1024
 #: Listen backlog for our own listeners.
 LISTEN_BACKLOG: Final = 1024
@@ -65,11 +65,19 @@ class ByteStream(Protocol):
     def closed(self) -> bool: ...
 
     async def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
-        """Read what is available into ``buffer``; 0 means the peer ended the stream."""
+        """Read what is available into ``buffer``; 0 means the peer ended the stream.
+
+        Nothing may suspend between filling ``buffer`` and returning: the buffer is
+        shared by every connection of a thread.
+        """
         ...
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Write every byte, waiting while the peer does not take them."""
+        """Write every byte, waiting while the peer does not take them.
+
+        Must not read ``data`` after its first suspension (copy what is left
+        first): callers pass views of a receive buffer other tasks reuse.
+        """
         ...
 
     def close(self) -> None: ...
@@ -120,27 +128,35 @@ class Transport:
             await trio.lowlevel.checkpoint()
 
     async def recv_into(self, buffer: bytearray | memoryview, nbytes: int = 0) -> int:
-        """Read what is available into ``buffer``; 0 means the peer ended the stream."""
+        """Read what is available into ``buffer``; 0 means the peer ended the stream.
+
+        The periodic yield comes *before* the read, so nothing can run between the
+        bytes landing in ``buffer`` and this returning: a caller may read into a
+        buffer other tasks share, as long as it is done with the bytes (or has
+        copied them) before its next await.
+        """
+        await self._maybe_yield()
         sock = self.sock
         while True:
             try:
-                received = sock.recv_into(buffer, nbytes)
+                return sock.recv_into(buffer, nbytes)
             except (BlockingIOError, ssl.SSLWantReadError):
                 self._ops_without_yield = 0
                 await self._wait(readable=True)
-                continue
             except ssl.SSLWantWriteError:
                 await self._wait(readable=False)
-                continue
             except ssl.SSLZeroReturnError:
                 return 0
             except (OSError, ValueError) as exc:
                 raise TransportClosed(_describe(exc)) from None
-            await self._maybe_yield()
-            return received
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        """Write every byte, waiting for the socket to drain when the kernel is full."""
+        """Write every byte, waiting for the socket to drain when the kernel is full.
+
+        Before its first wait it copies what is left to send, so ``data`` may be a
+        view of a buffer that other tasks reuse meanwhile (the shared receive
+        buffer); the copy is made only when the kernel is full.
+        """
         sock = self.sock
         view = memoryview(data)
         total = len(view)
@@ -150,8 +166,10 @@ class Transport:
                 sent += sock.send(view[sent:] if sent else view)
             except (BlockingIOError, ssl.SSLWantWriteError):
                 self._ops_without_yield = 0
+                view, total, sent = _keep(view, sent)
                 await self._wait(readable=False)
             except ssl.SSLWantReadError:
+                view, total, sent = _keep(view, sent)
                 await self._wait(readable=True)
             except (OSError, ValueError) as exc:
                 raise TransportClosed(_describe(exc)) from None
@@ -200,6 +218,12 @@ class Transport:
     @property
     def closed(self) -> bool:
         return self._closed
+
+
+def _keep(view: memoryview, sent: int) -> tuple[memoryview, int, int]:
+    """What is left of ``view`` after ``sent`` bytes, as a copy the caller cannot reuse."""
+    rest = memoryview(bytes(view[sent:]))
+    return rest, len(rest), 0
 
 
 def _describe(exc: BaseException) -> str:

@@ -30,7 +30,17 @@ reason fit for a close frame; after one, the reader must not be used again.
 
 from __future__ import annotations
 
+import os
+import threading
+from collections.abc import Callable
 from typing import Final, final
+
+_apply_mask: Callable[[bytes | bytearray | memoryview, bytes], bytes] | None
+try:  # websockets' C helper XORs 1.4 KB in 0.3 us where the big-integer XOR takes 3.8 us.
+    # Its stub says bytes; the C function takes any buffer (memoryviews of the read buffer).
+    from websockets.speedups import apply_mask as _apply_mask  # type: ignore[assignment]
+except ImportError:  # pragma: no cover - the pure-Python XOR below is the fallback
+    _apply_mask = None
 
 OP_CONTINUATION: Final = 0x0
 OP_TEXT: Final = 0x1
@@ -62,6 +72,8 @@ MAX_CLOSE_REASON_BYTES: Final = MAX_CONTROL_PAYLOAD_BYTES - 2
 MAX_HEADER_BYTES: Final = 14
 #: Compact the read buffer once this many consumed bytes sit at its front.
 _COMPACT_AFTER_BYTES: Final = 64 * 1024
+#: Masking keys drawn from the OS per refill of a thread's key pool (4 bytes each).
+MASK_KEYS_PER_REFILL: Final = 1024
 
 
 class FrameProtocolError(Exception):
@@ -138,8 +150,8 @@ FrameEvent = Frame | FrameStart | FrameChunk
 def xor_mask(data: bytes | bytearray | memoryview, key: bytes, offset: int = 0) -> bytes:
     """XOR ``data`` with the 4-byte ``key``, starting at key position ``offset % 4``.
 
-    One big-integer XOR: both conversions and the XOR run in C, which beats a
-    per-byte loop by two orders of magnitude and ``bytes.translate`` tables too.
+    websockets' C ``apply_mask`` when installed (it is a dependency); otherwise one
+    big-integer XOR, whose conversions and XOR run in C too.
     """
     size = len(data)
     if size == 0:
@@ -147,10 +159,39 @@ def xor_mask(data: bytes | bytearray | memoryview, key: bytes, offset: int = 0) 
     shift = offset & 3
     if shift:
         key = key[shift:] + key[:shift]
+    if _apply_mask is not None:
+        return _apply_mask(data, key)
     repeated = key * ((size >> 2) + 1)
     return (int.from_bytes(data, "little") ^ int.from_bytes(repeated[:size], "little")).to_bytes(
         size, "little"
     )
+
+
+class _MaskKeyPool(threading.local):
+    """Fresh masking keys from one OS entropy read per :data:`MASK_KEYS_PER_REFILL` keys.
+
+    RFC 6455 §5.3 wants each key unpredictable, from a strong source of entropy: these
+    come from ``os.urandom`` all the same, without one system call per frame. One pool
+    per thread, so two threads never hand out the same key.
+    """
+
+    def __init__(self) -> None:
+        self.block = b""
+        self.position = 0
+
+
+_MASK_KEYS: Final = _MaskKeyPool()
+
+
+def fresh_mask_key() -> bytes:
+    """A masking key never handed out before (4 bytes from ``os.urandom``)."""
+    pool = _MASK_KEYS
+    position = pool.position
+    if position >= len(pool.block):
+        pool.block = os.urandom(4 * MASK_KEYS_PER_REFILL)
+        position = 0
+    pool.position = position + 4
+    return pool.block[position : position + 4]
 
 
 def remask_header(header: bytes, new_key: bytes) -> bytes:
@@ -158,6 +199,34 @@ def remask_header(header: bytes, new_key: bytes) -> bytes:
     if not header[1] & 0x80:
         raise ValueError("header has no mask")
     return header[:-4] + new_key
+
+
+def remask_run(run: bytes | bytearray | memoryview) -> bytes:
+    """Whole masked frames (as :meth:`FrameReader.take_run` found them) under fresh keys.
+
+    ``take_run`` never includes a frame with a 64-bit length, so only the 7- and
+    16-bit length forms occur here.
+
+    Each frame gets its own new key; its payload is XORed once with
+    ``old_key XOR new_key`` (§5.3), so it is never unmasked in between.
+    """
+    out = bytearray()
+    pos = 0
+    end = len(run)
+    while pos < end:
+        length = run[pos + 1] & 0x7F
+        key_at = pos + 2
+        if length == 126:
+            length = (run[pos + 2] << 8) | run[pos + 3]
+            key_at = pos + 4
+        payload_at = key_at + 4
+        old = bytes(run[key_at:payload_at])
+        new = fresh_mask_key()
+        out += run[pos:key_at]
+        out += new
+        out += xor_mask(run[payload_at : payload_at + length], xor_mask(old, new))
+        pos = payload_at + length
+    return bytes(out)
 
 
 # ---------------------------------------------------------------------- encoding
@@ -244,6 +313,9 @@ class FrameReader:
         self._streaming_left = 0
         self._streaming_offset = 0
         self._dead = False
+        #: What the last :meth:`take_run` found: data frames, and those ending a message.
+        self.run_frames = 0
+        self.run_messages = 0
 
     @property
     def in_message(self) -> bool:
@@ -253,6 +325,81 @@ class FrameReader:
     @property
     def buffered_bytes(self) -> int:
         return len(self._buffer) - self._pos
+
+    @property
+    def idle(self) -> bool:
+        """Nothing buffered and no cut-through frame in progress: :meth:`take_run` may run."""
+        return self._pos == len(self._buffer) and not self._streaming_left
+
+    def take_run(
+        self,
+        data: memoryview,
+        on_text: Callable[[memoryview], None] | None = None,
+    ) -> int:
+        """Consume the whole small data frames at the front of freshly read ``data``.
+
+        The relay's hot path: for bytes just read while the reader holds nothing
+        (:attr:`idle`), walk the frame headers in place and return how many leading
+        bytes are complete data frames of at most ``whole_frame_max_bytes`` with a
+        7- or 16-bit length (one run, forwarded by the caller in one write, without a
+        copy or an object per frame). Each header gets the same checks, and moves
+        the same message state, as in :meth:`next_event`. The run stops before a
+        control frame, a large frame, an incomplete frame or a violation; the caller
+        feeds the rest with :meth:`feed` and reads it as events. A violation in the
+        first frame raises :class:`FrameProtocolError`; later in the run it stops the
+        run, so the frames before it are still forwarded, and :meth:`next_event`
+        raises it when it gets there.
+
+        ``on_text`` sees the payload of every unmasked TEXT frame that ends a message
+        (the upstream tap). :attr:`run_frames` and :attr:`run_messages` count the run.
+        """
+        pos = 0
+        end = len(data)
+        frames = 0
+        messages = 0
+        whole_max = self.whole_frame_max_bytes
+        while end - pos >= 2:
+            first = data[pos]
+            opcode = first & 0x0F
+            if opcode >= OP_CLOSE:
+                break
+            second = data[pos + 1]
+            length = second & 0x7F
+            header_len = 2
+            if length == 126:
+                if end - pos < 4:
+                    break
+                length = (data[pos + 2] << 8) | data[pos + 3]
+                header_len = 4
+            elif length == 127:
+                break
+            masked = second & 0x80
+            if masked:
+                header_len += 4
+            total = header_len + length
+            if length > whole_max or end - pos < total:
+                break
+            fin = first & 0x80 == 0x80
+            try:
+                message_bytes = self._check(first, opcode, fin, masked == 0x80, length)
+            except FrameProtocolError:
+                if not frames:
+                    raise
+                # Forward the frames before it; next_event meets the same header again
+                # (a failed check changes no message state) and raises then.
+                self._dead = False
+                break
+            if not fin or self._message_opcode is not None:
+                self._advance_message(opcode, fin, message_bytes)
+            if fin:
+                messages += 1
+                if on_text is not None and opcode == OP_TEXT and not masked:
+                    on_text(data[pos + header_len : pos + total])
+            frames += 1
+            pos += total
+        self.run_frames = frames
+        self.run_messages = messages
+        return pos
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         pos = self._pos
