@@ -39,17 +39,23 @@ _SECRET_PATTERNS: Final = re.compile(
 )
 
 
+def _keep_prefix(match: re.Match[str]) -> str:
+    prefix = match.group(1) or match.group(2) or match.group(3) or ""
+    return f"{prefix}<redacted>"
+
+
 def redact(text: str) -> str:
     """Replace anything that looks like a credential with ``<redacted>``."""
-
-    def keep_prefix(match: re.Match[str]) -> str:
-        prefix = match.group(1) or match.group(2) or match.group(3) or ""
-        return f"{prefix}<redacted>"
-
-    return _SECRET_PATTERNS.sub(keep_prefix, text)
+    # The search alone is the common case (nothing to hide) and costs half the sub.
+    if _SECRET_PATTERNS.search(text) is None:
+        return text
+    return _SECRET_PATTERNS.sub(_keep_prefix, text)
 
 
 def _scrub(value: Any) -> Any:
+    kind = type(value)
+    if kind is int or kind is float or kind is bool or value is None:
+        return value  # the bulk of a session's end line
     if isinstance(value, Secret):  # orjson would write a str subclass's value
         return str(value)
     if isinstance(value, str):
@@ -96,7 +102,10 @@ class QueueingHandler(logging.Handler):
         super().__init__()
         self.stream = stream or sys.stderr
         self.dropped = 0
-        self._queue: queue.Queue[str | None] = queue.Queue(max_lines)
+        self.max_lines = max_lines
+        # SimpleQueue is C and lock-light (queue.Queue's put costs more than the
+        # line's formatting); the bound is kept by checking its size first.
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._write_lines, name="relay-log", daemon=True)
         self._thread.start()
 
@@ -106,10 +115,10 @@ class QueueingHandler(logging.Handler):
         except Exception:  # a broken record must not break the caller
             self.dropped += 1
             return
-        try:
-            self._queue.put_nowait(line)
-        except queue.Full:
+        if self._queue.qsize() >= self.max_lines:
             self.dropped += 1
+            return
+        self._queue.put(line)
 
     def _write_lines(self) -> None:
         while True:
@@ -124,10 +133,7 @@ class QueueingHandler(logging.Handler):
 
     def flush_and_stop(self, timeout_s: float = 2.0) -> None:
         deadline = time.monotonic() + timeout_s
-        try:
-            self._queue.put(None, timeout=timeout_s)
-        except queue.Full:
-            return
+        self._queue.put(None)  # the stop mark may exceed the bound by one
         self._thread.join(max(0.0, deadline - time.monotonic()))
 
 

@@ -90,6 +90,12 @@ class RelayMetrics:
             ["direction"],
             registry=r,
         )
+        # The per-session end touches these every time: children resolved once
+        # (``labels()`` costs three times the ``inc()``).
+        self.messages_up = self.messages.labels(direction="up")
+        self.messages_down = self.messages.labels(direction="down")
+        self.bytes_up = self.bytes.labels(direction="up")
+        self.bytes_down = self.bytes.labels(direction="down")
         self.errors = Counter(
             "relay_errors",
             "Refused handshakes and failed sessions, by kind.",

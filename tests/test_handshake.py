@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -168,3 +170,109 @@ def test_random_heads_never_raise_anything_but_handshake_error(data: bytes) -> N
         handshake.websocket_request_problem(head)
         handshake.client_credential(head)
         handshake.has_beta_marker(head)
+
+
+# ---------------------------------------------------------------- the fast head parser
+
+
+_HEAD_PIECES = st.sampled_from(
+    [
+        b"GET",
+        b"POST",
+        b" ",
+        b"  ",
+        b"\t",
+        b"/v1/realtime?model=x",
+        b"/",
+        b"*",
+        b"http://a/",
+        b"HTTP/1.1",
+        b"HTTP/1.0",
+        b"HTTP/2.0",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b"Host: a",
+        b"host:a",
+        b"Host:",
+        b"Upgrade: websocket",
+        b"Content-Length: 5",
+        b"Content-Length: x",
+        b"Transfer-Encoding: chunked",
+        b"X-A: b c",
+        b"X-A:  b  ",
+        b" folded",
+        b"Bad Name: v",
+        b":",
+        b"\x00",
+        b"\x7f",
+        b"\x80\xff",
+        b"\x01",
+        b"101",
+        b"Switching Protocols",
+    ]
+)
+
+
+def _slow_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handshake, "_fast_head", lambda raw, first_line: None)
+
+
+def _outcome(parse: Any, raw: bytes) -> object:
+    try:
+        head = parse(raw)
+    except handshake.HandshakeError as exc:
+        return ("refused", exc.status)
+    if head is None:
+        return None
+    if isinstance(head, handshake.RequestHead):
+        return (head.method, head.target, head.headers, head.http_version, head.trailing)
+    return (head.status, head.headers, head.trailing)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(_HEAD_PIECES, max_size=14),
+    st.sampled_from([handshake.parse_request_head, handshake.parse_response_head]),
+)
+def test_the_fast_head_parser_reads_every_head_exactly_as_h11_does(
+    pieces: list[bytes], parse: Any
+) -> None:
+    """Differential: any head, fast path on or off, the same head or the same refusal."""
+    if parse is handshake.parse_response_head and pieces[:1] != [b"HTTP/1.1"]:
+        pieces = [b"HTTP/1.1", b" ", b"101", *pieces]
+    raw = b"".join(pieces) + b"\r\n\r\n"
+    fast = _outcome(parse, raw)
+    with pytest.MonkeyPatch.context() as patch:
+        _slow_only(patch)
+        slow = _outcome(parse, raw)
+    assert fast == slow
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /v1/realtime HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",
+        b"GET /v1/realtime HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nX-Pad: \t v w \t\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
+        b"HTTP/1.1 101\r\nUpgrade: websocket\r\n\r\n",
+    ],
+)
+def test_common_heads_take_the_fast_path(raw: bytes) -> None:
+    assert handshake._fast_head(raw, handshake._FAST_REQUEST_LINE) is not None or (
+        handshake._fast_head(raw, handshake._FAST_STATUS_LINE) is not None
+    )
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # h11 refuses two Hosts
+        b"GET / HTTP/1.1\r\n\r\n",  # and none
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n",  # framing: h11's call
+        b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n",  # a control byte h11 allows
+        b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
+    ],
+)
+def test_unusual_heads_go_to_h11(raw: bytes) -> None:
+    assert handshake._fast_head(raw, handshake._FAST_REQUEST_LINE) is None

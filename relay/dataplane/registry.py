@@ -228,10 +228,10 @@ class SessionRegistry:
         client_code = str(client_close.code) if client_close and client_close.send_close else "none"
         metrics = self.metrics
         metrics.sessions_ended.labels(close_code=client_code, ended_by=ended_by).inc()
-        metrics.messages.labels(direction="up").inc(stats.messages_up)
-        metrics.messages.labels(direction="down").inc(stats.messages_down)
-        metrics.bytes.labels(direction="up").inc(session.client.bytes_received)
-        metrics.bytes.labels(direction="down").inc(session.upstream.bytes_received)
+        metrics.messages_up.inc(stats.messages_up)
+        metrics.messages_down.inc(stats.messages_down)
+        metrics.bytes_up.inc(session.client.bytes_received)
+        metrics.bytes_down.inc(session.upstream.bytes_received)
         usage = stats.tap.usage
         model = stats.tap.upstream_model or "unknown"
         counts = (

@@ -16,7 +16,7 @@ No I/O and no trio here.
 
 from __future__ import annotations
 
-import secrets
+import os
 import string
 from collections.abc import Callable
 from typing import Final
@@ -27,6 +27,14 @@ import orjson
 #: OpenAI ids use 21 characters from [A-Za-z0-9] after the prefix.
 ID_BODY_CHARS: Final = 21
 _ID_ALPHABET: Final = string.ascii_letters + string.digits
+#: Random bytes drawn beyond the id's length, to cover the ones rejection drops.
+ID_SPARE_BYTES: Final = 8
+#: Bytes 0-247 map onto the alphabet four times over; 248-255 are dropped (uniformity).
+_ID_ACCEPTED_BYTES: Final = 256 - 256 % len(_ID_ALPHABET)
+_ID_BYTE_TO_CHAR: Final = bytes(
+    ord(_ID_ALPHABET[byte % len(_ID_ALPHABET)]) for byte in range(_ID_ACCEPTED_BYTES)
+) + bytes(256 - _ID_ACCEPTED_BYTES)
+_ID_REJECTED: Final = bytes(range(_ID_ACCEPTED_BYTES, 256))
 #: Client ``event_id`` limit from the spec.
 MAX_CLIENT_EVENT_ID_CHARS: Final = 512
 
@@ -100,8 +108,17 @@ IdFactory = Callable[[str], str]
 
 
 def new_id(prefix: str) -> str:
-    """An OpenAI-style identifier such as ``event_C9G5RJeJ2gF77mV7f2B1j``."""
-    return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(ID_BODY_CHARS))
+    """An OpenAI-style identifier such as ``event_C9G5RJeJ2gF77mV7f2B1j``.
+
+    Each character comes from one byte of ``os.urandom``, mapped onto the 62
+    letters and digits by rejection (bytes 248-255 are drawn again), so every
+    character is uniform, at one system call per id instead of one
+    ``secrets.choice`` per character (40 us an id).
+    """
+    body = os.urandom(ID_BODY_CHARS + ID_SPARE_BYTES).translate(_ID_BYTE_TO_CHAR, _ID_REJECTED)
+    while len(body) < ID_BODY_CHARS:  # more than 8 of 29 bytes rejected: rare
+        body += os.urandom(ID_BODY_CHARS).translate(_ID_BYTE_TO_CHAR, _ID_REJECTED)
+    return prefix + body[:ID_BODY_CHARS].decode("ascii")
 
 
 def new_event_id() -> str:
