@@ -31,6 +31,8 @@ from relay.credentials.secret import Secret
 
 #: Log lines waiting for the writer thread before new ones are dropped.
 LOG_QUEUE_MAX_LINES: Final = 10_000
+#: Queued lines the writer thread joins into one write.
+WRITE_BATCH_MAX_LINES: Final = 256
 _SECRET_PATTERNS: Final = re.compile(
     r"(?i)(bearer\s+)\S+"
     # Masked keys as providers quote them ("sk-proj-****abcd") count as keys too.
@@ -121,15 +123,22 @@ class QueueingHandler(logging.Handler):
         self._queue.put(line)
 
     def _write_lines(self) -> None:
+        queued = self._queue
         while True:
-            line = self._queue.get()
-            if line is None:
-                return
+            lines = [queued.get()]
+            # Whatever queued up meanwhile goes out in the same write.
+            while len(lines) < WRITE_BATCH_MAX_LINES and not queued.empty():
+                lines.append(queued.get_nowait())
+            stop = None in lines
+            text = "".join(line + "\n" for line in lines if line is not None)
             try:
-                self.stream.write(line + "\n")
-                self.stream.flush()
+                if text:
+                    self.stream.write(text)
+                    self.stream.flush()
             except (OSError, ValueError):
                 pass
+            if stop:
+                return
 
     def flush_and_stop(self, timeout_s: float = 2.0) -> None:
         deadline = time.monotonic() + timeout_s

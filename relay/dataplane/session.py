@@ -188,8 +188,9 @@ class RelaySession:
                         nursery.start_soon(self._pump, self._pump_up, Side.CLIENT)
                     else:
                         nursery.start_soon(self._pump, self._pump_up_locked, Side.CLIENT)
-                    nursery.start_soon(self._pump, self._pump_down, Side.UPSTREAM)
                     nursery.start_soon(self._watchdog)
+                    # The down pump runs in this task: one task fewer to spawn per session.
+                    await self._pump(self._pump_down, Side.UPSTREAM)
         except Exception:
             LOGGER.exception("session %s failed", self.session_id)
             if self.stats.ending is None:
@@ -578,10 +579,21 @@ class RelaySession:
         plan = plan_close(ending)
         self.close_plan = plan
         timeout_s = self.limits.close_timeout_s
+        client, upstream = self.client, self.upstream
         with trio.CancelScope(shield=True):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_close_leg, self.client, plan.client, timeout_s)
-                nursery.start_soon(_close_leg, self.upstream, plan.upstream, timeout_s)
+            if _has_close_work(upstream, plan.upstream) and _has_close_work(client, plan.client):
+                # Both legs may wait on their peer: side by side, each within the timeout.
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_close_leg, upstream, plan.upstream, timeout_s)
+                    await _close_leg(client, plan.client, timeout_s)
+            else:  # at most one leg awaits anything
+                await _close_leg(client, plan.client, timeout_s)
+                await _close_leg(upstream, plan.upstream, timeout_s)
+
+
+def _has_close_work(leg: WebSocket, plan: LegClose) -> bool:
+    """Whether closing ``leg`` by ``plan`` writes (and so may wait), or just drops it."""
+    return plan.send_close and not leg.transport.closed
 
 
 async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
@@ -590,7 +602,7 @@ async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
     A leg whose socket cannot take the error event and the close frame in time (a
     client that never reads, a write cut off mid-frame) is just dropped.
     """
-    if not plan.send_close or leg.transport.closed:
+    if not _has_close_work(leg, plan):
         leg.transport.close()
         return
     deadline = trio.current_time() + timeout_s
