@@ -155,6 +155,8 @@ class RelaySession:
         self.credential_id = ""
         self.stats = SessionStats()
         self._cancel_scope = trio.CancelScope()
+        #: The session's nursery while it runs (the watchdog starts pings in it).
+        self._nursery: trio.Nursery | None = None
         #: Set once both legs are closed and :meth:`run` is about to return.
         self.ended = trio.Event()
         #: How both legs were closed (set once the session has ended).
@@ -184,6 +186,7 @@ class RelaySession:
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     if self.lock is None:
                         nursery.start_soon(self._pump, self._pump_up, Side.CLIENT)
                     else:
@@ -541,25 +544,27 @@ class RelaySession:
         legs = ((Side.CLIENT, self.client), (Side.UPSTREAM, self.upstream))
         stats = self.stats
         pinging: set[Side] = set()
-        async with trio.open_nursery() as pings:
-            while True:
-                await trio.sleep_until(clock.next_check_at())
-                now = trio.current_time()
-                clock.saw_messages(stats.messages_up, stats.messages_down, now)
-                for side, leg in legs:
-                    clock.saw_pong(side, leg.last_pong_at)
-                verdict = clock.poll(now)
-                if verdict.ending is not None:
-                    self._finish(verdict.ending)
-                    return
-                for side, leg in legs:
-                    if side in verdict.pings_due:
-                        if side in pinging:
-                            clock.ping_sent(side, now)  # the last one is still stuck
-                        else:
-                            clock.ping_sent(side, now, written=False)
-                            pinging.add(side)
-                            pings.start_soon(self._ping, clock, side, leg, pinging)
+        nursery = self._nursery
+        assert nursery is not None
+        while True:
+            await trio.sleep_until(clock.next_check_at())
+            now = trio.current_time()
+            clock.saw_messages(stats.messages_up, stats.messages_down, now)
+            for side, leg in legs:
+                clock.saw_pong(side, leg.last_pong_at)
+            verdict = clock.poll(now)
+            if verdict.ending is not None:
+                self._finish(verdict.ending)
+                return
+            for side, leg in legs:
+                if side in verdict.pings_due:
+                    if side in pinging:
+                        clock.ping_sent(side, now)  # the last one is still stuck
+                    else:
+                        clock.ping_sent(side, now, written=False)
+                        pinging.add(side)
+                        # In the session's nursery: no nursery of its own per session.
+                        nursery.start_soon(self._ping, clock, side, leg, pinging)
 
     async def _ping(
         self, clock: SessionClock, side: Side, leg: WebSocket, pinging: set[Side]

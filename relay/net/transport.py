@@ -25,8 +25,10 @@ is the one over a socket, and tests put in-memory streams in its place.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import socket
 import ssl
+import time
 from typing import Any, Final, Protocol
 
 import trio
@@ -243,7 +245,7 @@ async def open_transport(
 
     The caller bounds the time with a Trio cancel scope.
     """
-    infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await resolve(host, port)
     last_error: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
     for family, type_, proto, _, address in infos:
         sock = socket.socket(family, type_, proto)
@@ -261,6 +263,36 @@ async def open_transport(
             return Transport(sock, peer=(str(address[0]), int(address[1])))
         return await _tls_client(sock, ssl_context, server_hostname or host, address)
     raise last_error
+
+
+_AddressInfo = tuple[int, int, int, str, tuple[Any, ...]]
+#: Resolved upstream names, reused for this long: every session dials the same few
+#: hosts, and a lookup is a worker-thread round trip (an IP literal needs none).
+RESOLVED_ADDRESS_TTL_S: Final = 30.0
+_resolved: dict[tuple[str, int], tuple[float, list[_AddressInfo]]] = {}
+
+
+async def resolve(host: str, port: int) -> list[_AddressInfo]:
+    """``getaddrinfo`` for a stream socket: IP literals at once, names cached for a while."""
+    try:
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+        return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
+    now = time.monotonic()
+    cached = _resolved.get((host, port))
+    if cached is not None and now - cached[0] < RESOLVED_ADDRESS_TTL_S:
+        return cached[1]
+    infos: list[_AddressInfo] = [
+        (int(family), int(kind), proto, name, tuple(address))
+        for family, kind, proto, name, address in await trio.socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM
+        )
+    ]
+    _resolved[(host, port)] = (now, infos)
+    return infos
 
 
 async def _connect(sock: socket.socket, address: tuple[object, ...]) -> None:
