@@ -1,0 +1,221 @@
+"""The shared receive buffer end to end: two sessions at once on real sockets.
+
+Every connection of a thread reads into one buffer (``relay.net.websocket``), and a
+run is forwarded as a view of it. That is safe only if a write that must wait copies
+what is left before it waits (``Transport.send_all``, ``WebSocket.send_raw``): the
+other session's next read overwrites the buffer meanwhile. Here one session's far
+end stops reading, so the relay's write to it blocks in the kernel part-way through
+a run, while a second session moves data through the same buffer; then the stalled
+end drains and must have received exactly what was sent to it.
+
+Two :class:`RelaySession` objects on ``socket.socketpair()`` legs wrapped in
+:class:`Transport` (the relay's own socket I/O); the far ends are WebSockets too.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Final
+
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from relay.dataplane.policy import Ending, EndKind
+from relay.dataplane.session import RelaySession
+from relay.net.transport import Transport, TransportClosed, tune_stream_socket
+from relay.net.websocket import ConnectionClosed, WebSocket
+from relay.protocol import frames
+from relay.protocol.frames import OP_TEXT
+from tests.doubles import MAX_MESSAGE_BYTES, limits
+
+#: Kernel send buffer of a stalled leg's relay socket (Linux doubles it): small, so the
+#: relay's write blocks part-way through a run quickly.
+STALLED_SNDBUF_BYTES: Final = 16 * 1024
+#: Message sizes around the length encodings, one split across reads, one cut through.
+SIZES: Final = (7, 125, 126, 1000, 3000, 20_000, 60_000, 70_000)
+#: Small messages the stalled session's sender writes first, in one write: the relay
+#: reads them as one run (a view of the shared buffer) whose write then blocks part-way.
+FIRST_RUN: Final = [
+    b'{"type":"input_audio_buffer.append","audio":"%05d' % i + b"Q" * 900 + b'"}' for i in range(60)
+]
+
+
+def _pair(sndbuf: int | None = None) -> tuple[Transport, Transport]:
+    """(relay end, far end) of one leg; ``sndbuf`` bounds what the relay end may queue."""
+    relay_sock, far_sock = socket.socketpair()
+    if sndbuf is not None:
+        relay_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    tune_stream_socket(relay_sock)
+    tune_stream_socket(far_sock)
+    return Transport(relay_sock), Transport(far_sock)
+
+
+def _messages(tag: bytes, count: int) -> list[bytes]:
+    """``count`` distinct text payloads: the tag and index, then filler of each size."""
+    out = []
+    for index in range(count):
+        size = SIZES[index % len(SIZES)]
+        head = b'{"type":"input_audio_buffer.append","n":"' + tag + b"%06d" % index + b'","a":"'
+        body = (tag + b"%06d" % index) * (size // 7 + 1)
+        out.append(head + body[:size] + b'"}')
+    return out
+
+
+@dataclass
+class FarEnd:
+    """One far end of a session: what it received, and when it had all it expects."""
+
+    ws: WebSocket
+    expect: int
+    received: list[bytes] = field(default_factory=list)
+    got_all: trio.Event = field(default_factory=trio.Event)
+    sent_all: trio.Event = field(default_factory=trio.Event)
+
+    async def read(self) -> None:
+        """Take messages until the relay closes (answering its close and pings)."""
+        try:
+            while True:
+                _, payload = await self.ws.receive_message()
+                self.received.append(payload)
+                if len(self.received) == self.expect:
+                    self.got_all.set()
+        except (ConnectionClosed, TransportClosed):
+            pass
+        finally:
+            self.ws.transport.close()
+
+    async def send(self, messages: list[bytes], *, batch: int = 0) -> None:
+        """The first ``batch`` messages in one write (one read, one run at the relay), then
+        the rest one write each."""
+        mask = self.ws.client_side
+        first = b"".join(
+            frames.encode_frame(OP_TEXT, m, mask_key=frames.fresh_mask_key() if mask else None)
+            for m in messages[:batch]
+        )
+        if first:
+            await self.ws.send_raw(first)
+        for message in messages[batch:]:
+            await self.ws.send_text(message)
+        self.sent_all.set()
+
+
+@dataclass
+class SocketSession:
+    session: RelaySession
+    client: FarEnd
+    upstream: FarEnd
+
+
+def socket_session(
+    name: str,
+    *,
+    up: int,
+    down: int,
+    stall_client: bool = False,
+    stall_upstream: bool = False,
+    remask: bool = False,
+) -> SocketSession:
+    relay_client, client_end = _pair(STALLED_SNDBUF_BYTES if stall_client else None)
+    relay_upstream, upstream_end = _pair(STALLED_SNDBUF_BYTES if stall_upstream else None)
+    session = RelaySession(
+        WebSocket(relay_client, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES),
+        WebSocket(relay_upstream, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES),
+        limits(),
+        remask_upstream=remask,
+        session_id=name,
+    )
+    client = FarEnd(
+        WebSocket(client_end, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES), expect=down
+    )
+    upstream = FarEnd(
+        WebSocket(upstream_end, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES), expect=up
+    )
+    return SocketSession(session, client, upstream)
+
+
+def relayed(far: FarEnd) -> list[bytes]:
+    """What ``far`` received before the relay's shutdown notice (clients get one)."""
+    received = far.received
+    if received and orjson.loads(received[-1]).get("type") == "error":
+        assert orjson.loads(received[-1])["error"]["code"] == "server_shutdown"
+        return received[:-1]
+    return received
+
+
+@pytest.mark.parametrize("remask", [False, True], ids=["wss_verbatim", "ws_remasked"])
+async def test_an_upstream_that_stops_reading_gets_what_its_client_sent_as_another_session_streams(
+    remask: bool,
+) -> None:
+    """Stalled: session A's upstream (never reads until the end). Busy: session B, both
+    ways, through the same receive buffer while A's relay write is blocked."""
+    a_up = FIRST_RUN + _messages(b"A", 400)  # ~8 MB: far more than the stalled socket queues
+    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
+    a = socket_session("A", up=len(a_up), down=0, stall_upstream=True, remask=remask)
+    b = socket_session("B", up=len(b_up), down=len(b_down), remask=remask)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for s in (a, b):
+                nursery.start_soon(s.session.run)
+            nursery.start_soon(a.client.read)
+            nursery.start_soon(partial(a.client.send, a_up, batch=len(FIRST_RUN)))
+            await trio.testing.wait_all_tasks_blocked()
+            # The relay's write to A's upstream is stuck, and so is A's client behind it.
+            assert not a.client.sent_all.is_set()
+            assert a.session.stats.messages_up < len(a_up)
+
+            nursery.start_soon(b.upstream.read)
+            nursery.start_soon(b.client.read)
+            nursery.start_soon(b.client.send, b_up)
+            nursery.start_soon(b.upstream.send, b_down)
+            await b.upstream.got_all.wait()
+            await b.client.got_all.wait()
+            assert not a.client.sent_all.is_set()  # A stayed stalled all along
+
+            nursery.start_soon(a.upstream.read)  # the stalled upstream drains
+            await a.upstream.got_all.wait()
+            await a.client.sent_all.wait()
+            for s in (a, b):
+                s.session.end(Ending(EndKind.SHUTDOWN))
+    assert relayed(a.upstream) == a_up
+    assert relayed(b.upstream) == b_up
+    assert relayed(b.client) == b_down
+    assert a.session.stats.messages_up == len(a_up)
+
+
+async def test_a_client_that_stops_reading_gets_what_its_upstream_sent_as_another_streams() -> None:
+    """Stalled: session A's client (the relay's down write blocks). Busy: session B."""
+    a_down = FIRST_RUN + _messages(b"A", 400)
+    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
+    a = socket_session("A", up=0, down=len(a_down), stall_client=True)
+    b = socket_session("B", up=len(b_up), down=len(b_down))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for s in (a, b):
+                nursery.start_soon(s.session.run)
+            nursery.start_soon(a.upstream.read)
+            nursery.start_soon(partial(a.upstream.send, a_down, batch=len(FIRST_RUN)))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not a.upstream.sent_all.is_set()
+            assert a.session.stats.messages_down < len(a_down)
+
+            nursery.start_soon(b.upstream.read)
+            nursery.start_soon(b.client.read)
+            nursery.start_soon(b.client.send, b_up)
+            nursery.start_soon(b.upstream.send, b_down)
+            await b.upstream.got_all.wait()
+            await b.client.got_all.wait()
+            assert not a.upstream.sent_all.is_set()
+
+            nursery.start_soon(a.client.read)  # the stalled client drains
+            await a.client.got_all.wait()
+            await a.upstream.sent_all.wait()
+            for s in (a, b):
+                s.session.end(Ending(EndKind.SHUTDOWN))
+    assert relayed(a.client) == a_down
+    assert relayed(b.upstream) == b_up
+    assert relayed(b.client) == b_down
+    assert a.session.stats.messages_down == len(a_down)
