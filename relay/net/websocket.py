@@ -249,8 +249,8 @@ class WebSocket:
         ``reader.run_frames`` and ``reader.run_messages`` count it, ``on_text`` sees
         each complete unmasked text message in it
         (:meth:`~relay.protocol.frames.FrameReader.take_run`). Whatever is not in
-        the run (a control frame, a large or incomplete frame, or everything when
-        the reader already held bytes) goes to the reader, for
+        the run (a control frame, a large or incomplete frame) goes to the reader,
+        for
         :meth:`next_frame_event`'s caller to take as events. Raises
         :class:`ConnectionClosed` (1006) when the stream ends.
         """
@@ -267,9 +267,15 @@ class WebSocket:
         data = view[:received]
         reader = self.reader
         if not reader.idle:
-            reader.feed(data)
-            reader.run_frames = reader.run_messages = 0
-            return data[:0]
+            pending = reader.take_pending()
+            if pending is None:  # a cut-through frame is streaming: its chunks are events
+                reader.feed(data)
+                reader.run_frames = reader.run_messages = 0
+                return data[:0]
+            # One copy joins the partial frame to the bytes it waited for, and the run
+            # starts there (the run is then a private buffer, not the shared one).
+            data = memoryview(pending + data)
+            received = len(data)
         taken = reader.take_run(data, on_text)
         if taken < received:
             reader.feed(data[taken:])

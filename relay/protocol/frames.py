@@ -184,7 +184,11 @@ _MASK_KEYS: Final = _MaskKeyPool()
 
 
 def fresh_mask_key() -> bytes:
-    """A masking key never handed out before (4 bytes from ``os.urandom``)."""
+    """A fresh masking key: 4 bytes of ``os.urandom`` that no earlier call was given.
+
+    Fresh means a new draw of entropy, not a value unlike every earlier one: random
+    32-bit keys repeat by chance (about 1 in 1,000 over 3,000 keys), as RFC 6455 allows.
+    """
     pool = _MASK_KEYS
     position = pool.position
     if position >= len(pool.block):
@@ -330,6 +334,23 @@ class FrameReader:
     def idle(self) -> bool:
         """Nothing buffered and no cut-through frame in progress: :meth:`take_run` may run."""
         return self._pos == len(self._buffer) and not self._streaming_left
+
+    def take_pending(self) -> bytes | None:
+        """Hand back the partial frame the reader holds, so a run can start with it.
+
+        Under a backlog most reads end inside a frame, and the next read would then
+        never start on a frame boundary: joined to the bytes it was waiting for, the
+        partial frame starts a run like any other. Only when :meth:`next_event` has
+        nothing complete to give (the caller drained it) and no cut-through frame is
+        streaming; ``None`` otherwise. The reader is then idle: nothing of the
+        partial frame was consumed, so no message state changes.
+        """
+        if self._streaming_left:
+            return None
+        pending = bytes(self._buffer[self._pos :])
+        self._buffer.clear()
+        self._pos = 0
+        return pending
 
     def take_run(
         self,
