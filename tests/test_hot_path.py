@@ -15,7 +15,7 @@ import socket
 import threading
 import tracemalloc
 from collections.abc import Callable, Iterator
-from typing import Final, cast
+from typing import TYPE_CHECKING, Final, cast
 
 import pytest
 import trio
@@ -42,6 +42,9 @@ from relay.protocol.frames import (
     FrameStart,
 )
 from tests.doubles import MAX_MESSAGE_BYTES, limits, memory_pair, relayed_session
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 BIG: Final = 1 << 30
 KEY: Final = b"\x11\x22\x33\x44"
@@ -1039,3 +1042,46 @@ async def test_a_backlog_of_reads_ending_mid_frame_still_forwards_in_runs() -> N
     assert bytes(forwarded) == wire
     assert in_runs + one_by_one == len(payloads)
     assert one_by_one == 0
+
+
+class _CountingSocket(socket.socket):
+    """A real socket that counts its reads (EAGAIN tries included)."""
+
+    reads = 0
+
+    def recv_into(self, buffer: Buffer, nbytes: int = 0, flags: int = 0) -> int:
+        self.reads += 1
+        return super().recv_into(buffer, nbytes, flags)
+
+
+async def test_after_a_short_read_the_next_read_waits_for_readiness_without_a_failing_try() -> None:
+    """A read that returned less than asked drained the kernel at that instant: the next
+    one waits for readiness instead of a try that fails with EAGAIN (a system call and
+    an exception per message on the relay's hot path)."""
+    near, far = socket.socketpair()
+    counted = _CountingSocket(fileno=near.detach())
+    tune_stream_socket(counted)
+    transport = Transport(counted)
+    buffer = bytearray(1024)
+    far.send(b"0123456789")
+    assert await transport.recv_into(buffer) == 10
+    assert counted.reads == 1
+    got: list[int] = []
+
+    async def read_again() -> None:
+        got.append(await transport.recv_into(buffer))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_again)
+        await trio.testing.wait_all_tasks_blocked()
+        assert counted.reads == 1  # parked on readiness, no failing try
+        far.send(b"abc")
+    assert got == [3]
+    assert counted.reads == 2
+    # A read that filled the buffer may have left more: the next one tries at once.
+    far.send(b"x" * 2048)
+    assert await transport.recv_into(buffer) == 1024
+    assert await transport.recv_into(buffer) == 1024
+    assert counted.reads == 4
+    transport.close()
+    far.close()

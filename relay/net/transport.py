@@ -107,13 +107,19 @@ class Transport:
     ``relay.net.websocket``). One reader task and one writer task at a time is fine.
     """
 
-    __slots__ = ("_closed", "_ops_without_yield", "answered", "peer", "sock")
+    __slots__ = ("_closed", "_drained", "_ops_without_yield", "_plain", "answered", "peer", "sock")
 
     def __init__(self, sock: socket.socket, *, peer: tuple[str, int] | None = None) -> None:
         self.sock = sock
         self.peer = peer
         self._ops_without_yield = 0
         self._closed = False
+        self._plain = not isinstance(sock, ssl.SSLSocket)
+        #: A plain socket's last read returned less than asked: the kernel had no
+        #: more at that instant, so the next read waits for readiness first instead
+        #: of a try that would fail (a system call and an exception per message).
+        #: Not for TLS, where OpenSSL may hold decrypted bytes epoll cannot see.
+        self._drained = False
         #: Set by whoever starts answering a request on this connection (an HTTP
         #: answer, a 101, a hand-off to hypercorn): a failure after that point must
         #: not write a second answer. Not touched on the per-frame path.
@@ -137,20 +143,30 @@ class Transport:
         buffer other tasks share, as long as it is done with the bytes (or has
         copied them) before its next await.
         """
-        await self._maybe_yield()
         sock = self.sock
+        if self._drained:
+            self._drained = False
+            self._ops_without_yield = 0
+            await self._wait(readable=True)  # a scheduler pass: the yield too
+        else:
+            await self._maybe_yield()
         while True:
             try:
-                return sock.recv_into(buffer, nbytes)
+                received = sock.recv_into(buffer, nbytes)
             except (BlockingIOError, ssl.SSLWantReadError):
                 self._ops_without_yield = 0
                 await self._wait(readable=True)
+                continue
             except ssl.SSLWantWriteError:
                 await self._wait(readable=False)
+                continue
             except ssl.SSLZeroReturnError:
                 return 0
             except (OSError, ValueError) as exc:
                 raise TransportClosed(_describe(exc)) from None
+            if self._plain and 0 < received < (nbytes or len(buffer)):
+                self._drained = True
+            return received
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         """Write every byte, waiting for the socket to drain when the kernel is full.
