@@ -1085,3 +1085,31 @@ async def test_after_a_short_read_the_next_read_waits_for_readiness_without_a_fa
     assert counted.reads == 4
     transport.close()
     far.close()
+
+
+def test_take_run_stops_before_the_first_frame_accept_refuses_and_leaves_it_unread() -> None:
+    """The locked pump's gate: it sees each frame unmasked; the run ends before the
+    first refusal, which next_event then gives whole, with the message state intact."""
+    ok, bad = b'{"a":1}', b'{"b":2}'
+    wire = frame(OP_TEXT, ok) + frame(OP_TEXT, ok) + frame(OP_TEXT, bad) + frame(OP_TEXT, ok)
+    seen: list[tuple[int, bool, bytes]] = []
+
+    def accept(opcode: int, fin: bool, payload: bytes) -> bool:
+        seen.append((opcode, fin, payload))
+        return payload == ok
+
+    r = reader()
+    data = memoryview(wire)
+    taken = r.take_run(data, accept=accept)
+    assert taken == 2 * len(frame(OP_TEXT, ok))
+    assert (r.run_frames, r.run_messages) == (2, 2)
+    assert seen == [(OP_TEXT, True, ok), (OP_TEXT, True, ok), (OP_TEXT, True, bad)]
+    r.feed(data[taken:])
+    refused = r.next_event()
+    assert isinstance(refused, Frame)
+    assert refused.payload() == bad
+    assert r.take_run(memoryview(b""), accept=accept) == 0
+    last = r.next_event()
+    assert isinstance(last, Frame)
+    assert last.payload() == ok
+    assert r.idle

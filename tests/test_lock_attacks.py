@@ -293,3 +293,34 @@ async def test_genuine_appends_stream_through_unchanged(locked: Locked) -> None:
     errors = await errors_then_sentinel(client, leg)
     assert errors == []
     assert leg.messages[1:] == [small, small, big, big, SENTINEL]
+
+
+APPEND = b'{"type":"input_audio_buffer.append","audio":"QUFB"}'
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [
+        # One TCP write the relay reads as one run: appends pass as they came, the
+        # attacks between them stop the run and take the lock's path, order kept.
+        [APPEND, DUP_TYPE, APPEND],
+        [APPEND, APPEND, b'{"type":"session.update",' + EVIL_SESSION + b"}", APPEND],
+        [DUP_TYPE, APPEND, DUP_TYPE],
+    ],
+    ids=["dup-type between appends", "session.update after two appends", "appends between"],
+)
+async def test_attacks_in_one_read_with_appends_are_caught_and_order_kept(
+    locked: Locked, batch: list[bytes]
+) -> None:
+    client, leg = await locked.connect()
+    await client.send(b"".join(text(event) for event in batch))
+    errors = await errors_then_sentinel(client, leg)
+    attacks = [event for event in batch if event != APPEND]
+    assert [e["code"] for e in errors] == ["locked_field"] * len(attacks)
+    got = forwarded(leg)
+    assert [e["type"] for e in got] == [
+        "input_audio_buffer.append" if event == APPEND else "session.update" for event in batch
+    ]
+    # The appends went up as they came, byte for byte.
+    assert [m for m in leg.messages[1:-1] if m == APPEND] == [APPEND] * batch.count(APPEND)
+    assert_nothing_evil(leg)

@@ -241,14 +241,18 @@ class WebSocket:
         self.reader.feed(self._read_view[:received])
         return True
 
-    async def receive_run(self, on_text: Callable[[memoryview], None] | None = None) -> memoryview:
+    async def receive_run(
+        self,
+        on_text: Callable[[memoryview], None] | None = None,
+        accept: Callable[[int, bool, bytes], bool] | None = None,
+    ) -> memoryview:
         """Read once; return the whole small data frames at the front of what came.
 
         The run is a view of the shared receive buffer, valid until the caller's
         next await: forward it at once (``send_raw`` copies it if it must wait).
         ``reader.run_frames`` and ``reader.run_messages`` count it, ``on_text`` sees
-        each complete unmasked text message in it
-        (:meth:`~relay.protocol.frames.FrameReader.take_run`). Whatever is not in
+        each complete unmasked text message in it, and ``accept`` may keep frames
+        out of it (:meth:`~relay.protocol.frames.FrameReader.take_run`). Whatever is not in
         the run (a control frame, a large or incomplete frame) goes to the reader,
         for
         :meth:`next_frame_event`'s caller to take as events. Raises
@@ -276,7 +280,7 @@ class WebSocket:
             # starts there (the run is then a private buffer, not the shared one).
             data = memoryview(pending + data)
             received = len(data)
-        taken = reader.take_run(data, on_text)
+        taken = reader.take_run(data, on_text, accept)
         if taken < received:
             reader.feed(data[taken:])
         return data[:taken]

@@ -356,6 +356,7 @@ class FrameReader:
         self,
         data: memoryview,
         on_text: Callable[[memoryview], None] | None = None,
+        accept: Callable[[int, bool, bytes], bool] | None = None,
     ) -> int:
         """Consume the whole small data frames at the front of freshly read ``data``.
 
@@ -372,7 +373,10 @@ class FrameReader:
         raises it when it gets there.
 
         ``on_text`` sees the payload of every unmasked TEXT frame that ends a message
-        (the upstream tap). :attr:`run_frames` and :attr:`run_messages` count the run.
+        (the upstream tap). ``accept``, when given, is asked about each frame (its
+        opcode, fin and unmasked payload) before it joins the run, and the run stops
+        before the first it refuses (the locked pump takes only proven appends).
+        :attr:`run_frames` and :attr:`run_messages` count the run.
         """
         pos = 0
         end = len(data)
@@ -410,6 +414,15 @@ class FrameReader:
                 # (a failed check changes no message state) and raises then.
                 self._dead = False
                 break
+            if accept is not None:
+                payload_at = pos + header_len
+                if masked:
+                    key = bytes(data[payload_at - 4 : payload_at])
+                    payload = xor_mask(data[payload_at : pos + total], key)
+                else:
+                    payload = bytes(data[payload_at : pos + total])
+                if not accept(opcode, fin, payload):
+                    break  # not consumed: next_event gives it, checked again
             if not fin or self._message_opcode is not None:
                 self._advance_message(opcode, fin, message_bytes)
             if fin:
