@@ -57,10 +57,25 @@ def redact(text: str) -> str:
     return _SECRET_PATTERNS.sub(_keep_prefix, text)
 
 
+_PLAIN_TYPES: Final = frozenset({int, float, bool, type(None)})
+
+
 def _scrub(value: Any) -> Any:
     kind = type(value)
-    if kind is int or kind is float or kind is bool or value is None:
-        return value  # the bulk of a session's end line
+    if kind is str:
+        return redact(value)
+    if kind in _PLAIN_TYPES:
+        return value
+    if kind is dict:
+        # Inline for the members, the bulk of a session's end line: no call per number.
+        return {
+            key: item
+            if type(item) in _PLAIN_TYPES
+            else redact(item)
+            if type(item) is str
+            else _scrub(item)
+            for key, item in value.items()
+        }
     if isinstance(value, Secret):  # orjson would write a str subclass's value
         return str(value)
     if isinstance(value, str):
@@ -157,6 +172,10 @@ _installed: QueueingHandler | None = None
 def setup_logging(level: str, log_format: str = "json") -> QueueingHandler:
     """Install the relay's handler on the root logger (once; later calls adjust it)."""
     global _installed
+    # Fields our lines never show: not gathered for every record.
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     if _installed is None:
         _installed = QueueingHandler()

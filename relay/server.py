@@ -27,6 +27,7 @@ refusal becomes this handshake's HTTP answer); only when the upstream said
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import logging
 import socket
@@ -553,9 +554,13 @@ def _needs_remask(config: ServeConfig, upstream: WebSocket) -> bool:
     if not config.remask_plain_upstream or upstream.transport.is_tls:
         return False
     peer = upstream.transport.peer
-    if peer is None:
-        return True
+    return peer is None or not _is_loopback(peer[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _is_loopback(address: str) -> bool:
+    """Per upstream address, once: every session dials the same few."""
     try:
-        return not ipaddress.ip_address(peer[0]).is_loopback
+        return ipaddress.ip_address(address).is_loopback
     except ValueError:
-        return True
+        return False

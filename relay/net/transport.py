@@ -25,6 +25,7 @@ is the one over a socket, and tests put in-memory streams in its place.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import socket
 import ssl
@@ -288,14 +289,20 @@ RESOLVED_ADDRESS_TTL_S: Final = 30.0
 _resolved: dict[tuple[str, int], tuple[float, list[_AddressInfo]]] = {}
 
 
-async def resolve(host: str, port: int) -> list[_AddressInfo]:
-    """``getaddrinfo`` for a stream socket: IP literals at once, names cached for a while."""
+@functools.lru_cache(maxsize=256)
+def ip_literal_family(host: str) -> int | None:
+    """``AF_INET``/``AF_INET6`` when ``host`` is an IP address literal, else None."""
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:
-        pass
-    else:
-        family = socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+        return None
+    return socket.AF_INET6 if literal.version == 6 else socket.AF_INET
+
+
+async def resolve(host: str, port: int) -> list[_AddressInfo]:
+    """``getaddrinfo`` for a stream socket: IP literals at once, names cached for a while."""
+    family = ip_literal_family(host)
+    if family is not None:
         return [(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
     now = time.monotonic()
     cached = _resolved.get((host, port))
