@@ -15,19 +15,23 @@ This module owns what ``bench/suite.py`` and ``bench/relay_throughput.py`` share
   workers), and resetting the peak (``clear_refs``) so each row shows its own;
 - :func:`measure`: one load run (:mod:`relay.loadgen`, in its own processes,
   pinned when asked) with the target's CPU sampled exactly over the measured
-  window and its memory sampled with every session open.
+  window and its memory sampled with every session open;
+- :class:`Spread` and :func:`rotated`: paths interleaved over short repetitions, each
+  figure reported as its median and min-max spread.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,3 +522,39 @@ def measure(
         rss_ready_kib=int(samples.get("rss_ready", rss_before)),
         peak_rss_kib=memory_kib(target.pid, "VmHWM"),
     )
+
+
+# ---------------------------------------------------------------- repetitions
+
+
+def rotated(paths: list[str], by: int) -> list[str]:
+    """The paths in a round's order: rotated by the round number, so none always goes first."""
+    by %= max(1, len(paths))
+    return paths[by:] + paths[:by]
+
+
+@dataclass
+class Spread:
+    """One figure over repeated runs: the median and the min-max spread (NaNs left out)."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Spread:
+        kept = [value for value in values if not math.isnan(value)]
+        if not kept:
+            return cls(math.nan, math.nan, math.nan, 0)
+        return cls(statistics.median(kept), min(kept), max(kept), len(kept))
+
+    def show(self, spec: str = ".1f") -> str:
+        if self.n == 0:
+            return "-"
+        if self.n == 1 or self.low == self.high:
+            return format(self.median, spec)
+        return f"{self.median:{spec}} ({self.low:{spec}}–{self.high:{spec}})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}

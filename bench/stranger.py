@@ -38,7 +38,6 @@ import json
 import math
 import os
 import select
-import statistics
 import subprocess
 import sys
 import time
@@ -51,11 +50,13 @@ from harness import (
     NODE_DIR,
     REPO,
     Rig,
+    Spread,
     Target,
     cpu_seconds,
     memory_kib,
     node_binary,
     rig,
+    rotated,
 )
 from suite import json_safe, machine
 
@@ -77,6 +78,8 @@ SATURATED_PERCENT: Final = 90.0
 #: killed and counted as failed.
 RUN_SLACK_S: Final = 40.0
 GRACE_S: Final = 2.0
+#: CPU used by everything else on the machine over a window, above which a run is flagged.
+NOISY_PERCENT: Final = 10.0
 #: idle: the proxy's RSS is read this long after the last session opened.
 IDLE_SETTLE_S: Final = 0.5
 
@@ -125,6 +128,13 @@ def tiny(args: argparse.Namespace) -> Settings:
 # ---------------------------------------------------------------- one load run
 
 
+def machine_busy_s() -> float:
+    """CPU time every process on the machine has used (``/proc/stat``: all but idle/iowait)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass
 class Run:
     """One Node load run against one path, with the OS figures read around it."""
@@ -138,6 +148,9 @@ class Run:
     target_cpu_s: float = math.nan
     window_s: float = math.nan
     echo_cpu_s: float = math.nan
+    #: Everything else the machine ran over the window (other processes, this script):
+    #: a noisy neighbour shows here, and its runs are flagged.
+    other_cpu_s: float = math.nan
     rss_before_kib: int = 0
     rss_ready_kib: int = 0
     failure: str = ""
@@ -184,6 +197,10 @@ class Run:
         )
 
     @property
+    def other_percent(self) -> float:
+        return 100.0 * self.other_cpu_s / self.window_s if self.window_s > 0 else math.nan
+
+    @property
     def lost(self) -> float:
         return self.figure("lost")
 
@@ -214,6 +231,7 @@ class Run:
             "kib_per_session": self.kib_per_session,
             "load_cpu_percent": self.load_percent,
             "echo_cpu_percent": self.echo_percent,
+            "other_cpu_percent": self.other_percent,
             "saturated": self.saturated,
             "load": self.result,
         }
@@ -292,6 +310,7 @@ def node_load(
                     marks[f"cpu_{phase}"] = cpu_seconds(target.pid)
                     marks[f"echo_{phase}"] = sum(cpu_seconds(pid) for pid in echo_pids)
                     marks[f"at_{phase}"] = time.monotonic()
+                    marks[f"busy_{phase}"] = machine_busy_s()
                 elif kind == "ready":
                     if mode == "idle":
                         time.sleep(IDLE_SETTLE_S)
@@ -313,35 +332,18 @@ def node_load(
         run.target_cpu_s = marks["cpu_end"] - marks["cpu_start"]
         run.echo_cpu_s = marks["echo_end"] - marks["echo_start"]
         run.window_s = marks["at_end"] - marks["at_start"]
+        load_cpu = run.figure("load_cpu_s")
+        run.other_cpu_s = (
+            marks["busy_end"]
+            - marks["busy_start"]
+            - run.target_cpu_s
+            - run.echo_cpu_s
+            - (0.0 if math.isnan(load_cpu) else load_cpu)
+        )
     return run
 
 
 # ---------------------------------------------------------------- summaries
-
-
-@dataclass
-class Spread:
-    median: float
-    low: float
-    high: float
-    n: int
-
-    @classmethod
-    def of(cls, values: Iterable[float]) -> Spread:
-        kept = [value for value in values if not math.isnan(value)]
-        if not kept:
-            return cls(math.nan, math.nan, math.nan, 0)
-        return cls(statistics.median(kept), min(kept), max(kept), len(kept))
-
-    def show(self, spec: str = ".1f") -> str:
-        if self.n == 0:
-            return "-"
-        if self.n == 1 or self.low == self.high:
-            return format(self.median, spec)
-        return f"{self.median:{spec}} ({self.low:{spec}}–{self.high:{spec}})"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}
 
 
 @dataclass
@@ -395,6 +397,7 @@ def summarise(runs: list[Run]) -> list[Summary]:
                 "lost": Spread.of(run.lost for run in path_runs),
                 "load_percent": Spread.of(run.load_percent for run in path_runs),
                 "echo_percent": Spread.of(run.echo_percent for run in path_runs),
+                "other_percent": Spread.of(run.other_percent for run in path_runs),
                 "us_per_session": Spread.of(run.us_per_session for run in path_runs),
                 "sessions_per_s": Spread.of(
                     run.figure("sessions_completed") / run.window_s for run in path_runs
@@ -426,26 +429,21 @@ def summarise(runs: list[Run]) -> list[Summary]:
 # ---------------------------------------------------------------- the plan
 
 
-def rotated(paths: list[str], by: int) -> list[str]:
-    """The paths in a round's order: rotated by the round number, so none always goes first."""
-    by %= max(1, len(paths))
-    return paths[by:] + paths[:by]
-
-
 def run_rounds(running: Rig, settings: Settings, paths: list[str]) -> list[Run]:
     runs: list[Run] = []
     scenarios: list[tuple[str, str, int]] = [
-        # Idle first: an RSS delta is truest before the other scenarios grew the heaps.
+        # Idle once, first, on fresh processes: later runs would reuse memory freed by
+        # earlier ones and report almost nothing per session.
         (f"idle {settings.idle_sessions}", "idle", settings.idle_sessions),
         *((f"stream {n}", "stream", n) for n in settings.stream_sessions),
         (f"churn {settings.churn_loops}", "churn", settings.churn_loops),
     ]
-    total = settings.rounds * (len(scenarios) * len(paths) - ("direct" in paths))
+    total = settings.rounds * (len(scenarios) - 1) * len(paths) + len(paths) - ("direct" in paths)
     done = 0
     for round_number in range(settings.rounds):
         for scenario, mode, sessions in scenarios:
             for path in rotated(paths, round_number):
-                if mode == "idle" and path == "direct":
+                if mode == "idle" and (path == "direct" or round_number > 0):
                     continue
                 done += 1
                 print(
@@ -642,8 +640,8 @@ def idle_table(summaries: list[Summary], scenario: str) -> list[str]:
         )
     lines += [
         "",
-        "Later rounds reuse memory freed by earlier runs, so their deltas can be smaller; "
-        "round 1's figures are in stranger.json.",
+        "Measured once, first, on fresh processes (not per round): a later run would reuse "
+        "memory freed by earlier ones and show almost nothing per session.",
     ]
     return lines
 
@@ -699,6 +697,15 @@ def warnings(summaries: list[Summary], runs: list[Run]) -> list[str]:
         for run in runs
         if run.failure or run.result.get("errors")
     )
+    noisy = [run for run in runs if run.other_percent >= NOISY_PERCENT]
+    if noisy:
+        worst = max(noisy, key=lambda run: run.other_percent)
+        found.append(
+            f"⚠ other processes on the machine used ≥ {NOISY_PERCENT:.0f}% of a core during "
+            f"{len(noisy)} of {len(runs)} runs (worst {worst.other_percent:.0f}%: round "
+            f"{worst.round + 1} {worst.scenario} via {worst.path}); those runs share the "
+            "cores with them, so their figures are noisier (other % in stranger.json)."
+        )
     if any(run.saturated for run in runs if not run.scenario.startswith("churn")):
         found.append(
             "⚠ the load side saturated in some stream/idle runs (≥ 90% of a core, load + "
