@@ -7,24 +7,31 @@ This module owns what ``bench/suite.py`` and ``bench/relay_throughput.py`` share
   upstream is the simulator over verified ``wss://`` (a throwaway CA from
   trustme), the raw Trio byte splice (``bench/raw_splice.py``) and nginx as a
   plain WebSocket proxy (installed with apt by ``scripts/bench`` when missing);
+- for ``bench/stranger.py``: a Node ``ws`` echo upstream (``bench/node``) standing in
+  for OpenAI, plain or TLS, and the two relays a user might write instead of ours
+  (``bench/websockets_relay.py`` on websockets + uvloop, ``bench/node/ws_relay.mjs``);
 - reading the OS: user+sys CPU from ``/proc/<pid>/stat`` and resident memory from
   ``/proc/<pid>/status``, summed over a process and its direct children (nginx's
   workers), and resetting the peak (``clear_refs``) so each row shows its own;
 - :func:`measure`: one load run (:mod:`relay.loadgen`, in its own processes,
   pinned when asked) with the target's CPU sampled exactly over the measured
-  window and its memory sampled with every session open.
+  window and its memory sampled with every session open;
+- :class:`Spread` and :func:`rotated`: paths interleaved over short repetitions, each
+  figure reported as its median and min-max spread.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +51,7 @@ CLIENT_KEY: Final = "bench-client-key"
 ECHO_QUERY: Final = "sim_mode=echo"
 STARTUP_TIMEOUT_S: Final = 20.0
 STOP_TIMEOUT_S: Final = 10.0
+NODE_DIR: Final = REPO / "bench/node"
 #: Delta size and answer length of the simulator's paced model (voice profile).
 SIM_DELTA_AUDIO_MS: Final = 100
 SIM_RESPONSE_AUDIO_MS: Final = 1200
@@ -146,6 +154,16 @@ def find_nginx() -> str | None:
     )
 
 
+def node_binary() -> str:
+    """Node 20+ for ``bench/node``; its ``ws`` comes from ``npm ci`` (scripts/install)."""
+    found = shutil.which("node")
+    if found is None:
+        raise RuntimeError("node is not installed (bench/node needs Node 20 or later)")
+    if not (NODE_DIR / "node_modules/ws").is_dir():
+        raise RuntimeError(f"{NODE_DIR}/node_modules is missing: run npm ci --prefix bench/node")
+    return found
+
+
 @dataclass
 class Target:
     """Something the load can be pointed at: ``url`` base ending in /v1, and whose CPU counts."""
@@ -167,17 +185,25 @@ class Rig:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)
     app_key: str = ""
+    #: The Node echo upstreams started (plain and TLS): the rig's side, like the load.
+    echo_pids: list[int] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=lambda: {**os.environ, "PYTHONUNBUFFERED": "1"})
 
     def _spawn(
-        self, command: list[str], env: dict[str, str] | None = None
+        self,
+        command: list[str],
+        env: dict[str, str] | None = None,
+        cpus: set[int] | None = None,
     ) -> subprocess.Popen[bytes]:
+        """Start ``command``; with ``cpus``, pinned before it runs, so every thread it
+        starts (Node's and V8's helpers) inherits the pinning."""
         process = subprocess.Popen(
             command,
             cwd=REPO,
             env=env or self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         )
         self.processes.append(process)
         return process
@@ -245,27 +271,93 @@ class Rig:
     def start_relay(self, name: str, upstream_url: str, ca_file: str = "") -> Target:
         port = free_port()
         process = self._spawn(
-            [sys.executable, "-m", "relay", "serve"], self.relay_env(port, upstream_url, ca_file)
+            [sys.executable, "-m", "relay", "serve"],
+            self.relay_env(port, upstream_url, ca_file),
+            cpus=self.server_cpus,
         )
         self._ready(port, process, self.server_cpus)
         target = Target(name, f"ws://127.0.0.1:{port}/v1", CLIENT_KEY, process.pid)
         self.targets[name] = target
         return target
 
-    def start_tls_relay(self) -> Target:
-        """A simulator serving ``wss://`` (throwaway CA) and a relay verifying it."""
+    def tls_files(self) -> tuple[Path, Path, Path]:
+        """A certificate for localhost, its key and the throwaway CA (trustme) that signed it."""
         import trustme
 
-        ca = trustme.CA()
-        issued = ca.issue_cert("localhost", "127.0.0.1")
         tls_dir = self.work_dir / "tls"
-        tls_dir.mkdir(exist_ok=True)
         cert, key, ca_file = tls_dir / "cert.pem", tls_dir / "key.pem", tls_dir / "ca.pem"
-        issued.private_key_pem.write_to_path(str(key))
-        cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
-        ca.cert_pem.write_to_path(str(ca_file))
-        sim_port = self.start_simulator(tls=(cert, key))
-        return self.start_relay("relay/tls", f"wss://localhost:{sim_port}/v1", str(ca_file))
+        if not ca_file.exists():
+            ca = trustme.CA()
+            issued = ca.issue_cert("localhost", "127.0.0.1")
+            tls_dir.mkdir(exist_ok=True)
+            issued.private_key_pem.write_to_path(str(key))
+            cert.write_bytes(b"".join(blob.bytes() for blob in issued.cert_chain_pems))
+            ca.cert_pem.write_to_path(str(ca_file))
+        return cert, key, ca_file
+
+    def start_tls_relay(self, *, node_echo: bool = False) -> Target:
+        """A simulator (or, ``node_echo``, the Node echo upstream) serving ``wss://`` with
+        a throwaway CA, and a relay verifying it."""
+        cert, key, ca_file = self.tls_files()
+        if node_echo:
+            upstream_port = self.start_echo_upstream(tls=(cert, key))
+        else:
+            upstream_port = self.start_simulator(tls=(cert, key))
+        return self.start_relay("relay/tls", f"wss://localhost:{upstream_port}/v1", str(ca_file))
+
+    def start_echo_upstream(self, *, tls: tuple[Path, Path] | None = None) -> int:
+        """The Node ``ws`` echo upstream (``bench/node/echo_upstream.mjs``) on the load's
+        core: ``session.created``, then every message echoed. Plain, it is ``direct``."""
+        port = free_port()
+        command = [node_binary(), str(NODE_DIR / "echo_upstream.mjs"), "--port", str(port)]
+        if tls is not None:
+            command += ["--cert", str(tls[0]), "--key", str(tls[1])]
+        process = self._spawn(command, cpus=self.load_cpus)
+        self._ready(port, process, self.load_cpus)
+        self.echo_pids.append(process.pid)
+        if tls is None:
+            self.targets["direct"] = Target(
+                "direct", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid
+            )
+        return port
+
+    def start_websockets_relay(self, upstream_url: str) -> Target:
+        """``bench/websockets_relay.py``: the relay a user would write with websockets + uvloop."""
+        port = free_port()
+        process = self._spawn(
+            [
+                sys.executable,
+                str(REPO / "bench/websockets_relay.py"),
+                "--port",
+                str(port),
+                "--upstream",
+                upstream_url,
+            ],
+            cpus=self.server_cpus,
+        )
+        self._ready(port, process, self.server_cpus)
+        target = Target("websockets+uvloop", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
+        self.targets[target.name] = target
+        return target
+
+    def start_node_relay(self, upstream_url: str) -> Target:
+        """``bench/node/ws_relay.mjs``: the relay a user would write with Node's ws."""
+        port = free_port()
+        process = self._spawn(
+            [
+                node_binary(),
+                str(NODE_DIR / "ws_relay.mjs"),
+                "--port",
+                str(port),
+                "--upstream",
+                upstream_url,
+            ],
+            cpus=self.server_cpus,
+        )
+        self._ready(port, process, self.server_cpus)
+        target = Target("node-ws", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
+        self.targets[target.name] = target
+        return target
 
     def start_splice(self, upstream_port: int) -> Target:
         port = free_port()
@@ -277,7 +369,8 @@ class Rig:
                 str(port),
                 "--upstream-port",
                 str(upstream_port),
-            ]
+            ],
+            cpus=self.server_cpus,
         )
         self._ready(port, process, self.server_cpus)
         target = Target("splice", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
@@ -294,7 +387,9 @@ class Rig:
         (tmp / "nginx.conf").write_text(
             NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream_port)
         )
-        process = self._spawn([nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")])
+        process = self._spawn(
+            [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], cpus=self.server_cpus
+        )
         wait_for_port(port, process)
         for proc, _ in _tree(process.pid):
             pin(int(proc.name), self.server_cpus)
@@ -427,3 +522,39 @@ def measure(
         rss_ready_kib=int(samples.get("rss_ready", rss_before)),
         peak_rss_kib=memory_kib(target.pid, "VmHWM"),
     )
+
+
+# ---------------------------------------------------------------- repetitions
+
+
+def rotated(paths: list[str], by: int) -> list[str]:
+    """The paths in a round's order: rotated by the round number, so none always goes first."""
+    by %= max(1, len(paths))
+    return paths[by:] + paths[:by]
+
+
+@dataclass
+class Spread:
+    """One figure over repeated runs: the median and the min-max spread (NaNs left out)."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Iterable[float]) -> Spread:
+        kept = [value for value in values if not math.isnan(value)]
+        if not kept:
+            return cls(math.nan, math.nan, math.nan, 0)
+        return cls(statistics.median(kept), min(kept), max(kept), len(kept))
+
+    def show(self, spec: str = ".1f") -> str:
+        if self.n == 0:
+            return "-"
+        if self.n == 1 or self.low == self.high:
+            return format(self.median, spec)
+        return f"{self.median:{spec}} ({self.low:{spec}}–{self.high:{spec}})"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"median": self.median, "min": self.low, "max": self.high, "n": self.n}

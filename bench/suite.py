@@ -31,14 +31,15 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from harness import ECHO_QUERY, REPO, Measured, Rig, measure, rig
+from harness import ECHO_QUERY, REPO, Measured, Rig, Spread, measure, rig, rotated
 
 from relay.cli import add_progress_option
-from relay.loadgen import LoadSpec, ProgressBar
+from relay.loadgen import LatencyHistogram, LoadSpec, ProgressBar
 
 #: Paths in table order; "direct" is the simulator itself, the baseline for added latency.
 PATH_ORDER: Final = ("direct", "relay", "relay/tls", "splice", "nginx")
@@ -68,6 +69,9 @@ class Plan:
     ramp_duration_s: float
     ramp_warmup_s: float
     notes: list[str] = field(default_factory=list)
+    #: Interleaved repetitions: each round runs every path once (rotated order) and the
+    #: table shows the median over the rounds with its min-max spread.
+    rounds: int = 1
 
 
 def _spec(
@@ -85,26 +89,32 @@ def _spec(
 
 
 def standard_plan(args: argparse.Namespace) -> Plan:
+    """Each scenario in ``--rounds`` short interleaved runs (3 by default, about as long
+    in all as one long run each)."""
     every = PATH_ORDER
+    rounds = max(1, args.rounds or 3)
+    share = 3 / rounds
     scenarios = [
-        Scenario("stream", _spec("stream", 50, 10, 2), every),
-        Scenario("stream", _spec("stream", 200, 10, 2), every),
-        Scenario("voice", _spec("voice", 50, 12, 2), ("direct", "relay", "relay/tls"), query=""),
-        Scenario("flat", _spec("flat", 16, 6, 1, window=8), every),
-        Scenario("churn", _spec("churn", 16, 6, 1), every),
+        Scenario("stream", _spec("stream", 50, 4 * share, 1), every),
+        Scenario("stream", _spec("stream", 200, 4 * share, 1), every),
+        Scenario(
+            "voice", _spec("voice", 50, 6 * share, 1), ("direct", "relay", "relay/tls"), query=""
+        ),
+        Scenario("flat", _spec("flat", 16, 2 * share, 0.5, window=8), every),
+        Scenario("churn", _spec("churn", 16, 2 * share, 0.5), every),
         Scenario("idle", _spec("idle", 1000, 1, 0), every[1:]),
     ]
     return Plan(
         scenarios,
         [int(step) for step in args.ramp.split(",")] if args.ramp else [],
-        ramp_duration_s=8,
-        ramp_warmup_s=2,
+        ramp_duration_s=4 * share,
+        ramp_warmup_s=1,
+        rounds=rounds,
     )
 
 
 def tiny_plan(args: argparse.Namespace) -> Plan:
     """Every scenario and the ramp at toy size: CI runs this so the suite cannot rot."""
-    del args
     every = PATH_ORDER
     scenarios = [
         Scenario("stream", _spec("stream", 3, 0.5, 0.2), every),
@@ -118,7 +128,7 @@ def tiny_plan(args: argparse.Namespace) -> Plan:
         Scenario("churn", _spec("churn", 2, 0.5, 0.1), ("direct", "relay", "nginx")),
         Scenario("idle", _spec("idle", 20, 0.2, 0), ("relay", "splice")),
     ]
-    return Plan(scenarios, [2, 4], ramp_duration_s=0.5, ramp_warmup_s=0.2)
+    return Plan(scenarios, [2, 4], ramp_duration_s=0.5, ramp_warmup_s=0.2, rounds=args.rounds or 1)
 
 
 def estimate_s(plan: Plan) -> float:
@@ -130,97 +140,161 @@ def estimate_s(plan: Plan) -> float:
     total += (
         2 * len(plan.ramp_steps) * (plan.ramp_duration_s + plan.ramp_warmup_s + per_run_overhead_s)
     )
-    return total
+    return total * plan.rounds
 
 
 @dataclass
 class Row:
+    """One path in one scenario: a run per round, each with the direct run of its round."""
+
     scenario: str
-    measured: Measured
-    direct: Measured | None
+    runs: list[Measured]
+    directs: list[Measured | None]
 
     @property
-    def latency(self) -> dict[str, float]:
-        return self.measured.result.latency(LATENCY_OF[self.measured.result.profile])
+    def measured(self) -> Measured:
+        """The first round's run: the row's path, profile and sizes."""
+        return self.runs[0]
 
     @property
-    def added_p99_ms(self) -> float:
-        if self.direct is None or self.measured.target == "direct":
-            return math.nan
-        kind = LATENCY_OF[self.measured.result.profile]
-        return self.latency["p99"] - self.direct.result.latency(kind)["p99"]
+    def kind(self) -> str:
+        return LATENCY_OF[self.measured.result.profile]
+
+    def spread(self, figure: Callable[[Measured], float]) -> Spread:
+        return Spread.of(figure(run) for run in self.runs)
+
+    def latency(self, quantile: str) -> Spread:
+        return self.spread(lambda run: run.result.latency(self.kind)[quantile])
+
+    @property
+    def added_p99_ms(self) -> Spread:
+        """p99 against the direct run of the same round (nothing for direct itself)."""
+        if self.measured.target == "direct":
+            return Spread.of([])
+        return Spread.of(
+            run.result.latency(self.kind)["p99"] - direct.result.latency(self.kind)["p99"]
+            for run, direct in zip(self.runs, self.directs, strict=True)
+            if direct is not None
+        )
+
+    @property
+    def lost(self) -> int:
+        return sum(run.result.lost for run in self.runs)
+
+    @property
+    def errors(self) -> dict[str, int]:
+        merged: dict[str, int] = {}
+        for run in self.runs:
+            for kind, count in run.result.errors.items():
+                merged[kind] = merged.get(kind, 0) + count
+        return merged
 
     def to_json(self) -> dict[str, Any]:
+        """The first round's run as before (``result``...), with every round and spreads."""
+        first = self.measured.to_json()
+        first["result"] = {**first["result"], "lost": self.lost, "errors": self.errors}
         return {
             "scenario": self.scenario,
             "path": self.measured.target,
-            "latency_kind": LATENCY_OF[self.measured.result.profile],
-            "added_p99_ms": None if math.isnan(self.added_p99_ms) else self.added_p99_ms,
-            **self.measured.to_json(),
+            "latency_kind": self.kind,
+            "added_p99_ms": self.added_p99_ms.to_json(),
+            "spread": {
+                "p50_ms": self.latency("p50").to_json(),
+                "p99_ms": self.latency("p99").to_json(),
+                "p99.9_ms": self.latency("p99.9").to_json(),
+                "us_per_msg": self.spread(lambda run: run.us_per_message).to_json(),
+                "cpu_percent": self.spread(lambda run: run.cpu_percent).to_json(),
+                "messages_per_s": self.spread(lambda run: run.result.messages_per_s).to_json(),
+            },
+            "rounds": [run.to_json() for run in self.runs],
+            **first,
         }
 
 
-def _fmt(value: float, spec: str, blank: bool = False) -> str:
-    if blank or math.isnan(value):
-        return "-"
-    return format(value, spec)
+def _cell(spread: Spread, spec: str, blank: bool = False) -> str:
+    return "-" if blank or spread.n == 0 else spread.show(spec)
 
 
 HEADER: Final = (
-    ("scenario", "<14"),
-    ("path", "<9"),
-    ("msgs/s", ">7"),
-    ("MB/s", ">6"),
-    ("p50 ms", ">7"),
-    ("p99 ms", ">7"),
-    ("p99.9", ">7"),
-    ("+p99", ">6"),
-    ("lost", ">5"),
-    ("us/msg", ">7"),
-    ("CPU%", ">5"),
-    ("peakMiB", ">7"),
-    ("KiB/ses", ">7"),
-    ("hs/s", ">6"),
-    ("load%", ">5"),
+    "scenario",
+    "path",
+    "msgs/s",
+    "MB/s",
+    "p50 ms",
+    "p99 ms",
+    "p99.9",
+    "+p99",
+    "lost",
+    "us/msg",
+    "CPU%",
+    "peakMiB",
+    "KiB/ses",
+    "hs/s",
+    "load%",
 )
 
 
 def format_table(rows: list[Row]) -> list[str]:
-    lines = [" ".join(format(name, spec) for name, spec in HEADER)]
+    """One line per path and scenario: medians over the rounds, ``(min–max)`` beside them."""
+    table: list[list[str]] = [list(HEADER)]
+    extra: dict[int, str] = {}
     for row in rows:
         m, r = row.measured, row.measured.result
         direct = m.target == "direct"
         idle = r.profile == "idle"
-        lat = row.latency
-        cells = [
-            row.scenario,
-            m.target,
-            _fmt(r.messages_per_s, ".0f", idle),
-            _fmt(r.megabytes_per_s, ".2f", idle or r.profile == "churn"),
-            _fmt(lat["p50"], ".2f"),
-            _fmt(lat["p99"], ".2f"),
-            _fmt(lat["p99.9"], ".2f"),
-            _fmt(row.added_p99_ms, "+.2f"),
-            str(r.lost),
-            _fmt(m.us_per_message, ".1f", direct or idle),
-            _fmt(m.cpu_percent, ".0f", direct),
-            _fmt(m.peak_rss_kib / 1024, ".1f", direct),
-            _fmt(m.kib_per_session, ".1f", not idle),
-            _fmt(r.sessions_per_s, ".0f", r.profile != "churn"),
-            f"{r.load_cpu_percent:.0f}{'!' if r.load_saturated else ''}",
-        ]
-        lines.append(
-            " ".join(format(cell, spec) for cell, (_, spec) in zip(cells, HEADER, strict=True))
+        saturated = any(run.result.load_saturated for run in row.runs)
+        table.append(
+            [
+                row.scenario,
+                m.target,
+                _cell(row.spread(lambda run: run.result.messages_per_s), ".0f", idle),
+                _cell(
+                    row.spread(lambda run: run.result.megabytes_per_s),
+                    ".2f",
+                    idle or r.profile == "churn",
+                ),
+                _cell(row.latency("p50"), ".2f"),
+                _cell(row.latency("p99"), ".2f"),
+                _cell(row.latency("p99.9"), ".2f"),
+                _cell(row.added_p99_ms, "+.2f"),
+                str(row.lost),
+                _cell(row.spread(lambda run: run.us_per_message), ".1f", direct or idle),
+                _cell(row.spread(lambda run: run.cpu_percent), ".0f", direct),
+                _cell(row.spread(lambda run: run.peak_rss_kib / 1024), ".1f", direct),
+                _cell(row.spread(lambda run: run.kib_per_session), ".1f", not idle),
+                _cell(
+                    row.spread(lambda run: run.result.sessions_per_s),
+                    ".0f",
+                    r.profile != "churn",
+                ),
+                _cell(row.spread(lambda run: run.result.load_cpu_percent), ".0f")
+                + ("!" if saturated else ""),
+            ]
         )
-        if r.errors:
-            lines.append(f"{'':<14} errors: {r.errors}")
+        if row.errors:
+            extra[len(table) - 1] = f"errors: {row.errors}"
+    widths = [max(len(line[column]) for line in table) for column in range(len(HEADER))]
+    lines: list[str] = []
+    for number, cells in enumerate(table):
+        lines.append(
+            " ".join(
+                cell.ljust(width) if column < 2 else cell.rjust(width)
+                for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
+        if number in extra:
+            lines.append(f"{'':<{widths[0]}} {extra[number]}")
     churned = [
         f"{row.measured.target} "
-        f"{row.measured.cpu_s / row.measured.result.sessions_completed * 1e3:.2f}"
+        + row.spread(
+            lambda run: (
+                run.cpu_s / run.result.sessions_completed * 1e3
+                if run.result.sessions_completed
+                else math.nan
+            )
+        ).show(".2f")
         for row in rows
-        if row.measured.result.profile == "churn"
-        and row.measured.target != "direct"
-        and row.measured.result.sessions_completed
+        if row.measured.result.profile == "churn" and row.measured.target != "direct"
     ]
     if churned:
         lines.append("churn: CPU ms per session opened, used and closed: " + ", ".join(churned))
@@ -245,34 +319,68 @@ def machine() -> dict[str, Any]:
 
 
 def run_ramp(running: Rig, plan: Plan, *, budget_ms: float, load_procs: int) -> dict[str, Any]:
+    """Stream sessions in steps through the relay, direct in the same step; with rounds,
+    both run once per round (rotated order) and the step's figures are medians."""
     steps: list[dict[str, Any]] = []
     held: int | None = None
     direct, relay = running.targets["direct"], running.targets["relay"]
     for n in plan.ramp_steps:
         spec = _spec("stream", n, plan.ramp_duration_s, plan.ramp_warmup_s)
-        base = measure(running, direct, spec, query=ECHO_QUERY, load_procs=load_procs)
-        through = measure(running, relay, spec, query=ECHO_QUERY, load_procs=load_procs)
-        added = through.result.latency("rtt")["p99"] - base.result.latency("rtt")["p99"]
-        ok = added <= budget_ms and through.result.lost == 0 and not through.result.errors
+        pairs: list[tuple[Measured, Measured]] = []
+        for round_number in range(max(1, plan.rounds)):
+            got = {
+                target.name: measure(running, target, spec, query=ECHO_QUERY, load_procs=load_procs)
+                for target in ((direct, relay) if round_number % 2 == 0 else (relay, direct))
+            }
+            pairs.append((got["direct"], got["relay"]))
+
+        def of(
+            figure: Callable[[Measured, Measured], float],
+            pairs: list[tuple[Measured, Measured]] = pairs,
+        ) -> Spread:
+            return Spread.of(figure(base, through) for base, through in pairs)
+
+        base_p99 = of(lambda base, _: base.result.latency("rtt")["p99"])
+        relay_p99 = of(lambda _, through: through.result.latency("rtt")["p99"])
+        added = of(
+            lambda base, through: (
+                through.result.latency("rtt")["p99"] - base.result.latency("rtt")["p99"]
+            )
+        )
+        cpu = of(lambda _, through: through.cpu_percent)
+        us = of(lambda _, through: through.us_per_message)
+        lost = sum(through.result.lost for _, through in pairs)
+        errors: dict[str, int] = {}
+        for _, through in pairs:
+            for kind, count in through.result.errors.items():
+                errors[kind] = errors.get(kind, 0) + count
+        ok = added.median <= budget_ms and lost == 0 and not errors
         steps.append(
             {
                 "sessions": n,
-                "direct_p99_ms": base.result.latency("rtt")["p99"],
-                "relay_p99_ms": through.result.latency("rtt")["p99"],
-                "added_p99_ms": added,
-                "lost": through.result.lost,
-                "errors": through.result.errors,
-                "relay_cpu_percent": through.cpu_percent,
-                "relay_us_per_msg": through.us_per_message,
-                "load_cpu_percent": through.result.load_cpu_percent,
-                "load_saturated": through.result.load_saturated,
+                "direct_p99_ms": base_p99.median,
+                "relay_p99_ms": relay_p99.median,
+                "added_p99_ms": added.median,
+                "lost": lost,
+                "errors": errors,
+                "relay_cpu_percent": cpu.median,
+                "relay_us_per_msg": us.median,
+                "load_cpu_percent": of(lambda _, through: through.result.load_cpu_percent).median,
+                "load_saturated": any(through.result.load_saturated for _, through in pairs),
                 "held": ok,
+                "spread": {
+                    "direct_p99_ms": base_p99.to_json(),
+                    "relay_p99_ms": relay_p99.to_json(),
+                    "added_p99_ms": added.to_json(),
+                    "relay_cpu_percent": cpu.to_json(),
+                    "relay_us_per_msg": us.to_json(),
+                },
             }
         )
         print(
-            f"ramp: {n} sessions: +p99 {added:.2f} ms, lost {through.result.lost}, relay "
-            f"{through.cpu_percent:.0f}% CPU, {through.us_per_message:.1f} us/msg -> "
-            f"{'held' if ok else 'over budget'}",
+            f"ramp: {n} sessions: relay p99 {relay_p99.show('.2f')} ms, +p99 "
+            f"{added.show('+.2f')} ms, lost {lost}, relay {cpu.show('.0f')}% CPU, "
+            f"{us.show('.1f')} us/msg -> {'held' if ok else 'over budget'}",
             flush=True,
         )
         if not ok:
@@ -313,7 +421,10 @@ def plot(rows: list[Row], ramp: dict[str, Any] | None, out: Path, pinned: bool) 
         chosen = [row for row in stream_rows if row.measured.result.sessions_requested == largest]
         figure, (cdf_axes, tail_axes) = plt.subplots(1, 2, figsize=(11, 4.2))
         for row in chosen:
-            points = row.measured.result.histogram("rtt").cdf()
+            merged = LatencyHistogram()
+            for run in row.runs:
+                merged.merge(run.result.histogram("rtt"))
+            points = merged.cdf()
             if not points:
                 continue
             xs = [x for x, _ in points]
@@ -348,11 +459,25 @@ def plot(rows: list[Row], ramp: dict[str, Any] | None, out: Path, pinned: bool) 
         figure, axes = plt.subplots(figsize=(7.5, 4.2))
         axes.plot(sessions, [s["relay_p99_ms"] for s in steps], "o-", label="relay p99")
         axes.plot(sessions, [s["direct_p99_ms"] for s in steps], "s--", label="direct p99")
-        axes.plot(sessions, [s["added_p99_ms"] for s in steps], "^:", label="added p99")
+        # Added p99 is a difference of two noisy tails and can come out below zero; the
+        # axis starts at 0 (a relay adds no negative time), such points sit on it, hollow.
+        added = [s["added_p99_ms"] for s in steps]
+        axes.plot(sessions, [max(0.0, a) for a in added], "^:", label="added p99 (≥ 0)")
+        below = [(x, 0.0) for x, a in zip(sessions, added, strict=True) if a < 0]
+        if below:
+            axes.plot(
+                [x for x, _ in below],
+                [y for _, y in below],
+                "^",
+                markerfacecolor="none",
+                color="gray",
+                label="added p99 < 0 (noise)",
+            )
         axes.axhline(ramp["budget_ms"], color="red", linewidth=0.8, label="budget")
         axes.set_xlabel("real-time stream sessions (50 appends/s each)")
         axes.set_ylabel("ms")
         axes.set_yscale("symlog", linthresh=1.0)
+        axes.set_ylim(bottom=0)
         cpu_axes = axes.twinx()
         cpu_axes.plot(
             sessions,
@@ -404,6 +529,12 @@ def main() -> int:
     )
     parser.add_argument("--load-procs", type=int, default=1, help="load processes per run")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="interleaved repetitions per scenario (default 3; --tiny: 1); median + spread",
+    )
+    parser.add_argument(
         "--out",
         default=str(REPO / "bench/results/latest"),
         help="directory for JSON, table and PNGs",
@@ -416,11 +547,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    total_runs = sum(len(s.paths) for s in plan.scenarios)
+    total_runs = plan.rounds * sum(len(s.paths) for s in plan.scenarios)
     pinning = "relay and proxies on CPU 0, load + simulator on CPU 1" if args.pin else "none"
     print(
         f"suite: {len(plan.scenarios)} scenarios, {total_runs} runs, ramp "
-        f"{plan.ramp_steps or 'skipped'}; about {estimate_s(plan) / 60:.1f} min; "
+        f"{plan.ramp_steps or 'skipped'}, {plan.rounds} interleaved round(s); "
+        f"about {estimate_s(plan) / 60:.1f} min; "
         f"pinning: {pinning}",
         flush=True,
     )
@@ -439,26 +571,32 @@ def main() -> int:
         run_number = 0
         for scenario in plan.scenarios:
             label = f"{scenario.name} {scenario.spec.sessions}"
-            direct: Measured | None = None
-            for path in scenario.paths:
-                target = running.targets.get(path)
-                if target is None:
-                    continue
-                run_number += 1
-                print(
-                    f"[{run_number}/{total_runs}] {label} via {path}", file=sys.stderr, flush=True
-                )
-                measured = measure(
-                    running,
-                    target,
-                    scenario.spec,
-                    query=scenario.query,
-                    load_procs=args.load_procs,
-                    progress_label=f"  {label} via {path}" if show_progress else None,
-                )
-                if path == "direct":
-                    direct = measured
-                rows.append(Row(label, measured, direct))
+            paths = [path for path in scenario.paths if path in running.targets]
+            by_path: dict[str, list[Measured]] = {path: [] for path in paths}
+            directs: list[Measured | None] = []
+            for round_number in range(plan.rounds):
+                direct: Measured | None = None
+                for path in rotated(paths, round_number):
+                    run_number += 1
+                    print(
+                        f"[{run_number}/{total_runs}] {label} via {path}"
+                        + (f" (round {round_number + 1})" if plan.rounds > 1 else ""),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    measured = measure(
+                        running,
+                        running.targets[path],
+                        scenario.spec,
+                        query=scenario.query,
+                        load_procs=args.load_procs,
+                        progress_label=f"  {label} via {path}" if show_progress else None,
+                    )
+                    by_path[path].append(measured)
+                    if path == "direct":
+                        direct = measured
+                directs.append(direct)
+            rows.extend(Row(label, by_path[path], directs) for path in paths)
         if plan.ramp_steps:
             ramp = run_ramp(running, plan, budget_ms=args.budget_ms, load_procs=args.load_procs)
     elapsed = time.time() - started
@@ -469,7 +607,8 @@ def main() -> int:
         "latency: stream/flat append to echo; voice commit to first audio delta; churn/idle "
         "handshake to session.created. us/msg, CPU%, peak RSS: the proxy (the row's path), "
         "user+sys from /proc over the measured window. load%: the busiest load process "
-        "(! = saturated).",
+        "(! = saturated). With rounds: median over the rounds (min–max); +p99 paired with "
+        "direct within each round.",
         *format_table(rows),
     ]
     if ramp is not None:
