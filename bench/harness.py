@@ -194,12 +194,13 @@ class Rig:
         command: list[str],
         env: dict[str, str] | None = None,
         cpus: set[int] | None = None,
+        cwd: Path = REPO,
     ) -> subprocess.Popen[bytes]:
         """Start ``command``; with ``cpus``, pinned before it runs, so every thread it
         starts (Node's and V8's helpers) inherits the pinning."""
         process = subprocess.Popen(
             command,
-            cwd=REPO,
+            cwd=cwd,
             env=env or self.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -268,12 +269,17 @@ class Rig:
             "RELAY_SERVE_SIGNING_KEYS_FILE": str(signing),
         }
 
-    def start_relay(self, name: str, upstream_url: str, ca_file: str = "") -> Target:
+    def start_relay(
+        self, name: str, upstream_url: str, ca_file: str = "", *, checkout: Path = REPO
+    ) -> Target:
+        """Our relay; ``checkout``: the relay of another work tree (an older commit, for a
+        before/after in one run), imported from there."""
         port = free_port()
+        env = self.relay_env(port, upstream_url, ca_file)
+        if checkout != REPO:
+            env["PYTHONPATH"] = str(checkout)
         process = self._spawn(
-            [sys.executable, "-m", "relay", "serve"],
-            self.relay_env(port, upstream_url, ca_file),
-            cpus=self.server_cpus,
+            [sys.executable, "-m", "relay", "serve"], env, cpus=self.server_cpus, cwd=checkout
         )
         self._ready(port, process, self.server_cpus)
         target = Target(name, f"ws://127.0.0.1:{port}/v1", CLIENT_KEY, process.pid)

@@ -64,6 +64,7 @@ PATHS: Final = (
     "direct",
     "splice",
     "relay",
+    "relay@before",
     "relay/tls",
     "nginx",
     "websockets+uvloop",
@@ -775,11 +776,13 @@ def node_version() -> str:
 # ---------------------------------------------------------------- main
 
 
-def start_paths(running: Rig) -> list[str]:
+def start_paths(running: Rig, before: Path | None = None) -> list[str]:
     echo_port = running.start_echo_upstream()
     upstream = running.targets["direct"].url
     running.start_splice(echo_port)
     running.start_relay("relay", upstream)
+    if before is not None:
+        running.start_relay("relay@before", upstream, checkout=before)
     running.start_tls_relay(node_echo=True)
     running.start_nginx(echo_port)
     running.start_websockets_relay(upstream)
@@ -804,6 +807,12 @@ def main() -> int:
     )
     parser.add_argument("--out", default=str(REPO / "bench/results/stranger"))
     parser.add_argument("--relay-log-level", default="warning")
+    parser.add_argument(
+        "--relay-before",
+        type=Path,
+        help="also the relay of this work tree (e.g. `git worktree add /tmp/before <commit>`),"
+        " as relay@before, for a before/after in the same run",
+    )
     args = parser.parse_args()
     settings = tiny(args) if args.tiny else standard(args)
     out = Path(args.out)
@@ -811,8 +820,8 @@ def main() -> int:
     command = " ".join(["python", *sys.argv])
     started = time.time()
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
-        paths = start_paths(running)
-        missing = [path for path in PATHS if path not in paths]
+        paths = start_paths(running, args.relay_before)
+        missing = [path for path in PATHS if path not in paths and path != "relay@before"]
         if missing:
             print(f"stranger: not measured (not installed): {missing}", file=sys.stderr)
         runs = run_rounds(running, settings, paths)

@@ -1113,3 +1113,27 @@ def test_take_run_stops_before_the_first_frame_accept_refuses_and_leaves_it_unre
     assert isinstance(last, Frame)
     assert last.payload() == ok
     assert r.idle
+
+
+async def test_a_release_right_after_a_waiter_was_cancelled_frees_the_lock() -> None:
+    """The waiter is out of the lot once cancelled but has not run its cleanup yet when
+    the holder releases: the lock must come free, not pass to nobody."""
+    lock = WriteLock()
+    await lock.acquire()
+    waiter_scope = trio.CancelScope()
+
+    async def wait_for_lock() -> None:
+        with waiter_scope:
+            await lock.acquire()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_lock)
+        await trio.testing.wait_all_tasks_blocked()
+        assert lock.waiting == 1
+        waiter_scope.cancel()  # out of the lot now; its finally runs later
+        lock.release()  # in the same step, before the waiter ran
+        assert not lock.held
+    assert lock.waiting == 0
+    with trio.fail_after(1):
+        await lock.acquire()
+    assert lock.held

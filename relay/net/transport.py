@@ -150,7 +150,11 @@ class Transport:
             self._ops_without_yield = 0
             await self._wait(readable=True)  # a scheduler pass: the yield too
         else:
-            await self._maybe_yield()
+            # _maybe_yield, inline: a coroutine per read is a cost on the hot path.
+            self._ops_without_yield += 1
+            if self._ops_without_yield >= CHECKPOINT_EVERY_OPS:
+                self._ops_without_yield = 0
+                await trio.lowlevel.checkpoint()
         while True:
             try:
                 received = sock.recv_into(buffer, nbytes)
@@ -192,7 +196,10 @@ class Transport:
                 await self._wait(readable=True)
             except (OSError, ValueError) as exc:
                 raise TransportClosed(_describe(exc)) from None
-        await self._maybe_yield()
+        self._ops_without_yield += 1  # _maybe_yield, inline
+        if self._ops_without_yield >= CHECKPOINT_EVERY_OPS:
+            self._ops_without_yield = 0
+            await trio.lowlevel.checkpoint()
 
     async def _wait(self, *, readable: bool) -> None:
         if self._closed:

@@ -76,24 +76,31 @@ class WriteLock:
     lot. On release a waiter, if any, is handed the lock directly.
     """
 
-    __slots__ = ("_waiters", "held")
+    __slots__ = ("_waiters", "held", "waiting")
 
     def __init__(self) -> None:
         self.held = False
+        #: Tasks parked for the lock (a plain count: ParkingLot's len is a Python call).
+        self.waiting = 0
         self._waiters = trio.lowlevel.ParkingLot()
 
     async def acquire(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.held:
-            await self._waiters.park()  # woken by release() as the new holder
+            self.waiting += 1
+            try:
+                await self._waiters.park()  # woken by release() as the new holder
+            finally:
+                self.waiting -= 1
         else:
             self.held = True
 
     def release(self) -> None:
-        if self._waiters:
-            self._waiters.unpark()  # the lock passes on, still held
-        else:
-            self.held = False
+        # ``waiting`` may still count a waiter whose cancellation already took it out
+        # of the lot: only a waiter actually unparked takes the lock over.
+        if self.waiting and self._waiters.unpark():
+            return  # the lock passed on, still held
+        self.held = False
 
     async def __aenter__(self) -> None:
         await self.acquire()
@@ -281,8 +288,9 @@ class WebSocket:
             data = memoryview(pending + data)
             received = len(data)
         taken = reader.take_run(data, on_text, accept)
-        if taken < received:
-            reader.feed(data[taken:])
+        if taken == received:
+            return data
+        reader.feed(data[taken:])
         return data[:taken]
 
     async def next_frame_event(self) -> FrameEvent:

@@ -383,6 +383,11 @@ class FrameReader:
         frames = 0
         messages = 0
         whole_max = self.whole_frame_max_bytes
+        # The common frame passes _check's rules at a glance: FIN, text or binary, no
+        # RSV bits, the mask bit as expected, no fragmented message open, within the
+        # limit. Anything else gets the full _check.
+        usual_mask = 0x80 if self.expect_masked else 0
+        usual_max = min(whole_max, self.max_message_bytes)
         while end - pos >= 2:
             first = data[pos]
             opcode = first & 0x0F
@@ -405,15 +410,23 @@ class FrameReader:
             if length > whole_max or end - pos < total:
                 break
             fin = first & 0x80 == 0x80
-            try:
-                message_bytes = self._check(first, opcode, fin, masked == 0x80, length)
-            except FrameProtocolError:
-                if not frames:
-                    raise
-                # Forward the frames before it; next_event meets the same header again
-                # (a failed check changes no message state) and raises then.
-                self._dead = False
-                break
+            if (
+                (first == 0x81 or first == 0x82)
+                and masked == usual_mask
+                and length <= usual_max
+                and self._message_opcode is None
+            ):
+                message_bytes = length
+            else:
+                try:
+                    message_bytes = self._check(first, opcode, fin, masked == 0x80, length)
+                except FrameProtocolError:
+                    if not frames:
+                        raise
+                    # Forward the frames before it; next_event meets the same header
+                    # again (a failed check changes no message state) and raises then.
+                    self._dead = False
+                    break
             if accept is not None:
                 payload_at = pos + header_len
                 if masked:
