@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -53,6 +54,39 @@ async def test_wss_upstream_with_verified_tls(nursery: trio.Nursery, tmp_path: P
 
     answer = await raw_handshake(untrusted.port, f"/v1/realtime?model={MODEL}", BEARER)
     assert answer.status == 502
+
+
+async def test_the_second_wss_session_resumes_the_first_tls_session(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full TLS handshake per session is most of a wss:// session's cost: the next
+    dial resumes the last session the upstream gave a ticket for."""
+    from relay.dataplane import upstream as upstream_module
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    cert_file, key_file, ca_file = tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    simulator = await start_simulator(
+        nursery, tls_cert_file=str(cert_file), tls_key_file=str(key_file)
+    )
+    resumed: list[bool] = []
+    remember = upstream_module.TlsResumption.remember
+
+    def watching(self: upstream_module.TlsResumption, transport: Any) -> None:
+        resumed.append(transport.sock.session_reused)
+        remember(self, transport)
+
+    monkeypatch.setattr(upstream_module.TlsResumption, "remember", watching)
+    url = f"wss://localhost:{simulator.port}/v1"
+    relay = await start_relay(nursery, url, SIM_KEY, upstream_ca_file=str(ca_file))
+    for _ in range(2):
+        async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=BEARER) as ws:
+            assert json.loads(await ws.get_message())["type"] == "session.created"
+    assert resumed == [False, True]
+    assert relay.server.upstream.resumption.session is not None
 
 
 async def test_dead_upstream_detected_by_ping_deadline(nursery: trio.Nursery) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
@@ -52,6 +52,29 @@ class UpstreamRefused(Exception):
         self.detail = detail
 
 
+class TlsResumption:
+    """The latest resumable TLS session with the upstream, for the next dial.
+
+    A full TLS handshake is most of what a new session costs the relay over
+    ``wss://``; resuming the last session the upstream gave a ticket for skips the
+    certificate chain and its verification (TLS 1.3 still runs a fresh key
+    exchange with the ticket, so forward secrecy is kept). Sessions belong to
+    their ``SSLContext``: a reload builds a new endpoint, and so a new holder.
+    """
+
+    __slots__ = ("session",)
+
+    def __init__(self) -> None:
+        self.session: ssl.SSLSession | None = None
+
+    def remember(self, transport: Transport) -> None:
+        sock = transport.sock
+        if isinstance(sock, ssl.SSLSocket):
+            session = sock.session
+            if session is not None and session.has_ticket:
+                self.session = session
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamEndpoint:
     """Where and how to dial; built once from configuration."""
@@ -59,6 +82,7 @@ class UpstreamEndpoint:
     target: UpstreamTarget
     api_key: Secret
     ssl_context: ssl.SSLContext | None
+    resumption: TlsResumption = field(default_factory=TlsResumption)
 
     @classmethod
     def from_config(cls, url: str, api_key: str, ca_file: str = "") -> UpstreamEndpoint:
@@ -91,7 +115,10 @@ async def dial_upstream(
         with trio.fail_after(timeout_s):
             try:
                 transport = await open_transport(
-                    target.host, target.port, ssl_context=endpoint.ssl_context
+                    target.host,
+                    target.port,
+                    ssl_context=endpoint.ssl_context,
+                    tls_session=endpoint.resumption.session,
                 )
             except (OSError, ssl.SSLError) as exc:
                 raise UpstreamRefused(
@@ -124,6 +151,8 @@ async def dial_upstream(
             problem = handshake.upgrade_response_problem(response, key)
             if problem is not None:
                 raise UpstreamRefused(502, _bad_gateway(), detail=problem)
+            # TLS 1.3 tickets come after the handshake: with the 101 they have arrived.
+            endpoint.resumption.remember(transport)
     except trio.TooSlowError:
         if transport is not None:
             transport.close()

@@ -264,9 +264,12 @@ async def open_transport(
     *,
     ssl_context: ssl.SSLContext | None = None,
     server_hostname: str | None = None,
+    tls_session: ssl.SSLSession | None = None,
 ) -> Transport:
     """Connect (and for TLS, handshake) to ``host:port``. Raises ``OSError`` on failure.
 
+    ``tls_session``: a session of an earlier connection made with ``ssl_context`` to
+    resume (an abbreviated handshake: no certificate chain sent or verified again).
     The caller bounds the time with a Trio cancel scope.
     """
     infos = await resolve(host, port)
@@ -285,7 +288,7 @@ async def open_transport(
             raise
         if ssl_context is None:
             return Transport(sock, peer=(str(address[0]), int(address[1])))
-        return await _tls_client(sock, ssl_context, server_hostname or host, address)
+        return await _tls_client(sock, ssl_context, server_hostname or host, address, tls_session)
     raise last_error
 
 
@@ -338,9 +341,15 @@ async def _connect(sock: socket.socket, address: tuple[object, ...]) -> None:
 
 
 async def _tls_client(
-    sock: socket.socket, context: ssl.SSLContext, server_hostname: str, address: tuple[Any, ...]
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    server_hostname: str,
+    address: tuple[Any, ...],
+    session: ssl.SSLSession | None = None,
 ) -> Transport:
-    tls = context.wrap_socket(sock, server_hostname=server_hostname, do_handshake_on_connect=False)
+    tls = context.wrap_socket(
+        sock, server_hostname=server_hostname, do_handshake_on_connect=False, session=session
+    )
     transport = Transport(tls, peer=(str(address[0]), int(address[1])))
     try:
         await tls_handshake(transport)
