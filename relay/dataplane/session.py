@@ -37,9 +37,10 @@ This module owns the Trio shell of a session after both handshakes:
 
 Backpressure is the awaited write: a pump that cannot write does not read, so a
 client that stops reading stops the upstream pump, whose socket buffer fills and
-TCP flow control reaches the upstream. Per direction the relay holds at most one
-read buffer (``RECEIVE_BYTES``) and what the frame reader keeps (one read plus a
-partial header, or one whole frame up to ``WHOLE_FRAME_MAX_BYTES``).
+TCP flow control reaches the upstream. Per direction the relay holds at most what
+the frame reader keeps (a partial frame, or one whole frame up to
+``WHOLE_FRAME_MAX_BYTES``) and a run copied while its write waits; the receive
+buffer itself is the thread's, shared (:mod:`relay.net.websocket`).
 """
 
 from __future__ import annotations
