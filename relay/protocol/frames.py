@@ -10,9 +10,15 @@ the project: the relay's two legs, the simulator, the load generator.
   frames larger than ``whole_frame_max_bytes`` come out cut-through, as a
   :class:`FrameStart` and then :class:`FrameChunk` pieces as their bytes arrive,
   so memory stays bounded by what was fed, even for a 16 MiB frame.
+- :meth:`FrameReader.take_run`, the relay's per-read fast path: the whole small
+  data frames at the front of a fresh read, walked in place and checked like any
+  other, handed back as one byte count to forward in one write (no object per
+  frame); :meth:`FrameReader.take_pending` lets a frame split across reads start
+  the next run.
 - :func:`encode_frame`, the close payload helpers, :func:`xor_mask` (with a key
-  offset, for chunks) and :func:`remask_header`: re-masking a forwarded frame to
-  a fresh key is one XOR pass with ``old_key XOR new_key`` (§5.3).
+  offset, for chunks), :func:`remask_header` and :func:`remask_run`: re-masking a
+  forwarded frame to a fresh key is one XOR pass with ``old_key XOR new_key``
+  (§5.3); :func:`fresh_mask_key` draws keys from a pooled ``os.urandom`` block.
 
 Checked per frame: RSV bits zero (we never negotiate an extension, §5.2), known
 opcodes, the mask bit matching the sender's role (§5.1: clients mask, servers
