@@ -460,7 +460,7 @@ def test_reading_the_relays_way_forwards_what_next_event_alone_would(
         start, end = cut
         shared[: end - start] = wire[start:end]
         data = memoryview(shared)[: end - start]
-        pending = None if r.idle else r.take_pending()
+        pending = None if r.idle else r.take_pending(end - start)
         if pending is not None:
             data.release()
             data = memoryview(pending + wire[start:end])
@@ -1137,3 +1137,29 @@ async def test_a_release_right_after_a_waiter_was_cancelled_frees_the_lock() -> 
     with trio.fail_after(1):
         await lock.acquire()
     assert lock.held
+
+
+async def test_a_frame_trickled_a_byte_at_a_time_is_appended_not_copied_per_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A client that sends a 60 KB frame one octet per read: the partial frame joins a
+    read only once that read completes it, so the relay copies it once, not once per
+    byte (60,000 reads of a growing copy would be 1.8 GB of copying)."""
+    far, near = memory_pair()
+    ws = WebSocket(near, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
+    wire = F.encode_frame(F.OP_TEXT, b"x" * 60_000, mask_key=os.urandom(4))
+    handed_back: list[int] = []
+    take_pending = FrameReader.take_pending
+
+    def counting(self: FrameReader, incoming_bytes: int) -> bytes | None:
+        pending = take_pending(self, incoming_bytes)
+        handed_back.append(len(pending) if pending is not None else 0)
+        return pending
+
+    monkeypatch.setattr(FrameReader, "take_pending", counting)
+    forwarded = bytearray()
+    for index in range(len(wire)):
+        await far.send_all(wire[index : index + 1])
+        forwarded += await ws.receive_run()
+    assert bytes(forwarded) == wire
+    assert sum(handed_back) <= len(wire) + F.MAX_HEADER_BYTES * F.MAX_HEADER_BYTES

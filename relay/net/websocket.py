@@ -278,8 +278,8 @@ class WebSocket:
         data = view[:received]
         reader = self.reader
         if not reader.idle:
-            pending = reader.take_pending()
-            if pending is None:  # a cut-through frame is streaming: its chunks are events
+            pending = reader.take_pending(received)
+            if pending is None:  # a cut-through frame, or a frame this read won't finish
                 reader.feed(data)
                 reader.run_frames = reader.run_messages = 0
                 return data[:0]

@@ -341,20 +341,38 @@ class FrameReader:
         """Nothing buffered and no cut-through frame in progress: :meth:`take_run` may run."""
         return self._pos == len(self._buffer) and not self._streaming_left
 
-    def take_pending(self) -> bytes | None:
+    def take_pending(self, incoming_bytes: int) -> bytes | None:
         """Hand back the partial frame the reader holds, so a run can start with it.
 
         Under a backlog most reads end inside a frame, and the next read would then
         never start on a frame boundary: joined to the bytes it was waiting for, the
         partial frame starts a run like any other. Only when :meth:`next_event` has
-        nothing complete to give (the caller drained it) and no cut-through frame is
-        streaming; ``None`` otherwise. The reader is then idle: nothing of the
-        partial frame was consumed, so no message state changes.
+        nothing complete to give (the caller drained it), no cut-through frame is
+        streaming, and the ``incoming_bytes`` of the next read complete the frame
+        (or its header is not even complete yet: at most a few bytes); ``None``
+        otherwise, and the caller feeds the read. So a frame trickled a byte at a
+        time is appended to, never copied again per read. The reader is then idle:
+        nothing of the partial frame was consumed, so no message state changes.
         """
         if self._streaming_left:
             return None
-        pending = bytes(self._buffer[self._pos :])
-        self._buffer.clear()
+        buffer = self._buffer
+        pos = self._pos
+        available = len(buffer) - pos
+        if available >= 2:
+            length = buffer[pos + 1] & 0x7F
+            header_len = (2 if length < 126 else 4 if length == 126 else 10) + (
+                4 if buffer[pos + 1] & 0x80 else 0
+            )
+            if available >= header_len:
+                if length == 126:
+                    length = (buffer[pos + 2] << 8) | buffer[pos + 3]
+                elif length == 127:
+                    length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
+                if available + incoming_bytes < header_len + length:
+                    return None  # still incomplete after this read: append, don't copy
+        pending = bytes(buffer[pos:])
+        buffer.clear()
         self._pos = 0
         return pending
 
