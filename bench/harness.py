@@ -329,40 +329,23 @@ class Rig:
 
     def start_websockets_relay(self, upstream_url: str) -> Target:
         """``bench/websockets_relay.py``: the relay a user would write with websockets + uvloop."""
-        port = free_port()
-        process = self._spawn(
-            [
-                sys.executable,
-                str(REPO / "bench/websockets_relay.py"),
-                "--port",
-                str(port),
-                "--upstream",
-                upstream_url,
-            ],
-            cpus=self.server_cpus,
-        )
-        self._ready(port, process, self.server_cpus)
-        target = Target("websockets+uvloop", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
-        self.targets[target.name] = target
-        return target
+        program = [sys.executable, str(REPO / "bench/websockets_relay.py")]
+        return self._start_baseline_relay("websockets+uvloop", program, upstream_url)
 
     def start_node_relay(self, upstream_url: str) -> Target:
         """``bench/node/ws_relay.mjs``: the relay a user would write with Node's ws."""
+        program = [node_binary(), str(NODE_DIR / "ws_relay.mjs")]
+        return self._start_baseline_relay("node-ws", program, upstream_url)
+
+    def _start_baseline_relay(self, name: str, program: list[str], upstream_url: str) -> Target:
+        """A fifty-line relay taking ``--port`` and ``--upstream``, on the servers' cores."""
         port = free_port()
         process = self._spawn(
-            [
-                node_binary(),
-                str(NODE_DIR / "ws_relay.mjs"),
-                "--port",
-                str(port),
-                "--upstream",
-                upstream_url,
-            ],
-            cpus=self.server_cpus,
+            [*program, "--port", str(port), "--upstream", upstream_url], cpus=self.server_cpus
         )
         self._ready(port, process, self.server_cpus)
-        target = Target("node-ws", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
-        self.targets[target.name] = target
+        target = Target(name, f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
+        self.targets[name] = target
         return target
 
     def start_splice(self, upstream_port: int) -> Target:

@@ -250,13 +250,8 @@ class RelaySession:
         while True:
             event = reader.next_event()
             if event is None:
-                run = await client.receive_run()
-                if run:
-                    if not admit(len(run), reader.run_frames):
-                        self._finish(self._rate_ending())
-                        return
-                    await upstream.send_raw(frames.remask_run(run) if remask else run)
-                    stats.messages_up += reader.run_messages
+                if not await self._forward_client_run():
+                    return
             elif type(event) is Frame:
                 if not admit(len(event.raw)):
                     self._finish(self._rate_ending())
@@ -278,6 +273,23 @@ class RelaySession:
                 await self._cut_through(event, client, upstream, remask=remask)
                 if event.fin:
                     stats.messages_up += 1
+
+    async def _forward_client_run(
+        self, accept: Callable[[int, bool, bytes], bool] | None = None
+    ) -> bool:
+        """Read once and forward the run of whole frames upstream (re-masked towards a
+        plain ``ws://`` upstream), charged to the rate limit at once; ``False`` once
+        the client ran over its rate (the session's ending is recorded)."""
+        client = self.client
+        run = await client.receive_run(accept=accept)
+        if run:
+            reader = client.reader
+            if not self._rate.admit(len(run), reader.run_frames):
+                self._finish(self._rate_ending())
+                return False
+            await self.upstream.send_raw(frames.remask_run(run) if self.remask_upstream else run)
+            self.stats.messages_up += reader.run_messages
+        return True
 
     def _rate_ending(self) -> Ending:
         return Ending(EndKind.RATE_LIMITED, Side.CLIENT, reason=self._rate.exceeded)
@@ -313,22 +325,15 @@ class RelaySession:
 
         Raises :class:`_SessionEnded` once the client closed or ran over its rate.
         """
-        client, upstream = self.client, self.upstream
+        client = self.client
         reader = client.reader
-        remask = self.remask_upstream
-        stats = self.stats
         admit = self._rate.admit
         while True:
             event = reader.next_event()
             if event is None:
                 # The hot path as in _pump_up, for the frames proven to be appends.
-                run = await client.receive_run(accept=_is_one_frame_append)
-                if run:
-                    if not admit(len(run), reader.run_frames):
-                        self._finish(self._rate_ending())
-                        raise _SessionEnded
-                    await upstream.send_raw(frames.remask_run(run) if remask else run)
-                    stats.messages_up += reader.run_messages
+                if not await self._forward_client_run(_is_one_frame_append):
+                    raise _SessionEnded
                 continue
             if type(event) is Frame:
                 if not admit(len(event.raw)):

@@ -128,7 +128,7 @@ class Transport:
 
     @property
     def is_tls(self) -> bool:
-        return isinstance(self.sock, ssl.SSLSocket)
+        return not self._plain
 
     async def _maybe_yield(self) -> None:
         self._ops_without_yield += 1
