@@ -13,6 +13,7 @@ import os
 import random
 import socket
 import threading
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final, cast
@@ -1163,3 +1164,30 @@ async def test_a_frame_trickled_a_byte_at_a_time_is_appended_not_copied_per_read
         forwarded += await ws.receive_run()
     assert bytes(forwarded) == wire
     assert sum(handed_back) <= len(wire) + F.MAX_HEADER_BYTES * F.MAX_HEADER_BYTES
+
+
+async def test_upstream_names_are_resolved_once_per_ttl_and_ip_literals_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from relay.net import transport
+
+    lookups: list[str] = []
+    now = [1000.0]
+
+    async def fake_getaddrinfo(host: str, port: int, **_: object) -> list[object]:
+        lookups.append(host)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.7", port))]
+
+    monkeypatch.setattr(trio.socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(transport, "_resolved", {})
+    assert (await transport.resolve("127.0.0.1", 443))[0][4] == ("127.0.0.1", 443)
+    assert (await transport.resolve("::1", 443))[0][0] == socket.AF_INET6
+    assert lookups == []
+    await transport.resolve("upstream.example", 443)
+    now[0] += transport.RESOLVED_ADDRESS_TTL_S - 1
+    await transport.resolve("upstream.example", 443)
+    assert lookups == ["upstream.example"]
+    now[0] += 2  # past the TTL: looked up again
+    await transport.resolve("upstream.example", 443)
+    assert lookups == ["upstream.example", "upstream.example"]
