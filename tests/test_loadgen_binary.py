@@ -16,7 +16,7 @@ import trio
 
 from relay.loadgen import LoadResult, LoadSpec, merge_results, run_load
 from relay.loadgen.profiles import SEQUENCE_BYTES, _echoed_sequence, _sequenced_chunk
-from tests.conftest import SIM_KEY, start_simulator
+from tests.conftest import CLIENT_KEY, SIM_KEY, start_relay, start_simulator
 
 REPO = Path(__file__).resolve().parent.parent
 #: Per 20 ms chunk the binary client leg carries 968 + 964 bytes against about
@@ -82,6 +82,23 @@ async def test_stream_binary_against_json_on_the_same_server(nursery: trio.Nurse
         results[binary] = result
     share = results[True].client_bytes_per_audio_s / results[False].client_bytes_per_audio_s
     assert share < BINARY_BYTES_SHARE_MAX
+
+
+async def test_stream_binary_through_the_relay(nursery: trio.Nursery) -> None:
+    simulator = await start_simulator(nursery, mode="echo")
+    relay = await start_relay(nursery, simulator.ws_base)
+    result = await run_load(
+        msgspec.convert(
+            {"profile": "stream", "url": relay.ws_base, "key": CLIENT_KEY, "sessions": 3}
+            | {"duration_s": 0.5, "binary": True},
+            LoadSpec,
+        )
+    )
+    assert result.errors == {}
+    assert result.lost == 0
+    assert result.received == result.sent > 0
+    # Binary both ways: 968 bytes per 20 ms append up, a 962-byte frame per echo down.
+    assert result.client_bytes_sent < result.window_sent * 1000
 
 
 async def test_flat_and_churn_on_the_binary_path(nursery: trio.Nursery) -> None:
