@@ -1236,3 +1236,16 @@ def test_the_one_frame_path_decides_as_the_loop_does(
         return (taken, r.run_frames, r.run_messages, tapped, r.in_message)
 
     assert outcome(loop=False) == outcome(loop=True)
+    # frame_at (the binary audio path's frame walk) takes exactly the frames the
+    # one-frame path takes whole, and says where the payload starts.
+    r = reader(masked=expect_masked, whole=whole)
+    if in_message:
+        r.feed(frame(OP_TEXT, b"a", fin=False, masked=expect_masked))
+        drain(r)
+    span = r.frame_at(memoryview(wire), 0)
+    took_whole = outcome(loop=False)[0] == len(wire)
+    common = first in (0x81, 0x82) and not in_message
+    assert (span is not None) == (took_whole and common and len(wire) >= 4)
+    if span is not None:
+        assert span == (len(wire) - length, len(wire))
+        assert r.frame_at(memoryview(b"\x00" * 3 + wire), 3) == (span[0] + 3, span[1] + 3)

@@ -299,10 +299,12 @@ class RelaySession:
     async def _pump_up_audio(self) -> None:
         """Client -> upstream on the binary audio path (no locked config).
 
-        Whole text frames go up in runs as in :meth:`_pump_up`, each shown to the
-        input-format tracker on the way; a binary message becomes one
-        ``input_audio_buffer.append`` (:meth:`_binary_append`); any other data frame
-        (a fragment of a text message, a large frame) is forwarded as it came.
+        A fresh read's whole common frames are taken by :meth:`_take_audio_read`
+        (via :meth:`_next_client_event`): binary frames become appends, text frames
+        go as they came, each shown to the input-format tracker. What the reader
+        holds comes as events: a fragmented or large binary message is assembled
+        into one append (:meth:`_binary_append`); any other data frame (a fragment
+        of a text message, a large frame) is forwarded as it came.
         """
         audio_format = self._audio_format
         assert audio_format is not None
@@ -377,30 +379,57 @@ class RelaySession:
     async def _take_audio_read(self, data: memoryview) -> bool:
         """One fresh client read on the binary path; ``False`` once over its rate.
 
-        A read that is exactly one whole binary frame (the audio of a real-time
-        client) is unmasked and sent as an append without the frame loop. Otherwise
-        the whole frames the run gate lets through go up as a run, and the rest goes
-        to the reader, whose events the pump takes next.
+        The whole common frames at the front of the read (all of it, for a
+        real-time client) are taken in one pass without the frame loop: a binary
+        frame becomes an append (or a refusal told to the client), a text frame the
+        run gate lets through goes as it came. What they make goes upstream in one
+        write, charged to the rate limit at once; the rest goes to the reader, whose
+        events the pump takes next.
         """
         reader = self.client.reader
-        start = reader.one_frame(data)
-        if start and data[0] == 0x82:
-            if not self._rate.admit(len(data)):
-                self._finish(self._rate_ending())
-                return False
+        frame_at = reader.frame_at
+        gate = self._client_run_gate
+        audio_format = self._audio_format
+        limit = self.binary_audio_max_message_bytes
+        assert audio_format is not None
+        assert limit is not None
+        pieces: list[bytes | memoryview] = []
+        refusals: list[bytes] = []
+        pos = taken_frames = messages = 0
+        size = len(data)
+        while pos < size and (span := frame_at(data, pos)) is not None:
+            start, end = span
             key = bytes(data[start - 4 : start])  # a client's frames are masked
-            await self._send_append(frames.xor_mask(data[start:], key), len(data) - start)
+            if data[pos] == 0x82:
+                problem = binary_audio.audio_problem(end - start, audio_format.sample_bytes, limit)
+                if problem is None:
+                    append = binary_audio.append_event(frames.xor_mask(data[start:end], key))
+                    pieces.append(_upstream_text_frame(append))
+                    messages += 1
+                else:
+                    refusals.append(problem)
+            else:
+                if gate is not None and not gate(
+                    OP_TEXT, True, frames.xor_mask(data[start:end], key)
+                ):
+                    break  # not consumed: the reader gives it as an event
+                frame = data[pos:end]
+                pieces.append(frames.remask_run(frame) if self.remask_upstream else frame)
+                messages += 1
+            taken_frames += 1
+            pos = end
+        if pos < size:
+            reader.feed(data[pos:])
+        if not taken_frames:
             return True
-        taken = reader.take_run(data, None, self._client_run_gate)
-        if taken < len(data):
-            reader.feed(data[taken:])
-        if taken:
-            if not self._rate.admit(taken, reader.run_frames):
-                self._finish(self._rate_ending())
-                return False
-            run = data[:taken]
-            await self.upstream.send_raw(frames.remask_run(run) if self.remask_upstream else run)
-            self.stats.messages_up += reader.run_messages
+        if not self._rate.admit(pos, taken_frames):
+            self._finish(self._rate_ending())
+            return False
+        if pieces:
+            await self.upstream.send_raw(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            self.stats.messages_up += messages
+        for refusal in refusals:
+            await self.client.send_text(refusal)
         return True
 
     async def _forward_client_run(
@@ -642,12 +671,12 @@ class RelaySession:
     async def _pump_down_audio(self) -> None:
         """Upstream -> client on the binary audio path.
 
-        As :meth:`_pump_down`, but the run gate keeps each audio delta out of the run:
-        it comes back as a frame and goes to the client as a binary frame of its
-        decoded audio, after a ``relay.output_audio.start`` marker when a new content
-        part starts (both in one write). A delta that cannot be converted, and
-        every other event, goes as it came; the input format is followed from the
-        upstream's session events.
+        Each audio delta goes to the client as a binary frame of its decoded audio,
+        after a ``relay.output_audio.start`` marker when a new content part starts. A
+        delta that cannot be converted, and every other event, goes as it came (the
+        tap and the input-format tracker see it first). The whole common frames of
+        one read are walked in one pass (``frame_at``) and written in one write;
+        anything else (control, large or fragmented frames) is taken as events.
         """
         client, upstream = self.client, self.upstream
         reader = upstream.reader
@@ -658,14 +687,7 @@ class RelaySession:
         assert deltas is not None
         is_delta = binary_audio.is_audio_delta
 
-        def gate(opcode: int, fin: bool, payload: bytes | memoryview) -> bool:
-            if opcode != OP_TEXT or not fin:
-                return True
-            if is_delta(payload):
-                return False
-            audio_format.observe(payload)
-            return True
-
+        frame_at = reader.frame_at
         for first in self.first_client_events:
             await client.send_text(first)
         while True:
@@ -674,32 +696,30 @@ class RelaySession:
                 data = await upstream.receive_read()
                 if data is None:
                     continue
-                # One whole text frame (most reads): a delta converted, or the event as it came.
-                start = reader.one_frame(data)
-                if start and data[0] == 0x81:
-                    payload = data[start:]
-                    if not is_delta(payload):
+                # The whole common frames at the front of the read (all of it, mostly),
+                # in one pass and one write: each delta converted, the rest as it came.
+                pieces: list[bytes | memoryview] = []
+                pos = 0
+                size = len(data)
+                while pos < size and (span := frame_at(data, pos)) is not None:
+                    start, end = span
+                    if data[pos] == 0x81:
+                        payload = data[start:end]
+                        converted = deltas.convert(payload) if is_delta(payload) else None
+                        if converted is not None:
+                            pieces.append(_audio_frames(*converted))
+                            pos = end
+                            continue
                         audio_format.observe(payload)
                         if UNTAPPED_HEAD(payload) is None:
                             observe(payload)
-                        await client.send_raw(data)
-                        stats.messages_down += 1
-                        continue
-                    converted = deltas.convert(payload)
-                    if converted is not None:
-                        await client.send_raw(_audio_frames(*converted))
-                        stats.messages_down += 1
-                        continue
-                    observe(payload)
-                    await client.send_raw(data)
-                    stats.messages_down += 1
-                    continue
-                taken = reader.take_run(data, observe, gate, UNTAPPED_HEAD)
-                if taken < len(data):
-                    reader.feed(data[taken:])
-                if taken:
-                    await client.send_raw(data[:taken])
-                    stats.messages_down += reader.run_messages
+                    pieces.append(data[pos:end])
+                    pos = end
+                if pos < size:
+                    reader.feed(data[pos:])
+                if pieces:
+                    await client.send_raw(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                    stats.messages_down += len(pieces)
             elif type(event) is Frame:
                 opcode = event.opcode
                 if opcode >= OP_CLOSE:
@@ -837,6 +857,11 @@ class RelaySession:
             else:  # at most one leg awaits anything
                 await _close_leg(client, plan.client, timeout_s)
                 await _close_leg(upstream, plan.upstream, timeout_s)
+
+
+def _upstream_text_frame(payload: bytes) -> bytes:
+    """A text frame the relay writes upstream: masked with a fresh key, as a client must."""
+    return frames.encode_frame(OP_TEXT, payload, mask_key=frames.fresh_mask_key())
 
 
 def _audio_frames(marker: bytes | None, audio: bytes) -> bytes:
