@@ -267,15 +267,21 @@ class WebSocket:
         :meth:`next_frame_event`'s caller to take as events. Raises
         :class:`ConnectionClosed` (1006) when the stream ends.
         """
+        view = self._read_view
         try:
-            received = await self.transport.recv_into(self._read_view)
+            received = await self.transport.recv_into(view)
         except TransportClosed as exc:
             raise LegFailed(self, str(exc)) from None
-        data = self._fresh_read(received)
         reader = self.reader
-        if data is None:
-            reader.run_frames = reader.run_messages = 0
-            return self._read_view[:0]
+        if received and reader.idle:  # the usual read: _fresh_read's lines, inline
+            self.bytes_received += received
+            data = view[:received]
+        else:
+            fresh = self._fresh_read(received)
+            if fresh is None:
+                reader.run_frames = reader.run_messages = 0
+                return view[:0]
+            data = fresh
         taken = reader.take_run(data, on_text, accept, skip_text)
         if taken == len(data):
             return data
