@@ -372,7 +372,7 @@ function onAudioPart(part) {
 }
 
 function onAudio(pcm, part) {
-  if (part.discard) return;
+  if (part.discard || cancelled.has(part.ids.response_id)) return; // barged in on it
   state.receivedSamples += pcm.byteLength >> 1;
   state.audioBytesReceived = session.audioBytesReceived;
   state.bytesReceived = session.bytesReceived;

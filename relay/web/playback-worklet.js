@@ -189,8 +189,8 @@ class PlaybackProcessor extends AudioWorkletProcessor {
         } else {
           this.underruns++;
           this.prebufferMs = Math.min(PLAYBACK_PREBUFFER_MAX_MS, this.prebufferMs + PLAYBACK_PREBUFFER_STEP_MS);
+          this.status();
         }
-        this.status();
       }
     }
     if (++this.quanta % STATUS_INTERVAL_QUANTA === 0) this.status();
@@ -199,6 +199,7 @@ class PlaybackProcessor extends AudioWorkletProcessor {
 
   /** Everything queued has played and the last part has ended: the stream is over. */
   drained(last) {
+    this.status(); // the final counts reach the page before the news that it is over
     this.port.postMessage({ type: 'drained', id: last.id });
     this.parts = [];
     this.current = -1;
