@@ -40,6 +40,7 @@ import msgspec
 
 from relay.credentials.digests import parse_digest_hex
 from relay.credentials.secret import Secret
+from relay.protocol import binary_audio
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -163,6 +164,15 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: 20 MiB of JSON), hence 32 MiB: keep it at or above ``max_message_bytes``.
     client_max_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 8 * 1024 * 1024
     client_byte_burst_bytes: PositiveInt = 32 * 1024 * 1024
+    #: The ``relay.audio.v1`` binary audio path (docs/binary-audio.md): a client that
+    #: offers the subprotocol gets raw audio frames on its leg; off, it is answered
+    #: ``realtime`` and speaks JSON. Clients that do not offer it never see a change.
+    binary_audio_enabled: bool = True
+    #: Largest binary audio message turned into one append; larger ones are refused
+    #: with an ``error`` event (``binary_audio_too_large``) and not forwarded.
+    binary_audio_max_message_bytes: Annotated[
+        int, msgspec.Meta(ge=2, le=binary_audio.MAX_AUDIO_MESSAGE_BYTES_LIMIT)
+    ] = binary_audio.DEFAULT_MAX_AUDIO_MESSAGE_BYTES
     ping_interval_s: PositiveSeconds = 20.0
     pong_timeout_s: PositiveSeconds = 20.0
     close_timeout_s: PositiveSeconds = 2.0

@@ -77,7 +77,7 @@ from relay.net.transport import (
     wrap_server_tls,
 )
 from relay.net.websocket import OP_TEXT, ConnectionClosed, WebSocket
-from relay.protocol import handshake
+from relay.protocol import binary_audio, handshake
 from relay.protocol.handshake import HandshakeError, RequestHead
 
 LOGGER = logging.getLogger("relay.server")
@@ -378,6 +378,9 @@ class RelayServer:
                 max_message_bytes=self.config.max_message_bytes,
                 initial_data=head.trailing,
             )
+            audio_path = binary_audio.selects_audio_path(
+                head.subprotocols, enabled=self.config.binary_audio_enabled
+            )
             session = RelaySession(
                 client,
                 upstream,
@@ -386,6 +389,9 @@ class RelayServer:
                 session_id=registry.new_session_id(),
                 lock=lock,
                 first_client_events=first_events,
+                binary_audio_max_message_bytes=(
+                    self.config.binary_audio_max_message_bytes if audio_path else None
+                ),
             )
             session.credential_id = decision.credential_id
             spent = registry.establish(reservation, session)
@@ -403,7 +409,12 @@ class RelayServer:
                 return
             transport.answered = True
             try:
-                await transport.send_all(handshake.accept_response(head))
+                await transport.send_all(
+                    handshake.accept_response(
+                        head,
+                        selected_subprotocol=binary_audio.AUDIO_SUBPROTOCOL if audio_path else None,
+                    )
+                )
             except BaseException:
                 registry.remove(session, claims)
                 upstream.transport.close()

@@ -151,6 +151,8 @@ class Peer:
     stream: MemoryStream
     #: Whole text messages received, in order.
     texts: list[bytes] = field(default_factory=list)
+    #: Every whole data message received, in order: (opcode, payload).
+    messages: list[tuple[int, bytes]] = field(default_factory=list)
     #: The peer's close frame as it arrived: (code, reason); None while open.
     closed_with: tuple[int, str] | None = None
     #: Set when the connection ended, however it ended.
@@ -175,9 +177,23 @@ class Peer:
                         return
                     elif event.opcode == frames.OP_TEXT:
                         self.texts.append(event.payload())
-                else:
+                        self.messages.append((frames.OP_TEXT, self.texts[-1]))
+                    elif event.opcode == frames.OP_BINARY:
+                        self.messages.append((frames.OP_BINARY, event.payload()))
+                elif isinstance(event, frames.FrameStart):
+                    # A large frame, cut through: kept whole when it is one message.
+                    start, parts = event, []
                     while not (isinstance(event, frames.FrameChunk) and event.last):
                         event = await ws.next_frame_event()
+                        assert isinstance(event, frames.FrameChunk)
+                        data = event.data
+                        if start.mask_key is not None:
+                            data = frames.xor_mask(data, start.mask_key, event.offset)
+                        parts.append(data)
+                    if start.fin and start.opcode in (frames.OP_TEXT, frames.OP_BINARY):
+                        if start.opcode == frames.OP_TEXT:
+                            self.texts.append(b"".join(parts))
+                        self.messages.append((start.opcode, b"".join(parts)))
         except (ConnectionClosed, TransportClosed, frames.FrameProtocolError):
             pass
         finally:
@@ -248,6 +264,8 @@ def relayed_session(
     to_client_bytes: int = ROOMY_BYTES,
     to_upstream_bytes: int = ROOMY_BYTES,
     lock: SessionLock | None = None,
+    binary_audio_max_message_bytes: int | None = None,
+    first_client_events: tuple[bytes, ...] = (),
 ) -> Relayed:
     """A :class:`RelaySession` whose legs are memory streams (``to_*``: the pipe sizes)."""
     client_end, relay_client = memory_pair(
@@ -263,6 +281,8 @@ def relayed_session(
         remask_upstream=False,
         session_id="memory",
         lock=lock,
+        binary_audio_max_message_bytes=binary_audio_max_message_bytes,
+        first_client_events=first_client_events,
     )
     client = Peer(
         WebSocket(client_end, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES), client_end

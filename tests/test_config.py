@@ -120,6 +120,8 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "ping_interval_s": ("15", 15.0),
             "pong_timeout_s": ("10", 10.0),
             "close_timeout_s": ("1", 1.0),
+            "binary_audio_enabled": ("false", False),
+            "binary_audio_max_message_bytes": ("32768", 32768),
             "drain_timeout_s": ("30", 30.0),
             "remask_plain_upstream": ("false", False),
             "log_level": ("warning", "warning"),

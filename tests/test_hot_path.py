@@ -1095,8 +1095,8 @@ def test_take_run_stops_before_the_first_frame_accept_refuses_and_leaves_it_unre
     wire = frame(OP_TEXT, ok) + frame(OP_TEXT, ok) + frame(OP_TEXT, bad) + frame(OP_TEXT, ok)
     seen: list[tuple[int, bool, bytes]] = []
 
-    def accept(opcode: int, fin: bool, payload: bytes) -> bool:
-        seen.append((opcode, fin, payload))
+    def accept(opcode: int, fin: bool, payload: bytes | memoryview) -> bool:
+        seen.append((opcode, fin, bytes(payload)))
         return payload == ok
 
     r = reader()

@@ -72,8 +72,9 @@ from relay.dataplane.policy import (
 )
 from relay.dataplane.ratelimit import ClientRateLimit
 from relay.net.websocket import ConnectionClosed, LegFailed, WebSocket
-from relay.protocol import frames
+from relay.protocol import binary_audio, frames
 from relay.protocol.frames import (
+    OP_BINARY,
     OP_CLOSE,
     OP_CONTINUATION,
     OP_PING,
@@ -142,6 +143,7 @@ class RelaySession:
         session_id: str,
         lock: SessionLock | None = None,
         first_client_events: tuple[bytes, ...] = (),
+        binary_audio_max_message_bytes: int | None = None,
     ) -> None:
         #: Text events the client gets before anything relayed (the session.created
         #: carrying a locked config); sent under the session's own deadline.
@@ -152,6 +154,23 @@ class RelaySession:
         self.remask_upstream = remask_upstream
         self.session_id = session_id
         self.lock = lock
+        #: The ``relay.audio.v1`` path (docs/binary-audio.md), when the client opted in:
+        #: the largest binary message turned into an append, the input format followed
+        #: from session events, and the converter of the upstream's audio deltas.
+        self.binary_audio_max_message_bytes = binary_audio_max_message_bytes
+        self._audio_format: binary_audio.AudioFormat | None = None
+        self._deltas: binary_audio.DeltaConverter | None = None
+        #: Which whole client frames a run may forward as they came (None: all).
+        self._client_run_gate: Callable[[int, bool, bytes | memoryview], bool] | None = (
+            _is_one_frame_append if lock is not None else None
+        )
+        if binary_audio_max_message_bytes is not None:
+            self._audio_format = binary_audio.AudioFormat()
+            self._deltas = binary_audio.DeltaConverter()
+            for event in first_client_events:
+                self._audio_format.observe(event)
+            if lock is None:
+                self._client_run_gate = self._audio_text_gate
         #: Who the client is (a key digest prefix or a token id), for logs and the admin API.
         self.credential_id = ""
         self.stats = SessionStats()
@@ -188,13 +207,16 @@ class RelaySession:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
                     self._nursery = nursery
-                    if self.lock is None:
-                        nursery.start_soon(self._pump, self._pump_up, Side.CLIENT)
-                    else:
+                    if self.lock is not None:
                         nursery.start_soon(self._pump, self._pump_up_locked, Side.CLIENT)
+                    elif self._audio_format is not None:
+                        nursery.start_soon(self._pump, self._pump_up_audio, Side.CLIENT)
+                    else:
+                        nursery.start_soon(self._pump, self._pump_up, Side.CLIENT)
                     nursery.start_soon(self._watchdog)
                     # The down pump runs in this task: one task fewer to spawn per session.
-                    await self._pump(self._pump_down, Side.UPSTREAM)
+                    down = self._pump_down if self._deltas is None else self._pump_down_audio
+                    await self._pump(down, Side.UPSTREAM)
         except Exception:
             LOGGER.exception("session %s failed", self.session_id)
             if self.stats.ending is None:
@@ -242,10 +264,8 @@ class RelaySession:
         leaves (control frames, large frames, a frame split across reads) is taken
         from the reader as events.
         """
-        client, upstream = self.client, self.upstream
+        client = self.client
         reader = client.reader
-        remask = self.remask_upstream
-        stats = self.stats
         admit = self._rate.admit
         while True:
             event = reader.next_event()
@@ -256,26 +276,97 @@ class RelaySession:
                 if not admit(len(event.raw)):
                     self._finish(self._rate_ending())
                     return
-                opcode = event.opcode
-                if opcode < OP_CLOSE:
-                    if remask:
-                        await upstream.send_raw(_remasked(event))
-                    else:
-                        await upstream.send_raw(event.raw)
-                    if event.fin:
-                        stats.messages_up += 1
+                if event.opcode < OP_CLOSE:
+                    await self._forward_client_data(event)
                 elif not await self._control(event, client, Side.CLIENT):
                     return
             elif type(event) is FrameStart:
                 if not admit(len(event.header) + event.payload_len):
                     self._finish(self._rate_ending())
                     return
-                await self._cut_through(event, client, upstream, remask=remask)
-                if event.fin:
-                    stats.messages_up += 1
+                await self._forward_client_data(event)
+
+    async def _forward_client_data(self, event: Frame | FrameStart) -> None:
+        """Forward one client data frame as it came (re-masked towards a plain upstream)."""
+        if type(event) is Frame:
+            await self.upstream.send_raw(_remasked(event) if self.remask_upstream else event.raw)
+        else:
+            await self._cut_through(event, self.client, self.upstream, remask=self.remask_upstream)
+        if event.fin:
+            self.stats.messages_up += 1
+
+    async def _pump_up_audio(self) -> None:
+        """Client -> upstream on the binary audio path (no locked config).
+
+        Whole text frames go up in runs as in :meth:`_pump_up`, each shown to the
+        input-format tracker on the way; a binary message becomes one
+        ``input_audio_buffer.append`` (:meth:`_binary_append`); any other data frame
+        (a fragment of a text message, a large frame) is forwarded as it came.
+        """
+        audio_format = self._audio_format
+        assert audio_format is not None
+        next_event = self._next_client_event
+        while True:
+            event = await next_event()
+            if event.opcode == OP_BINARY:
+                await self._binary_append(event)
+                continue
+            if type(event) is Frame and event.fin and event.opcode == OP_TEXT:
+                audio_format.observe(event.payload())
+            await self._forward_client_data(event)
+
+    def _audio_text_gate(self, opcode: int, fin: bool, payload: bytes | memoryview) -> bool:
+        """Run gate of the binary path: whole text frames only, each shown to the format."""
+        if opcode != OP_TEXT or not fin:
+            return False
+        assert self._audio_format is not None
+        self._audio_format.observe(payload)
+        return True
+
+    async def _binary_append(self, first: Frame | FrameStart) -> None:
+        """Turn one binary client message into an ``input_audio_buffer.append`` upstream.
+
+        The message is assembled (fragments, a large frame's chunks) up to the
+        limit; past it the rest is read and dropped. A message the contract refuses
+        (empty, too large, a partial sample) is answered with an ``error`` event and
+        not forwarded.
+        """
+        limit = self.binary_audio_max_message_bytes
+        audio_format = self._audio_format
+        assert limit is not None
+        assert audio_format is not None
+        parts: list[bytes] = []
+        size = 0
+        event: Frame | FrameStart = first
+        while True:
+            if type(event) is Frame:
+                data = event.payload()
+                size += len(data)
+                if size <= limit:
+                    parts.append(data)
+            else:
+                size += event.payload_len
+                keep = size <= limit
+                while True:
+                    chunk = await self._next_chunk()
+                    if keep:
+                        assert event.mask_key is not None  # a client's frames are masked
+                        parts.append(frames.xor_mask(chunk.data, event.mask_key, chunk.offset))
+                    if chunk.last:
+                        break
+            if event.fin:
+                break
+            event = await self._next_client_event()
+        problem = binary_audio.audio_problem(size, audio_format.sample_bytes, limit)
+        if problem is not None:
+            await self.client.send_text(problem)
+            return
+        audio = parts[0] if len(parts) == 1 else b"".join(parts)
+        await self.upstream.send_text(binary_audio.append_event(audio))
+        self.stats.messages_up += 1
 
     async def _forward_client_run(
-        self, accept: Callable[[int, bool, bytes], bool] | None = None
+        self, accept: Callable[[int, bool, bytes | memoryview], bool] | None = None
     ) -> bool:
         """Read once and forward the run of whole frames upstream (re-masked towards a
         plain ``ws://`` upstream), charged to the rate limit at once; ``False`` once
@@ -307,7 +398,7 @@ class RelaySession:
         upstream = self.upstream
         remask = self.remask_upstream
         stats = self.stats
-        next_event = self._next_locked_event
+        next_event = self._next_client_event
         while True:
             event = await next_event()
             if type(event) is Frame and event.fin and event.opcode == OP_TEXT:
@@ -320,10 +411,12 @@ class RelaySession:
             else:
                 await self._locked_message(lock, event)
 
-    async def _next_locked_event(self) -> Frame | FrameStart:
+    async def _next_client_event(self) -> Frame | FrameStart:
         """The client's next data frame (or large frame's start); control frames handled.
 
-        Raises :class:`_SessionEnded` once the client closed or ran over its rate.
+        Whole frames that pass the session's run gate (the locked config's proven
+        appends; the binary path's whole text frames) are forwarded on the way as
+        runs. Raises :class:`_SessionEnded` once the client closed or ran over its rate.
         """
         client = self.client
         reader = client.reader
@@ -331,8 +424,8 @@ class RelaySession:
         while True:
             event = reader.next_event()
             if event is None:
-                # The hot path as in _pump_up, for the frames proven to be appends.
-                if not await self._forward_client_run(_is_one_frame_append):
+                # The hot path as in _pump_up, for the frames the gate lets through.
+                if not await self._forward_client_run(self._client_run_gate):
                     raise _SessionEnded
                 continue
             if type(event) is Frame:
@@ -371,6 +464,9 @@ class RelaySession:
         Binary messages are refused: nothing the lock cannot read is forwarded.
         """
         if first.opcode != OP_TEXT:
+            if self._audio_format is not None:
+                await self._binary_append(first)  # an append the relay builds: lock-proof
+                return
             await self._skip_message(first)
             await self.client.send_text(binary_refusal())
             return
@@ -389,7 +485,7 @@ class RelaySession:
                     if not data and not ends and piece.opcode == OP_CONTINUATION:
                         # An empty middle fragment changes nothing; skipping it keeps
                         # `held` bounded by the prefix length whatever the client sends.
-                        piece = await self._next_locked_event()
+                        piece = await self._next_client_event()
                         continue
                 elif type(piece) is FrameStart:
                     start, data, ends = piece, b"", False
@@ -436,7 +532,7 @@ class RelaySession:
                 if start is not None:
                     piece = await self._next_chunk()
                 else:
-                    piece = await self._next_locked_event()
+                    piece = await self._next_client_event()
         finally:
             writer.abandon()
         if assembled is None:
@@ -453,12 +549,14 @@ class RelaySession:
                     pass
             if event.fin:
                 return
-            event = await self._next_locked_event()
+            event = await self._next_client_event()
 
     async def _forward_locked(self, lock: SessionLock, payload: bytes) -> None:
         """Forward one whole text event as the lock rewrote it, or tell the client why not."""
         rewrite = lock.rewrite(payload)
         if rewrite.payload is not None:
+            if self._audio_format is not None:
+                self._audio_format.observe(rewrite.payload)
             await self.upstream.send_text(rewrite.payload)
             self.stats.messages_up += 1
         if rewrite.notice is not None:
@@ -494,6 +592,69 @@ class RelaySession:
                             observe(memoryview(event.raw)[event.header_len :])
                 elif not await self._control(event, upstream, Side.UPSTREAM):
                     return
+            elif type(event) is FrameStart:
+                await self._cut_through(event, upstream, client, remask=False)
+                if event.fin:
+                    stats.messages_down += 1
+
+    async def _pump_down_audio(self) -> None:
+        """Upstream -> client on the binary audio path.
+
+        As :meth:`_pump_down`, but the run gate keeps each audio delta out of the run:
+        it comes back as a frame and goes to the client as a binary frame of its
+        decoded audio, after a ``relay.output_audio.start`` marker when a new content
+        part starts (both in one write). A delta that cannot be converted, and
+        every other event, goes as it came; the input format is followed from the
+        upstream's session events.
+        """
+        client, upstream = self.client, self.upstream
+        reader = upstream.reader
+        stats = self.stats
+        observe = stats.tap.observe_text
+        audio_format, deltas = self._audio_format, self._deltas
+        assert audio_format is not None
+        assert deltas is not None
+        is_delta = binary_audio.is_audio_delta
+
+        def gate(opcode: int, fin: bool, payload: bytes | memoryview) -> bool:
+            if opcode != OP_TEXT or not fin:
+                return True
+            if is_delta(payload):
+                return False
+            audio_format.observe(payload)
+            return True
+
+        for first in self.first_client_events:
+            await client.send_text(first)
+        while True:
+            event = reader.next_event()
+            if event is None:
+                run = await upstream.receive_run(observe, gate)
+                if run:
+                    await client.send_raw(run)
+                    stats.messages_down += reader.run_messages
+            elif type(event) is Frame:
+                opcode = event.opcode
+                if opcode >= OP_CLOSE:
+                    if not await self._control(event, upstream, Side.UPSTREAM):
+                        return
+                    continue
+                if opcode == OP_TEXT and event.fin:
+                    payload = memoryview(event.raw)[event.header_len :]
+                    observe(payload)
+                    converted = deltas.convert(payload) if is_delta(payload) else None
+                    if converted is not None:
+                        marker, audio = converted
+                        binary = frames.encode_frame(OP_BINARY, audio)
+                        if marker is not None:
+                            binary = frames.encode_frame(OP_TEXT, marker) + binary
+                        await client.send_raw(binary)
+                        stats.messages_down += 1
+                        continue
+                    audio_format.observe(payload)
+                await client.send_raw(event.raw)
+                if event.fin:
+                    stats.messages_down += 1
             elif type(event) is FrameStart:
                 await self._cut_through(event, upstream, client, remask=False)
                 if event.fin:
@@ -640,8 +801,11 @@ async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
     await leg.close(plan.code, plan.reason, timeout_s=max(0.0, deadline - trio.current_time()))
 
 
-def _is_one_frame_append(opcode: int, fin: bool, payload: bytes) -> bool:
+def _is_one_frame_append(opcode: int, fin: bool, payload: bytes | memoryview) -> bool:
     """Whether a whole client frame may pass the lock as it came: a proven append."""
+    # A client's frames are masked, so the gate sees them unmasked as bytes.
+    if not isinstance(payload, bytes):
+        payload = bytes(payload)
     return fin and opcode == OP_TEXT and is_plain_append(payload)
 
 

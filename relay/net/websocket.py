@@ -251,7 +251,7 @@ class WebSocket:
     async def receive_run(
         self,
         on_text: Callable[[memoryview], None] | None = None,
-        accept: Callable[[int, bool, bytes], bool] | None = None,
+        accept: Callable[[int, bool, bytes | memoryview], bool] | None = None,
     ) -> memoryview:
         """Read once; return the whole small data frames at the front of what came.
 

@@ -380,7 +380,7 @@ class FrameReader:
         self,
         data: memoryview,
         on_text: Callable[[memoryview], None] | None = None,
-        accept: Callable[[int, bool, bytes], bool] | None = None,
+        accept: Callable[[int, bool, bytes | memoryview], bool] | None = None,
     ) -> int:
         """Consume the whole small data frames at the front of freshly read ``data``.
 
@@ -398,7 +398,8 @@ class FrameReader:
 
         ``on_text`` sees the payload of every unmasked TEXT frame that ends a message
         (the upstream tap). ``accept``, when given, is asked about each frame (its
-        opcode, fin and unmasked payload) before it joins the run, and the run stops
+        opcode, fin and unmasked payload: a view of ``data`` when the frame is not
+        masked) before it joins the run, and the run stops
         before the first it refuses (the locked pump takes only proven appends).
         :attr:`run_frames` and :attr:`run_messages` count the run.
         """
@@ -453,11 +454,12 @@ class FrameReader:
                     break
             if accept is not None:
                 payload_at = pos + header_len
+                payload: bytes | memoryview
                 if masked:
                     key = bytes(data[payload_at - 4 : payload_at])
                     payload = xor_mask(data[payload_at : pos + total], key)
                 else:
-                    payload = bytes(data[payload_at : pos + total])
+                    payload = data[payload_at : pos + total]
                 if not accept(opcode, fin, payload):
                     break  # not consumed: next_event gives it, checked again
             if not fin or self._message_opcode is not None:

@@ -360,8 +360,17 @@ def accept_token(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def accept_response(head: RequestHead, *, extra_headers: Iterable[tuple[str, str]] = ()) -> bytes:
-    """The ``101`` answer: ``realtime`` selected if offered, no extensions ever."""
+def accept_response(
+    head: RequestHead,
+    *,
+    extra_headers: Iterable[tuple[str, str]] = (),
+    selected_subprotocol: str | None = None,
+) -> bytes:
+    """The ``101`` answer: ``realtime`` selected if offered, no extensions ever.
+
+    ``selected_subprotocol`` (one the client offered, such as the binary audio
+    path's ``relay.audio.v1``) is selected instead of ``realtime``.
+    """
     key = head.header(b"sec-websocket-key") or ""
     lines = [
         "HTTP/1.1 101 Switching Protocols",
@@ -369,7 +378,9 @@ def accept_response(head: RequestHead, *, extra_headers: Iterable[tuple[str, str
         "Connection: Upgrade",
         f"Sec-WebSocket-Accept: {accept_token(key)}",
     ]
-    if offers_realtime(head):
+    if selected_subprotocol is not None:
+        lines.append(f"Sec-WebSocket-Protocol: {selected_subprotocol}")
+    elif offers_realtime(head):
         lines.append(f"Sec-WebSocket-Protocol: {REALTIME_SUBPROTOCOL}")
     lines.extend(f"{name}: {value}" for name, value in extra_headers)
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
