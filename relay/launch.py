@@ -366,14 +366,17 @@ async def open_browser_demo(port: int = 0, **serve_fields: Any) -> AsyncIterator
 
 
 async def run_browser_demo(config: DemoConfig) -> None:
-    """``relay demo --browser``: serve the page until interrupted."""
+    """``relay demo --browser``: serve the page until Ctrl-C (or SIGTERM); then exit 0."""
     try:
         async with open_browser_demo(config.browser_port) as demo:
             print(
                 "demo: relay with the browser voice page, in front of the built-in simulator "
                 "(no API key needed)"
             )
-            print(f"demo: open {demo.url} in a browser (Ctrl-C stops)", flush=True)
-            await trio.sleep_forever()
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                print(f"demo: open {demo.url} in a browser (Ctrl-C stops)", flush=True)
+                async for _ in signals:
+                    break
+        print("demo: stopped")
     except StartupError as exc:
         raise StartupError(f"{exc} (relay demo --browser: another --port, 0 = any)") from None
