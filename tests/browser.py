@@ -38,14 +38,14 @@ CHROMIUM_PATH: Final = "/usr/bin/chromium"
 CHROMEDRIVER_PATH: Final = "/usr/bin/chromedriver"
 #: How long one wait for the page may take before the test fails (seconds).
 PAGE_WAIT_TIMEOUT_S: Final = 30.0
-#: Browser window size for the screenshots (pixels).
-WINDOW_SIZE: Final = "900,1150"
-#: The fake microphone's WAV: 16-bit mono at this rate, long enough to loop rarely.
+#: Browser window size for the screenshots: width and height in pixels.
+WINDOW_SIZE_PX: Final = (900, 1000)
+#: The fake microphone's WAV: 16-bit mono at this rate, this long (Chromium loops it).
 #: 44.1 kHz is the rate Chromium's fake capture device runs at, so Chromium itself
 #: does not resample the file (it does, imprecisely, for other rates: a 440 Hz tone
 #: in a 48 kHz WAV reaches a 48 kHz AudioContext at 450 Hz).
 WAV_RATE_HZ: Final = 44_100
-WAV_SECONDS: Final = 4
+WAV_SECONDS: Final = 7
 
 
 def require_chromium() -> None:
@@ -59,16 +59,24 @@ def require_chromium() -> None:
         )
 
 
-def write_tone_wav(path: Path, frequency_hz: float, amplitude: float) -> None:
-    """A sine tone of ``amplitude`` (fraction of full scale) as 16-bit mono PCM WAV."""
+def write_tone_wav(
+    path: Path, frequency_hz: float, amplitude: float, *, on_s: float = 0.0, off_s: float = 0.0
+) -> None:
+    """A sine tone of ``amplitude`` (fraction of full scale) as 16-bit mono PCM WAV.
+
+    With ``on_s`` and ``off_s``, bursts: ``on_s`` of tone, then ``off_s`` of silence,
+    for the whole file (a speaker who pauses, for turn detection).
+    """
     count = WAV_RATE_HZ * WAV_SECONDS
-    samples = array.array(
-        "h",
-        (
-            round(amplitude * 32767 * math.sin(2 * math.pi * frequency_hz * i / WAV_RATE_HZ))
-            for i in range(count)
-        ),
-    )
+    period = round((on_s + off_s) * WAV_RATE_HZ)
+    audible = round(on_s * WAV_RATE_HZ)
+
+    def sample(i: int) -> int:
+        if period and i % period >= audible:
+            return 0
+        return round(amplitude * 32767 * math.sin(2 * math.pi * frequency_hz * i / WAV_RATE_HZ))
+
+    samples = array.array("h", (sample(i) for i in range(count)))
     with wave.open(str(path), "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
@@ -93,7 +101,7 @@ def chromium_flags(wav: Path, profile: Path) -> list[str]:
         "--use-fake-device-for-media-stream",
         f"--use-file-for-fake-audio-capture={wav}",
         "--autoplay-policy=no-user-gesture-required",
-        f"--window-size={WINDOW_SIZE}",
+        f"--window-size={WINDOW_SIZE_PX[0]},{WINDOW_SIZE_PX[1]}",
     ]
 
 

@@ -12,11 +12,9 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
 
 import httpx
 import orjson
-import pytest
 import trio
 
 from relay import config as cfg
@@ -253,10 +251,3 @@ async def test_relay_demo_browser_prints_the_url_and_serves_the_page() -> None:
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 await stream.aclose()
-
-
-@pytest.mark.parametrize("field", ["browser_demo_enabled", "browser_demo_model"])
-def test_browser_demo_settings_load_from_the_environment(field: str) -> None:
-    value: Any = "true" if field == "browser_demo_enabled" else "gpt-realtime-mini"
-    loaded = cfg.load(ServeConfig, environ={f"RELAY_SERVE_{field.upper()}": value})
-    assert getattr(loaded, field) == (True if field == "browser_demo_enabled" else value)

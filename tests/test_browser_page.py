@@ -18,7 +18,9 @@ playing a tone the test wrote:
   are on the page; no JavaScript error reached the console;
 - the client leg carried what the path promises (bytes up per byte of audio);
 - barge-in: talking over an answer cancels it, stops playback at once and truncates
-  the item to what was heard.
+  the item to what was heard;
+- hands-free: with server VAD, a microphone that speaks in bursts gets its turns
+  detected, committed and answered, the latency measured from speech_stopped.
 
 A screenshot of each run goes to the test's ``tmp_path``; with
 ``RELAY_BROWSER_SCREENSHOT=docs/browser-demo.png`` the binary run's is copied there
@@ -60,6 +62,10 @@ TURN_SAMPLES: Final = 24_000
 #: The simulator's answer (its defaults, which the built-in simulator runs with).
 ANSWER_MS: Final = 1200
 ANSWER_DELTA_MS: Final = 100
+#: The hands-free test's speaker: this much tone, then this much silence (seconds); the
+#: silence outlasts the page's VAD silence (0.5 s) plus the answer (1.2 s).
+BURST_ON_S: Final = 1.0
+BURST_OFF_S: Final = 2.5
 #: A whole browser test, page start-up included, must finish within this (seconds).
 TEST_DEADLINE_S: Final = 90
 #: Where a run's screenshot is also copied when this environment variable names a file.
@@ -72,6 +78,19 @@ def chromium(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chr
     root = tmp_path_factory.mktemp("chromium")
     wav = root / "tone.wav"
     write_tone_wav(wav, TONE_HZ, TONE_AMPLITUDE)
+    driver = launch_chromium(wav, root / "profile")
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def chromium_with_pauses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    """A second Chromium whose microphone speaks in bursts, for server turn detection."""
+    root = tmp_path_factory.mktemp("chromium-pauses")
+    wav = root / "bursts.wav"
+    write_tone_wav(wav, TONE_HZ, TONE_AMPLITUDE, on_s=BURST_ON_S, off_s=BURST_OFF_S)
     driver = launch_chromium(wav, root / "profile")
     try:
         yield driver
@@ -150,6 +169,15 @@ def tone_frequency_hz(samples: list[float], rate_hz: int) -> float:
     return (len(crossings) - 1) * rate_hz / (crossings[-1] - crossings[0])
 
 
+def loud_span(samples: list[float], threshold: float) -> list[float]:
+    """The samples from the first to the last one above ``threshold``, less 10 ms at each
+    end (an abrupt onset rings in any band-limited conversion: spurious zero crossings)."""
+    loud = [i for i, x in enumerate(samples) if abs(x) > threshold]
+    assert loud, "no tone in the signal"
+    margin = audio.PCM16_SAMPLE_RATE_HZ // 100
+    return samples[loud[0] + margin : loud[-1] - margin]
+
+
 def rms(samples: list[float]) -> float:
     return math.sqrt(sum(x * x for x in samples) / len(samples))
 
@@ -183,10 +211,12 @@ class Run:
     console_errors: list[str]
 
 
-async def connect(page: Page, demo: BrowserDemo, query: str) -> dict[str, Any]:
+async def connect(
+    page: Page, demo: BrowserDemo, query: str, ready: str = "s.status === 'ready'"
+) -> dict[str, Any]:
     await blocking(page.open, demo.url + query)
     await blocking(page.click, "connect")
-    return await blocking(page.wait, "s.status === 'ready'")
+    return await blocking(page.wait, ready)
 
 
 async def talk(page: Page, until_samples: int) -> None:
@@ -342,6 +372,38 @@ async def test_voice_page_barge_in(
     heard_ms = state["playedMs"]
     assert ANSWER_MS < heard_ms < 2 * ANSWER_MS
     assert heard_ms == pytest.approx(ANSWER_MS + truncate["audio_end_ms"], abs=60)
+
+
+async def test_voice_page_hands_free(
+    chromium_with_pauses: webdriver.Chrome, heard: Heard, tmp_path: Path
+) -> None:
+    # Server VAD: the page streams all the time; the simulator's detector ends each turn
+    # at a pause and answers it; the latency runs from input_audio_buffer.speech_stopped.
+    page = Page(chromium_with_pauses)
+    with trio.fail_after(TEST_DEADLINE_S):
+        async with open_browser_demo(0) as demo:
+            await connect(page, demo, "?vad=1&processing=off", "s.status.startsWith('listening')")
+            # Three turns: the first may be the tail of a burst the session began in.
+            await blocking(page.wait, "s.turnsCompleted >= 3")
+            run = await finish(page, demo, tmp_path, "hands-free")
+    state = run.state
+    assert state["handsFree"]
+    assert state["errors"] == []
+    assert run.console_errors == []
+    assert state["eventCounts"]["input_audio_buffer.speech_stopped"] >= 3
+    assert len(heard.turns) >= 3
+    for _, pcm in heard.turns[1:3]:
+        # A turn is a burst of tone between the detector's padding and its silence.
+        burst = loud_span(pcm16(pcm), TONE_AMPLITUDE / 2)
+        frequency = tone_frequency_hz(burst, audio.PCM16_SAMPLE_RATE_HZ)
+        assert frequency == pytest.approx(TONE_HZ, rel=0.01)
+        assert rms(burst) == pytest.approx(TONE_AMPLITUDE / math.sqrt(2), rel=0.05)
+        assert tone_power_fraction(burst, frequency, audio.PCM16_SAMPLE_RATE_HZ) > 0.95
+    assert state["playedMs"] >= 3 * ANSWER_MS - 45
+    assert state["playedRms"] == pytest.approx(answer_rms(), rel=0.10)
+    assert len(state["latencyMs"]) >= 3
+    for entry in state["latencyMs"]:
+        assert 0 < entry["receivedMs"] <= entry["playedMs"] < 5000
 
 
 async def test_resampler_in_the_browser(chromium: webdriver.Chrome) -> None:
