@@ -109,6 +109,7 @@ async def test_token_needs_an_allowed_origin_and_binds_it() -> None:
         origin = origin_of(demo)
         answer = await mint(demo, origin)
         assert answer.status_code == 200
+        assert answer.headers["cache-control"] == "no-store"
         body = answer.json()
         assert body["session"]["model"] == "gpt-realtime"
         claims = claims_of(demo, body["value"])

@@ -125,11 +125,21 @@ def register(app: QuartTrio, state: ControlState) -> None:
     files = load_page_files()
 
     def json_answer(body: bytes, status: int) -> Response:
-        return Response(body, status=status, content_type="application/json")
+        # A credential (or a refusal) is never kept by a cache along the way.
+        return Response(
+            body,
+            status=status,
+            content_type="application/json",
+            headers={"Cache-Control": "no-store"},
+        )
 
     def not_found() -> Response:
         # Exactly the control plane's answer to an unknown path.
-        return json_answer(http_error_body("Not found.", code="not_found"), 404)
+        return Response(
+            http_error_body("Not found.", code="not_found"),
+            status=404,
+            content_type="application/json",
+        )
 
     def method_not_allowed() -> Response:
         return json_answer(http_error_body("Method not allowed.", code="method_not_allowed"), 405)

@@ -17,6 +17,8 @@ export class AudioEngine extends EventTarget {
    */
   static async open({ sampleRateHz, processing = true } = {}) {
     const context = new AudioContext(sampleRateHz ? { sampleRate: sampleRateHz, latencyHint: 'interactive' } : { latencyHint: 'interactive' });
+    // Created in a click handler it runs; some browsers still start it suspended.
+    if (context.state === 'suspended') await context.resume();
     await Promise.all([
       context.audioWorklet.addModule(new URL('./capture-worklet.js', import.meta.url)),
       context.audioWorklet.addModule(new URL('./playback-worklet.js', import.meta.url)),
