@@ -8,7 +8,8 @@ This module owns what ``bench/suite.py`` and ``bench/relay_throughput.py`` share
   trustme), the raw Trio byte splice (``bench/raw_splice.py``) and nginx as a
   plain WebSocket proxy (installed with apt by ``scripts/bench`` when missing);
 - for ``bench/stranger.py``: a Node ``ws`` echo upstream (``bench/node``) standing in
-  for OpenAI, plain or TLS, and the two relays a user might write instead of ours
+  for OpenAI, plain or TLS, echoing frames or answering appends with audio deltas
+  (the binary-vs-JSON comparison), and the two relays a user might write instead of ours
   (``bench/websockets_relay.py`` on websockets + uvloop, ``bench/node/ws_relay.mjs``);
 - reading the OS: user+sys CPU from ``/proc/<pid>/stat`` and resident memory from
   ``/proc/<pid>/status``, summed over a process and its direct children (nginx's
@@ -35,13 +36,15 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import msgspec
 import trio
 
 from relay.credentials import keyfiles
 from relay.loadgen import LoadResult, LoadSpec, ProgressBar, run_load
+
+_T = TypeVar("_T")
 
 REPO: Final = Path(__file__).resolve().parent.parent
 CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
@@ -311,20 +314,26 @@ class Rig:
             upstream_port = self.start_simulator(tls=(cert, key))
         return self.start_relay("relay/tls", f"wss://localhost:{upstream_port}/v1", str(ca_file))
 
-    def start_echo_upstream(self, *, tls: tuple[Path, Path] | None = None) -> int:
+    def start_echo_upstream(
+        self, *, tls: tuple[Path, Path] | None = None, mode: str = "echo"
+    ) -> int:
         """The Node ``ws`` echo upstream (``bench/node/echo_upstream.mjs``) on the load's
-        core: ``session.created``, then every message echoed. Plain, it is ``direct``."""
+        core: ``session.created``, then every message echoed. Plain, it is ``direct``.
+
+        ``mode="delta"``: each append answered with an audio delta carrying its audio
+        (and ``relay.audio.v1`` spoken when offered); plain, it is ``direct/delta``.
+        """
         port = free_port()
         command = [node_binary(), str(NODE_DIR / "echo_upstream.mjs"), "--port", str(port)]
+        command += ["--mode", mode]
         if tls is not None:
             command += ["--cert", str(tls[0]), "--key", str(tls[1])]
         process = self._spawn(command, cpus=self.load_cpus)
         self._ready(port, process, self.load_cpus)
         self.echo_pids.append(process.pid)
         if tls is None:
-            self.targets["direct"] = Target(
-                "direct", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid
-            )
+            name = "direct" if mode == "echo" else f"direct/{mode}"
+            self.targets[name] = Target(name, f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
         return port
 
     def start_websockets_relay(self, upstream_url: str) -> Target:
@@ -516,7 +525,7 @@ def measure(
 # ---------------------------------------------------------------- repetitions
 
 
-def rotated(paths: list[str], by: int) -> list[str]:
+def rotated(paths: list[_T], by: int) -> list[_T]:
     """The paths in a round's order: rotated by the round number, so none always goes first."""
     by %= max(1, len(paths))
     return paths[by:] + paths[:by]

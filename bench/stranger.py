@@ -27,8 +27,21 @@ the same step): the limit is the last step whose p99 stayed under the budget wit
 loss, and a step where the direct path is already over budget, or the load side is
 saturated, stops the ramp as measuring the rig, not the relay.
 
+The binary audio path against JSON (``relay.audio.v1``, docs/binary-audio.md): stream
+sessions at ``--audio-sessions`` with the Node client speaking JSON and (``--binary``)
+binary, ``direct`` and through ``relay``, all four interleaved in each round. Both go to
+one upstream that answers each append with an audio delta carrying its audio
+(``echo_upstream.mjs --mode delta``, which speaks the binary contract itself for the
+direct rows), through one relay process, so the two paths differ only on the client
+leg. Per row: the relay's CPU per message, and the client leg's bytes per second of
+audio (bytes on the load's sockets both ways over the window / seconds of audio the
+appends carried), each as binary ÷ JSON paired within the round, against the targets
+of issue 13 (bytes at most :data:`AUDIO_BYTES_SHARE_TARGET` of JSON's, CPU at most
+:data:`AUDIO_CPU_RATIO_TARGET` times). ``--audio-only`` runs just this comparison.
+
 Results: ``--out`` (default ``bench/results/stranger``) gets ``stranger.json`` (every
-run) and ``table.md``. ``--tiny`` is a one-round smoke run of a few seconds per path.
+run, the comparison under ``audio``) and ``table.md``. ``--tiny`` is a one-round smoke
+run of a few seconds per path.
 """
 
 from __future__ import annotations
@@ -83,6 +96,14 @@ GRACE_S: Final = 2.0
 NOISY_PERCENT: Final = 10.0
 #: idle: the proxy's RSS is read this long after the last session opened.
 IDLE_SETTLE_S: Final = 0.5
+#: The binary-vs-JSON comparison: paths (to the delta upstream) and the client's encodings.
+AUDIO_PATHS: Final = ("direct", "relay")
+AUDIO_ENCODINGS: Final = ("json", "binary")
+DEFAULT_AUDIO_SESSIONS: Final = "50,200"
+#: Issue 13's targets for the binary path, relay rows, binary ÷ JSON: client-leg bytes per
+#: second of audio at most this share, relay CPU per message at most this multiple.
+AUDIO_BYTES_SHARE_TARGET: Final = 0.76
+AUDIO_CPU_RATIO_TARGET: Final = 1.3
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,12 @@ class Settings:
     idle_hold_s: float
     ramp: tuple[int, ...]
     budget_ms: float
+    #: Stream session counts of the binary-vs-JSON comparison (empty: skipped).
+    audio_sessions: tuple[int, ...] = ()
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    return tuple(int(step) for step in text.split(",")) if text else ()
 
 
 def standard(args: argparse.Namespace) -> Settings:
@@ -107,8 +134,9 @@ def standard(args: argparse.Namespace) -> Settings:
         churn_loops=16,
         idle_sessions=200,
         idle_hold_s=30.0,
-        ramp=tuple(int(step) for step in args.ramp.split(",")) if args.ramp else (),
+        ramp=_steps(args.ramp),
         budget_ms=args.budget_ms,
+        audio_sessions=_steps(args.audio_sessions),
     )
 
 
@@ -123,6 +151,7 @@ def tiny(args: argparse.Namespace) -> Settings:
         idle_hold_s=10.0,
         ramp=(5, 10),
         budget_ms=args.budget_ms,
+        audio_sessions=(5,),
     )
 
 
@@ -157,6 +186,12 @@ class Run:
     failure: str = ""
     #: The load and the echo upstream share one core (pinned): their sum can saturate it.
     pinned_together: bool = False
+    #: The binary-vs-JSON comparison: the client's encoding, ``json`` or ``binary``.
+    encoding: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.path} ({self.encoding})" if self.encoding else self.path
 
     def figure(self, name: str) -> float:
         value = self.result.get(name)
@@ -206,6 +241,18 @@ class Run:
         return self.figure("lost")
 
     @property
+    def client_bytes_per_audio_s(self) -> float:
+        """Bytes on the load's sockets, both ways, per second of audio the appends carried."""
+        both = self.figure("client_bytes_sent") + self.figure("client_bytes_received")
+        audio_s = self.figure("window_audio_s")
+        return both / audio_s if audio_s > 0 else math.nan
+
+    def bytes_per(self, direction: str, messages: str) -> float:
+        """Client-leg bytes one way per message that way (``sent``/``window_sent``...)."""
+        count = self.figure(messages)
+        return self.figure(f"client_bytes_{direction}") / count if count > 0 else math.nan
+
+    @property
     def us_per_session(self) -> float:
         completed = self.figure("sessions_completed")
         return self.target_cpu_s / completed * 1e6 if completed > 0 else math.nan
@@ -219,6 +266,7 @@ class Run:
         return {
             "scenario": self.scenario,
             "path": self.path,
+            "encoding": self.encoding,
             "round": self.round,
             "failure": self.failure,
             "target_cpu_s": self.target_cpu_s,
@@ -230,6 +278,7 @@ class Run:
             "rss_before_kib": self.rss_before_kib,
             "rss_ready_kib": self.rss_ready_kib,
             "kib_per_session": self.kib_per_session,
+            "client_bytes_per_audio_s": self.client_bytes_per_audio_s,
             "load_cpu_percent": self.load_percent,
             "echo_cpu_percent": self.echo_percent,
             "other_cpu_percent": self.other_percent,
@@ -543,6 +592,134 @@ def run_ramp(running: Rig, settings: Settings) -> dict[str, Any]:
     }
 
 
+def start_audio_paths(running: Rig) -> None:
+    """The delta upstream (``direct/delta``) and a relay in front of it (``relay/delta``)."""
+    running.start_echo_upstream(mode="delta")
+    running.start_relay("relay/delta", running.targets["direct/delta"].url)
+
+
+def run_audio(running: Rig, settings: Settings) -> list[Run]:
+    """The binary-vs-JSON comparison: every (path, encoding) once per round, rotated."""
+    targets = {
+        "direct": running.targets["direct/delta"],
+        "relay": running.targets["relay/delta"],
+    }
+    combinations = [(path, encoding) for path in AUDIO_PATHS for encoding in AUDIO_ENCODINGS]
+    runs: list[Run] = []
+    total = settings.rounds * len(settings.audio_sessions) * len(combinations)
+    done = 0
+    for round_number in range(settings.rounds):
+        for sessions in settings.audio_sessions:
+            for path, encoding in rotated(combinations, round_number):
+                done += 1
+                print(
+                    f"[audio {done}/{total}] round {round_number + 1}: {sessions} sessions "
+                    f"via {path}, {encoding}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                run = node_load(
+                    running,
+                    targets[path],
+                    scenario=f"audio {sessions}",
+                    round_number=round_number,
+                    mode="stream",
+                    sessions=sessions,
+                    warmup_s=settings.warmup_s,
+                    duration_s=settings.duration_s,
+                    extra=["--binary"] if encoding == "binary" else [],
+                )
+                run.path, run.encoding = path, encoding
+                if run.failure:
+                    print(f"  failed: {run.failure}", file=sys.stderr, flush=True)
+                runs.append(run)
+    return runs
+
+
+@dataclass
+class AudioRow:
+    """One (path, encoding) of one comparison scenario, over the rounds."""
+
+    scenario: str
+    path: str
+    encoding: str
+    runs: list[Run]
+    figures: dict[str, Spread]
+
+
+def summarise_audio(runs: list[Run]) -> list[AudioRow]:
+    rows: list[AudioRow] = []
+    for scenario in dict.fromkeys(run.scenario for run in runs):
+        for path in AUDIO_PATHS:
+            mine = [run for run in runs if run.scenario == scenario and run.path == path]
+            json_runs = {run.round: run for run in mine if run.encoding == "json"}
+            for encoding in AUDIO_ENCODINGS:
+                cell = [run for run in mine if run.encoding == encoding]
+                if not cell:
+                    continue
+                figures = {
+                    "us_per_msg": Spread.of(run.us_per_message for run in cell),
+                    "cpu_percent": Spread.of(run.cpu_percent for run in cell),
+                    "client_bytes_per_audio_s": Spread.of(
+                        run.client_bytes_per_audio_s for run in cell
+                    ),
+                    "up_bytes_per_append": Spread.of(
+                        run.bytes_per("sent", "window_sent") for run in cell
+                    ),
+                    "down_bytes_per_answer": Spread.of(
+                        run.bytes_per("received", "window_received") for run in cell
+                    ),
+                    "us_per_msg_x_json": _paired(
+                        cell, json_runs, lambda run: run.us_per_message, ratio=True
+                    ),
+                    "client_bytes_x_json": _paired(
+                        cell, json_runs, lambda run: run.client_bytes_per_audio_s, ratio=True
+                    ),
+                    "rtt_p50": Spread.of(run.latency("rtt_ms", "p50") for run in cell),
+                    "rtt_p99": Spread.of(run.latency("rtt_ms", "p99") for run in cell),
+                    "lost": Spread.of(run.lost for run in cell),
+                    "load_percent": Spread.of(run.load_percent for run in cell),
+                    "echo_percent": Spread.of(run.echo_percent for run in cell),
+                }
+                rows.append(AudioRow(scenario, path, encoding, cell, figures))
+    return rows
+
+
+def audio_targets(rows: list[AudioRow]) -> dict[str, dict[str, Any]]:
+    """Per scenario, the relay's binary ÷ JSON figures against issue 13's targets."""
+    verdicts: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.path != "relay" or row.encoding != "binary":
+            continue
+        share = row.figures["client_bytes_x_json"].median
+        ratio = row.figures["us_per_msg_x_json"].median
+        verdicts[row.scenario] = {
+            "client_bytes_x_json": share,
+            "client_bytes_target": AUDIO_BYTES_SHARE_TARGET,
+            "client_bytes_met": share <= AUDIO_BYTES_SHARE_TARGET,
+            "us_per_msg_x_json": ratio,
+            "us_per_msg_target": AUDIO_CPU_RATIO_TARGET,
+            "us_per_msg_met": ratio <= AUDIO_CPU_RATIO_TARGET,
+        }
+    return verdicts
+
+
+def audio_json(rows: list[AudioRow], runs: list[Run]) -> dict[str, Any]:
+    return {
+        "targets": audio_targets(rows),
+        "summaries": [
+            {
+                "scenario": row.scenario,
+                "path": row.path,
+                "encoding": row.encoding,
+                "figures": {name: spread.to_json() for name, spread in row.figures.items()},
+            }
+            for row in rows
+        ],
+        "runs": [run.to_json() for run in runs],
+    }
+
+
 # ---------------------------------------------------------------- the table
 
 
@@ -674,6 +851,66 @@ def ramp_table(ramp: dict[str, Any]) -> list[str]:
     return lines
 
 
+def audio_table(rows: list[AudioRow], scenario: str) -> list[str]:
+    sessions = scenario.split()[-1]
+    lines = [
+        f"### Binary audio path against JSON: {sessions} sessions, 50 appends/s each "
+        "(20 ms, 960 bytes of audio), append to its audio answered",
+        "",
+        "| path | client leg | relay µs/msg | × JSON | % core | client bytes per s of audio "
+        "| × JSON | up B/append | down B/answer | p50 ms | p99 ms | lost | load % | echo % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if row.scenario != scenario:
+            continue
+        direct = row.path == "direct"
+        figure = row.figures
+        flag = " ⚠ saturated" if any(run.saturated for run in row.runs) else ""
+        cells = [
+            row.path,
+            "binary (relay.audio.v1)" if row.encoding == "binary" else "JSON",
+            "-" if direct else figure["us_per_msg"].show(".1f"),
+            "-" if direct else figure["us_per_msg_x_json"].show(".2f"),
+            "-" if direct else figure["cpu_percent"].show(".0f"),
+            figure["client_bytes_per_audio_s"].show(",.0f"),
+            figure["client_bytes_x_json"].show(".2f"),
+            figure["up_bytes_per_append"].show(",.0f"),
+            figure["down_bytes_per_answer"].show(",.0f"),
+            figure["rtt_p50"].show(".2f"),
+            figure["rtt_p99"].show(".2f"),
+            figure["lost"].show(".0f"),
+            figure["load_percent"].show(".0f") + flag,
+            figure["echo_percent"].show(".0f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    verdict = audio_targets(rows).get(scenario)
+    if verdict is not None:
+
+        def met(ok: bool) -> str:
+            return "met" if ok else "**missed**"
+
+        lines += [
+            "",
+            f"Targets (issue 13), relay, binary ÷ JSON: client-leg bytes per second of audio "
+            f"{verdict['client_bytes_x_json']:.2f} (target ≤ {AUDIO_BYTES_SHARE_TARGET:.2f}: "
+            f"{met(verdict['client_bytes_met'])}); relay CPU per message "
+            f"{verdict['us_per_msg_x_json']:.2f}x (target ≤ {AUDIO_CPU_RATIO_TARGET:.1f}x: "
+            f"{met(verdict['us_per_msg_met'])}).",
+        ]
+    lines += [
+        "",
+        "Every row runs against one upstream answering each append with an audio delta "
+        "carrying its audio (`echo_upstream.mjs --mode delta`; it speaks `relay.audio.v1` "
+        "itself for direct's binary row), the relay rows through one relay process: the two "
+        "encodings differ only on the client leg. Client bytes: on the load's sockets, both "
+        "ways, frame headers, masks and markers included, over the window / seconds of audio "
+        "the appends in it carried (each answered with as much). × JSON: paired with the "
+        "same path's JSON run in the same round.",
+    ]
+    return lines
+
+
 def warnings(summaries: list[Summary], runs: list[Run]) -> list[str]:
     found: list[str] = []
     # Steady-state latencies only: stream round trips and churn handshakes (a stream's
@@ -693,7 +930,7 @@ def warnings(summaries: list[Summary], runs: list[Run]) -> list[str]:
                 "so this difference measures the rig, not the path."
             )
     found.extend(
-        f"⚠ round {run.round + 1} {run.scenario} via {run.path}: "
+        f"⚠ round {run.round + 1} {run.scenario} via {run.label}: "
         f"{run.failure or run.result.get('errors')}"
         for run in runs
         if run.failure or run.result.get("errors")
@@ -704,7 +941,7 @@ def warnings(summaries: list[Summary], runs: list[Run]) -> list[str]:
         found.append(
             f"⚠ other processes on the machine used ≥ {NOISY_PERCENT:.0f}% of a core during "
             f"{len(noisy)} of {len(runs)} runs (worst {worst.other_percent:.0f}%: round "
-            f"{worst.round + 1} {worst.scenario} via {worst.path}); those runs share the "
+            f"{worst.round + 1} {worst.scenario} via {worst.label}); those runs share the "
             "cores with them, so their figures are noisier (other % in stranger.json)."
         )
     if any(run.saturated for run in runs if not run.scenario.startswith("churn")):
@@ -723,6 +960,8 @@ def render(
     command: str,
     pinned: bool,
     elapsed_s: float,
+    audio_rows: list[AudioRow] | None = None,
+    audio_runs: list[Run] | None = None,
 ) -> str:
     host = machine()
     scenarios = list(dict.fromkeys(summary.scenario for summary in summaries))
@@ -748,7 +987,7 @@ def render(
         "(process.cpuUsage); echo %: the echo upstream, on the same core when pinned.",
         "",
     ]
-    found = warnings(summaries, runs)
+    found = warnings(summaries, [*runs, *(audio_runs or [])])
     if found:
         lines += [*found, ""]
     for scenario in scenarios:
@@ -759,6 +998,8 @@ def render(
         elif scenario.startswith("idle"):
             lines += idle_table(summaries, scenario)
         lines.append("")
+    for scenario in dict.fromkeys(row.scenario for row in audio_rows or []):
+        lines += [*audio_table(audio_rows or [], scenario), ""]
     if ramp is not None:
         lines += ramp_table(ramp)
     return "\n".join(lines) + "\n"
@@ -805,6 +1046,16 @@ def main() -> int:
     parser.add_argument(
         "--budget-ms", type=float, default=DEFAULT_BUDGET_MS, help="ramp: p99 budget"
     )
+    parser.add_argument(
+        "--audio-sessions",
+        default=DEFAULT_AUDIO_SESSIONS,
+        help="binary-vs-JSON comparison: stream session counts ('' to skip)",
+    )
+    parser.add_argument(
+        "--audio-only",
+        action="store_true",
+        help="only the binary-vs-JSON comparison (no other path, scenario or ramp)",
+    )
     parser.add_argument("--out", default=str(REPO / "bench/results/stranger"))
     parser.add_argument("--relay-log-level", default="warning")
     parser.add_argument(
@@ -819,16 +1070,28 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python", *sys.argv])
     started = time.time()
+    paths: list[str] = []
+    runs: list[Run] = []
+    audio_runs: list[Run] = []
+    ramp: dict[str, Any] | None = None
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
-        paths = start_paths(running, args.relay_before)
-        missing = [path for path in PATHS if path not in paths and path != "relay@before"]
-        if missing:
-            print(f"stranger: not measured (not installed): {missing}", file=sys.stderr)
-        runs = run_rounds(running, settings, paths)
-        ramp = run_ramp(running, settings) if settings.ramp else None
+        if not args.audio_only:
+            paths = start_paths(running, args.relay_before)
+            missing = [path for path in PATHS if path not in paths and path != "relay@before"]
+            if missing:
+                print(f"stranger: not measured (not installed): {missing}", file=sys.stderr)
+            runs = run_rounds(running, settings, paths)
+        if settings.audio_sessions:
+            start_audio_paths(running)
+            audio_runs = run_audio(running, settings)
+        if settings.ramp and not args.audio_only:
+            ramp = run_ramp(running, settings)
     elapsed = time.time() - started
     summaries = summarise(runs)
-    table = render(summaries, runs, ramp, settings, command, args.pin, elapsed)
+    audio_rows = summarise_audio(audio_runs)
+    table = render(
+        summaries, runs, ramp, settings, command, args.pin, elapsed, audio_rows, audio_runs
+    )
     print(table)
     (out / "table.md").write_text(table)
     (out / "stranger.json").write_text(
@@ -854,6 +1117,7 @@ def main() -> int:
                         for summary in summaries
                     ],
                     "runs": [run.to_json() for run in runs],
+                    "audio": audio_json(audio_rows, audio_runs),
                     "ramp": ramp,
                 }
             ),

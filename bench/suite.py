@@ -15,6 +15,14 @@ the same run, and the table shows:
   RSS per idle session, and handshakes/s (churn);
 - the load side's own CPU, flagged when it saturated.
 
+Then the binary audio path against JSON (``relay.audio.v1``): ``stream`` sessions at
+``--audio-sessions``, JSON and ``binary``, direct (the simulator speaks the binary
+contract itself) and through the relay, all four interleaved in each round: the
+relay's CPU per message and the client leg's bytes per second of audio, binary ÷ JSON
+paired within the round, against issue 13's targets (bytes at most
+:data:`AUDIO_BYTES_SHARE_TARGET` of JSON's, CPU at most :data:`AUDIO_CPU_RATIO_TARGET`
+times). ``bench/stranger.py`` runs the same comparison with the Node client.
+
 Then the concurrency limit: real-time ``stream`` sessions in steps until the p99
 added latency exceeds a budget (default 20 ms) or a message is lost; the last step
 that held is reported as sessions per core. Results go to ``--out`` as JSON, the
@@ -36,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import msgspec
 from harness import ECHO_QUERY, REPO, Measured, Rig, Spread, measure, rig, rotated
 
 from relay.cli import add_progress_option
@@ -52,6 +61,13 @@ LATENCY_OF: Final = {
 }
 DEFAULT_RAMP: Final = "100,200,300,400,500,600"
 DEFAULT_BUDGET_MS: Final = 20.0
+DEFAULT_AUDIO_SESSIONS: Final = "50,200"
+#: The binary-vs-JSON comparison's runs, (path, binary), in a round's order before rotation.
+AUDIO_COMBINATIONS: Final = (("direct", False), ("direct", True), ("relay", False), ("relay", True))
+#: Issue 13's targets for the binary path, relay, binary ÷ JSON: client-leg bytes per
+#: second of audio at most this share, relay CPU per message at most this multiple.
+AUDIO_BYTES_SHARE_TARGET: Final = 0.76
+AUDIO_CPU_RATIO_TARGET: Final = 1.3
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,10 @@ class Plan:
     #: Interleaved repetitions: each round runs every path once (rotated order) and the
     #: table shows the median over the rounds with its min-max spread.
     rounds: int = 1
+    #: The binary-vs-JSON comparison: stream session counts (empty: skipped), window, warm-up.
+    audio_sessions: list[int] = field(default_factory=list)
+    audio_duration_s: float = 0.0
+    audio_warmup_s: float = 0.0
 
 
 def _spec(
@@ -108,10 +128,13 @@ def standard_plan(args: argparse.Namespace) -> Plan:
     ]
     return Plan(
         scenarios,
-        [int(step) for step in args.ramp.split(",")] if args.ramp else [],
+        _steps(args.ramp),
         ramp_duration_s=4 * share,
         ramp_warmup_s=1,
         rounds=rounds,
+        audio_sessions=_steps(args.audio_sessions),
+        audio_duration_s=4 * share,
+        audio_warmup_s=1,
     )
 
 
@@ -130,7 +153,20 @@ def tiny_plan(args: argparse.Namespace) -> Plan:
         Scenario("churn", _spec("churn", 2, 0.5, 0.1), ("direct", "relay", "nginx")),
         Scenario("idle", _spec("idle", 20, 0.2, 0), ("relay", "splice")),
     ]
-    return Plan(scenarios, [2, 4], ramp_duration_s=0.5, ramp_warmup_s=0.2, rounds=args.rounds or 1)
+    return Plan(
+        scenarios,
+        [2, 4],
+        ramp_duration_s=0.5,
+        ramp_warmup_s=0.2,
+        rounds=args.rounds or 1,
+        audio_sessions=[3],
+        audio_duration_s=0.5,
+        audio_warmup_s=0.2,
+    )
+
+
+def _steps(text: str) -> list[int]:
+    return [int(step) for step in text.split(",")] if text else []
 
 
 def estimate_s(plan: Plan) -> float:
@@ -141,6 +177,11 @@ def estimate_s(plan: Plan) -> float:
         total += run * len(scenario.paths)
     total += (
         2 * len(plan.ramp_steps) * (plan.ramp_duration_s + plan.ramp_warmup_s + per_run_overhead_s)
+    )
+    total += (
+        len(AUDIO_COMBINATIONS)
+        * len(plan.audio_sessions)
+        * (plan.audio_duration_s + plan.audio_warmup_s + per_run_overhead_s)
     )
     return total * plan.rounds
 
@@ -398,6 +439,148 @@ def run_ramp(running: Rig, plan: Plan, *, budget_ms: float, load_procs: int) -> 
     return {"budget_ms": budget_ms, "steps": steps, "sessions_at_budget": held}
 
 
+def _audio_bytes(measured: Measured) -> float:
+    value = measured.result.client_bytes_per_audio_s
+    return value if value > 0 else math.nan
+
+
+def _summed_errors(runs: list[Measured]) -> dict[str, int]:
+    summed: dict[str, int] = {}
+    for run in runs:
+        for kind, count in run.result.errors.items():
+            summed[kind] = summed.get(kind, 0) + count
+    return summed
+
+
+def run_audio(running: Rig, plan: Plan, *, load_procs: int) -> list[dict[str, Any]]:
+    """The binary-vs-JSON comparison: ``stream`` sessions JSON and ``binary``, direct and
+    through the relay, all four once per round (rotated); ratios paired per round."""
+    scenarios: list[dict[str, Any]] = []
+    for sessions in plan.audio_sessions:
+        spec = _spec("stream", sessions, plan.audio_duration_s, plan.audio_warmup_s)
+        got: dict[tuple[str, bool], list[Measured]] = {key: [] for key in AUDIO_COMBINATIONS}
+        for round_number in range(plan.rounds):
+            for path, binary in rotated(list(AUDIO_COMBINATIONS), round_number):
+                print(
+                    f"audio {sessions} via {path}, {'binary' if binary else 'JSON'}"
+                    + (f" (round {round_number + 1})" if plan.rounds > 1 else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                got[(path, binary)].append(
+                    measure(
+                        running,
+                        running.targets[path],
+                        msgspec.structs.replace(spec, binary=binary),
+                        query=ECHO_QUERY,
+                        load_procs=load_procs,
+                    )
+                )
+        rows: list[dict[str, Any]] = []
+        for (path, binary), runs in got.items():
+            json_runs = got[(path, False)]
+
+            def ratio(
+                figure: Callable[[Measured], float],
+                runs: list[Measured] = runs,
+                json_runs: list[Measured] = json_runs,
+            ) -> Spread:
+                return Spread.of(
+                    figure(mine) / figure(theirs)
+                    for mine, theirs in zip(runs, json_runs, strict=True)
+                )
+
+            rows.append(
+                {
+                    "path": path,
+                    "encoding": "binary" if binary else "json",
+                    "us_per_msg": Spread.of(run.us_per_message for run in runs),
+                    "us_per_msg_x_json": ratio(lambda run: run.us_per_message),
+                    "client_bytes_per_audio_s": Spread.of(_audio_bytes(run) for run in runs),
+                    "client_bytes_x_json": ratio(_audio_bytes),
+                    "p50_ms": Spread.of(run.result.latency("rtt")["p50"] for run in runs),
+                    "p99_ms": Spread.of(run.result.latency("rtt")["p99"] for run in runs),
+                    "lost": sum(run.result.lost for run in runs),
+                    "errors": _summed_errors(runs),
+                    "load_saturated": any(run.result.load_saturated for run in runs),
+                    "rounds": [run.to_json() for run in runs],
+                }
+            )
+        relay = next(row for row in rows if row["path"] == "relay" and row["encoding"] == "binary")
+        scenarios.append(
+            {
+                "sessions": sessions,
+                "rows": rows,
+                "client_bytes_met": relay["client_bytes_x_json"].median <= AUDIO_BYTES_SHARE_TARGET,
+                "us_per_msg_met": relay["us_per_msg_x_json"].median <= AUDIO_CPU_RATIO_TARGET,
+            }
+        )
+    return scenarios
+
+
+def audio_lines(scenarios: list[dict[str, Any]]) -> list[str]:
+    """The comparison as text: one line per (path, encoding), then the targets."""
+    lines: list[str] = []
+    header = ["path", "client", "us/msg", "x JSON", "bytes/s of audio", "x JSON", "p50 ms"]
+    header += ["p99 ms", "lost", "load%"]
+    for scenario in scenarios:
+        lines.append(
+            f"binary audio path against JSON, stream {scenario['sessions']} (relay.audio.v1; "
+            "bytes: client sockets, both ways, per second of audio sent; x JSON paired per "
+            "round):"
+        )
+        table = [header]
+        for row in scenario["rows"]:
+            direct = row["path"] == "direct"
+            table.append(
+                [
+                    row["path"],
+                    row["encoding"],
+                    _cell(row["us_per_msg"], ".1f", direct),
+                    _cell(row["us_per_msg_x_json"], ".2f", direct),
+                    _cell(row["client_bytes_per_audio_s"], ",.0f"),
+                    _cell(row["client_bytes_x_json"], ".2f"),
+                    _cell(row["p50_ms"], ".2f"),
+                    _cell(row["p99_ms"], ".2f"),
+                    str(row["lost"]) + (f" {row['errors']}" if row["errors"] else ""),
+                    "saturated!" if row["load_saturated"] else "ok",
+                ]
+            )
+        widths = [max(len(cells[column]) for cells in table) for column in range(len(header))]
+        lines.extend(
+            "  "
+            + " ".join(
+                cell.ljust(width) if column < 2 else cell.rjust(width)
+                for column, (cell, width) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+            for cells in table
+        )
+        relay = next(
+            r for r in scenario["rows"] if r["path"] == "relay" and r["encoding"] == "binary"
+        )
+        lines.append(
+            f"  targets (issue 13), relay binary / JSON: client bytes "
+            f"{relay['client_bytes_x_json'].median:.2f} (<= {AUDIO_BYTES_SHARE_TARGET:.2f}: "
+            f"{'met' if scenario['client_bytes_met'] else 'MISSED'}), CPU per message "
+            f"{relay['us_per_msg_x_json'].median:.2f}x (<= {AUDIO_CPU_RATIO_TARGET:.1f}x: "
+            f"{'met' if scenario['us_per_msg_met'] else 'MISSED'})"
+        )
+    return lines
+
+
+def audio_json(scenarios: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            **scenario,
+            "rows": [
+                {k: v.to_json() if isinstance(v, Spread) else v for k, v in row.items()}
+                for row in scenario["rows"]
+            ],
+        }
+        for scenario in scenarios
+    ]
+
+
 def ramp_summary(ramp: dict[str, Any], pinned: bool) -> str:
     held = ramp["sessions_at_budget"]
     budget = ramp["budget_ms"]
@@ -542,6 +725,11 @@ def main() -> int:
     )
     parser.add_argument("--load-procs", type=int, default=1, help="load processes per run")
     parser.add_argument(
+        "--audio-sessions",
+        default=DEFAULT_AUDIO_SESSIONS,
+        help="binary-vs-JSON comparison: stream session counts ('' to skip)",
+    )
+    parser.add_argument(
         "--rounds",
         type=int,
         default=None,
@@ -571,6 +759,7 @@ def main() -> int:
     )
     rows: list[Row] = []
     ramp: dict[str, Any] | None = None
+    audio: list[dict[str, Any]] = []
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
         sim_port = running.start_simulator()
         upstream = running.targets["direct"].url
@@ -610,6 +799,8 @@ def main() -> int:
                         direct = measured
                 directs.append(direct)
             rows.extend(Row(label, by_path[path], directs) for path in paths)
+        if plan.audio_sessions:
+            audio = run_audio(running, plan, load_procs=args.load_procs)
         if plan.ramp_steps:
             ramp = run_ramp(running, plan, budget_ms=args.budget_ms, load_procs=args.load_procs)
     elapsed = time.time() - started
@@ -623,6 +814,7 @@ def main() -> int:
         "(! = saturated). With rounds: median over the rounds (min–max); +p99 paired with "
         "direct within each round.",
         *format_table(rows),
+        *audio_lines(audio),
     ]
     if ramp is not None:
         lines.append(ramp_summary(ramp, args.pin))
@@ -641,6 +833,7 @@ def main() -> int:
                     "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
                     "elapsed_s": elapsed,
                     "rows": [row.to_json() for row in rows],
+                    "audio": audio_json(audio),
                     "ramp": ramp,
                 }
             ),

@@ -176,6 +176,12 @@ def _parser() -> argparse.ArgumentParser:
         "reports itself saturated)",
     )
     bench.add_argument("--ca-file", help="CA bundle for a wss:// URL with a private CA")
+    bench.add_argument(
+        "--binary",
+        action="store_true",
+        help="offer relay.audio.v1: audio as binary frames both ways (docs/binary-audio.md); "
+        "fails when the server does not select it",
+    )
     bench.add_argument("--json", help="write the result to this file")
     add_progress_option(bench)
 
@@ -384,6 +390,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 "speech_ms": args.speech_ms,
                 "pause_ms": args.pause_ms,
                 "ca_file": args.ca_file or "",
+                "binary": args.binary,
             },
             LoadSpec,
         )
@@ -401,6 +408,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(
         f"bench: {args.profile}, {spec.sessions} session(s), {spec.warmup_s:g} s warm-up + "
         f"{spec.duration_s:g} s measured, against {args.url.split('?')[0]}"
+        + (", binary audio (relay.audio.v1)" if spec.binary else "")
         + (f", {args.load_procs} load processes" if args.load_procs > 1 else ""),
         file=sys.stderr,
     )

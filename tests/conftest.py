@@ -56,7 +56,10 @@ class RunningRelay:
         return f"http://127.0.0.1:{self.port}/v1"
 
 
-async def start_simulator(nursery: trio.Nursery, **overrides: Any) -> RunningSimulator:
+async def start_simulator(
+    nursery: trio.Nursery, *, record_audio: bool = False, **overrides: Any
+) -> RunningSimulator:
+    """A simulator on a free port; ``record_audio``: ``sim.received_audio`` is kept."""
     fields: dict[str, Any] = {
         "host": "127.0.0.1",
         "port": 0,
@@ -67,7 +70,7 @@ async def start_simulator(nursery: trio.Nursery, **overrides: Any) -> RunningSim
         "delta_audio_ms": 100,
     }
     fields.update(overrides)
-    sim = Simulator(SimulatorConfig(**fields))
+    sim = Simulator(SimulatorConfig(**fields), record_audio=record_audio)
     port: int = await nursery.start(sim.serve)
     return RunningSimulator(port=port, key=SIM_KEY, sim=sim)
 

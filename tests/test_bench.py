@@ -6,6 +6,7 @@ Counts, shapes and merges are asserted, never timings.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -247,6 +248,8 @@ def test_suite_tiny_run_prints_one_table_and_writes_json_and_plots(tmp_path: Pat
     completed = subprocess.run(
         [sys.executable, "bench/suite.py", "--tiny", "--out", str(tmp_path), "--budget-ms", "1000"],
         cwd=REPO,
+        # The checkout's relay, also from a git worktree sharing another checkout's venv.
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=180,
@@ -265,8 +268,20 @@ def test_suite_tiny_run_prints_one_table_and_writes_json_and_plots(tmp_path: Pat
     assert idle["result"]["sessions_held"] == idle["result"]["sessions_requested"]
     assert [step["sessions"] for step in suite["ramp"]["steps"]] == [2, 4]
     assert suite["ramp"]["sessions_at_budget"] == 4
+    (audio,) = suite["audio"]
+    assert {(row["path"], row["encoding"]) for row in audio["rows"]} == {
+        (path, encoding) for path in ("direct", "relay") for encoding in ("json", "binary")
+    }
+    for row in audio["rows"]:
+        assert row["lost"] == 0, row
+        assert row["errors"] == {}, row
+        assert row["client_bytes_per_audio_s"]["median"] > 0, row
+        if row["encoding"] == "binary":
+            assert row["client_bytes_x_json"]["median"] < 0.76, row
+    assert audio["client_bytes_met"]
     table = (tmp_path / "table.txt").read_text()
     assert "concurrency limit: 4 sessions" in table
+    assert "binary audio path against JSON, stream 3" in table
     assert table in completed.stdout
     for name in ("latency-cdf.png", "ramp.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1191,3 +1191,48 @@ async def test_upstream_names_are_resolved_once_per_ttl_and_ip_literals_never(
     now[0] += 2  # past the TTL: looked up again
     await transport.resolve("upstream.example", 443)
     assert lookups == ["upstream.example", "upstream.example"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    # Mostly the common first octets (FIN text, FIN binary), then any.
+    st.one_of(st.sampled_from([0x81, 0x82]), st.integers(min_value=0, max_value=255)),
+    st.booleans(),
+    st.sampled_from([0, 1, 2, 3, 125, 126, 127, 300, 65535, 65536]),
+    st.booleans(),
+    st.booleans(),
+    st.sampled_from([0, 1, 125, 126, 65536]),
+)
+def test_the_one_frame_path_decides_as_the_loop_does(
+    first: int, masked: bool, length: int, expect_masked: bool, in_message: bool, whole: int
+) -> None:
+    """A read of exactly one frame (any first octet, mask bit, length) taken by take_run's
+    one-frame path gives what the frame loop gives: an ``accept`` that takes everything
+    sends the same read through the loop. Same count taken, same counts, same text
+    tapped, the same refusal."""
+    header = bytearray([first])
+    if length < 126:
+        header.append(length | (0x80 if masked else 0))
+    elif length < 65536:
+        header += bytes([126 | (0x80 if masked else 0)]) + length.to_bytes(2, "big")
+    else:
+        header += bytes([127 | (0x80 if masked else 0)]) + length.to_bytes(8, "big")
+    wire = bytes(header) + (KEY if masked else b"") + b"x" * length
+
+    def outcome(loop: bool) -> tuple[object, ...]:
+        r = reader(masked=expect_masked, whole=whole)
+        if in_message:  # a fragmented text message open
+            r.feed(frame(OP_TEXT, b"a", fin=False, masked=expect_masked))
+            drain(r)
+        tapped: list[bytes] = []
+        try:
+            taken = r.take_run(
+                memoryview(wire),
+                lambda p: tapped.append(bytes(p)),
+                (lambda *_: True) if loop else None,
+            )
+        except FrameProtocolError as exc:
+            return ("refused", exc.close_code, exc.reason)
+        return (taken, r.run_frames, r.run_messages, tapped, r.in_message)
+
+    assert outcome(loop=False) == outcome(loop=True)

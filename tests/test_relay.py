@@ -327,7 +327,8 @@ async def test_a_crashing_session_leaves_others_running(
         open_ws(echo, extra_headers=bearer()) as healthy,
         open_ws(echo, extra_headers=bearer()) as doomed,
     ):
-        await doomed.send_message('{"type":"CRASH"}')
+        # A type the tap reads (untapped types are skipped before it is called).
+        await doomed.send_message('{"type":"error","note":"CRASH"}')
         # The tap reads a run of frames as it is scanned, before the write: the
         # echo that blew it up is not forwarded, the error event says why.
         error = await next_event(doomed)

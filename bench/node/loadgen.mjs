@@ -11,6 +11,18 @@
 //   idle    open N sessions, wait for session.created on each, print "ready", hold them
 //           until stdin closes or a line "stop" arrives or the duration has passed.
 //
+// --binary: every session offers the subprotocol relay.audio.v1 (docs/binary-audio.md)
+// beside realtime and fails (binary_audio_not_selected) when the server does not select
+// it. Each append is then one binary message of the same 960 bytes of audio, its first 4
+// bytes overwritten by the sequence number (little-endian); the answer is a binary frame
+// of audio (after a relay.output_audio.start text marker), matched by the sequence number
+// in it, as the JSON path matches the echo's event_id. A JSON delta is still accepted.
+//
+// stream reports the bytes on its sessions' sockets inside the window, both ways
+// (client_bytes_sent / client_bytes_received: frame headers and every frame included),
+// and the audio its appends carried in it (window_audio_s): the client leg's cost per
+// second of audio, JSON against binary.
+//
 // Lines on stdout (JSON, one per line): {"event":"ready",...} once every session of
 // stream/idle has opened (or failed), {"event":"window_start"} after the warmup,
 // {"event":"window_end"}, then one {"event":"result",...}. Diagnostics go to stderr.
@@ -35,6 +47,7 @@ const { values: opt } = parseArgs({
     exchanges: { type: "string", default: "5" },
     "grace-s": { type: "string", default: "2" },
     "open-timeout-s": { type: "string", default: "15" },
+    binary: { type: "boolean", default: false },
   },
 });
 if (!opt.url || !["stream", "churn", "idle"].includes(opt.mode)) {
@@ -52,13 +65,57 @@ const EXCHANGES = Math.max(1, Number(opt.exchanges));
 const GRACE_MS = Number(opt["grace-s"]) * 1000;
 const OPEN_TIMEOUT_MS = Number(opt["open-timeout-s"]) * 1000;
 const SATURATED_SHARE = 0.9;
+const BINARY = opt.binary;
+const AUDIO_SUBPROTOCOL = "relay.audio.v1";
+// 20 ms of 24 kHz PCM16 per append.
+const AUDIO_PCM = randomBytes(960);
+const AUDIO_MS = 20;
+const SEQUENCE_BYTES = 4;
 
-const AUDIO = randomBytes(960).toString("base64");
+const AUDIO = AUDIO_PCM.toString("base64");
 const SUFFIX = `","audio":"${AUDIO}"}`;
 const appendText = (session, seq) =>
   `{"type":"input_audio_buffer.append","event_id":"evt_${session}_${seq}${SUFFIX}`;
 const EVENT_ID = Buffer.from('"event_id":"evt_');
 const CREATED = Buffer.from('"session.created"');
+const DELTA_TYPE = Buffer.from('"response.output_audio.delta"');
+
+// One binary append: the audio with `seq` over its first bytes (a fresh buffer: ws masks
+// in place what it is given).
+function binaryAppend(seq) {
+  const chunk = Buffer.allocUnsafe(AUDIO_PCM.length);
+  AUDIO_PCM.copy(chunk);
+  chunk.writeUInt32LE(seq, 0);
+  return chunk;
+}
+
+// The sequence number a binary-path answer carries in its audio, or -1: a binary frame,
+// or a JSON delta the server did not convert (its audio decoded); markers give -1.
+function binarySeq(data, isBinary) {
+  if (isBinary) return data.length >= SEQUENCE_BYTES ? data.readUInt32LE(0) : -1;
+  if (data.indexOf(DELTA_TYPE) < 0) return -1;
+  let event;
+  try {
+    event = JSON.parse(data);
+  } catch {
+    return -1;
+  }
+  const audio = typeof event.delta === "string" ? Buffer.from(event.delta, "base64") : null;
+  return audio !== null && audio.length >= SEQUENCE_BYTES ? audio.readUInt32LE(0) : -1;
+}
+
+// Bytes on the sessions' sockets so far, both ways (net.Socket counters).
+function socketBytes(sessions) {
+  let sent = 0;
+  let received = 0;
+  for (const session of sessions) {
+    const socket = session.ws._socket;
+    if (!socket) continue;
+    sent += socket.bytesWritten;
+    received += socket.bytesRead;
+  }
+  return { sent, received };
+}
 
 const emit = (line) => process.stdout.write(`${JSON.stringify(line)}\n`);
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, Math.max(0, ms)));
@@ -121,11 +178,16 @@ class Session {
         resolve(ok ? performance.now() - started : null);
       };
       const timer = setTimeout(() => settle(false, "open_timeout"), OPEN_TIMEOUT_MS);
-      this.ws = new WebSocket(opt.url, {
+      this.ws = new WebSocket(opt.url, BINARY ? ["realtime", AUDIO_SUBPROTOCOL] : [], {
         headers: opt.key ? { Authorization: `Bearer ${opt.key}` } : {},
         perMessageDeflate: false,
         maxPayload: 64 << 20,
       });
+      if (BINARY) {
+        this.ws.on("open", () => {
+          if (this.ws.protocol !== AUDIO_SUBPROTOCOL) settle(false, "binary_audio_not_selected");
+        });
+      }
       this.ws.on("unexpected-response", (_request, response) => {
         settle(false, `handshake_${response.statusCode}`);
       });
@@ -139,8 +201,10 @@ class Session {
           if (!isBinary && data.indexOf(CREATED) >= 0) settle(true);
           return;
         }
-        if (isBinary) return;
-        const seq = echoedSeq(data);
+        let seq;
+        if (BINARY) seq = binarySeq(data, isBinary);
+        else if (isBinary) return;
+        else seq = echoedSeq(data);
         if (seq < 0) return;
         this.echoed += 1;
         if (this.onEcho) this.onEcho(seq, performance.now());
@@ -149,7 +213,8 @@ class Session {
   }
 
   send(seq) {
-    this.ws.send(appendText(this.index, seq));
+    if (BINARY) this.ws.send(binaryAppend(seq), { binary: true });
+    else this.ws.send(appendText(this.index, seq));
   }
 
   close() {
@@ -198,17 +263,20 @@ function loadCpu(before, wallMs) {
   return { load_cpu_s: cpuS, load_cpu_percent: 100 * share, load_saturated: share >= SATURATED_SHARE };
 }
 
-// Start, window start and window end as performance.now() times, with the window lines.
-function windowTimes(start) {
+// Start, window start and window end as performance.now() times, with the window lines;
+// `onMark("start" | "end")` runs at each end of the window.
+function windowTimes(start, onMark = () => {}) {
   const windowStart = start + WARMUP_MS;
   const windowEnd = windowStart + DURATION_MS;
   const marks = { cpuBefore: null, cpu: null };
   setTimeout(() => {
     marks.cpuBefore = process.cpuUsage();
+    onMark("start");
     emit({ event: "window_start" });
   }, windowStart - performance.now());
   setTimeout(() => {
     marks.cpu = loadCpu(marks.cpuBefore, performance.now() - windowStart);
+    onMark("end");
     emit({ event: "window_end" });
   }, windowEnd - performance.now());
   return { windowStart, windowEnd, marks };
@@ -219,7 +287,10 @@ async function stream() {
   const sessions = await openAll(N, handshakes);
   emit({ event: "ready", opened: sessions.length });
   const start = performance.now() + 50;
-  const { windowStart, windowEnd, marks } = windowTimes(start);
+  const bytes = {};
+  const { windowStart, windowEnd, marks } = windowTimes(start, (phase) => {
+    bytes[phase] = socketBytes(sessions);
+  });
   const perPeriod = (RATE * PERIOD_MS) / 1000;
   const rtts = [];
   let windowSent = 0;
@@ -279,6 +350,9 @@ async function stream() {
     lost,
     rtt_ms: percentiles(rtts),
     handshake_ms: percentiles(handshakes),
+    client_bytes_sent: bytes.end ? bytes.end.sent - bytes.start.sent : null,
+    client_bytes_received: bytes.end ? bytes.end.received - bytes.start.received : null,
+    window_audio_s: (windowSent * AUDIO_MS) / 1000,
     ...marks.cpu,
   };
 }
@@ -388,9 +462,16 @@ emit({
   mode: opt.mode,
   sessions_requested: requested,
   sessions_failed: Object.entries(errors)
-    .filter(([kind]) => kind.startsWith("handshake_") || kind.startsWith("open_") || kind.includes("before_created"))
+    .filter(
+      ([kind]) =>
+        kind.startsWith("handshake_") ||
+        kind.startsWith("open_") ||
+        kind.includes("before_created") ||
+        kind === "binary_audio_not_selected",
+    )
     .reduce((sum, [, count]) => sum + count, 0),
   window_s: DURATION_MS / 1000,
+  binary: BINARY,
   errors,
   ...result,
 });

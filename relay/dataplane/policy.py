@@ -42,6 +42,7 @@ Close codes the relay itself chooses (documented in the README):
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -349,10 +350,15 @@ TAPPED_TYPES: Final = frozenset({"session.created", "response.done", "error"})
 _TAPPED_TYPE_NAMES: Final = frozenset(name.encode() for name in TAPPED_TYPES)
 #: How OpenAI's events begin: ``type`` is the first member. An event that begins so
 #: with a type the tap does not want (audio deltas, transcripts: nearly all traffic)
-#: is skipped from its first bytes, without a JSON decode.
-_TYPE_FIRST: Final = b'{"type":"'
+#: is skipped from its first bytes, without a JSON decode: one regex match, which
+#: refuses a name with an escape in it (an escape could spell a tapped type).
 #: How far into an event the type's closing quote is looked for.
 _TYPE_SCAN_BYTES: Final = 96
+UNTAPPED_HEAD: Final = re.compile(
+    rb'\{"type":"(?!(?:'
+    + b"|".join(re.escape(name) for name in sorted(_TAPPED_TYPE_NAMES))
+    + rb')")[^"\\]{0,%d}"' % _TYPE_SCAN_BYTES
+).match
 
 
 @dataclass(slots=True)
@@ -367,13 +373,8 @@ class UpstreamTap:
 
     def observe_text(self, payload: bytes | memoryview) -> None:
         """Look at one complete upstream text message (unmasked payload)."""
-        head = bytes(payload[:_TYPE_SCAN_BYTES])
-        if head.startswith(_TYPE_FIRST):
-            end = head.find(b'"', len(_TYPE_FIRST))
-            name = head[len(_TYPE_FIRST) : end]
-            # An escape in the name could spell a tapped type: those take the decode.
-            if end > 0 and b"\\" not in name and name not in _TAPPED_TYPE_NAMES:
-                return
+        if UNTAPPED_HEAD(payload) is not None:
+            return
         try:
             event_type = decode_envelope(payload).type
         except EventDecodeError:

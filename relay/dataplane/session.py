@@ -62,6 +62,7 @@ from relay.dataplane.lock import (
     is_plain_append,
 )
 from relay.dataplane.policy import (
+    UNTAPPED_HEAD,
     ClosePlan,
     Ending,
     EndKind,
@@ -578,7 +579,7 @@ class RelaySession:
         while True:
             event = reader.next_event()
             if event is None:
-                run = await upstream.receive_run(observe)
+                run = await upstream.receive_run(observe, None, UNTAPPED_HEAD)
                 if run:
                     await client.send_raw(run)
                     stats.messages_down += reader.run_messages
@@ -629,7 +630,7 @@ class RelaySession:
         while True:
             event = reader.next_event()
             if event is None:
-                run = await upstream.receive_run(observe, gate)
+                run = await upstream.receive_run(observe, gate, UNTAPPED_HEAD)
                 if run:
                     await client.send_raw(run)
                     stats.messages_down += reader.run_messages

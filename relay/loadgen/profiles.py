@@ -28,6 +28,17 @@ e.g. its memory with the sessions held), then run from that start time through
 - ``idle``: hold ``sessions`` silent sessions (answering pings) for ``duration_s``:
   memory per session, measured by the orchestrator at the gate.
 
+With ``binary`` (``relay bench --binary``) every session offers ``relay.audio.v1``
+(docs/binary-audio.md) and a session whose server does not select it counts as
+failed (``binary_audio_not_selected``): each chunk goes up as one binary message,
+and audio comes back as binary frames after ``relay.output_audio.start`` markers.
+A binary echo has no ``event_id``, so the stream and flat profiles write the
+append's sequence number into the audio itself (its first :data:`SEQUENCE_BYTES`,
+little-endian) and match the echoed frame by it, as the JSON path matches by
+``event_id``. Every profile reports the bytes on its client sockets inside the
+window, both ways, and the seconds of audio its appends carried: the client leg's
+bytes per second of audio, JSON against binary.
+
 Load frames carry the MASK bit with an all-zero key: valid RFC 6455 whose XOR
 costs nothing. Acceptable for a load tool (RFC 6455 §10.3 guards browsers against
 hostile scripts), never for a real client.
@@ -52,6 +63,7 @@ from relay.net import http
 from relay.net.transport import TransportClosed, open_transport
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import audio, frames, handshake
+from relay.protocol.binary_audio import AUDIO_SUBPROTOCOL
 from relay.protocol.frames import Frame, FrameProtocolError
 
 #: Handshakes in flight at once while sessions open.
@@ -71,6 +83,11 @@ VOICE_RESPONSE_TIMEOUT_S: Final = 30.0
 #: churn: pause after a refused or failed open, so a refusing endpoint is not hammered.
 CHURN_RETRY_PAUSE_S: Final = 0.05
 _ZERO_MASK: Final = b"\x00\x00\x00\x00"
+#: Binary path: an append's sequence number, little-endian, overwrites this many bytes
+#: at the start of its audio (two PCM16 samples), so its echo can be matched.
+SEQUENCE_BYTES: Final = 4
+#: Subprotocols a session offers on the binary path (``realtime`` for servers without it).
+BINARY_SUBPROTOCOLS: Final = ("realtime", AUDIO_SUBPROTOCOL)
 
 #: Called with the number of sessions opened; returns the start time (``time.time()`` epoch).
 Gate = Callable[[int], Awaitable[float]]
@@ -125,7 +142,7 @@ class _Session:
 class _Window:
     """The measured interval on the Trio clock, and what crossed the wire inside it."""
 
-    __slots__ = ("bytes", "end", "received", "sent", "start")
+    __slots__ = ("audio_ms", "bytes", "end", "received", "sent", "start")
 
     def __init__(self, start: float, end: float) -> None:
         self.start = start
@@ -133,6 +150,8 @@ class _Window:
         self.sent = 0
         self.received = 0
         self.bytes = 0
+        #: Audio the appends sent inside the window carried.
+        self.audio_ms = 0.0
 
     def holds(self, moment: float) -> bool:
         return self.start <= moment < self.end
@@ -162,12 +181,17 @@ async def open_session(
                     target=path,
                     key=ws_key,
                     headers=[("Authorization", f"Bearer {spec.key}")],
+                    subprotocols=BINARY_SUBPROTOCOLS if spec.binary else (),
                 )
             )
             response = await http.read_response_head(transport)
             if response.status != 101:
                 transport.close()
                 result.count_error(f"handshake_{response.status}")
+                return None
+            if spec.binary and response.header(b"sec-websocket-protocol") != AUDIO_SUBPROTOCOL:
+                transport.close()
+                result.count_error("binary_audio_not_selected")
                 return None
             ws = WebSocket(
                 transport,
@@ -236,6 +260,7 @@ async def run_profile(spec: LoadSpec, *, gate: Gate = start_soon_after) -> LoadR
         profile=spec.profile, sessions_requested=spec.sessions, duration_s=spec.duration_s
     )
     ssl_context = _client_context(spec)
+    result.binary = spec.binary
     opened = [] if spec.profile == "churn" else await _open_all(spec, result, ssl_context)
     start_epoch = await gate(len(opened))
     usage_before = resource.getrusage(resource.RUSAGE_SELF)
@@ -243,14 +268,17 @@ async def run_profile(spec: LoadSpec, *, gate: Gate = start_soon_after) -> LoadR
     start = trio.current_time() + max(0.0, start_epoch - time.time())
     window = _Window(start + spec.warmup_s, start + spec.warmup_s + spec.duration_s)
     try:
-        if spec.profile in ("stream", "flat"):
-            await _run_echo(spec, opened, result, start, window)
-        elif spec.profile == "voice":
-            await _run_voice(spec, opened, result, start, window)
-        elif spec.profile == "churn":
-            await _run_churn(spec, result, start, window, ssl_context)
-        else:
-            await _run_idle(opened, result, window)
+        async with trio.open_nursery() as counting:
+            counting.start_soon(_count_client_bytes, opened, result, window)
+            if spec.profile in ("stream", "flat"):
+                await _run_echo(spec, opened, result, start, window)
+            elif spec.profile == "voice":
+                await _run_voice(spec, opened, result, start, window)
+            elif spec.profile == "churn":
+                await _run_churn(spec, result, start, window, ssl_context)
+            else:
+                await _run_idle(opened, result, window)
+            counting.cancel_scope.cancel()
     finally:
         await _close_all(opened)
     usage_after = resource.getrusage(resource.RUSAGE_SELF)
@@ -262,7 +290,27 @@ async def run_profile(spec: LoadSpec, *, gate: Gate = start_soon_after) -> LoadR
     result.window_sent, result.window_received = window.sent, window.received
     result.window_bytes = window.bytes
     result.window_s = spec.duration_s
+    result.window_audio_s = window.audio_ms / 1000.0
     return result
+
+
+async def _count_client_bytes(opened: list[_Session], result: LoadResult, window: _Window) -> None:
+    """The sessions' socket byte counts at the window's two ends (churn: its own count)."""
+    await trio.sleep_until(window.start)
+    sent = sum(session.ws.bytes_sent for session in opened)
+    received = sum(session.ws.bytes_received for session in opened)
+    await trio.sleep_until(window.end)
+    result.client_bytes_sent += sum(session.ws.bytes_sent for session in opened) - sent
+    result.client_bytes_received += sum(session.ws.bytes_received for session in opened) - received
+
+
+def _sequenced_chunk(pcm: bytes, sequence: int) -> bytes:
+    """``pcm`` with ``sequence`` written over its first :data:`SEQUENCE_BYTES`."""
+    return sequence.to_bytes(SEQUENCE_BYTES, "little") + pcm[SEQUENCE_BYTES:]
+
+
+def _echoed_sequence(audio_bytes: bytes | memoryview) -> int:
+    return int.from_bytes(audio_bytes[:SEQUENCE_BYTES], "little")
 
 
 # ---------------------------------------------------------------- stream and flat
@@ -274,18 +322,27 @@ async def _run_echo(
     prefix, suffix = _append_template(spec.chunk_ms, seed=7)
     template_bytes = len(prefix) + len(suffix)
     flat = spec.profile == "flat"
+    pcm = audio.speech_like(spec.chunk_ms, seed=7)
+    # The zero mask leaves the payload as it is: one join builds the whole frame.
+    binary_head = frames.encode_header(frames.OP_BINARY, len(pcm), masked=True) + _ZERO_MASK
+    sequenced = pcm[SEQUENCE_BYTES:]
 
     async def send_append(session: _Session) -> None:
-        sequence = str(len(session.send_times)).encode()
-        size = template_bytes + len(sequence)
-        # The zero mask leaves the payload as it is: one join builds the whole frame.
-        header = frames.encode_header(frames.OP_TEXT, size, masked=True)
-        frame = b"".join((header, _ZERO_MASK, prefix, sequence, suffix))
+        number = len(session.send_times)
+        if spec.binary:
+            size = len(pcm)
+            frame = b"".join((binary_head, number.to_bytes(SEQUENCE_BYTES, "little"), sequenced))
+        else:
+            sequence = str(number).encode()
+            size = template_bytes + len(sequence)
+            header = frames.encode_header(frames.OP_TEXT, size, masked=True)
+            frame = b"".join((header, _ZERO_MASK, prefix, sequence, suffix))
         now = trio.current_time()
         session.send_times.append(now)
         if window.holds(now):
             window.sent += 1
             window.bytes += size
+            window.audio_ms += spec.chunk_ms
         await session.ws.send_raw(frame)
 
     async with trio.open_nursery() as readers:
@@ -352,6 +409,7 @@ async def _echo_reader(
     ws = session.ws
     send_times = session.send_times
     rtt = result.histogram("rtt")
+    binary = result.binary
     try:
         while True:
             event = await ws.next_frame_event()
@@ -367,12 +425,19 @@ async def _echo_reader(
                 continue
             now = trio.current_time()
             body = memoryview(event.raw)[event.header_len :]
-            envelope = _ENVELOPE.decode(body)
-            if envelope.type != "response.output_audio.delta" or envelope.event_id is None:
-                if envelope.type == "error":
-                    result.count_error("error_event")
+            if event.opcode == frames.OP_BINARY:
+                number = _echoed_sequence(body) if binary else -1
+            else:
+                found = _echoed_number(body, binary)
+                if found is None:
+                    if _ENVELOPE.decode(body).type == "error":
+                        result.count_error("error_event")
+                    continue
+                number = found
+            if not 0 <= number < len(send_times):
+                result.count_error("echo_unmatched")
                 continue
-            sent_at = send_times[int(envelope.event_id)]
+            sent_at = send_times[number]
             session.echoed += 1
             rtt.record((now - sent_at) * 1000.0)
             if window.start <= sent_at and now <= window.end:
@@ -382,6 +447,20 @@ async def _echo_reader(
                 await refill(session)
     except (ConnectionClosed, TransportClosed, FrameProtocolError, msgspec.DecodeError) as exc:
         result.count_error(f"read_{type(exc).__name__}")
+
+
+def _echoed_number(body: memoryview, binary: bool) -> int | None:
+    """The append a text echo answers: its ``event_id`` (JSON path), or, on the binary
+    path (a delta the server could not convert), the sequence number in its audio."""
+    if not binary:
+        envelope = _ENVELOPE.decode(body)
+        if envelope.type != "response.output_audio.delta" or envelope.event_id is None:
+            return None
+        return int(envelope.event_id)
+    event = _VOICE_EVENT.decode(body)
+    if event.type != "response.output_audio.delta" or event.delta is None:
+        return None  # a relay.output_audio.start marker, or another event
+    return _echoed_sequence(audio.b64decode(event.delta))
 
 
 # ---------------------------------------------------------------- voice
@@ -400,15 +479,29 @@ async def _run_voice(
     spec: LoadSpec, opened: list[_Session], result: LoadResult, start: float, window: _Window
 ) -> None:
     prefix, suffix = _append_template(spec.chunk_ms, seed=11)
+    pcm = audio.speech_like(spec.chunk_ms, seed=11)
+    binary_frame = frames.encode_header(frames.OP_BINARY, len(pcm), masked=True) + _ZERO_MASK + pcm
     chunks_per_turn = max(1, spec.speech_ms // spec.chunk_ms)
     turn_period_s = (spec.speech_ms + spec.pause_ms) / 1000.0
 
-    async def send(session: _Session, payload: bytes) -> None:
+    async def send(session: _Session, payload: bytes, *, audio_ms: int = 0) -> None:
         if window.holds(trio.current_time()):
             window.sent += 1
             window.bytes += len(payload)
+            window.audio_ms += audio_ms
         result.sent += 1
         await session.ws.send_text(payload)
+
+    async def send_chunk(session: _Session, sequence: int) -> None:
+        if not spec.binary:
+            await send(session, prefix + str(sequence).encode() + suffix, audio_ms=spec.chunk_ms)
+            return
+        if window.holds(trio.current_time()):
+            window.sent += 1
+            window.bytes += len(pcm)
+            window.audio_ms += spec.chunk_ms
+        result.sent += 1
+        await session.ws.send_raw(binary_frame)
 
     async def talker(session: _Session, offset_s: float) -> None:
         try:
@@ -419,7 +512,7 @@ async def _run_voice(
             while due < window.end:
                 for sequence in range(chunks_per_turn):
                     await trio.sleep_until(due)
-                    await send(session, prefix + str(sequence).encode() + suffix)
+                    await send_chunk(session, sequence)
                     due += spec.chunk_ms / 1000.0
                 session.answer_done = trio.Event()
                 session.commit_at = trio.current_time()
@@ -457,14 +550,24 @@ async def _voice_reader(session: _Session, result: LoadResult, window: _Window) 
     jitter = result.histogram("jitter")
     try:
         while True:
-            _, payload = await session.ws.receive_message()
+            opcode, payload = await session.ws.receive_message()
             now = trio.current_time()
             if window.holds(now):
                 window.received += 1
                 window.bytes += len(payload)
-            event = _VOICE_EVENT.decode(payload)
-            kind = event.type
-            if kind == "response.output_audio.delta" and event.delta is not None:
+            if opcode == frames.OP_BINARY:
+                kind = "response.output_audio.delta"
+                audio_bytes = len(payload)
+            else:
+                event = _VOICE_EVENT.decode(payload)
+                kind = event.type
+                delta = event.delta
+                audio_bytes = (
+                    -1
+                    if delta is None
+                    else audio.b64_decoded_length(len(delta), delta.count("=", -2))
+                )
+            if kind == "response.output_audio.delta" and audio_bytes >= 0:
                 result.received += 1
                 if math.isnan(session.last_delta_at):
                     first_delta.record((now - session.commit_at) * 1000.0)
@@ -472,9 +575,7 @@ async def _voice_reader(session: _Session, result: LoadResult, window: _Window) 
                     gap_ms = (now - session.last_delta_at) * 1000.0
                     jitter.record(abs(gap_ms - session.last_delta_ms))
                 session.last_delta_at = now
-                session.last_delta_ms = audio.duration_ms(
-                    audio.b64_decoded_length(len(event.delta), event.delta.count("=", -2))
-                )
+                session.last_delta_ms = audio.duration_ms(audio_bytes)
             elif kind == "response.done":
                 session.answer_done.set()
             elif kind == "session.updated":
@@ -499,8 +600,22 @@ async def _run_churn(
     ssl_context: ssl.SSLContext | None,
 ) -> None:
     prefix, suffix = _append_template(spec.chunk_ms, seed=5)
+    pcm = audio.speech_like(spec.chunk_ms, seed=5)
     appends = [prefix + str(n).encode() + suffix for n in range(CHURN_EXCHANGES)]
     await trio.sleep_until(start)
+
+    async def exchange(ws: WebSocket, number: int) -> None:
+        """One append (text or binary) and its echo (a delta, or a binary frame)."""
+        if spec.binary:
+            await ws.send_binary(_sequenced_chunk(pcm, number))
+        else:
+            await ws.send_text(appends[number])
+        while True:
+            opcode, payload = await ws.receive_message()
+            if opcode == frames.OP_BINARY:
+                return
+            if _ENVELOPE.decode(payload).type == "response.output_audio.delta":
+                return
 
     async def worker(index: int) -> None:
         while trio.current_time() < window.end:
@@ -511,12 +626,8 @@ async def _run_churn(
             result.sessions_opened += 1
             ws = session.ws
             try:
-                for append in appends:
-                    await ws.send_text(append)
-                    while True:
-                        _, payload = await ws.receive_message()
-                        if _ENVELOPE.decode(payload).type == "response.output_audio.delta":
-                            break
+                for number in range(CHURN_EXCHANGES):
+                    await exchange(ws, number)
                 await ws.close(frames.CLOSE_NORMAL, "")
             except (ConnectionClosed, TransportClosed, msgspec.DecodeError) as exc:
                 result.count_error(f"churn_{type(exc).__name__}")

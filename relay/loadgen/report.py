@@ -3,7 +3,8 @@
 This module owns the wording of a single run's report (the benchmark suite's
 table lives in ``bench/``): sessions, losses, rates, latency percentiles and the
 load side's own CPU with a warning when it saturated, so a reader knows whether
-the figures describe the endpoint or the load generator.
+the figures describe the endpoint or the load generator, and the client leg's bytes
+(both ways, per second of audio) for comparing the JSON and binary audio paths.
 """
 
 from __future__ import annotations
@@ -56,6 +57,18 @@ def describe(result: LoadResult) -> str:
         lines.append(
             f"idle: {result.sessions_held}/{result.sessions_requested} sessions still open after "
             f"{result.duration_s:g} s"
+        )
+    if result.window_audio_s > 0:
+        lines.append(
+            f"client leg ({'binary, relay.audio.v1' if result.binary else 'JSON'}): "
+            f"{result.client_bytes_sent:,} bytes sent, {result.client_bytes_received:,} "
+            f"received in the window, {result.client_bytes_per_audio_s:,.0f} bytes per second "
+            "of audio"
+        )
+    if "binary_audio_not_selected" in result.errors:
+        lines.append(
+            "the server did not select relay.audio.v1: it has no binary audio path, or has it "
+            "turned off; run without --binary"
         )
     lines.append(f"errors: {result.errors or 'none'}")
     saturated = (

@@ -56,6 +56,9 @@ class LoadSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     ca_file: str = ""
     #: First session number of this process (several processes share one run).
     index_offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Offer ``relay.audio.v1`` (docs/binary-audio.md): audio goes up as binary messages
+    #: and comes back as binary frames; a server that does not select it fails the run.
+    binary: bool = False
 
     def split(self, processes: int) -> list[LoadSpec]:
         """This run spread over ``processes`` load processes (fewer if sessions are fewer)."""
@@ -89,6 +92,14 @@ class LoadResult:
     window_received: int = 0
     window_bytes: int = 0
     window_s: float = 0.0
+    #: Bytes on the client sockets inside the measured window (frame headers, masks and
+    #: every frame included: the client leg's cost), and the audio the appends sent in
+    #: it carried (an echo carries as much back).
+    client_bytes_sent: int = 0
+    client_bytes_received: int = 0
+    window_audio_s: float = 0.0
+    #: Whether the sessions spoke ``relay.audio.v1`` (the spec's ``binary``).
+    binary: bool = False
     #: voice: completed turns; churn: sessions opened, used and closed; idle: sessions alive.
     turns: int = 0
     sessions_completed: int = 0
@@ -132,6 +143,12 @@ class LoadResult:
         return self.window_bytes / self.window_s / 1e6 if self.window_s else 0.0
 
     @property
+    def client_bytes_per_audio_s(self) -> float:
+        """Client-leg bytes both ways per second of audio streamed in the window."""
+        both = self.client_bytes_sent + self.client_bytes_received
+        return both / self.window_audio_s if self.window_audio_s else 0.0
+
+    @property
     def sessions_per_s(self) -> float:
         return self.sessions_completed / self.window_s if self.window_s else 0.0
 
@@ -145,6 +162,7 @@ class LoadResult:
         data["messages_per_s"] = self.messages_per_s
         data["megabytes_per_s"] = self.megabytes_per_s
         data["sessions_per_s"] = self.sessions_per_s
+        data["client_bytes_per_audio_s"] = self.client_bytes_per_audio_s
         return data
 
     @classmethod
@@ -171,6 +189,9 @@ _SUMMED: Final = (
     "window_sent",
     "window_received",
     "window_bytes",
+    "client_bytes_sent",
+    "client_bytes_received",
+    "window_audio_s",
     "turns",
     "sessions_completed",
     "sessions_held",
@@ -189,6 +210,7 @@ def merge_results(parts: list[LoadResult]) -> LoadResult:
         duration_s=first.duration_s,
         window_s=max(part.window_s for part in parts),
         load_procs=len(parts),
+        binary=first.binary,
     )
     for part in parts:
         for name in _SUMMED:

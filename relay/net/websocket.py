@@ -252,13 +252,15 @@ class WebSocket:
         self,
         on_text: Callable[[memoryview], None] | None = None,
         accept: Callable[[int, bool, bytes | memoryview], bool] | None = None,
+        skip_text: Callable[[memoryview, int, int], object] | None = None,
     ) -> memoryview:
         """Read once; return the whole small data frames at the front of what came.
 
         The run is a view of the shared receive buffer, valid until the caller's
         next await: forward it at once (``send_raw`` copies it if it must wait).
         ``reader.run_frames`` and ``reader.run_messages`` count it, ``on_text`` sees
-        each complete unmasked text message in it, and ``accept`` may keep frames
+        each complete unmasked text message in it (but those ``skip_text`` matches), and
+        ``accept`` may keep frames
         out of it (:meth:`~relay.protocol.frames.FrameReader.take_run`). Whatever is not in
         the run (a control frame, a large or incomplete frame) goes to the reader,
         for
@@ -287,7 +289,7 @@ class WebSocket:
             # starts there (the run is then a private buffer, not the shared one).
             data = memoryview(pending + data)
             received = len(data)
-        taken = reader.take_run(data, on_text, accept)
+        taken = reader.take_run(data, on_text, accept, skip_text)
         if taken == received:
             return data
         reader.feed(data[taken:])

@@ -59,7 +59,7 @@ from relay.protocol.session_config import (
 from relay.protocol.validation import ClientEventError, invalid_value
 from relay.simulator.conversation import Conversation
 from relay.simulator.generated import DEFAULT_AUDIO_SEED
-from relay.simulator.input_audio import APPEND_TYPE, InputAudio
+from relay.simulator.input_audio import APPEND_TYPE, AudioObserver, InputAudio
 from relay.simulator.outbox import MARK_EXPIRED, FastIds, Marker, Outbox
 from relay.simulator.responses import Responses
 
@@ -95,6 +95,8 @@ class SimulatedSession:
     reproducible (``None``: event ids differ per session, like OpenAI's);
     ``id_factory`` makes object ids (``sess_``, ``resp_``, ``item_``, ``conv_``)
     reproducible too (default: :func:`relay.protocol.events.new_id`).
+    ``on_audio`` sees the decoded audio of every accepted append, with the session's
+    input format (a test hook: the echo path decodes only when it is set).
     """
 
     def __init__(
@@ -106,8 +108,10 @@ class SimulatedSession:
         initial_session: dict[str, object] | None = None,
         seed: int | None = None,
         id_factory: IdFactory = new_id,
+        on_audio: AudioObserver | None = None,
     ) -> None:
         self.config = config
+        self._on_audio = on_audio
         #: Set when the server must close (code, reason) after sending what is due.
         self.close_request: tuple[int, str] | None = None
         self._model = model
@@ -137,6 +141,7 @@ class SimulatedSession:
             id_factory=id_factory,
             on_speech_started=self._on_speech_started,
             on_speech_stopped=self._on_speech_stopped,
+            on_audio=on_audio,
         )
         self._responses = Responses(
             config,
@@ -216,6 +221,11 @@ class SimulatedSession:
         except ClientEventError as exc:
             self._outbox.emit_error(exc, event_id)
 
+    @property
+    def input_format(self) -> str:
+        """The session's input audio format (``audio.input.format.type``)."""
+        return self._input_format()
+
     def pop_due(self, now: float) -> list[bytes]:
         """Server events due by ``now``, in order; each returned once."""
         return self._outbox.pop_due(now)
@@ -274,6 +284,8 @@ class SimulatedSession:
             event_id = b'"' + self._ids().encode() + b'"'
         elif raw_event_id[0] != _QUOTE:
             return False  # not a string: the normal path words the error
+        if self._on_audio is not None:
+            self._observe_echoed(audio_text)
         self._outbox.ready.append(
             b"".join((self._echo_head, event_id, self._echo_middle, audio_text, b"}"))
         )
@@ -284,6 +296,15 @@ class SimulatedSession:
             padding = 2 if audio_text[-3] == _EQUALS else 1
         self._input.count_only(audio.b64_decoded_length(encoded_chars, padding))
         return True
+
+    def _observe_echoed(self, audio_text: memoryview) -> None:
+        """The echo path validates no base64 (it echoes the text): record what decodes."""
+        assert self._on_audio is not None
+        try:
+            pcm = audio.b64decode(bytes(audio_text[1:-1]))
+        except ValueError:
+            return  # echoed as it came, as without the hook; nothing to record
+        self._on_audio(pcm, self._input_format())
 
     # --- the session's config ------------------------------------------------------
 

@@ -11,7 +11,9 @@ This module owns the user's audio before it becomes a conversation item:
   and semantic VAD, with the configured threshold, prefix padding and silence
   duration. It emits ``input_audio_buffer.speech_started`` / ``speech_stopped`` and
   hands each turn to the session (the ``on_speech_started`` / ``on_speech_stopped``
-  callbacks), which commits it and may interrupt or start a response.
+  callbacks), which commits it and may interrupt or start a response;
+- an optional ``on_audio`` observer sees each append's decoded audio (the
+  simulator's record of the audio it received, for tests).
 
 Offsets are absolute (bytes since the session started), so event times
 (``audio_start_ms``, ``audio_end_ms``) survive the buffer's trimming.
@@ -97,6 +99,8 @@ class _Buffer:
 SpeechStarted = Callable[[JSON], None]
 #: ``(turn_detection, item_id, audio, duration_ms)``: a turn ended (its event is out).
 SpeechStopped = Callable[[JSON, str, bytes, float], None]
+#: ``(audio, input_format)``: audio an append added to the buffer (a test hook).
+AudioObserver = Callable[[bytes, str], None]
 
 
 class InputAudio:
@@ -109,8 +113,10 @@ class InputAudio:
         id_factory: IdFactory,
         on_speech_started: SpeechStarted,
         on_speech_stopped: SpeechStopped,
+        on_audio: AudioObserver | None = None,
     ) -> None:
         self._outbox = outbox
+        self._on_audio = on_audio
         self._new_id = id_factory
         self._on_speech_started = on_speech_started
         self._on_speech_stopped = on_speech_stopped
@@ -136,6 +142,8 @@ class InputAudio:
                 code="invalid_value",
                 param="audio",
             ) from None
+        if self._on_audio is not None:
+            self._on_audio(pcm, input_format)
         inp = self._input
         inp.buffer += pcm
         inp.total += len(pcm)
@@ -264,6 +272,7 @@ __all__ = [
     "APPEND_TYPE",
     "COMMIT_MIN_AUDIO_MS",
     "INPUT_AUDIO_BUFFER_MAX_MS",
+    "AudioObserver",
     "InputAudio",
     "SpeechStarted",
     "SpeechStopped",

@@ -8,9 +8,20 @@ This module owns the I/O around the sans-I/O session engine
 - ``POST /v1/realtime/client_secrets`` (standard key only) mints ``ek_`` secrets;
 - ``GET /v1/realtime`` (or ``/realtime``) upgrades: auth by ``Authorization: Bearer``
   or the browser subprotocol, else 401 with OpenAI's envelope; the answer selects
-  exactly ``realtime`` when offered; the beta marker is accepted and then refused
-  the way OpenAI does (``error`` event, close 4000
+  exactly ``realtime`` when offered (or ``relay.audio.v1``, below); the beta marker
+  is accepted and then refused the way OpenAI does (``error`` event, close 4000
   ``invalid_request_error.beta_api_shape_disabled``);
+- the binary audio path (``docs/binary-audio.md``): a client offering
+  ``relay.audio.v1`` gets it selected (except in ``raw-echo``, which mirrors frames
+  and speaks no contract). Then each binary message is audio in the session's input
+  format, turned into the ``input_audio_buffer.append`` the engine reads
+  (:func:`relay.protocol.binary_audio.append_event`) or refused with the relay's
+  ``error`` events (empty, over :data:`BINARY_AUDIO_MAX_MESSAGE_BYTES`, a partial
+  sample); each ``response.output_audio.delta`` the engine sends (echo mode
+  included) goes out as a binary frame of its audio, after a
+  ``relay.output_audio.start`` marker for each new content part. Without the
+  opt-in a binary message is answered ``invalid_event``, as OpenAI's JSON-only
+  protocol would;
 - modes: ``normal`` (the engine), ``echo`` (the engine's lean echo path, replies
   sent from the reading task itself: no extra scheduler pass), ``raw-echo`` (every
   data frame written back unchanged, text or binary);
@@ -22,7 +33,14 @@ This module owns the I/O around the sans-I/O session engine
   ``hang`` (never answer the handshake); ``?sim_start=session`` makes ``raw-echo``
   open the session the way OpenAI does first (``session.created``, and the first
   ``session.update`` answered by ``session.updated`` instead of echoed), for a relay
-  that applies a locked session config before it lets the client in.
+  that applies a locked session config before it lets the client in;
+- a test hook, ``Simulator(config, record_audio=True)``: ``Simulator.received_audio``
+  holds one :class:`~relay.simulator.received_audio.ReceivedAudio` per session
+  (newest last, the latest
+  :data:`~relay.simulator.received_audio.RECEIVED_AUDIO_MAX_SESSIONS`): the decoded
+  audio of its appends (text or binary), the first
+  :data:`~relay.simulator.received_audio.RECEIVED_AUDIO_MAX_BYTES` of it kept, with
+  its RMS, level and checksum.
 
 The simulator uses the same frame codec and transport as the relay, so it is never
 the bottleneck of a benchmark that puts the relay in front of it.
@@ -37,6 +55,7 @@ import logging
 import math
 import ssl
 import time
+from collections.abc import Callable
 from typing import Final
 from urllib.parse import parse_qs
 
@@ -56,6 +75,15 @@ from relay.net.transport import (
 )
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import frames, handshake
+from relay.protocol.binary_audio import (
+    AUDIO_SUBPROTOCOL,
+    DEFAULT_MAX_AUDIO_MESSAGE_BYTES,
+    AudioFormat,
+    DeltaConverter,
+    append_event,
+    audio_problem,
+    is_audio_delta,
+)
 from relay.protocol.events import error_event, new_id
 from relay.protocol.frames import (
     OP_BINARY,
@@ -67,6 +95,7 @@ from relay.protocol.frames import (
 )
 from relay.protocol.handshake import HandshakeError, RequestHead
 from relay.simulator.engine import SimulatedSession
+from relay.simulator.received_audio import RECEIVED_AUDIO_MAX_SESSIONS, ReceivedAudio
 from relay.simulator.secrets import ClientSecretStore
 
 LOGGER = logging.getLogger("relay.simulator")
@@ -78,6 +107,8 @@ REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
 CLIENT_SECRETS_PATHS: Final = frozenset({"/v1/realtime/client_secrets", "/realtime/client_secrets"})
 BETA_CLOSE_CODE: Final = 4000
 BETA_CLOSE_REASON: Final = "invalid_request_error.beta_api_shape_disabled"
+#: Largest binary audio message turned into an append (bytes; the relay's default).
+BINARY_AUDIO_MAX_MESSAGE_BYTES: Final = DEFAULT_MAX_AUDIO_MESSAGE_BYTES
 
 
 def _digest(key: str) -> bytes:
@@ -85,10 +116,16 @@ def _digest(key: str) -> bytes:
 
 
 class Simulator:
-    """Shared state of one simulator: accepted keys, minted secrets, connection count."""
+    """Shared state of one simulator: accepted keys, minted secrets, connection count.
 
-    def __init__(self, config: SimulatorConfig) -> None:
+    ``record_audio``: keep what each session received in :attr:`received_audio`.
+    """
+
+    def __init__(self, config: SimulatorConfig, *, record_audio: bool = False) -> None:
         self.config = config
+        self.record_audio = record_audio
+        #: With ``record_audio``: one record per session, newest last (bounded).
+        self.received_audio: list[ReceivedAudio] = []
         self._key_digests = tuple(_digest(k) for k in config.api_keys)
         self.secrets = ClientSecretStore()
         self.sessions_opened = 0
@@ -207,7 +244,12 @@ class Simulator:
         if requested_mode in ("normal", "echo", "raw-echo"):
             mode = requested_mode  # type: ignore[assignment]
 
-        await transport.send_all(handshake.accept_response(head))
+        binary_audio = mode != "raw-echo" and AUDIO_SUBPROTOCOL in head.subprotocols
+        await transport.send_all(
+            handshake.accept_response(
+                head, selected_subprotocol=AUDIO_SUBPROTOCOL if binary_audio else None
+            )
+        )
         ws = WebSocket(
             transport,
             client_side=False,
@@ -242,10 +284,21 @@ class Simulator:
                 model=model or "gpt-realtime",
                 now=now,
                 initial_session=initial_session,
+                on_audio=self._new_record(binary_audio),
             )
-            await _run_session(ws, engine, fault)
+            await _run_session(ws, engine, fault, binary_audio=binary_audio)
         finally:
             self.live_sessions -= 1
+
+    def _new_record(self, binary_audio: bool) -> Callable[[bytes, str], None] | None:
+        """The engine's audio observer for a new session (``None``: not recording)."""
+        if not self.record_audio:
+            return None
+        record = ReceivedAudio(binary_path=binary_audio)
+        self.received_audio.append(record)
+        if len(self.received_audio) > RECEIVED_AUDIO_MAX_SESSIONS:
+            del self.received_audio[0]
+        return record.add
 
     def _engine_config(self, mode: SimulatorMode) -> SimulatorConfig:
         if mode == self.config.mode:
@@ -272,20 +325,31 @@ def _content_length(head: RequestHead) -> int | None:
     return int(value) if value is not None and value.strip().isdigit() else None
 
 
-async def _run_session(ws: WebSocket, engine: SimulatedSession, fault: str) -> None:
-    """Drive one engine: the reading task answers at once; a timer task sends paced events."""
+async def _run_session(
+    ws: WebSocket, engine: SimulatedSession, fault: str, *, binary_audio: bool = False
+) -> None:
+    """Drive one engine: the reading task answers at once; a timer task sends paced events.
+
+    ``binary_audio``: the session speaks ``relay.audio.v1`` (binary audio both ways).
+    """
     send_lock = trio.Lock()
     wakeup = trio.Event()
+    converter = DeltaConverter() if binary_audio else None
 
-    async def flush() -> None:
+    async def flush(refusal: bytes | None = None) -> None:
         # Popping and sending under one lock keeps server events in engine order.
         try:
             send_lock.acquire_nowait()
         except trio.WouldBlock:
             await send_lock.acquire()
         try:
+            if refusal is not None:
+                await ws.send_text(refusal)
             for payload in engine.pop_due(trio.current_time() + _clock_offset):
-                await ws.send_text(payload)
+                if converter is None:
+                    await ws.send_text(payload)
+                else:
+                    await ws.send_raw(_binary_path_frames(converter, payload))
         finally:
             send_lock.release()
 
@@ -318,7 +382,17 @@ async def _run_session(ws: WebSocket, engine: SimulatedSession, fault: str) -> N
             try:
                 while True:
                     opcode, payload = await ws.receive_message()
-                    if opcode == OP_BINARY:
+                    if opcode == OP_BINARY and binary_audio:
+                        refusal = audio_problem(
+                            len(payload),
+                            AudioFormat(engine.input_format).sample_bytes,
+                            BINARY_AUDIO_MAX_MESSAGE_BYTES,
+                        )
+                        if refusal is not None:
+                            await flush(refusal)
+                            continue
+                        payload = append_event(payload)
+                    elif opcode == OP_BINARY:
                         # OpenAI's Realtime API speaks JSON text only.
                         await ws.send_text(
                             error_event(
@@ -336,6 +410,20 @@ async def _run_session(ws: WebSocket, engine: SimulatedSession, fault: str) -> N
             nursery.cancel_scope.cancel()
     finally:
         await ws.close(frames.CLOSE_NORMAL, "")
+
+
+def _binary_path_frames(converter: DeltaConverter, payload: bytes) -> bytes:
+    """One server event as ``relay.audio.v1`` sends it: an audio delta as a binary frame
+    (after a start marker for a new content part), any other event as its text frame."""
+    if is_audio_delta(payload):
+        converted = converter.convert(payload)
+        if converted is not None:
+            marker, pcm = converted
+            binary = frames.encode_frame(OP_BINARY, pcm)
+            if marker is None:
+                return binary
+            return frames.encode_frame(OP_TEXT, marker) + binary
+    return frames.encode_frame(OP_TEXT, payload)
 
 
 async def _apply_fault(ws: WebSocket, fault: str) -> bool:

@@ -1,0 +1,272 @@
+"""Instructions per relayed message, counted by callgrind: a figure the machine's noise cannot move.
+
+This module owns the instruction-count benchmark of the hot path. On a 2-core shared
+VM, CPU time per message drifts by 10-20 % between runs, which hides the 1-3 µs
+changes the hot path is tuned by. Valgrind's callgrind counts the instructions a
+process executes, which is repeatable whatever else the machine does.
+
+Per path (the byte splice, the relay, optionally the relay of another work tree):
+
+- the proxy runs under ``valgrind --tool=callgrind --instr-atstart=no`` in front of
+  the Node ``ws`` echo upstream (``bench/node/echo_upstream.mjs``);
+- the Node load generator (``bench/node/loadgen.mjs --mode stream``) drives a few
+  sessions, slowly enough for a proxy running ~50x slower under valgrind;
+- instrumentation goes on before the warmup; the counters are zeroed at the load's
+  ``window_start`` and dumped at ``window_end`` (``callgrind_control``);
+- the figure is the dump's instruction total over the messages relayed in the
+  window (sent plus received).
+
+At this load every read holds one frame, the regime of a real-time session at low
+concurrency, so the figure is the full per-message cost (wakeup, reads, parse,
+write) without batching. It is a ratio between paths and between commits, not a
+time. Usage::
+
+    python bench/instructions.py [--sessions 4] [--duration-s 8] [--relay-before DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import select
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from harness import NODE_DIR, REPO, Rig, free_port, node_binary
+
+#: Valgrind slows a Python process ~50x; its start-up (uninstrumented) takes seconds.
+VALGRIND_STARTUP_TIMEOUT_S: Final = 120.0
+#: Load per session (loadgen's --rate is per session): 40 appends/s keeps a proxy
+#: under callgrind well ahead of it.
+APPENDS_PER_S_PER_SESSION: Final = 40
+LOAD_SLACK_S: Final = 60.0
+_TOTALS: Final = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
+
+
+@dataclass
+class Counted:
+    path: str
+    instructions: int
+    messages: int
+    lost: int
+
+    @property
+    def per_message(self) -> float:
+        return self.instructions / self.messages if self.messages else float("nan")
+
+
+def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + VALGRIND_STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"nothing listening on {port} after {VALGRIND_STARTUP_TIMEOUT_S} s")
+
+
+def _callgrind(pid: int, *options: str) -> None:
+    subprocess.run(["callgrind_control", *options, str(pid)], check=True, capture_output=True)
+
+
+def _dumped_total(out_dir: Path, pid: int) -> int:
+    """The instruction total of the newest dump of ``pid`` (the window's)."""
+    dumps = sorted(out_dir.glob(f"cg.{pid}*"), key=lambda p: p.stat().st_mtime)
+    for dump in reversed(dumps):
+        match = _TOTALS.search(dump.read_bytes())
+        if match:
+            return int(match.group(1))
+    raise RuntimeError(f"no callgrind dump with a total for {pid} in {out_dir}")
+
+
+def count(
+    rig: Rig,
+    name: str,
+    command: list[str],
+    env: dict[str, str],
+    port: int,
+    *,
+    sessions: int,
+    warmup_s: float,
+    duration_s: float,
+    cwd: Path = REPO,
+) -> Counted:
+    out_dir = rig.work_dir / f"callgrind-{name.replace('/', '_').replace('@', '_')}"
+    out_dir.mkdir()
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out_dir}/cg.%p",
+    ]
+    process = subprocess.Popen(
+        [*valgrind, *command],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        _wait_listening(port, process)
+        _callgrind(process.pid, "--instr=on")
+        load = subprocess.Popen(
+            [
+                node_binary(),
+                str(NODE_DIR / "loadgen.mjs"),
+                "--url",
+                f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime",
+                "--key",
+                env.get("RELAY_SERVE_CLIENT_KEYS", "sk-bench-simulator-key"),
+                "--mode",
+                "stream",
+                "--sessions",
+                str(sessions),
+                "--rate",
+                str(APPENDS_PER_S_PER_SESSION),
+                "--warmup-s",
+                str(warmup_s),
+                "--duration-s",
+                str(duration_s),
+                "--open-timeout-s",
+                "60",
+                "--grace-s",
+                "5",
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert load.stdout is not None
+        result: dict[str, object] = {}
+        buffer = b""
+        deadline = time.monotonic() + warmup_s + duration_s + LOAD_SLACK_S
+        while time.monotonic() < deadline and not result:
+            ready, _, _ = select.select([load.stdout], [], [], 0.5)
+            if not ready:
+                if load.poll() is not None:
+                    break
+                continue
+            chunk = os.read(load.stdout.fileno(), 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                event = json.loads(line)
+                if event.get("event") == "window_start":
+                    _callgrind(process.pid, "--zero")
+                elif event.get("event") == "window_end":
+                    _callgrind(process.pid, "--dump")
+                elif event.get("event") == "result":
+                    result = event
+        load.kill()
+        _, stderr = load.communicate(timeout=10)
+        if not result:
+            raise RuntimeError(f"{name}: the load gave no result: {stderr[-400:]!r}")
+        messages = int(str(result["window_sent"])) + int(str(result["window_received"]))
+        return Counted(
+            name, _dumped_total(out_dir, process.pid), messages, int(str(result["lost"]))
+        )
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--duration-s", type=float, default=8.0)
+    parser.add_argument("--paths", default="splice,relay")
+    parser.add_argument(
+        "--relay-before", type=Path, help="another work tree's relay, as relay@before"
+    )
+    parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--keep", type=Path, help="keep the callgrind dumps here (for callgrind_annotate)"
+    )
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
+        work_dir = Path(tmp) if args.keep is None else args.keep
+        work_dir.mkdir(parents=True, exist_ok=True)
+        rig = Rig(work_dir)
+        try:
+            upstream_port = rig.start_echo_upstream()
+            upstream_url = f"ws://127.0.0.1:{upstream_port}/v1"
+            plan: list[tuple[str, list[str], dict[str, str], int, Path]] = []
+            for path in args.paths.split(","):
+                port = free_port()
+                if path == "splice":
+                    command = [
+                        sys.executable,
+                        str(REPO / "bench/raw_splice.py"),
+                        "--port",
+                        str(port),
+                        "--upstream-port",
+                        str(upstream_port),
+                    ]
+                    plan.append((path, command, dict(rig.env), port, REPO))
+                elif path == "relay":
+                    env = rig.relay_env(port, upstream_url)
+                    plan.append((path, [sys.executable, "-m", "relay", "serve"], env, port, REPO))
+            if args.relay_before is not None:
+                port = free_port()
+                env = {**rig.relay_env(port, upstream_url), "PYTHONPATH": str(args.relay_before)}
+                plan.append(
+                    (
+                        "relay@before",
+                        [sys.executable, "-m", "relay", "serve"],
+                        env,
+                        port,
+                        args.relay_before,
+                    )
+                )
+            counted = [
+                count(
+                    rig,
+                    name,
+                    command,
+                    env,
+                    port,
+                    sessions=args.sessions,
+                    warmup_s=args.warmup_s,
+                    duration_s=args.duration_s,
+                    cwd=cwd,
+                )
+                for name, command, env, port, cwd in plan
+            ]
+        finally:
+            rig.stop()
+    floor = next((c.per_message for c in counted if c.path == "splice"), float("nan"))
+    print(
+        f"{args.sessions} sessions x {APPENDS_PER_S_PER_SESSION} appends/s each, echoed; "
+        f"{args.duration_s:.0f} s window"
+    )
+    print("| path | instructions per message | x splice | messages | lost |")
+    print("|---|---|---|---|---|")
+    for c in counted:
+        ratio = c.per_message / floor
+        print(f"| {c.path} | {c.per_message:,.0f} | {ratio:.2f} | {c.messages} | {c.lost} |")
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps([{**c.__dict__, "per_message": c.per_message} for c in counted], indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
