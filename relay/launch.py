@@ -340,17 +340,18 @@ async def open_browser_demo(port: int = 0, **serve_fields: Any) -> AsyncIterator
     The relay's ``allowed_origins`` become the page's own origins once the port is
     known (with port 0 it is known only after the bind), so the WebSocket Origin
     check and the demo token endpoint admit the page and nothing else.
-    ``serve_fields`` are further :class:`ServeConfig` settings (tests).
+    ``serve_fields`` are further :class:`ServeConfig` settings, or others in place of
+    these (tests give their own simulator as ``upstream_url``).
     """
-    config = ServeConfig(
-        host="127.0.0.1",
-        port=port,
-        upstream_url=SIMULATOR_UPSTREAM,
-        browser_demo_enabled=True,
-        allowed_origins=browser_demo_origins(port) if port else (),
-        log_level="warning",
-        **serve_fields,
-    )
+    fields: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "upstream_url": SIMULATOR_UPSTREAM,
+        "browser_demo_enabled": True,
+        "allowed_origins": browser_demo_origins(port) if port else (),
+        "log_level": "warning",
+    }
+    config = ServeConfig(**(fields | serve_fields))
     async with open_relay(config) as running:
         server = running.server
         if not port:

@@ -7,18 +7,19 @@ playing a tone the test wrote:
 - the page gets a token from its demo backend, opens the session on the path it was
   asked for (``relay.audio.v1`` binary frames, or plain JSON with the subprotocol
   credential form) and completes two push-to-talk turns;
-- the simulator received what the WAV held: per turn, the committed PCM16 has the
-  tone's frequency (within 1%; 2% where Chromium converts its fake microphone to
-  another context rate first), its RMS (within 5%) and little else (over 95% of the
-  power is the tone), and exactly the samples the page says it sent. Resampling (the
-  fake device's, then the page's to 24 kHz) rules a checksum out; these survive it;
+- the simulator received what the WAV held (its ``received_audio`` record): byte for
+  byte what the page sent (same length, same SHA-256), and per turn the tone's
+  frequency (within 1%; 2% where Chromium converts its fake microphone to another
+  context rate first), its RMS (within 5%) and little else (over 95% of the power is
+  the tone). Resampling (the fake device's, then the page's to 24 kHz) rules out a
+  checksum against the WAV itself; these measures survive it;
 - the page played the answers: samples rendered at the device rate with the RMS of
   the simulator's answer signal (within 10%) and as long as the answers (within 30 ms);
 - the transcript (the answer's and the input transcription) and the latency readout
   are on the page; no JavaScript error reached the console;
 - the client leg carried what the path promises (bytes up per byte of audio);
 - barge-in: talking over an answer cancels it, stops playback at once and truncates
-  the item to what was heard;
+  the item (the simulator confirms) to what was heard;
 - hands-free: with server VAD, a microphone that speaks in bursts gets its turns
   detected, committed and answered, the latency measured from speech_stopped.
 
@@ -36,7 +37,8 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -46,9 +48,10 @@ from selenium import webdriver
 
 from relay.launch import BrowserDemo, open_browser_demo
 from relay.protocol import audio
-from relay.simulator import conversation
 from relay.simulator.generated import DEFAULT_AUDIO_SEED, answer_audio_chunks
+from relay.simulator.received_audio import ReceivedAudio
 from tests.browser import WAV_RATE_HZ, Page, copy_screenshot, launch_chromium, write_tone_wav
+from tests.conftest import RunningSimulator, start_simulator
 
 pytestmark = pytest.mark.browser
 
@@ -98,48 +101,30 @@ def chromium_with_pauses(tmp_path_factory: pytest.TempPathFactory) -> Iterator[w
         driver.quit()
 
 
-@dataclass
-class Heard:
-    """What the simulator was given, recorded as it was handed over (read only)."""
-
-    #: Each committed user turn: (input format, PCM).
-    turns: list[tuple[str, bytes]] = field(default_factory=list)
-    #: Each conversation.item.truncate event the simulator received.
-    truncates: list[dict[str, Any]] = field(default_factory=list)
-
-
 @pytest.fixture
-def heard(monkeypatch: pytest.MonkeyPatch) -> Heard:
-    """Record, without changing anything, what the simulator's conversation received."""
-    record = Heard()
-    commit = conversation.Conversation.commit_user_audio
-    truncate = conversation.Conversation.on_truncate
+async def recording_simulator(nursery: trio.Nursery) -> RunningSimulator:
+    """The upstream, as the demo's built-in one runs (answers paced at real time), keeping
+    what each session received (``sim.received_audio``, the simulator's test hook)."""
+    return await start_simulator(
+        nursery,
+        record_audio=True,
+        faults_enabled=False,
+        realtime_pacing=True,
+        response_audio_ms=ANSWER_MS,
+        delta_audio_ms=ANSWER_DELTA_MS,
+    )
 
-    def recording_commit(
-        self: conversation.Conversation,
-        item_id: str,
-        segment: bytes,
-        duration: float,
-        *,
-        input_format: str,
-        transcription: dict[str, Any] | None,
-    ) -> None:
-        record.turns.append((input_format, bytes(segment)))
-        commit(
-            self,
-            item_id,
-            segment,
-            duration,
-            input_format=input_format,
-            transcription=transcription,
-        )
 
-    def recording_truncate(self: conversation.Conversation, event: dict[str, Any]) -> None:
-        record.truncates.append(dict(event))
-        truncate(self, event)
+def browser_demo(simulator: RunningSimulator) -> AbstractAsyncContextManager[BrowserDemo]:
+    """``relay demo --browser``'s relay, in front of the test's simulator."""
+    return open_browser_demo(0, upstream_url=simulator.ws_base, upstream_api_key=simulator.key)
 
-    monkeypatch.setattr(conversation.Conversation, "commit_user_audio", recording_commit)
-    monkeypatch.setattr(conversation.Conversation, "on_truncate", recording_truncate)
+
+def received(simulator: RunningSimulator) -> ReceivedAudio:
+    """The audio of the one session the page opened, as the simulator received it."""
+    assert len(simulator.sim.received_audio) == 1
+    record = simulator.sim.received_audio[0]
+    assert not record.truncated
     return record
 
 
@@ -169,13 +154,23 @@ def tone_frequency_hz(samples: list[float], rate_hz: int) -> float:
     return (len(crossings) - 1) * rate_hz / (crossings[-1] - crossings[0])
 
 
-def loud_span(samples: list[float], threshold: float) -> list[float]:
-    """The samples from the first to the last one above ``threshold``, less 10 ms at each
-    end (an abrupt onset rings in any band-limited conversion: spurious zero crossings)."""
-    loud = [i for i, x in enumerate(samples) if abs(x) > threshold]
-    assert loud, "no tone in the signal"
+def loud_spans(samples: list[float], threshold: float) -> list[list[float]]:
+    """The bursts of a signal: runs above ``threshold`` split where it stays quiet for
+    50 ms, each less 10 ms at both ends (an abrupt onset rings in any band-limited
+    conversion, with spurious zero crossings around it)."""
+    quiet_gap = audio.PCM16_SAMPLE_RATE_HZ // 20
     margin = audio.PCM16_SAMPLE_RATE_HZ // 100
-    return samples[loud[0] + margin : loud[-1] - margin]
+    loud = [i for i, x in enumerate(samples) if abs(x) > threshold]
+    spans: list[list[float]] = []
+    start = previous = loud[0] if loud else 0
+    for i in [*loud[1:], None]:
+        if i is None or i - previous > quiet_gap:
+            spans.append(samples[start + margin : previous - margin])
+            if i is not None:
+                start = i
+        if i is not None:
+            previous = i
+    return spans if loud else []
 
 
 def rms(samples: list[float]) -> float:
@@ -205,6 +200,7 @@ def answer_rms() -> float:
 class Run:
     state: dict[str, Any]
     sessions: list[dict[str, object]]
+    sent_sha256: str | None
     screenshot: Path
     latency_text: str
     transcript_text: str
@@ -230,6 +226,10 @@ async def finish(page: Page, demo: BrowserDemo, tmp_path: Path, name: str) -> Ru
     """Read everything off the page and the relay, take the screenshot, hang up."""
     sessions = demo.running.server.list_sessions()
     state = await blocking(page.state)
+    sent_sha256 = await blocking(
+        page.driver.execute_async_script,
+        "window.relayDemo.sentAudioSha256().then(arguments[arguments.length - 1])",
+    )
     screenshot = tmp_path / f"{name}.png"
     await blocking(page.screenshot, screenshot)
     latency_text = await blocking(page.text, "latency")
@@ -238,13 +238,19 @@ async def finish(page: Page, demo: BrowserDemo, tmp_path: Path, name: str) -> Ru
     await blocking(page.click, "connect")  # hang up
     await blocking(page.wait, "s.status.startsWith('closed')")
     await blocking(page.open, "about:blank")
-    return Run(state, sessions, screenshot, latency_text, transcript_text, errors)
+    return Run(state, sessions, sent_sha256, screenshot, latency_text, transcript_text, errors)
 
 
-async def two_turns(chromium: webdriver.Chrome, tmp_path: Path, query: str, name: str) -> Run:
+async def two_turns(
+    chromium: webdriver.Chrome,
+    simulator: RunningSimulator,
+    tmp_path: Path,
+    query: str,
+    name: str,
+) -> Run:
     page = Page(chromium)
     with trio.fail_after(TEST_DEADLINE_S):
-        async with open_browser_demo(0) as demo:
+        async with browser_demo(simulator) as demo:
             await connect(page, demo, query)
             for turn in (1, 2):
                 await talk(page, turn * TURN_SAMPLES)
@@ -252,26 +258,37 @@ async def two_turns(chromium: webdriver.Chrome, tmp_path: Path, query: str, name
             return await finish(page, demo, tmp_path, name)
 
 
-def check_simulator_heard_the_tone(heard: Heard, state: dict[str, Any]) -> None:
-    assert len(heard.turns) == 2, "the simulator should have been given two turns"
-    # Where the AudioContext runs at another rate than Chromium's fake microphone,
-    # Chromium converts the microphone itself, and reads 0.8% high doing so (443.4 Hz
-    # for 440 into 48 kHz, measured ahead of the page's worklet): allow for that.
+def check_is_the_tone(samples: list[float], tolerance: float) -> None:
+    """A stretch of the tone: its frequency, its RMS, and little else."""
+    frequency = tone_frequency_hz(samples, audio.PCM16_SAMPLE_RATE_HZ)
+    assert frequency == pytest.approx(TONE_HZ, rel=tolerance)
+    assert rms(samples) == pytest.approx(TONE_AMPLITUDE / math.sqrt(2), rel=0.05)
+    assert tone_power_fraction(samples, frequency, audio.PCM16_SAMPLE_RATE_HZ) > 0.95
+
+
+def check_simulator_got_what_was_sent(simulator: RunningSimulator, run: Run) -> None:
+    state = run.state
+    record = received(simulator)
+    # The relay gave the simulator JSON appends, whatever the page's path.
+    assert not record.binary_path
+    assert record.input_format == "audio/pcm"
+    # Byte for byte what the page sent, none lost, none twice.
+    assert len(record.pcm) == 2 * state["sentSamples"]
+    assert run.sent_sha256 == record.sha256()
+    # And what the page sent is the WAV's tone. Where the AudioContext runs at another
+    # rate than Chromium's fake microphone, Chromium converts the microphone itself and
+    # reads 0.8% high doing so (443.4 Hz for 440 into 48 kHz, measured ahead of the
+    # page's worklet): allow for that.
     tolerance = 0.01 if state["contextRateHz"] == WAV_RATE_HZ else 0.02
-    total_samples = 0
-    for input_format, pcm in heard.turns:
-        assert input_format == "audio/pcm"
-        samples = pcm16(pcm)
-        total_samples += len(samples)
-        assert len(samples) >= TURN_SAMPLES // 2
-        # Skip the first and last 10 ms: the turn starts and stops mid-cycle.
-        body = samples[240:-240]
-        frequency = tone_frequency_hz(body, audio.PCM16_SAMPLE_RATE_HZ)
-        assert frequency == pytest.approx(TONE_HZ, rel=tolerance)
-        assert rms(body) == pytest.approx(TONE_AMPLITUDE / math.sqrt(2), rel=0.05)
-        assert tone_power_fraction(body, frequency, audio.PCM16_SAMPLE_RATE_HZ) > 0.95
-    # Every sample the page sent reached the simulator, none twice.
-    assert total_samples == state["sentSamples"]
+    samples = pcm16(bytes(record.pcm))
+    assert len(state["turnSentSamples"]) == 2
+    at = 0
+    for count in state["turnSentSamples"]:
+        assert count >= TURN_SAMPLES // 2
+        turn = samples[at : at + count]
+        at += count
+        # Skip the first and last 10 ms: a turn starts and stops mid-cycle.
+        check_is_the_tone(turn[240:-240], tolerance)
     assert state["sentRms"] == pytest.approx(TONE_AMPLITUDE / math.sqrt(2), rel=0.05)
 
 
@@ -310,13 +327,15 @@ def check_demo_credential(run: Run) -> None:
 
 
 async def test_voice_page_binary_path(
-    chromium: webdriver.Chrome, heard: Heard, tmp_path: Path
+    chromium: webdriver.Chrome, recording_simulator: RunningSimulator, tmp_path: Path
 ) -> None:
-    run = await two_turns(chromium, tmp_path, "?processing=off", "voice-page-binary")
+    run = await two_turns(
+        chromium, recording_simulator, tmp_path, "?processing=off", "voice-page-binary"
+    )
     state = run.state
     assert state["protocol"] == "relay.audio.v1", state["notes"]
     assert state["path"] == "binary"
-    check_simulator_heard_the_tone(heard, state)
+    check_simulator_got_what_was_sent(recording_simulator, run)
     check_page_played_and_showed(run, turns=2)
     check_demo_credential(run)
     # Raw audio up: the client leg carries little more than the PCM itself.
@@ -328,15 +347,16 @@ async def test_voice_page_binary_path(
 
 
 async def test_voice_page_json_path(
-    chromium: webdriver.Chrome, heard: Heard, tmp_path: Path
+    chromium: webdriver.Chrome, recording_simulator: RunningSimulator, tmp_path: Path
 ) -> None:
     # The plain path, the subprotocol credential form, and a 48 kHz context this time.
-    run = await two_turns(chromium, tmp_path, "?path=json&processing=off&rate=48000", "json")
+    query = "?path=json&processing=off&rate=48000"
+    run = await two_turns(chromium, recording_simulator, tmp_path, query, "voice-page-json")
     state = run.state
     assert state["protocol"] == "realtime"
     assert state["path"] == "json"
     assert state["contextRateHz"] == 48000
-    check_simulator_heard_the_tone(heard, state)
+    check_simulator_got_what_was_sent(recording_simulator, run)
     check_page_played_and_showed(run, turns=2)
     check_demo_credential(run)
     # base64 inside JSON: a third more than the audio, at least.
@@ -345,43 +365,44 @@ async def test_voice_page_json_path(
 
 
 async def test_voice_page_barge_in(
-    chromium: webdriver.Chrome, heard: Heard, tmp_path: Path
+    chromium: webdriver.Chrome, recording_simulator: RunningSimulator, tmp_path: Path
 ) -> None:
     page = Page(chromium)
     with trio.fail_after(TEST_DEADLINE_S):
-        async with open_browser_demo(0) as demo:
+        async with browser_demo(recording_simulator) as demo:
             await connect(page, demo, "?processing=off")
             await talk(page, TURN_SAMPLES)
             # The answer is being heard: talk over it.
             await blocking(page.wait, "s.status === 'speaking' && s.playedSamples > 0")
             await talk(page, 2 * TURN_SAMPLES)
-            await blocking(page.wait, "s.turnsCompleted >= 1 && s.responsesCancelled >= 1")
+            await blocking(
+                page.wait,
+                "s.turnsCompleted >= 1 && s.responsesCancelled >= 1 && s.truncations.length >= 1",
+            )
             run = await finish(page, demo, tmp_path, "barge-in")
     state = run.state
     assert state["errors"] == []
     assert run.console_errors == []
     assert state["turnsCompleted"] == 1
     assert state["responsesCancelled"] == 1
-    assert len(heard.turns) == 2
-    # The first answer's item was truncated to what had been heard of it.
-    assert len(heard.truncates) == 1
-    truncate = heard.truncates[0]
-    assert truncate["content_index"] == 0
-    assert 0 < truncate["audio_end_ms"] < ANSWER_MS
-    # What was heard: a part of the first answer, then all of the second.
-    heard_ms = state["playedMs"]
-    assert ANSWER_MS < heard_ms < 2 * ANSWER_MS
-    assert heard_ms == pytest.approx(ANSWER_MS + truncate["audio_end_ms"], abs=60)
+    assert run.sent_sha256 == received(recording_simulator).sha256()
+    # The server truncated the first answer's item to what had been heard of it...
+    assert len(state["truncations"]) == 1
+    heard_of_first_ms = state["truncations"][0]["audioEndMs"]
+    assert 0 < heard_of_first_ms < ANSWER_MS
+    # ...which is what was played of it: all told, that part, then the second answer.
+    assert ANSWER_MS < state["playedMs"] < 2 * ANSWER_MS
+    assert state["playedMs"] == pytest.approx(ANSWER_MS + heard_of_first_ms, abs=60)
 
 
 async def test_voice_page_hands_free(
-    chromium_with_pauses: webdriver.Chrome, heard: Heard, tmp_path: Path
+    chromium_with_pauses: webdriver.Chrome, recording_simulator: RunningSimulator, tmp_path: Path
 ) -> None:
     # Server VAD: the page streams all the time; the simulator's detector ends each turn
     # at a pause and answers it; the latency runs from input_audio_buffer.speech_stopped.
     page = Page(chromium_with_pauses)
     with trio.fail_after(TEST_DEADLINE_S):
-        async with open_browser_demo(0) as demo:
+        async with browser_demo(recording_simulator) as demo:
             await connect(page, demo, "?vad=1&processing=off", "s.status.startsWith('listening')")
             # Three turns: the first may be the tail of a burst the session began in.
             await blocking(page.wait, "s.turnsCompleted >= 3")
@@ -391,14 +412,12 @@ async def test_voice_page_hands_free(
     assert state["errors"] == []
     assert run.console_errors == []
     assert state["eventCounts"]["input_audio_buffer.speech_stopped"] >= 3
-    assert len(heard.turns) >= 3
-    for _, pcm in heard.turns[1:3]:
-        # A turn is a burst of tone between the detector's padding and its silence.
-        burst = loud_span(pcm16(pcm), TONE_AMPLITUDE / 2)
-        frequency = tone_frequency_hz(burst, audio.PCM16_SAMPLE_RATE_HZ)
-        assert frequency == pytest.approx(TONE_HZ, rel=0.01)
-        assert rms(burst) == pytest.approx(TONE_AMPLITUDE / math.sqrt(2), rel=0.05)
-        assert tone_power_fraction(burst, frequency, audio.PCM16_SAMPLE_RATE_HZ) > 0.95
+    # The simulator got the bursts, and silence between them.
+    bursts = loud_spans(pcm16(bytes(received(recording_simulator).pcm)), TONE_AMPLITUDE / 2)
+    assert len(bursts) >= 3
+    for burst in bursts[1:3]:  # whole ones: each began after a pause
+        assert len(burst) / audio.PCM16_SAMPLE_RATE_HZ == pytest.approx(BURST_ON_S, abs=0.05)
+        check_is_the_tone(burst, 0.01)
     assert state["playedMs"] >= 3 * ANSWER_MS - 45
     assert state["playedRms"] == pytest.approx(answer_rms(), rel=0.10)
     assert len(state["latencyMs"]) >= 3

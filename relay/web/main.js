@@ -64,6 +64,8 @@ const state = {
   droppedSamples: 0,
   transcript: '',
   items: [], // {role: 'user'|'assistant', itemId, text, final}
+  turnSentSamples: [], // samples sent per push-to-talk turn
+  truncations: [], // {itemId, audioEndMs}: what the server confirmed of a barge-in
   latencyMs: [], // {turn, receivedMs, playedMs}
   errors: [],
   notes: [],
@@ -71,7 +73,13 @@ const state = {
 };
 window.relayDemo = state;
 
+/** The first this many bytes of sent audio are kept for relayDemo.sentAudioSha256() (60 s). */
+const SENT_AUDIO_KEPT_BYTES = 60 * PCM16_RATE_HZ * 2;
+
 let sentSumSquares = 0;
+const sentAudio = new Uint8Array(SENT_AUDIO_KEPT_BYTES);
+let sentAudioBytes = 0; // all of it, kept or not
+let turnStartSamples = 0;
 let engine = null;
 let session = null;
 let waiters = [];
@@ -98,6 +106,16 @@ Object.defineProperty(state, 'when', {
   },
 });
 Object.defineProperty(state, 'snapshot', { enumerable: false, value: () => snapshot() });
+// Hex SHA-256 of the audio sent so far (null past SENT_AUDIO_KEPT_BYTES): a test compares
+// it with what the upstream received.
+Object.defineProperty(state, 'sentAudioSha256', {
+  enumerable: false,
+  async value() {
+    if (sentAudioBytes > SENT_AUDIO_KEPT_BYTES) return null;
+    const digest = await crypto.subtle.digest('SHA-256', sentAudio.subarray(0, sentAudioBytes));
+    return Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('');
+  },
+});
 
 function snapshot() {
   return JSON.parse(JSON.stringify(state));
@@ -199,10 +217,14 @@ function sessionUpdate() {
 function sendChunk(pcm) {
   if (!session) return;
   const samples = pcm16Samples(pcm);
+  if (sentAudioBytes + pcm.byteLength <= SENT_AUDIO_KEPT_BYTES) {
+    sentAudio.set(new Uint8Array(pcm), sentAudioBytes);
+  }
   if (!session.sendAudio(pcm)) {
     state.chunksDropped = session.chunksDropped;
     return;
   }
+  sentAudioBytes += pcm.byteLength;
   state.chunksSent++;
   state.sentSamples += samples.length;
   sentSumSquares += sumOfSquares(samples);
@@ -214,6 +236,7 @@ function sendChunk(pcm) {
 function pressTalk() {
   if (talking || state.handsFree || !session || !session.isOpen || state.status === 'opening session') return;
   talking = true;
+  turnStartSamples = state.sentSamples;
   engine.startTalking();
   bargeIn(true);
   state.turnsStarted++;
@@ -227,6 +250,7 @@ async function releaseTalk() {
   $('talk').classList.remove('active');
   const speechEndedAt = performance.now();
   const samples = await engine.stopTalking();
+  state.turnSentSamples.push(state.sentSamples - turnStartSamples);
   if ((samples * 1000) / PCM16_RATE_HZ < MIN_TURN_MS) {
     session.send({ type: 'input_audio_buffer.clear' });
     setStatus('ready (hold the button while you speak)');
@@ -351,6 +375,9 @@ function onEvent(event) {
       finishIfPlayed(id);
       break;
     }
+    case 'conversation.item.truncated':
+      state.truncations.push({ itemId: event.item_id, audioEndMs: event.audio_end_ms });
+      break;
     case 'error':
       fail(`${event.error.code || event.error.type}: ${event.error.message}`);
       break;
