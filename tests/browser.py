@@ -89,6 +89,7 @@ def chromium_flags(wav: Path, profile: Path) -> list[str]:
         "--headless=new",
         "--no-sandbox",
         "--disable-gpu",
+        "--disable-dev-shm-usage",  # a container's small /dev/shm must not crash it
         "--disable-quic",
         "--no-first-run",
         "--disable-background-networking",
