@@ -101,6 +101,7 @@ def count(
     warmup_s: float,
     duration_s: float,
     cwd: Path = REPO,
+    load_args: tuple[str, ...] = (),
 ) -> Counted:
     out_dir = rig.work_dir / f"callgrind-{name.replace('/', '_').replace('@', '_')}"
     out_dir.mkdir()
@@ -142,6 +143,7 @@ def count(
                 "60",
                 "--grace-s",
                 "5",
+                *load_args,
             ],
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -195,6 +197,13 @@ def main() -> int:
     parser.add_argument(
         "--relay-before", type=Path, help="another work tree's relay, as relay@before"
     )
+    parser.add_argument(
+        "--audio",
+        action="store_true",
+        help="the binary audio path against JSON: the relay in front of an upstream "
+        "answering each append with an audio delta, the client speaking JSON "
+        "(relay/json) and relay.audio.v1 (relay/binary)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--keep", type=Path, help="keep the callgrind dumps here (for callgrind_annotate)"
@@ -205,10 +214,12 @@ def main() -> int:
         work_dir.mkdir(parents=True, exist_ok=True)
         rig = Rig(work_dir)
         try:
-            upstream_port = rig.start_echo_upstream()
+            upstream_port = rig.start_echo_upstream(mode="delta" if args.audio else "echo")
             upstream_url = f"ws://127.0.0.1:{upstream_port}/v1"
-            plan: list[tuple[str, list[str], dict[str, str], int, Path]] = []
-            for path in args.paths.split(","):
+            plan: list[tuple[str, list[str], dict[str, str], int, Path, tuple[str, ...]]] = []
+            relay_command = [sys.executable, "-m", "relay", "serve"]
+            paths = ["relay/json", "relay/binary"] if args.audio else args.paths.split(",")
+            for path in paths:
                 port = free_port()
                 if path == "splice":
                     command = [
@@ -219,22 +230,15 @@ def main() -> int:
                         "--upstream-port",
                         str(upstream_port),
                     ]
-                    plan.append((path, command, dict(rig.env), port, REPO))
-                elif path == "relay":
+                    plan.append((path, command, dict(rig.env), port, REPO, ()))
+                elif path.startswith("relay"):
+                    load_args = ("--binary",) if path == "relay/binary" else ()
                     env = rig.relay_env(port, upstream_url)
-                    plan.append((path, [sys.executable, "-m", "relay", "serve"], env, port, REPO))
+                    plan.append((path, relay_command, env, port, REPO, load_args))
             if args.relay_before is not None:
                 port = free_port()
                 env = {**rig.relay_env(port, upstream_url), "PYTHONPATH": str(args.relay_before)}
-                plan.append(
-                    (
-                        "relay@before",
-                        [sys.executable, "-m", "relay", "serve"],
-                        env,
-                        port,
-                        args.relay_before,
-                    )
-                )
+                plan.append(("relay@before", relay_command, env, port, args.relay_before, ()))
             counted = [
                 count(
                     rig,
@@ -246,17 +250,19 @@ def main() -> int:
                     warmup_s=args.warmup_s,
                     duration_s=args.duration_s,
                     cwd=cwd,
+                    load_args=load_args,
                 )
-                for name, command, env, port, cwd in plan
+                for name, command, env, port, cwd, load_args in plan
             ]
         finally:
             rig.stop()
-    floor = next((c.per_message for c in counted if c.path == "splice"), float("nan"))
+    floor_path = "relay/json" if args.audio else "splice"
+    floor = next((c.per_message for c in counted if c.path == floor_path), float("nan"))
     print(
         f"{args.sessions} sessions x {APPENDS_PER_S_PER_SESSION} appends/s each, echoed; "
         f"{args.duration_s:.0f} s window"
     )
-    print("| path | instructions per message | x splice | messages | lost |")
+    print(f"| path | instructions per message | x {floor_path} | messages | lost |")
     print("|---|---|---|---|---|")
     for c in counted:
         ratio = c.per_message / floor

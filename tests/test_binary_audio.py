@@ -516,3 +516,61 @@ async def test_the_relay_answers_realtime_when_the_path_is_off(
             first = await ws.get_message()
         assert isinstance(first, str)
         assert orjson.loads(first)["type"] == "session.created"
+
+
+async def test_one_binary_frame_per_read_is_charged_to_the_rate_limit(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The one-frame fast path (a read holding exactly one binary frame) pays like any frame."""
+    relayed = audio_session(client_max_frames_per_s=10, client_frame_burst=3)
+
+    async def scenario(relayed: Relayed) -> None:
+        for _ in range(4):  # one write per frame: each read is one whole frame
+            await relayed.client.stream.send_all(masked(OP_BINARY, CHUNK))
+            await trio.sleep(0.001)
+        await wait_until(lambda: relayed.session.ended.is_set())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relayed.upstream.serve)
+        nursery.start_soon(relayed.client.serve)
+        nursery.start_soon(scenario, relayed)
+        ending = await relayed.session.run()
+        nursery.cancel_scope.cancel()
+    assert ending.kind.name == "RATE_LIMITED"
+    assert relayed.upstream.texts == [binary_audio.append_event(CHUNK)] * 3
+
+
+async def test_the_tap_still_counts_usage_on_the_binary_path(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    done = orjson.dumps(
+        {"type": "response.done", "response": {"usage": {"total_tokens": 42, "input_tokens": 40}}}
+    )
+
+    async def scenario(relayed: Relayed) -> None:
+        await relayed.upstream.ws.send_text(done)  # alone in its read: the one-frame path
+        await relayed.upstream.ws.send_raw(  # and in a run with a delta
+            frames.encode_frame(OP_TEXT, done) + frames.encode_frame(OP_TEXT, delta(b"\x01\x00"))
+        )
+        await wait_until(lambda: len(relayed.client.messages) == 4)
+
+    relayed = audio_session()
+    await run_with_peers(relayed, scenario)
+    assert relayed.session.stats.tap.usage.total_tokens == 84
+    assert [m for m in relayed.client.messages if m[0] == OP_BINARY] == [(OP_BINARY, b"\x01\x00")]
+
+
+async def test_one_binary_frame_alone_under_the_lock_is_an_append(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    lock = SessionLock({"instructions": "locked"})
+
+    async def scenario(relayed: Relayed) -> None:
+        await relayed.client.stream.send_all(masked(OP_BINARY, CHUNK))
+        await relayed.client.stream.send_all(masked(OP_BINARY, CHUNK[:3]))  # odd: refused
+        await wait_until(lambda: len(relayed.upstream.texts) == 1 and relayed.client.texts != [])
+
+    relayed = audio_session(lock=lock)
+    await run_with_peers(relayed, scenario)
+    assert relayed.upstream.texts == [binary_audio.append_event(CHUNK)]
+    assert relayed.client.error_codes() == [CODE_PARTIAL_SAMPLE]

@@ -358,13 +358,50 @@ class RelaySession:
             if event.fin:
                 break
             event = await self._next_client_event()
-        problem = binary_audio.audio_problem(size, audio_format.sample_bytes, limit)
+        await self._send_append(parts[0] if len(parts) == 1 else b"".join(parts), size)
+
+    async def _send_append(self, audio: bytes, size: int) -> None:
+        """One binary message's audio (``size`` bytes, kept whole when within the limit)
+        upstream as an append, or the client told why not."""
+        assert self._audio_format is not None
+        assert self.binary_audio_max_message_bytes is not None
+        problem = binary_audio.audio_problem(
+            size, self._audio_format.sample_bytes, self.binary_audio_max_message_bytes
+        )
         if problem is not None:
             await self.client.send_text(problem)
             return
-        audio = parts[0] if len(parts) == 1 else b"".join(parts)
         await self.upstream.send_text(binary_audio.append_event(audio))
         self.stats.messages_up += 1
+
+    async def _take_audio_read(self, data: memoryview) -> bool:
+        """One fresh client read on the binary path; ``False`` once over its rate.
+
+        A read that is exactly one whole binary frame (the audio of a real-time
+        client) is unmasked and sent as an append without the frame loop. Otherwise
+        the whole frames the run gate lets through go up as a run, and the rest goes
+        to the reader, whose events the pump takes next.
+        """
+        reader = self.client.reader
+        start = reader.one_frame(data)
+        if start and data[0] == 0x82:
+            if not self._rate.admit(len(data)):
+                self._finish(self._rate_ending())
+                return False
+            key = bytes(data[start - 4 : start])  # a client's frames are masked
+            await self._send_append(frames.xor_mask(data[start:], key), len(data) - start)
+            return True
+        taken = reader.take_run(data, None, self._client_run_gate)
+        if taken < len(data):
+            reader.feed(data[taken:])
+        if taken:
+            if not self._rate.admit(taken, reader.run_frames):
+                self._finish(self._rate_ending())
+                return False
+            run = data[:taken]
+            await self.upstream.send_raw(frames.remask_run(run) if self.remask_upstream else run)
+            self.stats.messages_up += reader.run_messages
+        return True
 
     async def _forward_client_run(
         self, accept: Callable[[int, bool, bytes | memoryview], bool] | None = None
@@ -425,8 +462,12 @@ class RelaySession:
         while True:
             event = reader.next_event()
             if event is None:
+                if self._audio_format is not None:
+                    data = await client.receive_read()
+                    if data is not None and not await self._take_audio_read(data):
+                        raise _SessionEnded
                 # The hot path as in _pump_up, for the frames the gate lets through.
-                if not await self._forward_client_run(self._client_run_gate):
+                elif not await self._forward_client_run(self._client_run_gate):
                     raise _SessionEnded
                 continue
             if type(event) is Frame:
@@ -630,9 +671,34 @@ class RelaySession:
         while True:
             event = reader.next_event()
             if event is None:
-                run = await upstream.receive_run(observe, gate, UNTAPPED_HEAD)
-                if run:
-                    await client.send_raw(run)
+                data = await upstream.receive_read()
+                if data is None:
+                    continue
+                # One whole text frame (most reads): a delta converted, or the event as it came.
+                start = reader.one_frame(data)
+                if start and data[0] == 0x81:
+                    payload = data[start:]
+                    if not is_delta(payload):
+                        audio_format.observe(payload)
+                        if UNTAPPED_HEAD(payload) is None:
+                            observe(payload)
+                        await client.send_raw(data)
+                        stats.messages_down += 1
+                        continue
+                    converted = deltas.convert(payload)
+                    if converted is not None:
+                        await client.send_raw(_audio_frames(*converted))
+                        stats.messages_down += 1
+                        continue
+                    observe(payload)
+                    await client.send_raw(data)
+                    stats.messages_down += 1
+                    continue
+                taken = reader.take_run(data, observe, gate, UNTAPPED_HEAD)
+                if taken < len(data):
+                    reader.feed(data[taken:])
+                if taken:
+                    await client.send_raw(data[:taken])
                     stats.messages_down += reader.run_messages
             elif type(event) is Frame:
                 opcode = event.opcode
@@ -645,11 +711,7 @@ class RelaySession:
                     observe(payload)
                     converted = deltas.convert(payload) if is_delta(payload) else None
                     if converted is not None:
-                        marker, audio = converted
-                        binary = frames.encode_frame(OP_BINARY, audio)
-                        if marker is not None:
-                            binary = frames.encode_frame(OP_TEXT, marker) + binary
-                        await client.send_raw(binary)
+                        await client.send_raw(_audio_frames(*converted))
                         stats.messages_down += 1
                         continue
                     audio_format.observe(payload)
@@ -775,6 +837,12 @@ class RelaySession:
             else:  # at most one leg awaits anything
                 await _close_leg(client, plan.client, timeout_s)
                 await _close_leg(upstream, plan.upstream, timeout_s)
+
+
+def _audio_frames(marker: bytes | None, audio: bytes) -> bytes:
+    """A converted delta for the client: its binary frame, after its start marker if any."""
+    binary = frames.encode_frame(OP_BINARY, audio)
+    return binary if marker is None else frames.encode_frame(OP_TEXT, marker) + binary
 
 
 def _has_close_work(leg: WebSocket, plan: LegClose) -> bool:

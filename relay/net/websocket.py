@@ -267,33 +267,55 @@ class WebSocket:
         :meth:`next_frame_event`'s caller to take as events. Raises
         :class:`ConnectionClosed` (1006) when the stream ends.
         """
-        view = self._read_view
         try:
-            received = await self.transport.recv_into(view)
+            received = await self.transport.recv_into(self._read_view)
         except TransportClosed as exc:
             raise LegFailed(self, str(exc)) from None
+        data = self._fresh_read(received)
+        reader = self.reader
+        if data is None:
+            reader.run_frames = reader.run_messages = 0
+            return self._read_view[:0]
+        taken = reader.take_run(data, on_text, accept, skip_text)
+        if taken == len(data):
+            return data
+        reader.feed(data[taken:])
+        return data[:taken]
+
+    async def receive_read(self) -> memoryview | None:
+        """Read once; what came, for the caller to take whole frames from, or ``None``.
+
+        The bytes (joined to the partial frame the reader held, if this read
+        completes it) are a view valid until the caller's next await, and nothing of
+        them is consumed yet: the caller takes a whole frame with
+        :meth:`~relay.protocol.frames.FrameReader.one_frame`, or a run with
+        ``take_run``, and feeds the reader the rest. ``None``: the read went to the
+        reader (a frame it does not finish), for :meth:`next_frame_event`.
+        """
+        try:
+            received = await self.transport.recv_into(self._read_view)
+        except TransportClosed as exc:
+            raise LegFailed(self, str(exc)) from None
+        return self._fresh_read(received)
+
+    def _fresh_read(self, received: int) -> memoryview | None:
+        """The ``received`` bytes just read, ready to take frames from; ``None`` once fed."""
         if received == 0:
             raise ConnectionClosed(
                 frames.CLOSE_ABNORMAL, "connection dropped without a close frame"
             )
         self.bytes_received += received
-        data = view[:received]
+        data = self._read_view[:received]
         reader = self.reader
-        if not reader.idle:
-            pending = reader.take_pending(received)
-            if pending is None:  # a cut-through frame, or a frame this read won't finish
-                reader.feed(data)
-                reader.run_frames = reader.run_messages = 0
-                return data[:0]
-            # One copy joins the partial frame to the bytes it waited for, and the run
-            # starts there (the run is then a private buffer, not the shared one).
-            data = memoryview(pending + data)
-            received = len(data)
-        taken = reader.take_run(data, on_text, accept, skip_text)
-        if taken == received:
+        if reader.idle:
             return data
-        reader.feed(data[taken:])
-        return data[:taken]
+        pending = reader.take_pending(received)
+        if pending is None:  # a cut-through frame, or a frame this read won't finish
+            reader.feed(data)
+            return None
+        # One copy joins the partial frame to the bytes it waited for, and the frames
+        # start there (then in a private buffer, not the shared one).
+        return memoryview(pending + data)
 
     async def next_frame_event(self) -> FrameEvent:
         """The next frame event, reading as needed.
