@@ -74,6 +74,22 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-session-s", dest="max_session_s", type=float)
     serve.add_argument("--max-message-bytes", dest="max_message_bytes", type=int)
     serve.add_argument("--log-level", dest="log_level")
+    serve.add_argument(
+        "--allowed-origin",
+        dest="allowed_origins",
+        action="append",
+        metavar="ORIGIN",
+        help="a browser Origin allowed to open sessions, e.g. https://app.example "
+        "(repeatable; none set allows any Origin)",
+    )
+    serve.add_argument(
+        "--browser-demo",
+        dest="browser_demo_enabled",
+        action="store_const",
+        const=True,
+        help="serve the browser voice page at /demo/ and its token endpoint, which mints "
+        "single-use tokens for the --allowed-origin pages (off by default)",
+    )
 
     simulate = sub.add_parser("simulate", help="run the upstream simulator alone")
     _add_common(simulate)
@@ -111,6 +127,20 @@ def _parser() -> argparse.ArgumentParser:
         "--direct",
         action="store_true",
         help="without --url: talk to the simulator directly, no relay in between",
+    )
+    demo.add_argument(
+        "--browser",
+        dest="browser",
+        action="store_const",
+        const=True,
+        help="serve the browser voice page (relay in front of the built-in simulator on "
+        "127.0.0.1) and print its URL; runs until Ctrl-C",
+    )
+    demo.add_argument(
+        "--port",
+        dest="browser_port",
+        type=int,
+        help="with --browser: the relay's port on 127.0.0.1 (default 8080; 0: any free port)",
     )
 
     bench = sub.add_parser(
@@ -273,7 +303,13 @@ def _dispatch(args: argparse.Namespace) -> Callable[[], int]:
             toml_path=args.config,
             overrides=_overrides(args, cfg.DemoConfig.__struct_fields__),
         )
+        if demo.browser and (demo.url or args.direct):
+            raise cfg.ConfigError(
+                "demo.browser: --browser runs its own relay and simulator; drop --url/--direct"
+            )
         _setup_logging("warning")
+        if demo.browser:
+            return lambda: _run_browser_demo(demo)
         return lambda: _run_demo(demo, direct=args.direct)
     if args.command == "bench":
         return lambda: _run_bench(args)
@@ -315,6 +351,16 @@ def _run_demo(demo: cfg.DemoConfig, *, direct: bool) -> int:
 
     ok: bool = trio.run(run_demo_stack, demo, direct)
     return 0 if ok else 1
+
+
+def _run_browser_demo(demo: cfg.DemoConfig) -> int:
+    from relay.launch import StartupError, run_browser_demo
+
+    try:
+        trio.run(run_browser_demo, demo)
+    except StartupError as exc:
+        return _fail(str(exc))
+    return 0
 
 
 def _run_bench(args: argparse.Namespace) -> int:

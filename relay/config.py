@@ -192,6 +192,14 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: Query parameters forwarded upstream besides the documented ``model``,
     #: ``call_id`` and ``intent`` (e.g. an Azure ``api-version``); others are dropped.
     upstream_query_params: tuple[str, ...] = ()
+    # -- The browser voice page (relay/control/browser_demo.py, relay/web/) ---------
+    #: Serve the browser voice page at ``/demo/`` and its demo token endpoint
+    #: (``POST /demo/token``), which mints a single-use relay token for any request
+    #: whose Origin is in ``allowed_origins`` (which must then list the page's
+    #: origin). Off by default: it lets every visitor of that origin open a session.
+    browser_demo_enabled: bool = False
+    #: The model the demo page's tokens open (and lock).
+    browser_demo_model: str = "gpt-realtime"
 
 
 class DemoConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -203,6 +211,12 @@ class DemoConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
     turns: Annotated[int, msgspec.Meta(ge=1, le=100)] = 2
     speech_ms: Annotated[int, msgspec.Meta(ge=20, le=30_000)] = 600
     chunk_ms: Annotated[int, msgspec.Meta(ge=10, le=1000)] = 20
+    # -- relay demo --browser (relay/launch.py run_browser_demo) --------------------
+    #: Serve the browser voice page (a relay in front of the built-in simulator on
+    #: 127.0.0.1) instead of the scripted session; runs until Ctrl-C.
+    browser: bool = False
+    #: That relay's port on 127.0.0.1; 0 picks a free one.
+    browser_port: Port = 8080
 
 
 class ConfigError(Exception):
@@ -380,6 +394,7 @@ def serve_config_problems(config: ServeConfig, *, now: float | None = None) -> l
         *_client_auth_problems(config),
         *_key_file_problems(config, time.time() if now is None else now),
         *_limit_problems(config),
+        *_browser_demo_problems(config),
     ]
     return [f"serve.{problem}" for problem in problems]
 
@@ -566,3 +581,13 @@ def _why(exc: OSError) -> str:
     if isinstance(exc, ssl.SSLError):
         return exc.reason or _SSL_SOURCE_RE.sub("", str(exc.strerror or exc))
     return str(exc.strerror or exc)
+
+
+def _browser_demo_problems(config: ServeConfig) -> list[str]:
+    """The demo token endpoint mints for listed Origins only: the list must exist."""
+    if config.browser_demo_enabled and not config.allowed_origins:
+        return [
+            "browser_demo_enabled: set allowed_origins to the page's origin too (e.g. "
+            '"http://127.0.0.1:8080"): the demo mints tokens for listed Origins only'
+        ]
+    return []

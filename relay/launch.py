@@ -11,7 +11,11 @@ This module owns what ``relay serve`` and ``relay demo`` start inside one
   fallback;
 - :func:`run_demo_stack`: the README's main job: simulator + relay in-process and
   the demo voice session through the relay (or straight to the simulator, or to
-  a given URL), printing the event flow and round-trip figures.
+  a given URL), printing the event flow and round-trip figures;
+- :func:`run_browser_demo` (``relay demo --browser``): a relay with the browser
+  voice page on (:func:`open_browser_demo`), in front of the built-in simulator on
+  127.0.0.1, with the page's own origins as the relay's Origin allowlist; it
+  prints the page's URL and runs until Ctrl-C.
 
 Operator mistakes that only show when the relay starts (the port is taken, the
 host is not an address here, a key file broke after the configuration check)
@@ -31,6 +35,7 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -309,3 +314,70 @@ async def _serve_for_demo(
     async with open_relay(config) as running:
         task_status.started(running.port)
         await trio.sleep_forever()
+
+
+#: Where the browser demo's page is, on its relay.
+BROWSER_DEMO_PAGE_PATH: Final = "/demo/"
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserDemo:
+    """A running browser demo: its relay (and simulator) and the page's URL."""
+
+    running: RunningRelay
+    url: str
+
+
+def browser_demo_origins(port: int) -> tuple[str, ...]:
+    """The Origins a browser gives the page served on 127.0.0.1:``port``."""
+    return (f"http://127.0.0.1:{port}", f"http://localhost:{port}")
+
+
+@asynccontextmanager
+async def open_browser_demo(port: int = 0, **serve_fields: Any) -> AsyncIterator[BrowserDemo]:
+    """A relay on 127.0.0.1:``port`` with the browser page on, before the built-in simulator.
+
+    The relay's ``allowed_origins`` become the page's own origins once the port is
+    known (with port 0 it is known only after the bind), so the WebSocket Origin
+    check and the demo token endpoint admit the page and nothing else.
+    ``serve_fields`` are further :class:`ServeConfig` settings, or others in place of
+    these (tests give their own simulator as ``upstream_url``).
+    """
+    fields: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "port": port,
+        "upstream_url": SIMULATOR_UPSTREAM,
+        "browser_demo_enabled": True,
+        "allowed_origins": browser_demo_origins(port) if port else (),
+        "log_level": "warning",
+    }
+    config = ServeConfig(**(fields | serve_fields))
+    async with open_relay(config) as running:
+        server = running.server
+        if not port:
+            server.apply_config(
+                msgspec.structs.replace(
+                    server.config, allowed_origins=browser_demo_origins(running.port)
+                ),
+                server.upstream,
+            )
+        yield BrowserDemo(
+            running=running, url=f"http://127.0.0.1:{running.port}{BROWSER_DEMO_PAGE_PATH}"
+        )
+
+
+async def run_browser_demo(config: DemoConfig) -> None:
+    """``relay demo --browser``: serve the page until Ctrl-C (or SIGTERM); then exit 0."""
+    try:
+        async with open_browser_demo(config.browser_port) as demo:
+            print(
+                "demo: relay with the browser voice page, in front of the built-in simulator "
+                "(no API key needed)"
+            )
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                print(f"demo: open {demo.url} in a browser (Ctrl-C stops)", flush=True)
+                async for _ in signals:
+                    break
+        print("demo: stopped")
+    except StartupError as exc:
+        raise StartupError(f"{exc} (relay demo --browser: another --port, 0 = any)") from None

@@ -133,6 +133,8 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "client_frame_burst": ("2000", 2000),
             "client_max_bytes_per_s": ("4194304", 4194304),
             "client_byte_burst_bytes": ("33554432", 33554432),
+            "browser_demo_enabled": ("true", True),
+            "browser_demo_model": ("gpt-realtime-mini", "gpt-realtime-mini"),
         },
         cfg.SimulatorConfig: {
             "host": ("0.0.0.0", "0.0.0.0"),
@@ -154,6 +156,8 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "turns": ("3", 3),
             "speech_ms": ("400", 400),
             "chunk_ms": ("40", 40),
+            "browser": ("true", True),
+            "browser_port": ("8090", 8090),
         },
     }
 

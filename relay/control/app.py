@@ -6,7 +6,9 @@ draining or at the session limit), ``POST /v1/realtime/client_secrets``
 (minting, see :mod:`relay.credentials.minting`; the app key is checked before the body is
 read, and bodies over :data:`MAX_BODY_BYTES` answer 413), ``/metrics`` (Prometheus; requires the
 admin key when one is configured) and the admin API behind the admin key
-(``GET /admin/sessions``, ``POST /admin/sessions/<id>/end``). Unknown routes
+(``GET /admin/sessions``, ``POST /admin/sessions/<id>/end``), and the browser voice
+page with its demo token endpoint under ``/demo/`` when ``browser_demo_enabled``
+(:mod:`relay.control.browser_demo`; 404 like any unknown path while off). Unknown routes
 answer 404 and errors answer with OpenAI's ``{"error": {...}}`` envelope, never
 an HTML page or a traceback. One access log line per request.
 
@@ -26,6 +28,8 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from relay.config import ServeConfig
+from relay.control import browser_demo
 from relay.credentials.digests import matches_any, parse_digest_hex
 from relay.credentials.minting import Minter
 from relay.metrics import RelayMetrics
@@ -33,6 +37,11 @@ from relay.protocol.events import http_error_body
 
 
 class ControlState(Protocol):
+    @property
+    def config(self) -> ServeConfig:
+        """The configuration new requests follow (swapped whole on SIGHUP)."""
+        ...
+
     @property
     def live_sessions(self) -> int: ...
 
@@ -160,6 +169,8 @@ def create_app(state: ControlState) -> QuartTrio:
         if not state.end_session(session_id):
             return _json(http_error_body("No such session.", code="session_not_found"), 404)
         return _json(b'{"ended":true}', 200)
+
+    browser_demo.register(app, state)
 
     @app.after_request
     async def access_log(response: Response) -> Response:
