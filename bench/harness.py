@@ -55,6 +55,7 @@ ECHO_QUERY: Final = "sim_mode=echo"
 STARTUP_TIMEOUT_S: Final = 20.0
 STOP_TIMEOUT_S: Final = 10.0
 NODE_DIR: Final = REPO / "bench/node"
+C_DIR: Final = REPO / "bench/c"
 #: Delta size and answer length of the simulator's paced model (voice profile).
 SIM_DELTA_AUDIO_MS: Final = 100
 SIM_RESPONSE_AUDIO_MS: Final = 1200
@@ -149,6 +150,22 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {port}")
+
+
+def build_light_echo() -> Path:
+    """``bench/c/echo_upstream.c`` compiled with the system's C compiler, rebuilt when the
+    source is newer than the binary (the build directory is not committed)."""
+    source = C_DIR / "echo_upstream.c"
+    binary = C_DIR / "build" / "echo_upstream"
+    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        if compiler is None:
+            raise RuntimeError("no C compiler (cc or gcc) to build bench/c/echo_upstream.c")
+        binary.parent.mkdir(exist_ok=True)
+        subprocess.run(
+            [compiler, "-O2", "-Wall", "-Werror", "-o", str(binary), str(source)], check=True
+        )
+    return binary
 
 
 def find_nginx() -> str | None:
@@ -334,6 +351,19 @@ class Rig:
         if tls is None:
             name = "direct" if mode == "echo" else f"direct/{mode}"
             self.targets[name] = Target(name, f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
+        return port
+
+    def start_light_echo_upstream(self) -> int:
+        """The C echo upstream (``bench/c/echo_upstream.c``, built on first use) on the
+        load's core: what the Node echo does by default, at a fraction of its CPU, so the
+        concurrency ramp's load side stays unsaturated. It is ``direct/light``."""
+        port = free_port()
+        process = self._spawn([str(build_light_echo()), "--port", str(port)], cpus=self.load_cpus)
+        self._ready(port, process, self.load_cpus)
+        self.echo_pids.append(process.pid)
+        self.targets["direct/light"] = Target(
+            "direct/light", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid
+        )
         return port
 
     def start_websockets_relay(self, upstream_url: str) -> Target:

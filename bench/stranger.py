@@ -518,14 +518,17 @@ def run_rounds(running: Rig, settings: Settings, paths: list[str]) -> list[Run]:
     return runs
 
 
-def run_ramp(running: Rig, settings: Settings) -> dict[str, Any]:
+def run_ramp(
+    running: Rig, settings: Settings, direct: str = "direct", relay: str = "relay"
+) -> dict[str, Any]:
+    """The concurrency ramp through ``relay``, with ``direct`` (its upstream) in each step."""
     steps: list[dict[str, Any]] = []
     held: int | None = None
     verdict = ""
     for n in settings.ramp:
         pairs: list[tuple[Run, Run]] = []
         for round_number in range(settings.rounds):
-            order = rotated(["direct", "relay"], round_number)
+            order = rotated([direct, relay], round_number)
             measured = {
                 path: node_load(
                     running,
@@ -539,7 +542,7 @@ def run_ramp(running: Rig, settings: Settings) -> dict[str, Any]:
                 )
                 for path in order
             }
-            pairs.append((measured["direct"], measured["relay"]))
+            pairs.append((measured[direct], measured[relay]))
         direct_p99 = Spread.of(d.latency("rtt_ms", "p99") for d, _ in pairs)
         relay_p99 = Spread.of(r.latency("rtt_ms", "p99") for _, r in pairs)
         added = Spread.of(r.latency("rtt_ms", "p99") - d.latency("rtt_ms", "p99") for d, r in pairs)
@@ -579,13 +582,15 @@ def run_ramp(running: Rig, settings: Settings) -> dict[str, Any]:
             flush=True,
         )
         if not ok:
-            verdict = f"the relay went over at {n} (p99 {relay_p99.median:.1f} ms, lost {lost})"
+            verdict = f"{relay} went over at {n} (p99 {relay_p99.median:.1f} ms, lost {lost})"
             break
         held = n
     else:
         verdict = "every step held (raise --ramp to find the limit)"
     return {
         "budget_ms": settings.budget_ms,
+        "upstream": running.targets[direct].name,
+        "through": running.targets[relay].name,
         "steps": steps,
         "sessions_at_budget": held,
         "verdict": verdict,
@@ -829,7 +834,11 @@ def ramp_table(ramp: dict[str, Any]) -> list[str]:
         return Spread(block["median"], block["min"], block["max"], block["n"]).show(spec)
 
     lines = [
-        f"### Concurrency ramp through relay (budget: p99 < {ramp['budget_ms']:g} ms, no loss)",
+        f"### Concurrency ramp through {ramp.get('through', 'relay')} "
+        f"(budget: p99 < {ramp['budget_ms']:g} ms, no loss)",
+        "",
+        f"Upstream: `{ramp.get('upstream', 'direct')}` (direct p99 is the load straight to it); "
+        "the load generator and the upstream share the load core.",
         "",
         "| sessions | direct p99 ms | relay p99 ms | added p99 ms | relay % core | relay µs/msg "
         "| lost | load % | verdict |",
@@ -1047,6 +1056,12 @@ def main() -> int:
         "--budget-ms", type=float, default=DEFAULT_BUDGET_MS, help="ramp: p99 budget"
     )
     parser.add_argument(
+        "--ramp-upstream",
+        choices=["light", "node"],
+        default="light",
+        help="ramp's upstream: the C echo (bench/c, light on the load core) or the Node echo",
+    )
+    parser.add_argument(
         "--audio-sessions",
         default=DEFAULT_AUDIO_SESSIONS,
         help="binary-vs-JSON comparison: stream session counts ('' to skip)",
@@ -1055,6 +1070,15 @@ def main() -> int:
         "--audio-only",
         action="store_true",
         help="only the binary-vs-JSON comparison (no other path, scenario or ramp)",
+    )
+    parser.add_argument(
+        "--ramp-only", action="store_true", help="only the concurrency ramp (no other scenario)"
+    )
+    parser.add_argument(
+        "--ramp-through",
+        choices=["relay", "splice", "node-ws"],
+        default="relay",
+        help="with the light upstream: the proxy the ramp goes through (the floor, a baseline)",
     )
     parser.add_argument("--out", default=str(REPO / "bench/results/stranger"))
     parser.add_argument("--relay-log-level", default="warning")
@@ -1075,17 +1099,29 @@ def main() -> int:
     audio_runs: list[Run] = []
     ramp: dict[str, Any] | None = None
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
-        if not args.audio_only:
+        if not args.audio_only and not args.ramp_only:
             paths = start_paths(running, args.relay_before)
             missing = [path for path in PATHS if path not in paths and path != "relay@before"]
             if missing:
                 print(f"stranger: not measured (not installed): {missing}", file=sys.stderr)
             runs = run_rounds(running, settings, paths)
-        if settings.audio_sessions:
+        if settings.audio_sessions and not args.ramp_only:
             start_audio_paths(running)
             audio_runs = run_audio(running, settings)
         if settings.ramp and not args.audio_only:
-            ramp = run_ramp(running, settings)
+            if args.ramp_upstream == "light":
+                # A fresh proxy in front of the C echo: the load core keeps room for the load.
+                port = running.start_light_echo_upstream()
+                url = f"ws://127.0.0.1:{port}/v1"
+                if args.ramp_through == "splice":
+                    through = running.start_splice(port).name
+                elif args.ramp_through == "node-ws":
+                    through = running.start_node_relay(url).name
+                else:
+                    through = running.start_relay("relay/light", url).name
+                ramp = run_ramp(running, settings, "direct/light", through)
+            else:
+                ramp = run_ramp(running, settings)
     elapsed = time.time() - started
     summaries = summarise(runs)
     audio_rows = summarise_audio(audio_runs)
