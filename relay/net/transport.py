@@ -148,7 +148,14 @@ class Transport:
         if self._drained:
             self._drained = False
             self._ops_without_yield = 0
-            await self._wait(readable=True)  # a scheduler pass: the yield too
+            # _wait(readable=True), inline (a coroutine per message fewer): a scheduler
+            # pass, so the periodic yield too.
+            if self._closed:
+                raise TransportClosed("connection closed")
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                raise TransportClosed("connection closed") from None
         else:
             # _maybe_yield, inline: a coroutine per read is a cost on the hot path.
             self._ops_without_yield += 1
@@ -181,9 +188,25 @@ class Transport:
         buffer); the copy is made only when the kernel is full.
         """
         sock = self.sock
-        view = memoryview(data)
+        total = len(data)
+        # The usual write: the kernel takes it all at once.
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            sent = 0
+        except (OSError, ValueError) as exc:
+            raise TransportClosed(_describe(exc)) from None
+        if sent < total:
+            await self._send_rest(memoryview(data), sent)
+        self._ops_without_yield += 1  # _maybe_yield, inline
+        if self._ops_without_yield >= CHECKPOINT_EVERY_OPS:
+            self._ops_without_yield = 0
+            await trio.lowlevel.checkpoint()
+
+    async def _send_rest(self, view: memoryview, sent: int) -> None:
+        """The rest of a write the kernel did not take at once (``sent`` bytes went)."""
+        sock = self.sock
         total = len(view)
-        sent = 0
         while sent < total:
             try:
                 sent += sock.send(view[sent:] if sent else view)
@@ -196,10 +219,6 @@ class Transport:
                 await self._wait(readable=True)
             except (OSError, ValueError) as exc:
                 raise TransportClosed(_describe(exc)) from None
-        self._ops_without_yield += 1  # _maybe_yield, inline
-        if self._ops_without_yield >= CHECKPOINT_EVERY_OPS:
-            self._ops_without_yield = 0
-            await trio.lowlevel.checkpoint()
 
     async def _wait(self, *, readable: bool) -> None:
         if self._closed:
