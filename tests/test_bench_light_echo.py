@@ -20,7 +20,7 @@ import trio_websocket
 from relay.protocol import frames
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from harness import (  # type: ignore[import-not-found]
+from harness import (  # type: ignore[import-not-found,unused-ignore]
     build_light_echo,
     free_port,
     wait_for_port,
