@@ -960,7 +960,7 @@ def test_two_websockets_share_one_receive_view() -> None:
         a, b = memory_pair()
         first = WebSocket(a, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
         second = WebSocket(b, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES)
-        assert first._read_view is second._read_view
+        assert first.read_view is second.read_view
 
     trio.run(main)
 

@@ -72,6 +72,7 @@ from relay.dataplane.policy import (
     plan_close,
 )
 from relay.dataplane.ratelimit import ClientRateLimit
+from relay.net.transport import TransportClosed
 from relay.net.websocket import ConnectionClosed, LegFailed, WebSocket
 from relay.protocol import binary_audio, frames
 from relay.protocol.frames import (
@@ -265,14 +266,29 @@ class RelaySession:
         leaves (control frames, large frames, a frame split across reads) is taken
         from the reader as events.
         """
-        client = self.client
+        client, upstream = self.client, self.upstream
         reader = client.reader
         admit = self._rate.admit
+        stats = self.stats
+        remask = self.remask_upstream
+        recv_into, read_view, run_of = client.transport.recv_into, client.read_view, client.run_of
         while True:
             event = reader.next_event()
             if event is None:
-                if not await self._forward_client_run():
-                    return
+                # _forward_client_run's lines, with the read made here and not in
+                # receive_run: two coroutines per message fewer (1.4k instructions of
+                # 79k per relayed message, bench/instructions.py).
+                try:
+                    received = await recv_into(read_view)
+                except TransportClosed as exc:
+                    raise LegFailed(client, str(exc)) from None
+                run = run_of(received)
+                if run:
+                    if not admit(len(run), reader.run_frames):
+                        self._finish(self._rate_ending())
+                        return
+                    await upstream.send_raw(frames.remask_run(run) if remask else run)
+                    stats.messages_up += reader.run_messages
             elif type(event) is Frame:
                 if not admit(len(event.raw)):
                     self._finish(self._rate_ending())
@@ -644,12 +660,22 @@ class RelaySession:
         reader = upstream.reader
         stats = self.stats
         observe = stats.tap.observe_text
+        recv_into, read_view, run_of = (
+            upstream.transport.recv_into,
+            upstream.read_view,
+            upstream.run_of,
+        )
         for first in self.first_client_events:  # before anything the upstream sends
             await client.send_text(first)
         while True:
             event = reader.next_event()
             if event is None:
-                run = await upstream.receive_run(observe, None, UNTAPPED_HEAD)
+                # receive_run, with the read made here: a coroutine per message fewer.
+                try:
+                    received = await recv_into(read_view)
+                except TransportClosed as exc:
+                    raise LegFailed(upstream, str(exc)) from None
+                run = run_of(received, observe, None, UNTAPPED_HEAD)
                 if run:
                     await client.send_raw(run)
                     stats.messages_down += reader.run_messages

@@ -157,7 +157,8 @@ class WebSocket:
         )
         if initial_data:
             self.reader.feed(initial_data)
-        self._read_view = _RECEIVE_BUFFER.view
+        #: Where reads land: the thread's shared receive buffer (see :meth:`run_of`).
+        self.read_view = _RECEIVE_BUFFER.view
         self._send_lock = WriteLock()
         self._send_broken = False
         #: Set once we sent a close frame: (code, reason).
@@ -242,13 +243,13 @@ class WebSocket:
     async def fill(self) -> bool:
         """Read once from the socket into the frame reader; ``False`` at end of stream."""
         try:
-            received = await self.transport.recv_into(self._read_view)
+            received = await self.transport.recv_into(self.read_view)
         except TransportClosed as exc:
             raise LegFailed(self, str(exc)) from None
         if received == 0:
             return False
         self.bytes_received += received
-        self.reader.feed(self._read_view[:received])
+        self.reader.feed(self.read_view[:received])
         return True
 
     async def receive_run(
@@ -270,11 +271,23 @@ class WebSocket:
         :meth:`next_frame_event`'s caller to take as events. Raises
         :class:`ConnectionClosed` (1006) when the stream ends.
         """
-        view = self._read_view
         try:
-            received = await self.transport.recv_into(view)
+            received = await self.transport.recv_into(self.read_view)
         except TransportClosed as exc:
             raise LegFailed(self, str(exc)) from None
+        return self.run_of(received, on_text, accept, skip_text)
+
+    def run_of(
+        self,
+        received: int,
+        on_text: Callable[[memoryview], None] | None = None,
+        accept: Callable[[int, bool, bytes | memoryview], bool] | None = None,
+        skip_text: Callable[[memoryview, int, int], object] | None = None,
+    ) -> memoryview:
+        """:meth:`receive_run` after its read: the run in the ``received`` bytes that
+        ``transport.recv_into(read_view)`` just read. A pump that makes the read
+        itself (a coroutine per message fewer) calls this at once after it."""
+        view = self.read_view
         reader = self.reader
         if received and reader.idle:  # the usual read: _fresh_read's lines, inline
             self.bytes_received += received
@@ -297,12 +310,12 @@ class WebSocket:
         The bytes (joined to the partial frame the reader held, if this read
         completes it) are a view valid until the caller's next await, and nothing of
         them is consumed yet: the caller takes a whole frame with
-        :meth:`~relay.protocol.frames.FrameReader.one_frame`, or a run with
+        :meth:`~relay.protocol.frames.FrameReader.frame_at`, or a run with
         ``take_run``, and feeds the reader the rest. ``None``: the read went to the
         reader (a frame it does not finish), for :meth:`next_frame_event`.
         """
         try:
-            received = await self.transport.recv_into(self._read_view)
+            received = await self.transport.recv_into(self.read_view)
         except TransportClosed as exc:
             raise LegFailed(self, str(exc)) from None
         return self._fresh_read(received)
@@ -314,7 +327,7 @@ class WebSocket:
                 frames.CLOSE_ABNORMAL, "connection dropped without a close frame"
             )
         self.bytes_received += received
-        data = self._read_view[:received]
+        data = self.read_view[:received]
         reader = self.reader
         if reader.idle:
             return data
