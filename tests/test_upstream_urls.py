@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from relay.credentials.digests import digest_hex
 from relay.credentials.secret import REDACTED, Secret
 from relay.protocol import handshake
 from relay.upstreams.urls import (
+    KEY_ID_HEX_CHARS,
     CredentialScheme,
     UpstreamCredential,
     UpstreamKind,
@@ -208,6 +210,14 @@ def test_no_repr_shows_the_key(credential: UpstreamCredential) -> None:
     for shown in (repr(target), str(target), repr(credential), f"{target}", repr(target.headers)):
         assert KEY not in shown
     assert str(credential.value) == REDACTED
+
+
+def test_a_key_id_is_a_short_digest_prefix_not_the_key() -> None:
+    assert BEARER.key_id == digest_hex(KEY)[:KEY_ID_HEX_CHARS]
+    assert len(BEARER.key_id) == KEY_ID_HEX_CHARS
+    assert AZURE_KEY.key_id == BEARER.key_id  # the key decides, not how it travels
+    assert UpstreamCredential(Secret(KEY + "x")).key_id != BEARER.key_id
+    assert BEARER.key_id not in KEY
 
 
 @pytest.mark.parametrize(

@@ -36,10 +36,15 @@ from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import quote, unquote_plus
 
+from relay.credentials.digests import digest_hex
 from relay.credentials.secret import Secret
 from relay.protocol.handshake import RealtimeQuery, UpstreamTarget
 
 AZURE_API_KEY_HEADER: Final = "api-key"
+#: Hex characters of a key's SHA-256 kept as its id: what logs, metrics and the chooser
+#: name. 32 bits tell a pool's keys apart (configuration should refuse a clash) and,
+#: keys being long random strings, say nothing about the key.
+KEY_ID_HEX_CHARS: Final = 8
 #: Path suffixes of an Azure base URL that name the API rather than the resource.
 _AZURE_API_PATHS: Final = ("/openai/v1", "/openai")
 #: Query parameters only the relay sets on an Azure handshake.
@@ -66,6 +71,11 @@ class CredentialScheme(enum.Enum):
 class UpstreamCredential:
     value: Secret = field(repr=False)
     scheme: CredentialScheme = CredentialScheme.BEARER
+
+    @property
+    def key_id(self) -> str:
+        """The key's id (a digest prefix): what :class:`~relay.upstreams.chooser.KeyRef` names."""
+        return digest_hex(self.value.reveal())[:KEY_ID_HEX_CHARS]
 
     def header(self) -> tuple[str, str]:
         """The credential header with the value revealed: for the request bytes only."""
