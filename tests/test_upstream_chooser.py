@@ -355,7 +355,11 @@ def test_any_sequence_of_outcomes_keeps_the_plan_s_promises(
         if fresh:
             assert set(planned) <= set(fresh)
         # Something is planned whenever something is eligible and there is time.
-        if eligible and min(policy.attempt_timeout_s, left_s) >= max(policy.min_attempt_s, 1e-9):
+        # (The time left as the chooser sees it: now + left_s - now is not always left_s.)
+        seen_left_s = deadline - now
+        if eligible and min(policy.attempt_timeout_s, seen_left_s) >= max(
+            policy.min_attempt_s, 1e-9
+        ):
             assert planned
         # No pair twice; priorities never go back up; within the attempt count.
         assert len(planned) == len(set(planned))
