@@ -508,7 +508,12 @@ class RelaySession:
             event = reader.next_event()
             if event is None:
                 if self._audio_format is not None:
-                    data = await client.receive_read()
+                    # The read made here, then fresh_read: no coroutine of its own per message.
+                    try:
+                        received = await client.transport.recv_into(client.read_view)
+                    except TransportClosed as exc:
+                        raise LegFailed(client, str(exc)) from None
+                    data = client.fresh_read(received)
                     if data is not None and not await self._take_audio_read(data):
                         raise _SessionEnded
                 # The hot path as in _pump_up, for the frames the gate lets through.
@@ -714,12 +719,18 @@ class RelaySession:
         is_delta = binary_audio.is_audio_delta
 
         frame_at = reader.frame_at
+        recv_into, read_view = upstream.transport.recv_into, upstream.read_view
         for first in self.first_client_events:
             await client.send_text(first)
         while True:
             event = reader.next_event()
             if event is None:
-                data = await upstream.receive_read()
+                # The read made here, then fresh_read: no coroutine of its own per message.
+                try:
+                    received = await recv_into(read_view)
+                except TransportClosed as exc:
+                    raise LegFailed(upstream, str(exc)) from None
+                data = upstream.fresh_read(received)
                 if data is None:
                     continue
                 # The whole common frames at the front of the read (all of it, mostly),

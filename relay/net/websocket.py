@@ -289,11 +289,11 @@ class WebSocket:
         itself (a coroutine per message fewer) calls this at once after it."""
         view = self.read_view
         reader = self.reader
-        if received and reader.idle:  # the usual read: _fresh_read's lines, inline
+        if received and reader.idle:  # the usual read: fresh_read's lines, inline
             self.bytes_received += received
             data = view[:received]
         else:
-            fresh = self._fresh_read(received)
+            fresh = self.fresh_read(received)
             if fresh is None:
                 reader.run_frames = reader.run_messages = 0
                 return view[:0]
@@ -304,24 +304,18 @@ class WebSocket:
         reader.feed(data[taken:])
         return data[:taken]
 
-    async def receive_read(self) -> memoryview | None:
-        """Read once; what came, for the caller to take whole frames from, or ``None``.
+    def fresh_read(self, received: int) -> memoryview | None:
+        """The ``received`` bytes that ``transport.recv_into(read_view)`` just read,
+        ready to take frames from, or ``None`` once fed to the reader; for a pump that
+        makes the read itself.
 
         The bytes (joined to the partial frame the reader held, if this read
         completes it) are a view valid until the caller's next await, and nothing of
-        them is consumed yet: the caller takes a whole frame with
+        them is consumed yet: the caller takes whole frames with
         :meth:`~relay.protocol.frames.FrameReader.frame_at`, or a run with
         ``take_run``, and feeds the reader the rest. ``None``: the read went to the
-        reader (a frame it does not finish), for :meth:`next_frame_event`.
-        """
-        try:
-            received = await self.transport.recv_into(self.read_view)
-        except TransportClosed as exc:
-            raise LegFailed(self, str(exc)) from None
-        return self._fresh_read(received)
-
-    def _fresh_read(self, received: int) -> memoryview | None:
-        """The ``received`` bytes just read, ready to take frames from; ``None`` once fed."""
+        reader (a frame it does not finish), for :meth:`next_frame_event`. Raises
+        :class:`ConnectionClosed` (1006) when the stream ended."""
         if received == 0:
             raise ConnectionClosed(
                 frames.CLOSE_ABNORMAL, "connection dropped without a close frame"
