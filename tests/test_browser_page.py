@@ -419,7 +419,8 @@ async def test_voice_page_hands_free(
     assert len(bursts) >= 3
     for burst in bursts[1:3]:  # whole ones: each began after a pause
         assert len(burst) / audio.PCM16_SAMPLE_RATE_HZ == pytest.approx(BURST_ON_S, abs=0.05)
-        check_is_the_tone(burst, 0.01)
+        # The pitch allowance of check_simulator_got_what_was_sent, for the same reason.
+        check_is_the_tone(burst, 0.03)
     assert state["playedMs"] >= 3 * ANSWER_MS - 45
     assert state["playedRms"] == pytest.approx(answer_rms(), rel=0.10)
     assert len(state["latencyMs"]) >= 3
