@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 
-from relay.loadgen import LoadResult, LoadSpec, merge_results, run_load
+from relay.loadgen import LoadResult, LoadSpec, merge_results, profiles, run_load
 from relay.loadgen.profiles import SEQUENCE_BYTES, _echoed_sequence, _sequenced_chunk
 from tests.conftest import CLIENT_KEY, SIM_KEY, start_relay, start_simulator
 
@@ -158,3 +159,20 @@ async def test_relay_bench_binary_reports_the_client_leg(nursery: trio.Nursery) 
     assert completed.returncode == 0, completed.stderr
     assert b"client leg (binary, relay.audio.v1)" in completed.stdout
     assert b"bytes per second of audio" in completed.stdout
+
+
+@pytest.mark.parametrize(
+    ("body", "number"),
+    [
+        (b'{"type":"response.output_audio.delta","event_id":"42","delta":""}', 42),
+        # A server that names its own events: no append matches, and no crash.
+        (b'{"type":"response.output_audio.delta","event_id":"event_abc","delta":""}', -1),
+        (b'{"type":"response.output_audio.delta","event_id":"\\u0661","delta":""}', -1),
+        (b'{"type":"response.output_audio.delta","delta":""}', None),
+        (b'{"type":"session.updated","event_id":"7"}', None),
+    ],
+)
+def test_a_json_echo_is_matched_by_its_event_id_or_not_at_all(
+    body: bytes, number: int | None
+) -> None:
+    assert profiles._echoed_number(memoryview(body), binary=False) == number

@@ -456,7 +456,10 @@ def _echoed_number(body: memoryview, binary: bool) -> int | None:
         envelope = _ENVELOPE.decode(body)
         if envelope.type != "response.output_audio.delta" or envelope.event_id is None:
             return None
-        return int(envelope.event_id)
+        event_id = envelope.event_id
+        # An id that is not one of ours (a server that names its own events) matches no
+        # append: -1 is counted as echo_unmatched, not a crash of the session's reader.
+        return int(event_id) if event_id.isascii() and event_id.isdigit() else -1
     event = _VOICE_EVENT.decode(body)
     if event.type != "response.output_audio.delta" or event.delta is None:
         return None  # a relay.output_audio.start marker, or another event
