@@ -238,8 +238,10 @@ class RelaySession:
         """Run one pump; every way it can fail becomes the session's :class:`Ending` here.
 
         ``source`` is the leg the pump reads: its protocol errors and its end of
-        stream are that leg's. A failed read or write names its own leg
-        (:class:`LegFailed`), whichever direction the pump runs.
+        stream are that leg's. A failed write names its own leg (:class:`LegFailed`),
+        whichever direction the pump runs; a bare :class:`TransportClosed` is a read
+        the pump made itself on ``source``'s transport (the plain and binary pumps
+        read without ``receive_run``'s coroutine), so it is ``source``'s.
         """
         try:
             await pump()
@@ -253,6 +255,8 @@ class RelaySession:
             self._finish(Ending(EndKind.DROPPED, source))
         except LegFailed as exc:
             self._finish(Ending(EndKind.DROPPED, self._side_of(exc.leg)))
+        except TransportClosed:
+            self._finish(Ending(EndKind.DROPPED, source))
 
     def _side_of(self, leg: WebSocket) -> Side:
         return Side.CLIENT if leg is self.client else Side.UPSTREAM
@@ -278,10 +282,7 @@ class RelaySession:
                 # _forward_client_run's lines, with the read made here and not in
                 # receive_run: two coroutines per message fewer (1.4k instructions of
                 # 79k per relayed message, bench/instructions.py).
-                try:
-                    received = await recv_into(read_view)
-                except TransportClosed as exc:
-                    raise LegFailed(client, str(exc)) from None
+                received = await recv_into(read_view)
                 run = run_of(received)
                 if run:
                     if not admit(len(run), reader.run_frames):
@@ -378,14 +379,18 @@ class RelaySession:
             event = await self._next_client_event()
         await self._send_append(parts[0] if len(parts) == 1 else b"".join(parts), size)
 
+    def _audio_refusal(self, size: int) -> bytes | None:
+        """The ``error`` event for a binary message of ``size`` bytes, or None: it may go."""
+        assert self._audio_format is not None
+        assert self.binary_audio_max_message_bytes is not None
+        return binary_audio.audio_problem(
+            size, self._audio_format.sample_bytes, self.binary_audio_max_message_bytes
+        )
+
     async def _send_append(self, audio: bytes, size: int) -> None:
         """One binary message's audio (``size`` bytes, kept whole when within the limit)
         upstream as an append, or the client told why not."""
-        assert self._audio_format is not None
-        assert self.binary_audio_max_message_bytes is not None
-        problem = binary_audio.audio_problem(
-            size, self._audio_format.sample_bytes, self.binary_audio_max_message_bytes
-        )
+        problem = self._audio_refusal(size)
         if problem is not None:
             await self.client.send_text(problem)
             return
@@ -405,10 +410,6 @@ class RelaySession:
         reader = self.client.reader
         frame_at = reader.frame_at
         gate = self._client_run_gate
-        audio_format = self._audio_format
-        limit = self.binary_audio_max_message_bytes
-        assert audio_format is not None
-        assert limit is not None
         pieces: list[bytes | memoryview] = []
         refusals: list[bytes] = []
         pos = taken_frames = messages = 0
@@ -417,7 +418,7 @@ class RelaySession:
             start, end = span
             key = bytes(data[start - 4 : start])  # a client's frames are masked
             if data[pos] == 0x82:
-                problem = binary_audio.audio_problem(end - start, audio_format.sample_bytes, limit)
+                problem = self._audio_refusal(end - start)
                 if problem is None:
                     append = binary_audio.append_event(frames.xor_mask(data[start:end], key))
                     pieces.append(_upstream_text_frame(append))
@@ -509,10 +510,7 @@ class RelaySession:
             if event is None:
                 if self._audio_format is not None:
                     # The read made here, then fresh_read: no coroutine of its own per message.
-                    try:
-                        received = await client.transport.recv_into(client.read_view)
-                    except TransportClosed as exc:
-                        raise LegFailed(client, str(exc)) from None
+                    received = await client.transport.recv_into(client.read_view)
                     data = client.fresh_read(received)
                     if data is not None and not await self._take_audio_read(data):
                         raise _SessionEnded
@@ -676,10 +674,7 @@ class RelaySession:
             event = reader.next_event()
             if event is None:
                 # receive_run, with the read made here: a coroutine per message fewer.
-                try:
-                    received = await recv_into(read_view)
-                except TransportClosed as exc:
-                    raise LegFailed(upstream, str(exc)) from None
+                received = await recv_into(read_view)
                 run = run_of(received, observe, None, UNTAPPED_HEAD)
                 if run:
                     await client.send_raw(run)
@@ -712,12 +707,7 @@ class RelaySession:
         client, upstream = self.client, self.upstream
         reader = upstream.reader
         stats = self.stats
-        observe = stats.tap.observe_text
-        audio_format, deltas = self._audio_format, self._deltas
-        assert audio_format is not None
-        assert deltas is not None
-        is_delta = binary_audio.is_audio_delta
-
+        converted_text = self._converted_text
         frame_at = reader.frame_at
         recv_into, read_view = upstream.transport.recv_into, upstream.read_view
         for first in self.first_client_events:
@@ -726,10 +716,7 @@ class RelaySession:
             event = reader.next_event()
             if event is None:
                 # The read made here, then fresh_read: no coroutine of its own per message.
-                try:
-                    received = await recv_into(read_view)
-                except TransportClosed as exc:
-                    raise LegFailed(upstream, str(exc)) from None
+                received = await recv_into(read_view)
                 data = upstream.fresh_read(received)
                 if data is None:
                     continue
@@ -740,17 +727,8 @@ class RelaySession:
                 size = len(data)
                 while pos < size and (span := frame_at(data, pos)) is not None:
                     start, end = span
-                    if data[pos] == 0x81:
-                        payload = data[start:end]
-                        converted = deltas.convert(payload) if is_delta(payload) else None
-                        if converted is not None:
-                            pieces.append(_audio_frames(*converted))
-                            pos = end
-                            continue
-                        audio_format.observe(payload)
-                        if UNTAPPED_HEAD(payload) is None:
-                            observe(payload)
-                    pieces.append(data[pos:end])
+                    converted = converted_text(data[start:end]) if data[pos] == 0x81 else None
+                    pieces.append(data[pos:end] if converted is None else converted)
                     pos = end
                 if pos < size:
                     reader.feed(data[pos:])
@@ -764,14 +742,11 @@ class RelaySession:
                         return
                     continue
                 if opcode == OP_TEXT and event.fin:
-                    payload = memoryview(event.raw)[event.header_len :]
-                    observe(payload)
-                    converted = deltas.convert(payload) if is_delta(payload) else None
+                    converted = converted_text(memoryview(event.raw)[event.header_len :])
                     if converted is not None:
-                        await client.send_raw(_audio_frames(*converted))
+                        await client.send_raw(converted)
                         stats.messages_down += 1
                         continue
-                    audio_format.observe(payload)
                 await client.send_raw(event.raw)
                 if event.fin:
                     stats.messages_down += 1
@@ -779,6 +754,21 @@ class RelaySession:
                 await self._cut_through(event, upstream, client, remask=False)
                 if event.fin:
                     stats.messages_down += 1
+
+    def _converted_text(self, payload: memoryview) -> bytes | None:
+        """The client's frames for one whole upstream text event on the binary path: an
+        audio delta's binary frame (after its start marker), or None: the event goes as
+        it came, once the input-format tracker and the tap have seen it."""
+        assert self._deltas is not None
+        assert self._audio_format is not None
+        if binary_audio.is_audio_delta(payload):
+            converted = self._deltas.convert(payload)
+            if converted is not None:
+                return _audio_frames(*converted)
+        self._audio_format.observe(payload)
+        if UNTAPPED_HEAD(payload) is None:
+            self.stats.tap.observe_text(payload)
+        return None
 
     async def _control(self, frame: Frame, source: WebSocket, side: Side) -> bool:
         """Handle a control frame from ``source``; ``False`` when the session ends."""
