@@ -139,8 +139,10 @@ def pin(pid: int, cpus: set[int] | None) -> None:
         os.sched_setaffinity(pid, cpus)
 
 
-def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+def wait_for_port(
+    port: int, process: subprocess.Popen[bytes], timeout_s: float = STARTUP_TIMEOUT_S
+) -> None:
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
@@ -149,7 +151,7 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
                 return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on {port}")
+    raise RuntimeError(f"nothing listening on {port} after {timeout_s} s")
 
 
 def build_light_echo() -> Path:

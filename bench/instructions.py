@@ -31,7 +31,6 @@ import json
 import os
 import re
 import select
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from harness import NODE_DIR, REPO, Rig, free_port, node_binary
+from harness import NODE_DIR, REPO, Rig, free_port, node_binary, wait_for_port
 
 #: Valgrind slows a Python process ~50x; its start-up (uninstrumented) takes seconds.
 VALGRIND_STARTUP_TIMEOUT_S: Final = 120.0
@@ -61,19 +60,6 @@ class Counted:
     @property
     def per_message(self) -> float:
         return self.instructions / self.messages if self.messages else float("nan")
-
-
-def _wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + VALGRIND_STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"nothing listening on {port} after {VALGRIND_STARTUP_TIMEOUT_S} s")
 
 
 def _callgrind(pid: int, *options: str) -> None:
@@ -119,7 +105,7 @@ def count(
         stderr=subprocess.DEVNULL,
     )
     try:
-        _wait_listening(port, process)
+        wait_for_port(port, process, VALGRIND_STARTUP_TIMEOUT_S)
         _callgrind(process.pid, "--instr=on")
         load = subprocess.Popen(
             [
