@@ -23,6 +23,9 @@ import trio
 import trio.testing
 
 from relay.dataplane.lock import SessionLock
+from relay.dataplane.policy import Ending, EndKind, Side
+from relay.net.transport import TransportClosed
+from relay.net.websocket import ConnectionClosed
 from relay.protocol import binary_audio, frames
 from relay.protocol.binary_audio import (
     AUDIO_SUBPROTOCOL,
@@ -34,7 +37,15 @@ from relay.protocol.binary_audio import (
 )
 from relay.protocol.frames import OP_BINARY, OP_CONTINUATION, OP_TEXT, WHOLE_FRAME_MAX_BYTES
 from tests.conftest import CLIENT_KEY, RunningSimulator, open_ws, start_relay
-from tests.doubles import Peer, Relayed, limits, masked_text, relayed_session, wait_until
+from tests.doubles import (
+    TIGHT_BYTES,
+    Peer,
+    Relayed,
+    limits,
+    masked_text,
+    relayed_session,
+    wait_until,
+)
 
 #: 20 ms of 24 kHz PCM16: 480 samples.
 CHUNK = struct.pack("<480h", *((i * 37) % 20000 - 10000 for i in range(480)))
@@ -574,3 +585,82 @@ async def test_one_binary_frame_alone_under_the_lock_is_an_append(
     await run_with_peers(relayed, scenario)
     assert relayed.upstream.texts == [binary_audio.append_event(CHUNK)]
     assert relayed.client.error_codes() == [CODE_PARTIAL_SAMPLE]
+
+
+# ---------------------------------------------------------------- adverse peers, binary path
+
+
+async def test_a_client_that_never_reads_converted_audio_is_ended_by_its_pong_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The binary down pump writes converted frames under the same backpressure: a
+    client that never reads stops it, and the dead-peer deadline ends the session."""
+    session_limits = limits(max_session_s=5, ping_interval_s=0.2, pong_timeout_s=0.5)
+    relayed = relayed_session(
+        session_limits, to_client_bytes=TIGHT_BYTES, binary_audio_max_message_bytes=LIMIT
+    )
+
+    async def keep_sending_deltas() -> None:
+        try:
+            while True:
+                await relayed.upstream.ws.send_text(delta(CHUNK))
+                await trio.sleep(0.01)
+        except (TransportClosed, ConnectionClosed):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relayed.upstream.serve)
+        nursery.start_soon(keep_sending_deltas)
+        started = trio.current_time()
+        with trio.fail_after(0.7 + session_limits.close_timeout_s):
+            ending = await relayed.session.run()
+        nursery.cancel_scope.cancel()
+    assert ending == Ending(EndKind.DEAD_PEER, Side.CLIENT)
+    assert relayed.session.stats.messages_down > 0  # audio went until the pipe filled
+    assert trio.current_time() - started <= 0.7 + session_limits.close_timeout_s
+
+
+async def test_an_upstream_that_refuses_writes_stops_binary_audio_at_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Binary audio up, an upstream whose socket takes nothing more: the appends wait,
+    the client's frames are not read ahead without bound, the session ends in time."""
+    session_limits = limits(max_session_s=2, ping_interval_s=0.2, pong_timeout_s=5)
+    relayed = relayed_session(
+        session_limits, to_upstream_bytes=TIGHT_BYTES, binary_audio_max_message_bytes=LIMIT
+    )
+
+    async def keep_sending_audio() -> None:
+        try:
+            while True:
+                await relayed.client.stream.send_all(masked(OP_BINARY, CHUNK))
+                await trio.sleep(0.001)
+        except (TransportClosed, ConnectionClosed):
+            pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relayed.client.serve)  # the client reads; the upstream never does
+        nursery.start_soon(keep_sending_audio)
+        with trio.fail_after(2.0 + session_limits.close_timeout_s + 0.1):
+            ending = await relayed.session.run()
+        nursery.cancel_scope.cancel()
+    assert ending == Ending(EndKind.SESSION_EXPIRED)
+    # What went up is bounded by the upstream pipe, not by what the client sent.
+    assert relayed.session.upstream.bytes_sent <= 2 * TIGHT_BYTES + 2 * LIMIT
+
+
+async def test_a_delta_trickled_an_octet_at_a_time_still_becomes_binary(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async def scenario(relayed: Relayed) -> None:
+        await relayed.upstream.trickle(
+            frames.encode_frame(OP_TEXT, delta(CHUNK[:64])), every_s=0.001
+        )
+        await wait_until(lambda: len(relayed.client.messages) == 2)
+
+    relayed = audio_session()
+    await run_with_peers(relayed, scenario)
+    assert relayed.client.messages == [
+        (OP_TEXT, binary_audio.start_marker("resp_1", "item_1", 0, 0)),
+        (OP_BINARY, CHUNK[:64]),
+    ]
