@@ -23,8 +23,10 @@ This module owns what ``bench/suite.py`` and ``bench/relay_throughput.py`` share
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import select
 import shutil
 import socket
 import statistics
@@ -152,6 +154,27 @@ def wait_for_port(
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {port} after {timeout_s} s")
+
+
+def load_events(process: subprocess.Popen[bytes], deadline: float) -> Iterator[dict[str, Any]]:
+    """The JSON lines a load process prints on stdout, each as it comes, until the
+    process ends or closes stdout; ``TimeoutError`` once ``deadline`` (monotonic) passes."""
+    assert process.stdout is not None
+    buffer = b""
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if not ready:
+            if process.poll() is not None:
+                return
+            continue
+        chunk = os.read(process.stdout.fileno(), 65536)
+        if not chunk:
+            return
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            yield json.loads(line)
+    raise TimeoutError("the load process gave no result in time")
 
 
 def build_light_echo() -> Path:

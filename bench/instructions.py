@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import select
 import subprocess
 import sys
 import tempfile
@@ -39,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from harness import NODE_DIR, REPO, Rig, free_port, node_binary, wait_for_port
+from harness import NODE_DIR, REPO, Rig, free_port, load_events, node_binary, wait_for_port
 
 #: Valgrind slows a Python process ~50x; its start-up (uninstrumented) takes seconds.
 VALGRIND_STARTUP_TIMEOUT_S: Final = 120.0
@@ -137,27 +135,15 @@ def count(
         )
         assert load.stdout is not None
         result: dict[str, object] = {}
-        buffer = b""
         deadline = time.monotonic() + warmup_s + duration_s + LOAD_SLACK_S
-        while time.monotonic() < deadline and not result:
-            ready, _, _ = select.select([load.stdout], [], [], 0.5)
-            if not ready:
-                if load.poll() is not None:
-                    break
-                continue
-            chunk = os.read(load.stdout.fileno(), 65536)
-            if not chunk:
+        for event in load_events(load, deadline):
+            if event.get("event") == "window_start":
+                _callgrind(process.pid, "--zero")
+            elif event.get("event") == "window_end":
+                _callgrind(process.pid, "--dump")
+            elif event.get("event") == "result":
+                result = event
                 break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                event = json.loads(line)
-                if event.get("event") == "window_start":
-                    _callgrind(process.pid, "--zero")
-                elif event.get("event") == "window_end":
-                    _callgrind(process.pid, "--dump")
-                elif event.get("event") == "result":
-                    result = event
         load.kill()
         _, stderr = load.communicate(timeout=10)
         if not result:

@@ -50,7 +50,6 @@ import argparse
 import json
 import math
 import os
-import select
 import subprocess
 import sys
 import time
@@ -66,6 +65,7 @@ from harness import (
     Spread,
     Target,
     cpu_seconds,
+    load_events,
     memory_kib,
     node_binary,
     rig,
@@ -339,39 +339,26 @@ def node_load(
     assert process.stdout is not None
     assert process.stdin is not None
     deadline = time.monotonic() + warmup_s + duration_s + RUN_SLACK_S
-    buffer = b""
     try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([process.stdout], [], [], 0.5)
-            if not ready:
-                if process.poll() is not None:
-                    break
-                continue
-            chunk = os.read(process.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
-                event = json.loads(line)
-                kind = event.get("event")
-                if kind in ("window_start", "window_end"):
-                    phase = kind.removeprefix("window_")
-                    marks[f"cpu_{phase}"] = cpu_seconds(target.pid)
-                    marks[f"echo_{phase}"] = sum(cpu_seconds(pid) for pid in echo_pids)
-                    marks[f"at_{phase}"] = time.monotonic()
-                    marks[f"busy_{phase}"] = machine_busy_s()
-                elif kind == "ready":
-                    if mode == "idle":
-                        time.sleep(IDLE_SETTLE_S)
-                    run.rss_ready_kib = memory_kib(target.pid, "VmRSS")
-                    if mode == "idle":
-                        process.stdin.write(b"stop\n")
-                        process.stdin.flush()
-                elif kind == "result":
-                    run.result = event
-        else:
-            run.failure = "timed out"
+        for event in load_events(process, deadline):
+            kind = event.get("event")
+            if kind in ("window_start", "window_end"):
+                phase = kind.removeprefix("window_")
+                marks[f"cpu_{phase}"] = cpu_seconds(target.pid)
+                marks[f"echo_{phase}"] = sum(cpu_seconds(pid) for pid in echo_pids)
+                marks[f"at_{phase}"] = time.monotonic()
+                marks[f"busy_{phase}"] = machine_busy_s()
+            elif kind == "ready":
+                if mode == "idle":
+                    time.sleep(IDLE_SETTLE_S)
+                run.rss_ready_kib = memory_kib(target.pid, "VmRSS")
+                if mode == "idle":
+                    process.stdin.write(b"stop\n")
+                    process.stdin.flush()
+            elif kind == "result":
+                run.result = event
+    except TimeoutError:
+        run.failure = "timed out"
     finally:
         if process.poll() is None:
             process.kill()
