@@ -110,6 +110,50 @@ class SimulatorConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     tls_key_file: str = ""
 
 
+UpstreamKindName = Literal["openai", "azure", "compatible"]
+UpstreamAuth = Literal["bearer", "api-key", "entra"]
+
+
+class UpstreamSettings(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """One ``[upstreams.NAME]`` table: an upstream, its key pool and the models it serves.
+
+    Keys are never written here: ``api_key_env`` names environment variables and
+    ``api_key_file`` names files that hold them, one key per variable or file, all
+    of them the pool (read by :mod:`relay.upstreams.table`).
+    """
+
+    #: ``openai``, ``azure`` (an Azure OpenAI resource) or ``compatible`` (any server
+    #: speaking OpenAI's Realtime API at its own base URL).
+    kind: UpstreamKindName = "openai"
+    #: Base URL: ``wss://api.openai.com/v1``; for Azure the resource,
+    #: ``https://<resource>.openai.azure.com`` (``/openai/v1`` may be included).
+    url: str = ""
+    #: Environment variables holding this upstream's keys (a pool when several).
+    api_key_env: tuple[str, ...] = ()
+    #: Files holding one key each, re-read when they change (Entra tokens expire).
+    api_key_file: tuple[str, ...] = ()
+    #: How keys travel: ``bearer`` (OpenAI, compatible), ``api-key`` (Azure resource
+    #: key) or ``entra`` (an Azure Entra token, sent as Bearer). Empty: by kind.
+    auth: UpstreamAuth | Literal[""] = ""
+    #: The client's model names this upstream serves. A list serves each name as
+    #: itself; a table maps the client's name to the upstream's (an Azure deployment:
+    #: ``{"gpt-realtime" = "voice-prod"}``). Empty: every model (not for Azure,
+    #: whose deployments must be named).
+    models: tuple[str, ...] | dict[str, str] = ()
+    #: Lower is tried first; equal priorities share the load.
+    priority: int = 0
+    #: Live sessions this upstream may hold; 0 = no limit of its own.
+    max_sessions: Annotated[int, msgspec.Meta(ge=0)] = 0
+    #: Sessions here end after this long (Azure ends them at 30 minutes); 0: the
+    #: relay's ``max_session_s`` (Azure: 1800).
+    max_session_s: NonNegativeSeconds = 0.0
+    #: Azure only: the preview API's ``api-version`` (``/openai/realtime``); empty:
+    #: the GA ``/openai/v1/realtime`` form.
+    azure_api_version: str = ""
+    #: CA bundle for this upstream's TLS; empty: the system store.
+    ca_file: str = ""
+
+
 class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     """``relay serve``: the relay."""
 
@@ -126,6 +170,19 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     upstream_api_key: Secret = Secret()
     #: CA bundle for a private upstream (tests use a throwaway CA); empty = system store.
     upstream_ca_file: str = ""
+    #: Named upstreams (``[upstreams.NAME]`` tables, :class:`UpstreamSettings`),
+    #: chosen per session by the client's model; empty: ``upstream_url`` and
+    #: ``upstream_api_key`` are the one upstream, serving every model.
+    upstreams: dict[str, UpstreamSettings] = {}
+    #: Seconds one upstream dial may take before the next candidate is tried (the
+    #: whole handshake stays within ``upstream_connect_timeout_s``).
+    upstream_attempt_timeout_s: PositiveSeconds = 5.0
+    #: Seconds a key or upstream is skipped after a 429, 5xx, refused connection or
+    #: timeout that named no ``Retry-After``; never longer than the cap below.
+    upstream_cool_down_s: NonNegativeSeconds = 10.0
+    upstream_max_cool_down_s: NonNegativeSeconds = 300.0
+    #: Dials per client handshake at most.
+    upstream_max_attempts: PositiveInt = 4
     #: SHA-256 hex digests of accepted client keys (see ``relay keys hash``).
     client_key_sha256: tuple[Secret, ...] = ()
     #: Plain client keys; hashed at start-up and never kept.
@@ -230,6 +287,10 @@ _SECTIONS: Final[dict[str, type[_Section]]] = {
     "serve": ServeConfig,
     "demo": DemoConfig,
 }
+#: The top-level TOML table of named upstreams, read into ``serve.upstreams``.
+_UPSTREAMS_TABLE: Final = "upstreams"
+#: Settings that are tables of tables: TOML only, no ``RELAY_…`` environment form.
+TOML_TABLE_FIELDS: Final = frozenset({_UPSTREAMS_TABLE})
 _ENV_PREFIX: Final = "RELAY_"
 _PATH_RE: Final = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
 
@@ -311,15 +372,26 @@ def _toml_section(path: Path, name: str) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: {exc.strerror or exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
-    unknown = sorted(set(document) - set(_SECTIONS))
+    unknown = sorted(set(document) - set(_SECTIONS) - {_UPSTREAMS_TABLE})
     if unknown:
         raise ConfigError(
-            f"{unknown[0]}: unknown section in {path} (known: {', '.join(_SECTIONS)})"
+            f"{unknown[0]}: unknown section in {path} "
+            f"(known: {', '.join(_SECTIONS)}, {_UPSTREAMS_TABLE})"
         )
     section = document.get(name, {})
     if not isinstance(section, dict):
         raise ConfigError(f"{name}: expected a table in {path}")
-    return dict(section)
+    section = dict(section)
+    if name == "serve" and _UPSTREAMS_TABLE in document:
+        # ``[upstreams.NAME]`` at the top level is ``[serve.upstreams.NAME]``: only
+        # the relay reads it. Both at once would leave which one wins to guesswork.
+        if _UPSTREAMS_TABLE in section:
+            raise ConfigError(
+                f"upstreams: given both as [upstreams.NAME] and [serve.upstreams.NAME] in "
+                f"{path}; keep one"
+            )
+        section[_UPSTREAMS_TABLE] = document[_UPSTREAMS_TABLE]
+    return section
 
 
 def _env_section(environ: Mapping[str, str], name: str) -> dict[str, Any]:
@@ -339,6 +411,11 @@ def _env_section(environ: Mapping[str, str], name: str) -> dict[str, Any]:
 def _env_value(raw: str, section_type: type[_Section], field: str) -> Any:
     """Environment values are strings; tuples are comma-separated, the rest coerce."""
     default = getattr(section_type(), field)
+    if field in TOML_TABLE_FIELDS:
+        raise ConfigError(
+            f"{_ENV_PREFIX}{_section_name(section_type).upper()}_{field.upper()}: "
+            f"{field} is a table of tables; set it in the TOML file"
+        )
     if isinstance(default, tuple):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     return raw
@@ -412,6 +489,8 @@ def _limit_problems(config: ServeConfig) -> list[str]:
 
 
 def _upstream_problems(config: ServeConfig) -> list[str]:
+    if config.upstreams:
+        return _upstream_table_problems(config)
     problems: list[str] = []
     if uses_builtin_simulator(config):
         if config.upstream_api_key:
@@ -448,6 +527,31 @@ def _upstream_problems(config: ServeConfig) -> list[str]:
             ssl.create_default_context(cafile=config.upstream_ca_file)
         except (OSError, ssl.SSLError) as exc:
             problems.append(f"upstream_ca_file: cannot load {config.upstream_ca_file}: {_why(exc)}")
+    return problems
+
+
+def _upstream_table_problems(config: ServeConfig) -> list[str]:
+    """``[upstreams.NAME]`` tables: the shorthand left alone, every table buildable."""
+    from relay.upstreams.table import UpstreamTableError, build_upstream_table
+
+    defaults = ServeConfig()
+    problems = [
+        f"{name}: set, but [upstreams.NAME] tables are given too; name this upstream there instead"
+        for name in ("upstream_url", "upstream_api_key", "upstream_ca_file")
+        if getattr(config, name) != getattr(defaults, name)
+    ]
+    if config.upstream_attempt_timeout_s > config.upstream_connect_timeout_s:
+        problems.append(
+            f"upstream_attempt_timeout_s: {config.upstream_attempt_timeout_s} is over "
+            f"upstream_connect_timeout_s ({config.upstream_connect_timeout_s}), the whole "
+            "handshake's deadline; no second attempt could start"
+        )
+    # One table at a time, so every broken one is named, not just the first.
+    for name, settings in config.upstreams.items():
+        try:
+            build_upstream_table(msgspec.structs.replace(ServeConfig(), upstreams={name: settings}))
+        except UpstreamTableError as exc:
+            problems.append(str(exc))
     return problems
 
 

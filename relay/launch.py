@@ -52,10 +52,10 @@ from relay.config import (
 )
 from relay.credentials.keyfiles import KeyFileError
 from relay.credentials.secret import Secret
-from relay.dataplane.upstream import UpstreamEndpoint
 from relay.net.transport import open_listener
 from relay.server import RelayServer
 from relay.simulator.server import serve_simulator
+from relay.upstreams.table import build_upstream_table
 
 LOGGER = logging.getLogger("relay.launch")
 
@@ -128,7 +128,7 @@ async def open_relay(config: ServeConfig) -> AsyncIterator[RunningRelay]:
     start: a bind failure, or a file that broke after the configuration check.
     """
     simulated = uses_builtin_simulator(config)
-    if not simulated and not config.upstream_api_key:
+    if not simulated and not config.upstream_api_key and not config.upstreams:
         raise ConfigError(
             "serve.upstream_api_key: not set (choose the built-in simulator explicitly "
             f'with upstream_url = "{SIMULATOR_UPSTREAM}")'
@@ -147,10 +147,7 @@ async def open_relay(config: ServeConfig) -> AsyncIterator[RunningRelay]:
             config = _with_simulator(config, simulator)
         server: RelayServer | None = None
         try:
-            endpoint = UpstreamEndpoint.from_config(
-                config.upstream_url, config.upstream_api_key, config.upstream_ca_file
-            )
-            server = RelayServer(config, upstream=endpoint)
+            server = RelayServer(config, upstreams=build_upstream_table(config))
         except (KeyFileError, ValueError, OSError) as exc:
             failure = f"cannot start: {exc}"
         if server is not None:
@@ -246,10 +243,8 @@ def _reload(
                     "was started without the built-in simulator)"
                 )
             config = _with_simulator(config, simulator)
-        endpoint = UpstreamEndpoint.from_config(
-            config.upstream_url, config.upstream_api_key, config.upstream_ca_file
-        )
-        needs_restart = server.apply_config(config, endpoint)
+        # Built whole before anything changes: a key file that broke refuses the reload.
+        needs_restart = server.apply_config(config, build_upstream_table(config))
     except (ConfigError, KeyFileError, ValueError, OSError) as exc:
         server.metrics.config_reloads.labels(outcome="refused").inc()
         LOGGER.error("SIGHUP: new configuration refused, keeping the old one: %s", exc)
@@ -359,7 +354,7 @@ async def open_browser_demo(port: int = 0, **serve_fields: Any) -> AsyncIterator
                 msgspec.structs.replace(
                     server.config, allowed_origins=browser_demo_origins(running.port)
                 ),
-                server.upstream,
+                server.router.table,
             )
         yield BrowserDemo(
             running=running, url=f"http://127.0.0.1:{running.port}{BROWSER_DEMO_PAGE_PATH}"

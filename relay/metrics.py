@@ -5,15 +5,19 @@ the per-message path: sessions add their message and byte counts and their usage
 when they end, and gauges are read by callback when ``/metrics`` is scraped.
 
 Label values never carry a credential: close codes, sides, model names, token
-kinds, error kinds and key file names only.
+kinds, error kinds, key file names, upstream names and key ids (a digest prefix,
+:mod:`relay.upstreams.table`) only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from relay.credentials.keyfiles import APP_KEYS_LABEL, SIGNING_KEYS_LABEL
 
@@ -37,6 +41,50 @@ HANDSHAKE_BUCKETS_S: Final = (
 #: The ``file`` labels of ``relay_key_file_reload_failures`` (the key files'
 #: ``label`` in :mod:`relay.credentials.keyfiles`), exported at 0 from the start.
 KEY_FILE_LABELS: Final = (APP_KEYS_LABEL, SIGNING_KEYS_LABEL)
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamKeyState:
+    """One key of one upstream as ``/metrics`` and the admin API show it (no secret)."""
+
+    upstream: str
+    key_id: str
+    live_sessions: int
+    #: Seconds left of the key's (or its upstream's) cool-down; 0 when not cooling.
+    cooling_s: float
+    #: The upstream answered 401/403 to it: unused until a reload.
+    rejected: bool
+
+
+class _UpstreamKeysCollector(Collector):
+    """Per-key gauges read at scrape time, so a reload's new keys appear and old ones go."""
+
+    def __init__(self, states: Callable[[], Iterable[UpstreamKeyState]]) -> None:
+        self._states = states
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["upstream", "key_id"]
+        live = GaugeMetricFamily(
+            "relay_upstream_key_live_sessions",
+            "Live sessions and dials in flight, by upstream and key id.",
+            labels=labels,
+        )
+        cooling = GaugeMetricFamily(
+            "relay_upstream_key_cool_down_seconds",
+            "Seconds until the key (or its upstream) is tried first again; 0: not cooling.",
+            labels=labels,
+        )
+        rejected = GaugeMetricFamily(
+            "relay_upstream_key_rejected",
+            "1 when the upstream answered 401/403 to the key (unused until a reload).",
+            labels=labels,
+        )
+        for state in self._states():
+            values = [state.upstream, state.key_id]
+            live.add_metric(values, state.live_sessions)
+            cooling.add_metric(values, state.cooling_s)
+            rejected.add_metric(values, 1.0 if state.rejected else 0.0)
+        yield from (live, cooling, rejected)
 
 
 class RelayMetrics:
@@ -76,6 +124,20 @@ class RelayMetrics:
             "relay_upstream_connect_seconds",
             "Upstream TCP + TLS + WebSocket upgrade.",
             buckets=HANDSHAKE_BUCKETS_S,
+            registry=r,
+        )
+        self.upstream_attempt_seconds = Histogram(
+            "relay_upstream_attempt_seconds",
+            "One successful upstream dial (TCP + TLS + upgrade), by upstream.",
+            ["upstream"],
+            buckets=HANDSHAKE_BUCKETS_S,
+            registry=r,
+        )
+        self.upstream_handshakes = Counter(
+            "relay_upstream_handshakes",
+            "Upstream dials, by upstream, key id and outcome (success, rate_limited, "
+            "server_error, refused, timeout, key_rejected, client_error).",
+            ["upstream", "key_id", "outcome"],
             registry=r,
         )
         self.messages = Counter(
@@ -125,6 +187,10 @@ class RelayMetrics:
         )
         for label in KEY_FILE_LABELS:
             self.key_file_reload_failures.labels(file=label)
+
+    def watch_upstream_keys(self, states: Callable[[], Iterable[UpstreamKeyState]]) -> None:
+        """Export per-key live sessions, cool-downs and rejections, read from ``states``."""
+        self.registry.register(_UpstreamKeysCollector(states))
 
     def count_key_file_reload_failure(self, label: str) -> None:
         self.key_file_reload_failures.labels(file=label).inc()

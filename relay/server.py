@@ -63,8 +63,9 @@ from relay.dataplane.admission import (
 from relay.dataplane.lock import LockedStart, LockedStartDone, LockedStartFailed, SessionLock
 from relay.dataplane.policy import EndKind
 from relay.dataplane.registry import SessionContext, SessionRegistry
+from relay.dataplane.routing import Routed, Router
 from relay.dataplane.session import RelaySession, SessionLimits
-from relay.dataplane.upstream import UpstreamEndpoint, UpstreamRefused, dial_upstream
+from relay.dataplane.upstream import UpstreamRefused
 from relay.metrics import RelayMetrics
 from relay.net import http
 from relay.net.transport import (
@@ -79,6 +80,9 @@ from relay.net.transport import (
 from relay.net.websocket import OP_TEXT, ConnectionClosed, WebSocket
 from relay.protocol import binary_audio, handshake
 from relay.protocol.handshake import HandshakeError, RequestHead
+from relay.upstreams.chooser import UpstreamHealth
+from relay.upstreams.table import LiveSessions, UpstreamTable, build_upstream_table
+from relay.upstreams.urls import UpstreamKind
 
 LOGGER = logging.getLogger("relay.server")
 ACCESS_LOG = logging.getLogger("relay.access")
@@ -111,7 +115,7 @@ class RelayServer:
         self,
         config: ServeConfig,
         *,
-        upstream: UpstreamEndpoint,
+        upstreams: UpstreamTable | None = None,
         checker: CredentialChecker | None = None,
         key_file_poll_interval_s: float = KEY_FILE_POLL_INTERVAL_S,
     ) -> None:
@@ -129,7 +133,12 @@ class RelayServer:
             if config.tls_cert_file
             else None
         )
-        self._configure(config, upstream)
+        table = upstreams if upstreams is not None else build_upstream_table(config)
+        # Health and live counts outlive a reload: sessions started on the old table
+        # still hold their keys, and a key cooling down stays so.
+        self.router = Router(table, UpstreamHealth(table.policy), LiveSessions(), self.metrics)
+        self.metrics.watch_upstream_keys(lambda: self.router.key_states())
+        self._configure(config, table)
         # Handshakes and mint calls read keys from memory; this task re-reads the files.
         self.key_files = KeyFilePoller(
             lambda: (self.app_keys, self.keyring),
@@ -138,20 +147,14 @@ class RelayServer:
         )
         self.control = ControlPlaneHost(create_app(self))
 
-    def _configure(self, config: ServeConfig, upstream: UpstreamEndpoint) -> None:
+    def _configure(self, config: ServeConfig, table: UpstreamTable) -> None:
         """Everything new handshakes read from the configuration, built in one place
         (start-up and SIGHUP); live sessions keep what they started with."""
         checker = self._fixed_checker or RelayTokenChecker(
             self.keyring.current, build_checker(config), self.replay
         )
         app_keys = AppKeyStore(config.app_keys_file)
-        minter = Minter(
-            app_keys,
-            self.keyring.current,
-            upstream_http_base=http_base_for(config.upstream_url),
-            upstream_api_key=config.upstream_api_key,
-            upstream_ca_file=config.upstream_ca_file,
-        )
+        minter = _minter(config, table, app_keys, self.keyring)
         limits = session_limits(config)
         policy = AdmissionPolicy(
             max_sessions=config.max_sessions,
@@ -159,12 +162,18 @@ class RelayServer:
             upstream_query_params=config.upstream_query_params,
             max_sessions_per_token=config.max_sessions_per_token,
             max_session_starts_per_token=config.max_session_starts_per_token,
+            served_models=table.served_models,
         )
         # Swapped together, with no await in between: a handshake sees the old
         # configuration or the new one, never half of each.
-        self.config, self.upstream, self.checker = config, upstream, checker
+        self.config, self.checker = config, checker
         self.app_keys, self.minter, self.limits = app_keys, minter, limits
         self.admission_policy = policy
+        router = self.router
+        if router.table is not table:
+            # A reload: keys marked bad get another chance (they may have been replaced).
+            router.health.clear_bad_keys()
+        router.table, router.health.policy = table, table.policy
 
     # ControlState
     @property
@@ -201,10 +210,13 @@ class RelayServer:
                 await nursery.start(self.control.run)
                 await nursery.start(self.key_files.run)
                 LOGGER.info(
-                    "relay listening on %s:%d, upstream %s",
+                    "relay listening on %s:%d, upstreams %s",
                     self.config.host,
                     port,
-                    self.upstream.target.host_header,
+                    ", ".join(
+                        f"{up.name} ({up.target.host_header}, {len(up.keys)} key(s))"
+                        for up in self.router.table.upstreams
+                    ),
                 )
                 task_status.started(port)
                 while True:
@@ -351,10 +363,16 @@ class RelayServer:
             if claims.session:
                 lock = SessionLock(orjson.loads(claims.session))
         reservation = registry.reserve(decision)
+        routed: Routed | None = None
         try:
-            upstream = await self._dial(transport, decision)
-            if upstream is None:
+            routed = await self._dial(transport, decision)
+            if routed is None:
                 return
+            upstream = routed.websocket
+            if routed.upstream.max_session_s:
+                limits = dataclasses.replace(
+                    limits, max_session_s=min(limits.max_session_s, routed.upstream.max_session_s)
+                )
             first_events: tuple[bytes, ...] = ()
             if lock is not None:
                 started = await self._start_locked(upstream, lock)
@@ -394,6 +412,8 @@ class RelayServer:
                 ),
             )
             session.credential_id = decision.credential_id
+            session.upstream_name = routed.key.upstream
+            session.upstream_key_id = routed.key.key_id
             spent = registry.establish(reservation, session)
             if spent is not True:
                 upstream.transport.close()
@@ -419,17 +439,21 @@ class RelayServer:
                 registry.remove(session, claims)
                 upstream.transport.close()
                 raise
+            self.metrics.handshake_seconds.observe(trio.current_time() - handshake_started)
+            context = SessionContext(
+                decision.credential_id, claims, self.client_address(head, transport.peer)
+            )
+            registry.release(reservation)
+            try:
+                await session.run()
+            finally:
+                registry.remove(session, claims)
+                upstream.transport.close()
         finally:
             registry.release(reservation)
-        self.metrics.handshake_seconds.observe(trio.current_time() - handshake_started)
-        context = SessionContext(
-            decision.credential_id, claims, self.client_address(head, transport.peer)
-        )
-        try:
-            await session.run()
-        finally:
-            registry.remove(session, claims)
-            upstream.transport.close()
+            if routed is not None:
+                # The key's live count, held since its dial, ends with the session.
+                self.router.live.remove(routed.key)
         try:
             registry.record_end(session, context)
         except Exception:
@@ -437,13 +461,13 @@ class RelayServer:
             self.metrics.errors.labels(kind="session_accounting_error").inc()
             LOGGER.exception("session %s: recording its end failed", session.session_id)
 
-    async def _dial(self, transport: Transport, admitted: Admitted) -> WebSocket | None:
+    async def _dial(self, transport: Transport, admitted: Admitted) -> Routed | None:
         """The upstream leg, or None once its refusal has been answered to the client."""
-        dial_started = trio.current_time()
+        router = self.router
         try:
-            upstream = await dial_upstream(
-                self.upstream,
-                client_query=admitted.query.forwarded,
+            return await router.dial(
+                router.table.route(admitted.query.model),
+                admitted.query,
                 extra_headers=admitted.upstream_headers,
                 max_message_bytes=self.config.max_message_bytes,
                 timeout_s=self.config.upstream_connect_timeout_s,
@@ -452,10 +476,10 @@ class RelayServer:
             LOGGER.info("upstream refused a session: %s", refusal.detail)
             self.metrics.errors.labels(kind=f"upstream_{refusal.status}").inc()
             transport.answered = True
-            await transport.send_all(handshake.http_response(refusal.status, refusal.body))
+            await transport.send_all(
+                handshake.http_response(refusal.status, refusal.body, extra_headers=refusal.headers)
+            )
             return None
-        self.metrics.upstream_connect_seconds.observe(trio.current_time() - dial_started)
-        return upstream
 
     async def _start_locked(
         self, upstream: WebSocket, lock: SessionLock
@@ -523,17 +547,47 @@ class RelayServer:
             registry.end_all(EndKind.SHUTDOWN)
             await registry.wait_changed()
 
-    def apply_config(self, config: ServeConfig, upstream: UpstreamEndpoint) -> list[str]:
-        """Adopt a reloaded configuration for new sessions; live sessions keep theirs.
+    def apply_config(
+        self, config: ServeConfig, upstreams: UpstreamTable | None = None
+    ) -> list[str]:
+        """Adopt a reloaded configuration for new sessions; live sessions keep theirs
+        (their upstream and key included). ``upstreams``: the table ``config``
+        describes, built by the caller so a bad key file refuses the reload before
+        anything changed; None builds it here.
 
         Returns the settings that only take effect after a restart.
         """
+        table = upstreams if upstreams is not None else build_upstream_table(config)
         needs_restart = [
             name for name in ("host", "port") if getattr(config, name) != getattr(self.config, name)
         ]
-        self._configure(config, upstream)
+        self._configure(config, table)
         logging.getLogger("relay").setLevel(config.log_level.upper())
         return needs_restart
+
+
+def _minter(
+    config: ServeConfig, table: UpstreamTable, app_keys: AppKeyStore, keyring: KeyringFile
+) -> Minter:
+    """The client-secret minter: OpenAI's ``client_secrets`` on the first OpenAI-shaped
+    upstream (by priority) and its first key, for ``ek_`` secrets."""
+    shaped = sorted(
+        (up for up in table.upstreams if up.spec.kind is not UpstreamKind.AZURE),
+        key=lambda up: up.priority,
+    )
+    if not shaped:
+        base, key, ca_file = config.upstream_url, "", config.upstream_ca_file
+    else:
+        first = shaped[0]
+        base, key = first.spec.base_url, first.keys[0].credential().value.reveal()
+        ca_file = first.ca_file
+    return Minter(
+        app_keys,
+        keyring.current,
+        upstream_http_base=http_base_for(base),
+        upstream_api_key=key,
+        upstream_ca_file=ca_file,
+    )
 
 
 def session_limits(config: ServeConfig) -> SessionLimits:

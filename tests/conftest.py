@@ -14,7 +14,6 @@ import trio
 import trio_websocket
 
 from relay.config import ServeConfig, SimulatorConfig
-from relay.dataplane.upstream import UpstreamEndpoint
 from relay.server import RelayServer
 from relay.simulator.server import Simulator
 
@@ -95,12 +94,7 @@ async def start_relay(
     }
     fields.update(overrides)
     config = ServeConfig(**fields)
-    endpoint = UpstreamEndpoint.from_config(
-        config.upstream_url, config.upstream_api_key, config.upstream_ca_file
-    )
-    server = RelayServer(
-        config, upstream=endpoint, key_file_poll_interval_s=key_file_poll_interval_s
-    )
+    server = RelayServer(config, key_file_poll_interval_s=key_file_poll_interval_s)
     port: int = await nursery.start(server.serve)
     return RunningRelay(port=port, key=CLIENT_KEY, server=server)
 

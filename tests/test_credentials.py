@@ -28,8 +28,8 @@ from relay.credentials import digests, keyfiles
 from relay.credentials.digests import digest, digest_hex, matches_any, parse_digest_hex
 from relay.credentials.secret import REDACTED, Secret
 from relay.credentials.watch import KEY_FILE_POLL_INTERVAL_S, KeyFilePoller
-from relay.dataplane.upstream import UpstreamEndpoint
 from relay.metrics import KEY_FILE_LABELS, RelayMetrics
+from relay.upstreams.table import build_upstream_table
 from tests.conftest import RunningSimulator, raw_handshake, start_relay
 
 # ------------------------------------------------------------------ digests
@@ -210,10 +210,13 @@ def test_a_secret_field_of_the_wrong_type_is_the_usual_one_line(
     assert str(caught.value) == message
 
 
-def test_the_upstream_endpoint_holds_the_key_as_a_secret() -> None:
-    endpoint = UpstreamEndpoint.from_config("wss://api.example/v1", VALUE)
-    assert type(endpoint.api_key) is Secret
-    assert VALUE not in repr(endpoint)
+def test_the_upstream_table_holds_the_key_as_a_secret() -> None:
+    table = build_upstream_table(
+        cfg.ServeConfig(upstream_url="wss://api.example/v1", upstream_api_key=VALUE)
+    )
+    (key,) = table.upstreams[0].keys
+    assert type(key.credential().value) is Secret
+    assert VALUE not in repr(table)
 
 
 # ------------------------------------------------------------------ key files on a timer

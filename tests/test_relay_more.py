@@ -86,7 +86,7 @@ async def test_the_second_wss_session_resumes_the_first_tls_session(
         async with open_ws(f"{relay.ws_base}/realtime?model={MODEL}", extra_headers=BEARER) as ws:
             assert json.loads(await ws.get_message())["type"] == "session.created"
     assert resumed == [False, True]
-    assert relay.server.upstream.resumption.session is not None
+    assert relay.server.router.table.upstreams[0].resumption.session is not None
 
 
 async def test_dead_upstream_detected_by_ping_deadline(nursery: trio.Nursery) -> None:
@@ -172,7 +172,6 @@ async def test_upstream_that_stops_reading_keeps_relay_memory_bounded(
 
 def test_client_address_trusts_only_configured_proxies() -> None:
     from relay.config import ServeConfig
-    from relay.dataplane.upstream import UpstreamEndpoint
     from relay.server import RelayServer
 
     def head(*lines: str) -> handshake.RequestHead:
@@ -182,8 +181,12 @@ def test_client_address_trusts_only_configured_proxies() -> None:
         return parsed
 
     server = RelayServer(
-        ServeConfig(trusted_proxies=("10.0.0.1", "10.0.0.2"), client_keys=(Secret("k"),)),
-        upstream=UpstreamEndpoint.from_config("ws://127.0.0.1:1/v1", "sk-x"),
+        ServeConfig(
+            trusted_proxies=("10.0.0.1", "10.0.0.2"),
+            client_keys=(Secret("k"),),
+            upstream_url="ws://127.0.0.1:1/v1",
+            upstream_api_key="sk-x",
+        )
     )
     spoofed = head("X-Forwarded-For: 6.6.6.6")
     assert server.client_address(spoofed, ("203.0.113.9", 5000)) == "203.0.113.9"

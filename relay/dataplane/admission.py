@@ -14,7 +14,10 @@ drive with tables and no event loop:
 5. the relay is draining (503) or full, live sessions plus handshakes in flight (503
    with ``Retry-After``);
 6. the per-token and per-app-key limits (429);
-7. what the upstream will be sent: the forwarded query and the derived headers.
+7. the model: one some upstream serves (400 ``model_not_found``, ``param: "model"``),
+   or named at all when every upstream serves a list of models (400 ``missing_model``),
+   so a model nobody serves never costs a dial;
+8. what the upstream will be sent: the forwarded query and the derived headers.
 
 Nothing here commits anything. The shell reserves what :class:`Admitted` names while
 it dials, and only when the upstream has answered ``101`` does it spend a single-use
@@ -35,6 +38,8 @@ from relay.protocol.handshake import HandshakeError, RealtimeQuery, RequestHead
 
 #: Seconds a client is asked to wait after a 503 for capacity.
 RETRY_AFTER_S: Final = 1
+#: Characters of a refused model name quoted back in the error message.
+MAX_QUOTED_MODEL_CHARS: Final = 64
 SAFETY_IDENTIFIER_HEADER: Final = "OpenAI-Safety-Identifier"
 
 
@@ -48,6 +53,8 @@ class AdmissionPolicy:
     #: 0 = no limit, for both.
     max_sessions_per_token: int = 0
     max_session_starts_per_token: int = 0
+    #: The models some upstream serves; None: an upstream serves every model.
+    served_models: Set[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +163,9 @@ def admit(
         limit = _credential_limit(claims, policy, occupancy, app_session_limit)
         if limit is not None:
             return Refused(429, limit, "rate_limit_exceeded")
+    model_refusal = _model_refusal(query.model, policy.served_models)
+    if model_refusal is not None:
+        return model_refusal
     # A client's own OpenAI-Safety-Identifier is never forwarded: the relay derives it
     # (from a token's hashed end user) or sends none.
     headers: tuple[tuple[str, str], ...] = ()
@@ -167,6 +177,30 @@ def admit(
         query=query,
         upstream_headers=headers,
     )
+
+
+def _model_refusal(model: str | None, served: Set[str] | None) -> Refused | None:
+    if served is None:
+        return None
+    if model is None:
+        return Refused(
+            400,
+            "Name the model (?model=...): this relay chooses the upstream by model.",
+            "missing_model",
+            param="model",
+        )
+    if model not in served:
+        shown = "".join(
+            char if char.isascii() and char.isprintable() else "?"
+            for char in model[:MAX_QUOTED_MODEL_CHARS]
+        )
+        return Refused(
+            400,
+            f"The model '{shown}' does not exist or is not served by this relay.",
+            "model_not_found",
+            param="model",
+        )
+    return None
 
 
 def _credential_limit(

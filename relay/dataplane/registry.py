@@ -203,6 +203,8 @@ class SessionRegistry:
                 "age_s": round(now - session.stats.started_at, 3),
                 "model": session.stats.tap.upstream_model,
                 "credential_id": session.credential_id,
+                "upstream": session.upstream_name,
+                "upstream_key_id": session.upstream_key_id,
                 "bytes_up": session.client.bytes_received,
                 "bytes_down": session.upstream.bytes_received,
                 "messages_up": session.stats.messages_up,

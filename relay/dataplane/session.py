@@ -175,6 +175,9 @@ class RelaySession:
                 self._client_run_gate = self._audio_text_gate
         #: Who the client is (a key digest prefix or a token id), for logs and the admin API.
         self.credential_id = ""
+        #: The upstream and key id (never the key) this session was dialed with.
+        self.upstream_name = ""
+        self.upstream_key_id = ""
         self.stats = SessionStats()
         self._cancel_scope = trio.CancelScope()
         #: The session's nursery while it runs (the watchdog starts pings in it).

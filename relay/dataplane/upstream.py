@@ -1,36 +1,39 @@
 """Dialing the upstream Realtime endpoint, before the client's upgrade is answered.
 
-This module owns the upstream leg's handshake: URL = configured base +
-``/realtime`` + the client's query string exactly as sent (``model``,
-``call_id``, ``intent`` and any other parameter preserved, in order),
-``Authorization: Bearer <relay key>``, no ``OpenAI-Beta`` header and no beta
-subprotocol, no compression offered, TLS verified against the system store or a
-configured CA file.
+This module owns one dial of one upstream with one key: the request target and
+headers come from :func:`relay.upstreams.urls.handshake_target` (for OpenAI the
+configured base + ``/realtime`` + the client's query string exactly as sent; for
+Azure its own forms), no ``OpenAI-Beta`` header and no beta subprotocol, no
+compression offered, TLS verified against the system store or a configured CA
+file, resumed from the upstream's last ticket.
 
 Failures come back as :class:`UpstreamRefused` carrying the HTTP answer the
 client should get on *its* handshake, so a refusal is never a ``101`` followed by
-a close: the upstream's own 401/403/404/429 (and other 4xx) with its error body;
-502 when it is unreachable or not speaking WebSocket; 504 when the handshake
-does not finish in time.
+a close, and the :class:`~relay.upstreams.chooser.Outcome` the failover loop
+(:mod:`relay.dataplane.routing`) learns from: the upstream's own 404/429 (and
+other 4xx but 401/403) with its error body and ``Retry-After``; 502 when the
+upstream refused the relay's key, is unreachable or not speaking WebSocket (503
+with its ``Retry-After`` when it said 503); 504 when the handshake does not
+finish in time.
 """
 
 from __future__ import annotations
 
+import math
 import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Final
 
 import orjson
 import trio
 
-from relay.credentials.secret import Secret
 from relay.net import http
 from relay.net.transport import Transport, TransportClosed, open_transport
 from relay.net.websocket import WebSocket
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
-from relay.protocol.handshake import HandshakeError, UpstreamTarget
+from relay.protocol.handshake import HandshakeError
+from relay.upstreams.chooser import Outcome
+from relay.upstreams.urls import HandshakeTarget
 
 #: Upstream refusals of the relay's own credential: answered 502, the body only logged.
 RELAY_CREDENTIAL_STATUSES: Final = frozenset({401, 403})
@@ -45,11 +48,29 @@ USER_AGENT: Final = "openai-realtime-relay/0.1"
 class UpstreamRefused(Exception):
     """The upstream could not be opened; answer the client's handshake with this."""
 
-    def __init__(self, status: int, body: bytes, *, detail: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        *,
+        detail: str,
+        outcome: Outcome,
+        retry_after_s: float | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status = status
         self.body = body
         self.detail = detail
+        self.outcome = outcome
+        #: The upstream's ``Retry-After``, in seconds, when it sent one.
+        self.retry_after_s = retry_after_s
+
+    @property
+    def headers(self) -> tuple[tuple[str, str], ...]:
+        """Headers for the client's answer: the upstream's ``Retry-After``, rounded up."""
+        if self.retry_after_s is None:
+            return ()
+        return (("Retry-After", str(math.ceil(self.retry_after_s))),)
 
 
 class TlsResumption:
@@ -75,41 +96,15 @@ class TlsResumption:
                 self.session = session
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamEndpoint:
-    """Where and how to dial; built once from configuration."""
-
-    target: UpstreamTarget
-    api_key: Secret
-    ssl_context: ssl.SSLContext | None
-    resumption: TlsResumption = field(default_factory=TlsResumption)
-
-    @classmethod
-    def from_config(cls, url: str, api_key: str, ca_file: str = "") -> UpstreamEndpoint:
-        target = UpstreamTarget.from_url(url)
-        context: ssl.SSLContext | None = None
-        if target.tls:
-            context = ssl.create_default_context(cafile=ca_file or None)
-        return cls(target=target, api_key=Secret(api_key), ssl_context=context)
-
-    def request_target(self, client_query: str) -> str:
-        path = f"{self.target.base_path}/realtime"
-        return f"{path}?{client_query}" if client_query else path
-
-    def __repr__(self) -> str:  # never show the key
-        return f"UpstreamEndpoint({self.target!r})"
-
-
 async def dial_upstream(
-    endpoint: UpstreamEndpoint,
+    target: HandshakeTarget,
     *,
-    client_query: str,
-    extra_headers: Sequence[tuple[str, str]] = (),
+    ssl_context: ssl.SSLContext | None,
+    resumption: TlsResumption,
     max_message_bytes: int,
     timeout_s: float,
 ) -> WebSocket:
     """Open the upstream WebSocket or raise :class:`UpstreamRefused`."""
-    target = endpoint.target
     transport: Transport | None = None
     try:
         with trio.fail_after(timeout_s):
@@ -117,8 +112,8 @@ async def dial_upstream(
                 transport = await open_transport(
                     target.host,
                     target.port,
-                    ssl_context=endpoint.ssl_context,
-                    tls_session=endpoint.resumption.session,
+                    ssl_context=ssl_context,
+                    tls_session=resumption.session,
                 )
             except (OSError, ssl.SSLError) as exc:
                 raise UpstreamRefused(
@@ -129,30 +124,28 @@ async def dial_upstream(
                         code="upstream_unreachable",
                     ),
                     detail=f"connect to {target.host}:{target.port} failed: {_describe(exc)}",
+                    outcome=Outcome.REFUSED,
                 ) from None
             key = handshake.new_websocket_key()
-            headers = [
-                ("Authorization", f"Bearer {endpoint.api_key.reveal()}"),
-                ("User-Agent", USER_AGENT),
-                *extra_headers,
-            ]
             await transport.send_all(
                 handshake.upgrade_request(
                     host_header=target.host_header,
-                    target=endpoint.request_target(client_query),
+                    target=target.request_target,
                     key=key,
-                    headers=headers,
+                    headers=[*target.wire_headers(), ("User-Agent", USER_AGENT)],
                 )
             )
             response = await http.read_response_head(transport)
             if response.status != 101:
                 body = await _read_error_body(transport, response)
-                raise _refusal(response.status, body)
+                raise _refusal(response.status, body, _retry_after_s(response))
             problem = handshake.upgrade_response_problem(response, key)
             if problem is not None:
-                raise UpstreamRefused(502, _bad_gateway(), detail=problem)
+                raise UpstreamRefused(
+                    502, _bad_gateway(), detail=problem, outcome=Outcome.SERVER_ERROR
+                )
             # TLS 1.3 tickets come after the handshake: with the 101 they have arrived.
-            endpoint.resumption.remember(transport)
+            resumption.remember(transport)
     except trio.TooSlowError:
         if transport is not None:
             transport.close()
@@ -164,12 +157,16 @@ async def dial_upstream(
                 code="upstream_timeout",
             ),
             detail=f"handshake with {target.host}:{target.port} timed out after {timeout_s}s",
+            outcome=Outcome.TIMEOUT,
         ) from None
     except (TransportClosed, HandshakeError) as exc:
         if transport is not None:
             transport.close()
         raise UpstreamRefused(
-            502, _bad_gateway(), detail=f"upstream handshake failed: {exc}"
+            502,
+            _bad_gateway(),
+            detail=f"upstream handshake failed: {exc}",
+            outcome=Outcome.SERVER_ERROR,
         ) from None
     except BaseException:
         if transport is not None:
@@ -197,7 +194,7 @@ async def _read_error_body(transport: Transport, response: handshake.ResponseHea
         transport.close()
 
 
-def _refusal(status: int, body: bytes) -> UpstreamRefused:
+def _refusal(status: int, body: bytes, retry_after_s: float | None) -> UpstreamRefused:
     if status in RELAY_CREDENTIAL_STATUSES:
         # The upstream refused *our* key: its body quotes part of it and would blame
         # the client's key. The client learns only that the relay failed.
@@ -209,22 +206,49 @@ def _refusal(status: int, body: bytes) -> UpstreamRefused:
                 code="upstream_auth_failed",
             ),
             detail=f"upstream answered HTTP {status} to the relay's key: {_error_detail(body)}",
+            outcome=Outcome.KEY_REJECTED,
         )
     if status in PASSED_THROUGH_STATUSES:
         if not body.lstrip().startswith(b"{"):
             body = http_error_body(
                 f"The upstream refused the session (HTTP {status}).", code="upstream_refused"
             )
-        return UpstreamRefused(status, body, detail=f"upstream answered HTTP {status}")
+        return UpstreamRefused(
+            status,
+            body,
+            detail=f"upstream answered HTTP {status}",
+            outcome=Outcome.RATE_LIMITED if status == 429 else Outcome.CLIENT_ERROR,
+            retry_after_s=retry_after_s,
+        )
+    # A 503 is the one 5xx a client can act on (come back after Retry-After); any
+    # other is the gateway's failure to get an answer: 502.
     return UpstreamRefused(
-        502,
+        503 if status == 503 else 502,
         http_error_body(
             f"The upstream Realtime API failed (HTTP {status}).",
             error_type="server_error",
-            code="upstream_error",
+            code="upstream_unavailable" if status == 503 else "upstream_error",
         ),
         detail=f"upstream answered HTTP {status}",
+        outcome=Outcome.SERVER_ERROR,
+        retry_after_s=retry_after_s if status == 503 else None,
     )
+
+
+def _retry_after_s(response: handshake.ResponseHead) -> float | None:
+    """``Retry-After`` in seconds (RFC 9110 §10.2.3 delay-seconds); None if absent or a date.
+
+    An HTTP-date is not read: OpenAI and Azure send seconds, and the chooser's
+    default cool-down covers the rest.
+    """
+    text = response.header(b"retry-after")
+    if text is None:
+        return None
+    try:
+        seconds = float(text.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _error_detail(body: bytes) -> str:

@@ -10,7 +10,7 @@ nothing; :mod:`relay.dataplane.upstream` does, with what this returns.
 The forms (``<base>`` is the configured base URL's path, without a trailing ``/``):
 
 - ``openai`` and ``compatible``: ``<base>/realtime?<the client's query>``, as the
-  single upstream of :class:`~relay.dataplane.upstream.UpstreamEndpoint` builds it,
+  one-upstream shorthand always built it,
   with ``Authorization: Bearer <key>``. The client's parameters keep their order and
   their encoding; only ``model``'s value changes, and only when the model map names
   another model for it.
