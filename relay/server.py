@@ -521,6 +521,27 @@ class RelayServer:
     def list_sessions(self) -> list[dict[str, object]]:
         return self.registry.listing()
 
+    def list_upstreams(self) -> list[dict[str, object]]:
+        router = self.router
+        states: dict[str, list[dict[str, object]]] = {}
+        for state in router.key_states():
+            states.setdefault(state.upstream, []).append(
+                {
+                    "key_id": state.key_id,
+                    "live_sessions": state.live_sessions,
+                    "cool_down_s": state.cooling_s,
+                    "rejected": state.rejected,
+                }
+            )
+        return [
+            upstream.describe()
+            | {
+                "live_sessions": router.live.by_upstream.get(upstream.name, 0),
+                "keys": states.get(upstream.name, []),
+            }
+            for upstream in router.table.upstreams
+        ]
+
     def end_session(self, session_id: str) -> bool:
         return self.registry.end(session_id)
 

@@ -67,6 +67,10 @@ class ControlState(Protocol):
 
     def list_sessions(self) -> list[dict[str, object]]: ...
 
+    def list_upstreams(self) -> list[dict[str, object]]:
+        """Each upstream with its key ids, live counts, cool-downs (never a key)."""
+        ...
+
     def end_session(self, session_id: str) -> bool: ...
 
 
@@ -158,6 +162,15 @@ def create_app(state: ControlState) -> QuartTrio:
         if refusal is not None:
             return refusal
         return _json(orjson.dumps({"sessions": state.list_sessions()}), 200)
+
+    @app.get("/admin/upstreams")
+    async def admin_upstreams() -> Response:
+        if not state.admin_key_sha256:
+            return _json(http_error_body("The admin API is off.", code="not_found"), 404)
+        refusal = admin_refusal()
+        if refusal is not None:
+            return refusal
+        return _json(orjson.dumps({"upstreams": state.list_upstreams()}), 200)
 
     @app.post("/admin/sessions/<session_id>/end")
     async def admin_end_session(session_id: str) -> Response:

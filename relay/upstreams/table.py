@@ -150,7 +150,6 @@ class Upstream:
             "max_sessions": self.max_sessions,
             "max_session_s": self.max_session_s,
             "models": sorted(self.models) if self.models is not None else None,
-            "key_ids": [key.key_id for key in self.keys],
         }
 
 
