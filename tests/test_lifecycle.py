@@ -259,3 +259,55 @@ async def test_sighup_rotates_the_upstream_key_for_new_sessions_only(
             pass
     relay.signal(signal.SIGTERM)
     assert await relay.wait_exit() == 0
+
+
+async def test_sighup_swaps_the_whole_upstream_table_and_live_sessions_keep_theirs(
+    spawn: Spawn, nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    from tests.conftest import start_simulator
+
+    first = await start_simulator(nursery, api_keys=("sk-upstream-first",))
+    second = await start_simulator(nursery, api_keys=("sk-upstream-second",))
+    key_file = tmp_path / "second.key"
+    key_file.write_text("sk-upstream-second\n")
+
+    def table(name: str, url: str, key_setting: str) -> str:
+        return f'[upstreams.{name}]\nurl = "{url}"\n{key_setting}\nmodels = ["{MODEL}"]\n'
+
+    serve = '[serve]\nclient_keys = ["k1"]\n'
+    relay = spawn(
+        serve + table("first", first.ws_base, 'api_key_env = ["FIRST_KEY"]'),
+        simulator=False,
+        env={"FIRST_KEY": "sk-upstream-first"},
+    )
+    await relay.wait_listening()
+    url = f"{relay.ws_base}/realtime?model={MODEL}"
+    async with open_ws(url, extra_headers=bearer("k1")) as live:
+        assert json.loads(await live.get_message())["type"] == "session.created"
+        # A table whose key file is missing is refused whole: the old table stays.
+        relay.config.write_text(
+            serve + table("second", second.ws_base, 'api_key_file = ["/nonexistent/key"]')
+        )
+        relay.signal(signal.SIGHUP)
+        await relay.wait_metric('relay_config_reloads_total{outcome="refused"} 1.0')
+        async with open_ws(url, extra_headers=bearer("k1")) as fresh:
+            await fresh.get_message()
+        assert first.sim.sessions_by_key_index == {0: 2}
+        relay.config.write_text(
+            serve + table("second", second.ws_base, f'api_key_file = ["{key_file}"]')
+        )
+        relay.signal(signal.SIGHUP)
+        await relay.wait_metric('relay_config_reloads_total{outcome="applied"} 1.0')
+        async with open_ws(url, extra_headers=bearer("k1")) as fresh:
+            await fresh.get_message()
+        assert second.sim.sessions_by_key_index == {0: 1}
+        # The live session still runs on the upstream it was opened with.
+        await live.send_message('{"type":"input_audio_buffer.clear"}')
+        while json.loads(await live.get_message())["type"] != "input_audio_buffer.cleared":
+            pass
+    relay.signal(signal.SIGTERM)
+    assert await relay.wait_exit() == 0
+    assert relay.process.stderr is not None
+    log = relay.process.stderr.read().decode()
+    assert "upstreams.second.api_key_file[0]" in log
+    assert "sk-upstream" not in log
