@@ -331,6 +331,36 @@ class Rig:
         self.targets[name] = target
         return target
 
+    def start_relay_with_upstreams(self, name: str, upstreams_toml: str) -> Target:
+        """Our relay with an upstream table (``[upstreams.NAME]`` tables, keys in the
+        environment as ``BENCH_UPSTREAM_KEY``) instead of the one-upstream shorthand."""
+        port = free_port()
+        env = self.relay_env(port, "")
+        for shorthand in ("UPSTREAM_URL", "UPSTREAM_API_KEY", "UPSTREAM_CA_FILE"):
+            env.pop(f"RELAY_SERVE_{shorthand}")
+        env["BENCH_UPSTREAM_KEY"] = SIM_KEY
+        config = self.work_dir / f"{name.replace('/', '-')}.toml"
+        config.write_text(upstreams_toml)
+        process = self._spawn(
+            [sys.executable, "-m", "relay", "serve", "--config", str(config)],
+            env,
+            cpus=self.server_cpus,
+        )
+        self._ready(port, process, self.server_cpus)
+        target = Target(name, f"ws://127.0.0.1:{port}/v1", CLIENT_KEY, process.pid)
+        self.targets[name] = target
+        return target
+
+    def start_refusing_upstream(self) -> int:
+        """``bench/refusing_upstream.py`` on the load's core: every handshake answered 429."""
+        port = free_port()
+        process = self._spawn(
+            [sys.executable, str(REPO / "bench/refusing_upstream.py"), "--port", str(port)],
+            cpus=self.load_cpus,
+        )
+        self._ready(port, process, self.load_cpus)
+        return port
+
     def tls_files(self) -> tuple[Path, Path, Path]:
         """A certificate for localhost, its key and the throwaway CA (trustme) that signed it."""
         import trustme

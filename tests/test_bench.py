@@ -285,3 +285,36 @@ def test_suite_tiny_run_prints_one_table_and_writes_json_and_plots(tmp_path: Pat
     assert table in completed.stdout
     for name in ("latency-cdf.png", "ramp.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow  # a benchmark run: four paths, real processes
+def test_failover_bench_tiny_run(tmp_path: Path) -> None:
+    out = tmp_path / "failover.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "bench/failover.py",
+            "--rounds",
+            "1",
+            "--duration-s",
+            "0.5",
+            "--sessions",
+            "2",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    summary = json.loads(out.read_text())["summary"]
+    assert set(summary) == {"direct", "relay", "relay/429", "relay/refused"}
+    for path, row in summary.items():
+        assert row["sessions"] > 0, path
+        assert row["errors"] == {}, path
+        assert row["handshake_p50_ms"]["median"] > 0, path
+    assert "p50 added vs relay" in completed.stdout
