@@ -139,6 +139,17 @@ class Minter:
         return MintAnswer(200, orjson.dumps(answer))
 
     async def _passthrough(self, body: bytes) -> MintAnswer:
+        if not self.upstream_api_key:
+            # Only Azure upstreams: OpenAI's ek_ secrets have no upstream to come from.
+            return MintAnswer(
+                501,
+                http_error_body(
+                    "This relay has no OpenAI upstream to mint client secrets with; use a "
+                    "relay-mode app key (relay tokens).",
+                    error_type="server_error",
+                    code="passthrough_unavailable",
+                ),
+            )
         url = f"{self.upstream_http_base}/realtime/client_secrets"
         verify: bool | ssl.SSLContext = (
             ssl.create_default_context(cafile=self.upstream_ca_file)
