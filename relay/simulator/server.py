@@ -353,8 +353,10 @@ async def _run_session(
         finally:
             send_lock.release()
 
+    close_with: tuple[int, str] = (frames.CLOSE_NORMAL, "")
+
     async def timer(cancel_scope: trio.CancelScope) -> None:
-        nonlocal wakeup
+        nonlocal wakeup, close_with
         try:
             while True:
                 due = engine.next_due()
@@ -364,8 +366,9 @@ async def _run_session(
                 wakeup = trio.Event()
                 await flush()
                 if engine.close_request is not None:
-                    code, reason = engine.close_request
-                    await ws.close(code, reason)
+                    # Closed below, once the reading task is cancelled: the close
+                    # handshake reads the socket, which only one task may do.
+                    close_with = engine.close_request
                     break
         except TransportClosed:
             pass
@@ -409,7 +412,7 @@ async def _run_session(
                 pass
             nursery.cancel_scope.cancel()
     finally:
-        await ws.close(frames.CLOSE_NORMAL, "")
+        await ws.close(*close_with)
 
 
 def _binary_path_frames(converter: DeltaConverter, payload: bytes) -> bytes:
