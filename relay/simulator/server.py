@@ -211,6 +211,8 @@ class Simulator:
             transport.close()
 
     async def _route(self, transport: Transport, head: RequestHead) -> None:
+        """Dispatch by path; a realtime handshake takes its programmed fault (if any),
+        then the checks, and is logged with its answer before the session runs."""
         path = head.path
         flavor = self.config.flavor
         if flavor == "openai" and path in CLIENT_SECRETS_PATHS:
