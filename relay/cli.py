@@ -113,6 +113,40 @@ def _parser() -> argparse.ArgumentParser:
         const=True,
         help="honour the ?sim_fault= and ?sim_mode= test hooks",
     )
+    simulate.add_argument(
+        "--flavor",
+        choices=["openai", "azure"],
+        help="the upstream to play: OpenAI (/v1/realtime) or an Azure OpenAI resource "
+        "(/openai/v1/realtime, /openai/realtime; api-key or Entra auth)",
+    )
+    simulate.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help="openai: serve this model (repeatable)",
+    )
+    simulate.add_argument(
+        "--deployment",
+        dest="azure_deployments",
+        action="append",
+        metavar="NAME",
+        help="azure: this deployment exists (repeatable; none given = any name)",
+    )
+    simulate.add_argument(
+        "--entra-token",
+        dest="entra_tokens",
+        action="append",
+        metavar="TOKEN",
+        help="azure: accept this Entra token as Authorization: Bearer (repeatable)",
+    )
+    simulate.add_argument(
+        "--max-session-s",
+        dest="max_session_s",
+        type=float,
+        metavar="SECONDS",
+        help="end sessions after this many seconds (0: OpenAI's 60 min, Azure's 30)",
+    )
 
     demo = sub.add_parser(
         "demo",

@@ -52,10 +52,13 @@ PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 DEFAULT_MAX_MESSAGE_BYTES: Final = 24 * 1024 * 1024
 #: OpenAI ends Realtime sessions after 60 minutes.
 DEFAULT_MAX_SESSION_S: Final = 3600.0
+#: Azure OpenAI ends Realtime sessions after 30 minutes (Microsoft's Realtime docs).
+AZURE_MAX_SESSION_S: Final = 1800.0
 #: Keys the simulator accepts when none are configured, so the demo needs no setup.
 DEFAULT_SIMULATOR_API_KEY: Final = "sk-sim-local-demo-key"
 
 SimulatorMode = Literal["normal", "echo", "raw-echo"]
+SimulatorFlavor = Literal["openai", "azure"]
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -108,6 +111,35 @@ class SimulatorConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     #: Serve ``wss://`` with this certificate chain and key (PEM); empty = plain ``ws://``.
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    #: The upstream it plays: ``openai`` (``/v1/realtime``, Bearer keys) or ``azure``
+    #: (an Azure OpenAI resource: GA ``/openai/v1/realtime?model=<deployment>`` and
+    #: preview ``/openai/realtime?api-version=…&deployment=…``, ``api-key`` header or
+    #: Entra ``Authorization: Bearer``, Azure's error bodies).
+    flavor: SimulatorFlavor = "openai"
+    #: openai flavor: the models served; another is refused at the handshake. Empty = any.
+    models: tuple[str, ...] = ()
+    #: azure flavor: Entra ID access tokens accepted as ``Authorization: Bearer``.
+    entra_tokens: tuple[Secret, ...] = ()
+    #: azure flavor: the deployments that exist; another is 404 ``DeploymentNotFound``.
+    #: Empty = any name.
+    azure_deployments: tuple[str, ...] = ()
+    #: Sessions end (``error`` ``session_expired``, then close 4000) after this long;
+    #: 0 = the flavor's own cap: OpenAI's 60 minutes, Azure's 30.
+    max_session_s: NonNegativeSeconds = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # A setting the chosen flavor never reads is a mistake to report, not to ignore.
+        if self.flavor != "azure" and (self.entra_tokens or self.azure_deployments):
+            raise ValueError("entra_tokens and azure_deployments need flavor = 'azure'")
+        if self.flavor != "openai" and self.models:
+            raise ValueError("models needs flavor = 'openai' (Azure serves azure_deployments)")
+
+    def session_cap_s(self) -> float:
+        """How long a session may last (seconds): ``max_session_s``, else the flavor's cap."""
+        if self.max_session_s > 0:
+            return self.max_session_s
+        return AZURE_MAX_SESSION_S if self.flavor == "azure" else DEFAULT_MAX_SESSION_S
 
 
 UpstreamKindName = Literal["openai", "azure", "compatible"]

@@ -152,6 +152,12 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "faults_enabled": ("true", True),
             "tls_cert_file": (str(files.cert), str(files.cert)),
             "tls_key_file": (str(files.key), str(files.key)),
+            "flavor": ("azure", "azure"),
+            # The openai flavor's setting: empty, as an azure simulator requires.
+            "models": ("", ()),
+            "entra_tokens": ("entra-a,entra-b", ("entra-a", "entra-b")),
+            "azure_deployments": ("dep-a,dep-b", ("dep-a", "dep-b")),
+            "max_session_s": ("120.5", 120.5),
         },
         cfg.DemoConfig: {
             "url": ("ws://127.0.0.1:8080/v1", "ws://127.0.0.1:8080/v1"),

@@ -173,7 +173,7 @@ def test_config_secrets_are_secrets_however_the_config_is_built(tmp_path: Path) 
 
 def test_secret_fields_are_chosen_by_type() -> None:
     assert {
-        cfg.SimulatorConfig: {"api_keys"},
+        cfg.SimulatorConfig: {"api_keys", "entra_tokens"},
         cfg.ServeConfig: {
             "upstream_api_key",
             "client_keys",

@@ -5,8 +5,9 @@ whole, with no clock, socket or event loop of its own:
 
 - the session: its configuration as ``session.created`` shows it and
   ``session.update`` changes it (OpenAI's schema, wording and merge rules are
-  :mod:`relay.protocol.session_config`'s), its 60-minute expiry, and the close it
-  asks of the shell (:attr:`SimulatedSession.close_request`);
+  :mod:`relay.protocol.session_config`'s), its expiry (OpenAI's 60 minutes, Azure's
+  30, or ``max_session_s``: :meth:`~relay.config.SimulatorConfig.session_cap_s`), and
+  the close it asks of the shell (:attr:`SimulatedSession.close_request`);
 - the dispatch of client events: the envelope, OpenAI's refusals of a bad one
   (:mod:`relay.protocol.client_events`), and the component each event goes to:
   the input audio buffer and VAD (:mod:`relay.simulator.input_audio`), the
@@ -65,8 +66,10 @@ from relay.simulator.responses import Responses
 
 JSON = dict[str, Any]
 
-#: Session lifetime; ``session.expires_at`` is ``created + this``.
+#: OpenAI's session lifetime (the default cap); ``session.expires_at`` is ``created + cap``.
 SESSION_MAX_DURATION_S: Final = DEFAULT_MAX_SESSION_S
+#: The close that follows the ``session_expired`` error (OpenAI's 4000 family).
+SESSION_EXPIRED_CLOSE: Final = (4000, "invalid_request_error.session_expired")
 
 
 class _EchoProbe(msgspec.Struct):
@@ -118,7 +121,11 @@ class SimulatedSession:
         rng = random.Random(seed)  # None: seeded from the OS
         self._ids = FastIds(rng)
         self._outbox = Outbox(self._ids, now, self._on_due)
-        self._expires_at = int(now + SESSION_MAX_DURATION_S)
+        self._cap_s = config.session_cap_s()
+        # The expiry falls due at the exact instant (a test may cap at a fraction of a
+        # second); session.expires_at shows it in whole seconds, as OpenAI's does.
+        self._expires_due = now + self._cap_s
+        self._expires_at = int(self._expires_due)
         conversation_id = id_factory("conv_")
         session_type: SessionType = "realtime"
         if initial_session is not None and initial_session.get("type") == "transcription":
@@ -180,18 +187,18 @@ class SimulatedSession:
     # --- the shell's interface -----------------------------------------------------
 
     def start(self, now: float) -> None:
-        """Queue ``session.created`` (due at once) and the 60-minute expiry."""
+        """Queue ``session.created`` (due at once) and the session's expiry."""
         if self._started:
             return
         self._started = True
         self._outbox.advance(now)
         self._outbox.emit("session.created", {"session": self._session})
+        # [unconfirmed for Azure] Azure is assumed to word its 30-minute cap as OpenAI does.
         expiry = error_event(
-            message=f"Your session hit the maximum duration of "
-            f"{int(SESSION_MAX_DURATION_S // 60)} minutes.",
+            message=f"Your session hit the maximum duration of {_duration_text(self._cap_s)}.",
             code="session_expired",
         )
-        self._outbox.schedule(float(self._expires_at), expiry, Marker(None, MARK_EXPIRED, 0))
+        self._outbox.schedule(self._expires_due, expiry, Marker(None, MARK_EXPIRED, 0))
 
     def receive(self, data: bytes, now: float) -> None:
         """Handle one client text message (raw JSON bytes)."""
@@ -238,7 +245,7 @@ class SimulatedSession:
 
     def _on_due(self, marker: Marker) -> None:
         if marker.kind == MARK_EXPIRED:
-            self.close_request = (4000, "invalid_request_error.session_expired")
+            self.close_request = SESSION_EXPIRED_CLOSE
         else:
             self._responses.on_due(marker)
 
@@ -411,7 +418,15 @@ class SimulatedSession:
             self._responses.start(self._session, None)
 
 
+def _duration_text(seconds: float) -> str:
+    """``60 minutes`` for OpenAI's cap; a test's sub-minute cap in seconds."""
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)} minutes"
+    return f"{seconds:g} seconds"
+
+
 __all__ = [
+    "SESSION_EXPIRED_CLOSE",
     "SESSION_MAX_DURATION_S",
     "SimulatedSession",
 ]

@@ -7,7 +7,8 @@ This module owns the I/O around the sans-I/O session engine
 - one accept loop, one task per connection; the head is read with a timeout;
 - ``POST /v1/realtime/client_secrets`` (standard key only) mints ``ek_`` secrets;
 - ``GET /v1/realtime`` (or ``/realtime``) upgrades: auth by ``Authorization: Bearer``
-  or the browser subprotocol, else 401 with OpenAI's envelope; the answer selects
+  or the browser subprotocol, else 401 with OpenAI's envelope; a model outside
+  ``models`` (when set) is refused; the answer selects
   exactly ``realtime`` when offered (or ``relay.audio.v1``, below); the beta marker
   is accepted and then refused the way OpenAI does (``error`` event, close 4000
   ``invalid_request_error.beta_api_shape_disabled``);
@@ -22,6 +23,13 @@ This module owns the I/O around the sans-I/O session engine
   ``relay.output_audio.start`` marker for each new content part. Without the
   opt-in a binary message is answered ``invalid_event``, as OpenAI's JSON-only
   protocol would;
+- the azure flavor (``flavor = "azure"``): an Azure OpenAI resource instead, its
+  paths, ``api-key``/Entra auth, deployments and error bodies
+  (:mod:`relay.simulator.flavors`); the session ends at Azure's 30 minutes;
+- in-process faults and the handshake log (:mod:`relay.simulator.faults`):
+  ``Simulator.faults`` refuses, stalls or de-authorizes the next handshakes, and
+  ``Simulator.handshakes`` records each realtime handshake (path, model, auth
+  scheme, key index, status), whatever ``faults_enabled`` says;
 - modes: ``normal`` (the engine), ``echo`` (the engine's lean echo path, replies
   sent from the reading task itself: no extra scheduler pass), ``raw-echo`` (every
   data frame written back unchanged, text or binary);
@@ -49,13 +57,13 @@ the bottleneck of a benchmark that puts the relay in front of it.
 from __future__ import annotations
 
 import collections
-import hashlib
 import hmac
 import logging
 import math
 import ssl
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 from urllib.parse import parse_qs
 
@@ -94,7 +102,15 @@ from relay.protocol.frames import (
     FrameStart,
 )
 from relay.protocol.handshake import HandshakeError, RequestHead
+from relay.simulator import flavors
 from relay.simulator.engine import SimulatedSession
+from relay.simulator.faults import (
+    HANDSHAKE_LOG_MAX_RECORDS,
+    HandshakeFaults,
+    HandshakeRecord,
+    credential_digest,
+)
+from relay.simulator.flavors import Presented, Refusal
 from relay.simulator.received_audio import RECEIVED_AUDIO_MAX_SESSIONS, ReceivedAudio
 from relay.simulator.secrets import ClientSecretStore
 
@@ -103,16 +119,14 @@ LOGGER = logging.getLogger("relay.simulator")
 HANDSHAKE_TIMEOUT_S: Final = 10.0
 #: ``client_secrets`` request bodies are small JSON documents.
 MAX_SECRETS_BODY_BYTES: Final = 256 * 1024
-REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
+REALTIME_PATHS: Final = flavors.OPENAI_REALTIME_PATHS
+#: Read size while a stalled handshake waits for its peer to hang up (bytes).
+STALL_READ_BYTES: Final = 4096
 CLIENT_SECRETS_PATHS: Final = frozenset({"/v1/realtime/client_secrets", "/realtime/client_secrets"})
 BETA_CLOSE_CODE: Final = 4000
 BETA_CLOSE_REASON: Final = "invalid_request_error.beta_api_shape_disabled"
 #: Largest binary audio message turned into an append (bytes; the relay's default).
 BINARY_AUDIO_MAX_MESSAGE_BYTES: Final = DEFAULT_MAX_AUDIO_MESSAGE_BYTES
-
-
-def _digest(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
 
 
 class Simulator:
@@ -126,7 +140,12 @@ class Simulator:
         self.record_audio = record_audio
         #: With ``record_audio``: one record per session, newest last (bounded).
         self.received_audio: list[ReceivedAudio] = []
-        self._key_digests = tuple(_digest(k) for k in config.api_keys)
+        self._key_digests = tuple(credential_digest(k) for k in config.api_keys)
+        self._entra_digests = tuple(credential_digest(t) for t in config.entra_tokens)
+        #: Programmed refusals, stalls and revoked keys for the next handshakes.
+        self.faults = HandshakeFaults()
+        #: Every realtime handshake answered (or stalled), oldest first (bounded).
+        self.handshakes: list[HandshakeRecord] = []
         self.secrets = ClientSecretStore()
         self.sessions_opened = 0
         self.live_sessions = 0
@@ -143,12 +162,10 @@ class Simulator:
 
     def api_key_index(self, credential: str) -> int:
         """Which configured key this is (its position), or -1; every digest is compared."""
-        candidate = _digest(credential)
-        found = -1
-        for index, digest in enumerate(self._key_digests):
-            if hmac.compare_digest(candidate, digest):
-                found = index
-        return found
+        return _digest_index(credential, self._key_digests)
+
+    def is_entra_token(self, credential: str) -> bool:
+        return _digest_index(credential, self._entra_digests) >= 0
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve forever; ``task_status.started(port)``."""
@@ -156,7 +173,11 @@ class Simulator:
         try:
             port = int(listener.getsockname()[1])
             LOGGER.info(
-                "simulator listening on %s:%d mode=%s", self.config.host, port, self.config.mode
+                "simulator listening on %s:%d mode=%s flavor=%s",
+                self.config.host,
+                port,
+                self.config.mode,
+                self.config.flavor,
             )
             async with trio.open_nursery() as nursery:
                 task_status.started(port)
@@ -182,29 +203,116 @@ class Simulator:
             await self._route(transport, head)
         except HandshakeError as exc:
             await http.send_error(transport, exc.status, exc.message, code=exc.code)
+        except Refusal as refusal:
+            await _send_refusal(transport, refusal)
         except (TransportClosed, trio.TooSlowError):
             pass
         finally:
             transport.close()
 
     async def _route(self, transport: Transport, head: RequestHead) -> None:
+        """Dispatch by path; a realtime handshake takes its programmed fault (if any),
+        then the checks, and is logged with its answer before the session runs."""
         path = head.path
-        if path in CLIENT_SECRETS_PATHS:
+        flavor = self.config.flavor
+        if flavor == "openai" and path in CLIENT_SECRETS_PATHS:
             await self._client_secrets(transport, head)
             return
-        if path not in REALTIME_PATHS:
-            raise HandshakeError(404, f"Invalid URL ({head.method} {path})", code="not_found")
-        problem = handshake.websocket_request_problem(head)
-        if problem is not None:
-            raise problem
+        if not flavors.is_realtime_path(flavor, path):
+            raise flavors.not_found(flavor, head.method, path)
         query = {k: v[-1] for k, v in parse_qs(head.query, keep_blank_values=True).items()}
-        fault = query.get("sim_fault", "") if self.config.faults_enabled else ""
-        if fault == "hang":
-            await trio.sleep_forever()
+        presented = flavors.presented_credential(flavor, head, query)
+        key_index: int | None = None
+        if presented.credential is not None and presented.scheme != "entra":
+            key_index = self.api_key_index(presented.credential)
+            key_index = key_index if key_index >= 0 else None
+        model = flavors.requested_model(flavor, path, query)
+
+        def record(status: int | None) -> None:
+            self._log_handshake(HandshakeRecord(path, model, presented.scheme, key_index, status))
+
+        try:
+            problem = handshake.websocket_request_problem(head)
+            if problem is not None:
+                raise problem
+            planned = self.faults.take_next()
+            if planned is not None and planned.kind == "stall":
+                record(None)
+                await _stall(transport)
+                return
+            if planned is not None:
+                raise flavors.fault_refusal(
+                    flavor,
+                    planned.status,
+                    model=model,
+                    retry_after_s=planned.retry_after_s,
+                    body=planned.body,
+                )
+            fault = query.get("sim_fault", "") if self.config.faults_enabled else ""
+            if fault == "hang":
+                record(None)
+                await trio.sleep_forever()
+            admission = self._admit(head, query, presented, fault)
+        except (HandshakeError, Refusal) as refused:
+            record(refused.status)
+            raise
+        record(101)
+        await self._open_session(transport, head, query, admission)
+
+    def _log_handshake(self, entry: HandshakeRecord) -> None:
+        self.handshakes.append(entry)
+        if len(self.handshakes) > HANDSHAKE_LOG_MAX_RECORDS:
+            del self.handshakes[0]
+        if entry.status == 101 and entry.key_index is not None:
+            self.sessions_by_key_index[entry.key_index] += 1
+
+    def _admit(
+        self, head: RequestHead, query: dict[str, str], presented: Presented, fault: str
+    ) -> _Admission:
+        """The checks between a valid upgrade request and the 101, in the flavor's order."""
         if fault.startswith("refuse:"):
             status = int(fault.partition(":")[2] or "500")
             raise HandshakeError(status, f"Simulated refusal with HTTP {status}.", code="simulated")
-        credential = handshake.client_credential(head)
+        azure = self.config.flavor == "azure"
+        if azure:
+            flavors.check_azure_route(head.path, query)
+        now = time.time()
+        initial_session = self._authorize(presented, now)
+        # What the upstream saw of the relay's handshake, for tests (never a credential).
+        self.last_safety_identifier = head.header(b"openai-safety-identifier")
+        if "call_id" in query:
+            raise HandshakeError(
+                404, "No session found for the provided call_id", code="call_id_not_found"
+            )
+        requested = flavors.requested_model(self.config.flavor, head.path, query)
+        model = requested or str((initial_session or {}).get("model") or "")
+        transcription = query.get("intent") == "transcription"
+        if azure:
+            flavors.check_azure_deployment(
+                head.path, model, self.config.azure_deployments, transcription=transcription
+            )
+        elif not model and not transcription:
+            raise HandshakeError(400, "Missing required parameter: 'model'.", code="missing_model")
+        elif model and self.config.models and model not in self.config.models:
+            raise flavors.model_not_found(model)
+        return _Admission(model=model, initial_session=initial_session, now=now, fault=fault)
+
+    def _authorize(self, presented: Presented, now: float) -> dict[str, object] | None:
+        """Check the credential; the client secret's session config when it is one."""
+        credential = presented.credential
+        if self.config.flavor == "azure":
+            valid = (
+                credential is not None
+                and not self.faults.is_revoked(credential)
+                and (
+                    self.is_entra_token(credential)
+                    if presented.scheme == "entra"
+                    else self.is_api_key(credential)
+                )
+            )
+            if not valid:
+                raise flavors.azure_unauthorized(presented.scheme)
+            return None
         if credential is None:
             raise HandshakeError(
                 401,
@@ -212,15 +320,15 @@ class Simulator:
                 "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                 code="missing_api_key",
             )
-        now = time.time()
         initial_session: dict[str, object] | None = None
-        if credential.startswith("ek_"):
+        revoked = self.faults.is_revoked(credential)
+        if credential.startswith("ek_") and not revoked:
             initial_session = self.secrets.lookup(credential, now)
             if initial_session is None:
                 raise HandshakeError(
                     401, "Invalid or expired ephemeral key.", code="invalid_api_key"
                 )
-        elif not self.is_api_key(credential):
+        elif revoked or not self.is_api_key(credential):
             # OpenAI's wording, which quotes the key's ends: a relay must not pass it on.
             raise HandshakeError(
                 401,
@@ -228,17 +336,18 @@ class Simulator:
                 "API key at https://platform.openai.com/account/api-keys.",
                 code="invalid_api_key",
             )
-        else:
-            self.sessions_by_key_index[self.api_key_index(credential)] += 1
-        # What the upstream saw of the relay's handshake, for tests (never a credential).
-        self.last_safety_identifier = head.header(b"openai-safety-identifier")
-        if "call_id" in query:
-            raise HandshakeError(
-                404, "No session found for the provided call_id", code="call_id_not_found"
-            )
-        model = query.get("model") or str((initial_session or {}).get("model") or "")
-        if not model and query.get("intent") != "transcription":
-            raise HandshakeError(400, "Missing required parameter: 'model'.", code="missing_model")
+        return initial_session
+
+    async def _open_session(
+        self,
+        transport: Transport,
+        head: RequestHead,
+        query: dict[str, str],
+        admission: _Admission,
+    ) -> None:
+        """Send the 101 and run the session until either side ends it."""
+        model, fault, now = admission.model, admission.fault, admission.now
+        initial_session = admission.initial_session
         mode: SimulatorMode = self.config.mode
         requested_mode = query.get("sim_mode") if self.config.faults_enabled else None
         if requested_mode in ("normal", "echo", "raw-echo"):
@@ -311,13 +420,54 @@ class Simulator:
         if head.method != "POST":
             raise HandshakeError(405, "Use POST.", code="method_not_allowed")
         credential = handshake.client_credential(head)
-        if credential is None or not self.is_api_key(credential):
+        if (
+            credential is None
+            or not self.is_api_key(credential)
+            or self.faults.is_revoked(credential)
+        ):
             raise HandshakeError(401, "Incorrect API key provided.", code="invalid_api_key")
         body = await http.read_body(
             transport, head.trailing, _content_length(head), max_bytes=MAX_SECRETS_BODY_BYTES
         )
         status, payload = self.secrets.mint(body, time.time())
         await transport.send_all(handshake.http_response(status, payload))
+
+
+@dataclass(frozen=True, slots=True)
+class _Admission:
+    """What the checks let through to the session: its model and starting config."""
+
+    model: str
+    initial_session: dict[str, object] | None
+    now: float
+    fault: str
+
+
+def _digest_index(credential: str, digests: tuple[bytes, ...]) -> int:
+    """The position of the credential's digest, or -1; every digest is compared."""
+    candidate = credential_digest(credential)
+    found = -1
+    for index, digest in enumerate(digests):
+        if hmac.compare_digest(candidate, digest):
+            found = index
+    return found
+
+
+async def _send_refusal(transport: Transport, refusal: Refusal) -> None:
+    transport.answered = True
+    try:
+        await transport.send_all(
+            handshake.http_response(refusal.status, refusal.body, extra_headers=refusal.headers)
+        )
+    except TransportClosed:
+        pass
+
+
+async def _stall(transport: Transport) -> None:
+    """Answer nothing; read (and drop) until the peer hangs up."""
+    buffer = bytearray(STALL_READ_BYTES)
+    while await transport.recv_into(buffer):
+        pass
 
 
 def _content_length(head: RequestHead) -> int | None:
@@ -353,8 +503,10 @@ async def _run_session(
         finally:
             send_lock.release()
 
+    close_with: tuple[int, str] = (frames.CLOSE_NORMAL, "")
+
     async def timer(cancel_scope: trio.CancelScope) -> None:
-        nonlocal wakeup
+        nonlocal wakeup, close_with
         try:
             while True:
                 due = engine.next_due()
@@ -364,8 +516,9 @@ async def _run_session(
                 wakeup = trio.Event()
                 await flush()
                 if engine.close_request is not None:
-                    code, reason = engine.close_request
-                    await ws.close(code, reason)
+                    # Closed below, once the reading task is cancelled: the close
+                    # handshake reads the socket, which only one task may do.
+                    close_with = engine.close_request
                     break
         except TransportClosed:
             pass
@@ -409,7 +562,7 @@ async def _run_session(
                 pass
             nursery.cancel_scope.cancel()
     finally:
-        await ws.close(frames.CLOSE_NORMAL, "")
+        await ws.close(*close_with)
 
 
 def _binary_path_frames(converter: DeltaConverter, payload: bytes) -> bytes:
