@@ -41,6 +41,7 @@ import msgspec
 from relay.credentials.digests import parse_digest_hex
 from relay.credentials.secret import Secret
 from relay.protocol import binary_audio
+from relay.rest.messages import DEFAULT_REST_PATHS
 
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 PositiveSeconds = Annotated[float, msgspec.Meta(gt=0)]
@@ -281,6 +282,30 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: Query parameters forwarded upstream besides the documented ``model``,
     #: ``call_id`` and ``intent`` (e.g. an Azure ``api-version``); others are dropped.
     upstream_query_params: tuple[str, ...] = ()
+    # -- The REST proxy (relay/rest/): the rest of /v1 through the same keys ----------
+    #: Proxy ``rest_paths`` to the upstream chosen by the request's model.
+    rest_proxy_enabled: bool = True
+    #: Paths proxied (each with its sub-paths); anything else under /v1 answers 404.
+    rest_paths: tuple[str, ...] = DEFAULT_REST_PATHS
+    #: Largest JSON request body, read whole to route by its ``model`` (and to fail
+    #: over); larger ones get 413. Other bodies (uploads) stream through unbuffered.
+    rest_max_json_body_bytes: PositiveInt = 8 * 1024 * 1024
+    #: Largest streamed request body (OpenAI takes 25 MB audio files).
+    rest_max_upload_bytes: PositiveInt = 32 * 1024 * 1024
+    #: TCP + TLS to the upstream, per attempt.
+    rest_connect_timeout_s: PositiveSeconds = 10.0
+    #: Request sent to response head (a long non-streamed answer takes minutes).
+    rest_first_byte_timeout_s: PositiveSeconds = 600.0
+    #: Longest silence between two reads of a body, either way.
+    rest_idle_timeout_s: PositiveSeconds = 120.0
+    #: A client connection may wait this long for its next request.
+    rest_keep_alive_timeout_s: PositiveSeconds = 60.0
+    #: Idle keep-alive connections kept per upstream, and for how long.
+    rest_pool_max_idle: Annotated[int, msgspec.Meta(ge=0)] = 32
+    rest_pool_idle_timeout_s: PositiveSeconds = 30.0
+    #: Azure's ``api-version`` for the REST deployment form
+    #: (``/openai/deployments/<deployment>/chat/completions?api-version=…``).
+    rest_azure_api_version: str = "2024-10-21"
     # -- The browser voice page (relay/control/browser_demo.py, relay/web/) ---------
     #: Serve the browser voice page at ``/demo/`` and its demo token endpoint
     #: (``POST /demo/token``), which mints a single-use relay token for any request

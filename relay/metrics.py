@@ -140,6 +140,19 @@ class RelayMetrics:
             ["upstream", "key_id", "outcome"],
             registry=r,
         )
+        self.rest_requests = Counter(
+            "relay_rest_requests",
+            "REST proxy requests, by the upstream that answered and the status sent.",
+            ["upstream", "status"],
+            registry=r,
+        )
+        self.rest_first_byte_seconds = Histogram(
+            "relay_rest_first_byte_seconds",
+            "REST proxy: request sent upstream to its response head, by upstream.",
+            ["upstream"],
+            buckets=HANDSHAKE_BUCKETS_S,
+            registry=r,
+        )
         self.messages = Counter(
             "relay_messages",
             "Messages relayed, by direction (up: client to upstream).",

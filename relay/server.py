@@ -80,6 +80,7 @@ from relay.net.transport import (
 from relay.net.websocket import OP_TEXT, ConnectionClosed, WebSocket
 from relay.protocol import binary_audio, handshake
 from relay.protocol.handshake import HandshakeError, RequestHead
+from relay.rest.proxy import RestProxy
 from relay.upstreams.chooser import UpstreamHealth
 from relay.upstreams.table import LiveSessions, UpstreamTable, build_upstream_table
 from relay.upstreams.urls import UpstreamKind
@@ -146,6 +147,7 @@ class RelayServer:
             on_failure=self.metrics.count_key_file_reload_failure,
         )
         self.control = ControlPlaneHost(create_app(self))
+        self.rest = RestProxy(self)
 
     def _configure(self, config: ServeConfig, table: UpstreamTable) -> None:
         """Everything new handshakes read from the configuration, built in one place
@@ -265,6 +267,8 @@ class RelayServer:
                 return
             if head.path in REALTIME_PATHS and head.is_websocket_upgrade():
                 await self._realtime(transport, head)
+            elif self.rest.handles(head):
+                await self._rest(transport, head)
             elif head.is_websocket_upgrade():
                 raise HandshakeError(404, "No WebSocket endpoint at this path.", code="not_found")
             else:
@@ -286,6 +290,28 @@ class RelayServer:
             )
         except TransportClosed:
             pass
+
+    async def _rest(self, transport: Transport, head: RequestHead) -> None:
+        """REST requests on one keep-alive connection, until it closes or idles out; a
+        request that is not for the REST proxy ends the loop where it belongs."""
+        while True:
+            leftover = await self.rest.serve(transport, head)
+            if leftover is None:
+                return
+            with trio.move_on_after(self.config.rest_keep_alive_timeout_s):
+                next_head = await http.read_request_head(transport, leftover)
+                if next_head is None:
+                    return
+                head = next_head
+                if not self.rest.handles(head):
+                    break
+                continue
+            return  # idle for too long between requests
+        if head.path in REALTIME_PATHS and head.is_websocket_upgrade():
+            await self._realtime(transport, head)
+        else:
+            transport.answered = True
+            await self.control.handle(transport, head)
 
     async def _refuse(self, transport: Transport, head: RequestHead, refusal: Refused) -> None:
         self.metrics.errors.labels(kind=refusal.code).inc()

@@ -59,6 +59,8 @@ class RelayOptions(msgspec.Struct, forbid_unknown_fields=True):
     single_use: bool = False
     max_session_s: int = 0
     models: list[str] = msgspec.field(default_factory=list)
+    #: Let the token call the REST proxy too (its ``models`` only, when it names some).
+    rest: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +128,7 @@ class Minter:
             origins=tuple(options.origins),
             max_session_s=max(0, options.max_session_s),
             single_use=options.single_use,
+            rest=options.rest,
         )
         try:
             token = mint(claims, self.keyring().active)

@@ -90,6 +90,11 @@ class TokenClaims(msgspec.Struct, array_like=True, frozen=True, forbid_unknown_f
     #: Maximum session length this token allows; 0 = the relay's own limit.
     max_session_s: int = 0
     single_use: bool = False
+    #: Whether the token may call the REST proxy (``/v1/responses``, ``/v1/chat/...``)
+    #: with the relay's keys, for the token's ``models`` only when it names some. Off
+    #: unless the backend minting it says so: a browser token must not spend the key
+    #: on arbitrary chat calls. (Last field: tokens minted before it decode as False.)
+    rest: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -118,7 +118,7 @@ class Router:
                 )
             except UpstreamRefused as refusal:
                 live.remove(key)
-                self._learn(key, refusal.outcome, refusal.retry_after_s, refusal.detail)
+                self.learn(key, refusal.outcome, refusal.retry_after_s, refusal.detail)
                 if refusal.outcome not in FAILS_OVER:
                     raise
                 last = refusal
@@ -126,7 +126,7 @@ class Router:
             except BaseException:
                 live.remove(key)
                 raise
-            self._learn(key, Outcome.SUCCESS, None, "")
+            self.learn(key, Outcome.SUCCESS, None, "")
             self.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
             self.metrics.upstream_attempt_seconds.labels(upstream=key.upstream).observe(
                 trio.current_time() - started
@@ -154,9 +154,10 @@ class Router:
             )
         return states
 
-    def _learn(
+    def learn(
         self, key: KeyRef, outcome: Outcome, retry_after_s: float | None, detail: str
     ) -> None:
+        """One dial's (or REST attempt's) outcome: health, the counter, the log."""
         change = self.health.record(AttemptResult(key, outcome, retry_after_s), trio.current_time())
         self.metrics.upstream_handshakes.labels(
             upstream=key.upstream, key_id=key.key_id, outcome=outcome.value

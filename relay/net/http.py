@@ -19,9 +19,17 @@ from relay.protocol.handshake import HandshakeError, RequestHead, ResponseHead
 HEAD_READ_BYTES: Final = 8 * 1024
 
 
-async def read_request_head(transport: Transport) -> RequestHead | None:
-    """Read one request head; ``None`` if the peer closed before sending anything."""
-    buffer = bytearray()
+async def read_request_head(transport: Transport, initial: bytes = b"") -> RequestHead | None:
+    """Read one request head; ``None`` if the peer closed before sending anything.
+
+    ``initial``: bytes already read from the connection (a keep-alive connection's
+    next request, sent early).
+    """
+    buffer = bytearray(initial)
+    if buffer:
+        head = handshake.parse_request_head(buffer)
+        if head is not None:
+            return head
     chunk = bytearray(HEAD_READ_BYTES)
     while True:
         received = await transport.recv_into(chunk)

@@ -1,0 +1,530 @@
+"""What the REST proxy decides about one request and its response. Sans-I/O.
+
+This module owns, for a request under ``/v1/`` that is not the Realtime upgrade:
+
+- whether the path is proxied (:func:`is_proxied`, against the configured allowlist);
+- the client's model: the JSON body's top-level ``model`` (:func:`json_model`, a
+  repeated key refused: the relay would route by one value while the upstream might
+  read another), or the ``model`` field of a ``multipart/form-data`` upload
+  (:class:`MultipartModel`, found in the body's first bytes without reading the file);
+  and the body with the model renamed when the model map aliases it;
+- the upstream request: its target for each upstream kind (:func:`upstream_target`:
+  ``<base><path>`` for OpenAI-shaped upstreams, Azure's deployment form
+  ``/openai/deployments/<deployment><path>?api-version=…``) and its headers
+  (:func:`forwarded_request_headers`: the client's own, less hop-by-hop headers and
+  anything that authenticates or selects an account);
+- the response: which headers reach the client (:func:`forwarded_response_headers`),
+  where a chunked body ends (:class:`ChunkedScanner`, which never copies the bytes it
+  forwards), and the tokens it used (:class:`UsageReader`: the JSON ``usage`` object,
+  the final chat completions chunk's ``usage``, or ``response.completed`` of a
+  Responses stream).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+
+#: Paths proxied by default (each also with sub-paths: ``/v1/models/<id>``).
+DEFAULT_REST_PATHS: Final = (
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/audio/speech",
+    "/v1/audio/transcriptions",
+    "/v1/audio/translations",
+    "/v1/models",
+)
+#: The relay's own endpoints under /v1, never proxied.
+RELAY_OWN_PATHS: Final = frozenset({"/v1/realtime", "/v1/realtime/client_secrets"})
+#: Request headers the relay never forwards: hop-by-hop (RFC 9110 §7.6.1), framing it
+#: sets itself, and anything that authenticates or picks an account or project (the
+#: relay's key decides those).
+DROPPED_REQUEST_HEADERS: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"host",
+        b"content-length",
+        b"expect",
+        b"authorization",
+        b"api-key",
+        b"cookie",
+        b"openai-organization",
+        b"openai-project",
+        b"x-forwarded-for",
+        b"x-real-ip",
+        b"forwarded",
+    }
+)
+#: Response headers the client never sees: hop-by-hop and upstream cookies. The
+#: framing header (``transfer-encoding``/``content-length``) is kept: the body is
+#: forwarded in the upstream's own framing.
+DROPPED_RESPONSE_HEADERS: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"upgrade",
+        b"set-cookie",
+    }
+)
+#: The longest chunk-size line (hex size plus extensions) accepted from an upstream.
+MAX_CHUNK_LINE_BYTES: Final = 4096
+#: The longest Server-Sent Event kept whole to read usage from (``response.completed``
+#: carries the whole response); a longer one is forwarded but not read.
+MAX_SSE_EVENT_BYTES: Final = 1024 * 1024
+#: The longest JSON response body kept to read ``usage`` from.
+MAX_USAGE_JSON_BYTES: Final = 4 * 1024 * 1024
+#: Where the ``model`` field of a multipart upload must be: before the file, within this.
+MAX_MULTIPART_PREFIX_BYTES: Final = 64 * 1024
+_BOUNDARY_RE: Final = re.compile(r'boundary=(?:"([^"]{1,70})"|([^;\s]{1,70}))', re.I)
+_NAME_RE: Final = re.compile(rb'\bname="([^"]*)"', re.I)
+_HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
+
+
+class RestRequestError(Exception):
+    """A request the relay answers itself: an HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+
+
+class UpstreamFramingError(Exception):
+    """The upstream's response body is not valid HTTP/1.1 framing."""
+
+
+def is_proxied(path: str, allowed: Iterable[str]) -> bool:
+    """Whether ``path`` is one of ``allowed`` or below one of them (never the relay's own)."""
+    if path in RELAY_OWN_PATHS or path.startswith("/v1/realtime/"):
+        return False
+    return any(path == prefix or path.startswith(prefix + "/") for prefix in allowed)
+
+
+def is_json(content_type: str | None) -> bool:
+    return content_type is not None and content_type.split(";")[0].strip().lower() in (
+        "application/json",
+        "text/json",
+    )
+
+
+def multipart_boundary(content_type: str | None) -> bytes | None:
+    if content_type is None or not content_type.lower().startswith("multipart/form-data"):
+        return None
+    match = _BOUNDARY_RE.search(content_type)
+    if match is None:
+        return None
+    return (match.group(1) or match.group(2)).encode("latin-1")
+
+
+# ------------------------------------------------------------------ the client's model
+
+
+def json_model(body: bytes) -> str | None:
+    """The top-level ``model`` of a JSON body (None when absent); raises on a bad body."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise RestRequestError(400, "The request body is not valid JSON.", "invalid_json") from None
+    if not isinstance(document, dict):
+        raise RestRequestError(400, "The request body must be a JSON object.", "invalid_json")
+    if body.count(b'"model"') > 1 and _top_level_keys(body).count("model") > 1:
+        raise RestRequestError(
+            400, "The field 'model' was given more than once.", "invalid_request", "model"
+        )
+    model = document.get("model")
+    if model is None:
+        return None
+    if not isinstance(model, str):
+        raise RestRequestError(400, "'model' must be a string.", "invalid_type", "model")
+    return model
+
+
+def _top_level_keys(body: bytes) -> list[str]:
+    """Every top-level key in order, repeats kept (orjson keeps only the last). Only run
+    when ``"model"`` occurs twice in the bytes: the slow parser for the rare body."""
+    objects: list[list[tuple[str, Any]]] = []
+
+    def capture(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        objects.append(items)
+        return dict(items)
+
+    json.loads(body, object_pairs_hook=capture)
+    # Objects close innermost first: the outermost is the last one built.
+    return [key for key, _ in objects[-1]] if objects else []
+
+
+def json_with_model(body: bytes, model: str) -> bytes:
+    """``body`` with its top-level ``model`` set to ``model`` (for an aliased model)."""
+    document = orjson.loads(body)
+    document["model"] = model
+    return orjson.dumps(document)
+
+
+@dataclass(frozen=True, slots=True)
+class MultipartField:
+    """Where the ``model`` field's value sits in the buffered prefix of an upload."""
+
+    value: str
+    start: int
+    end: int
+
+
+class MultipartModel:
+    """Finds the ``model`` field of a ``multipart/form-data`` body in its first bytes.
+
+    Feed the body's bytes as they arrive; :attr:`found` is the field once its part is
+    complete, :attr:`hopeless` once a file part or :data:`MAX_MULTIPART_PREFIX_BYTES`
+    came first. The bytes themselves are the caller's (this keeps offsets only).
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"--" + boundary
+        self._buffer = bytearray()
+        self.found: MultipartField | None = None
+        self.hopeless = False
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self.found is not None or self.hopeless:
+            return
+        self._buffer += data
+        self._scan()
+        if self.found is None and len(self._buffer) > MAX_MULTIPART_PREFIX_BYTES:
+            self.hopeless = True
+
+    def _scan(self) -> None:
+        buffer, delimiter = self._buffer, self._delimiter
+        position = buffer.find(delimiter)
+        while position >= 0:
+            head_start = position + len(delimiter) + 2  # past the CRLF
+            head_end = buffer.find(b"\r\n\r\n", head_start)
+            if head_end < 0:
+                return
+            headers = bytes(buffer[head_start:head_end])
+            value_start = head_end + 4
+            next_part = buffer.find(b"\r\n" + delimiter, value_start)
+            name = _NAME_RE.search(headers)
+            if name is not None and b"filename=" in headers.lower():
+                self.hopeless = True  # a file before the model: it would have to be read
+                return
+            if next_part < 0:
+                return
+            if name is not None and name.group(1) == b"model":
+                value = bytes(buffer[value_start:next_part]).decode("utf-8", "replace")
+                self.found = MultipartField(value, value_start, next_part)
+                return
+            position = next_part + 2
+
+
+def multipart_with_model(prefix: bytes, field: MultipartField, model: str) -> bytes:
+    """The buffered prefix with the model field's value replaced (the rest follows as is)."""
+    return prefix[: field.start] + model.encode() + prefix[field.end :]
+
+
+# ------------------------------------------------------------------ the upstream request
+
+
+def upstream_target(
+    *,
+    azure: bool,
+    base_path: str,
+    path: str,
+    query: str,
+    deployment: str | None,
+    azure_api_version: str,
+) -> str:
+    """The request target: OpenAI-shaped ``<base><path below /v1>?<query>``, or Azure's
+    deployment form ``/openai/deployments/<deployment><path below /v1>?api-version=…``."""
+    below_v1 = path[len("/v1") :] if path.startswith("/v1/") else path
+    if azure:
+        if deployment is None:
+            raise RestRequestError(
+                400, "This path needs a model to name its Azure deployment.", "missing_model"
+            )
+        resource = base_path
+        for suffix in ("/openai/v1", "/openai"):
+            if resource.endswith(suffix):
+                resource = resource[: -len(suffix)]
+                break
+        rest = "&".join(
+            piece for piece in query.split("&") if piece and not piece.startswith("api-version=")
+        )
+        ours = f"api-version={azure_api_version}"
+        target = f"{resource}/openai/deployments/{deployment}{below_v1}?{ours}"
+        return f"{target}&{rest}" if rest else target
+    target = f"{base_path}{below_v1}"
+    return f"{target}?{query}" if query else target
+
+
+def forwarded_request_headers(
+    headers: Iterable[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """The client's headers the upstream may see (the relay adds Host, auth and length)."""
+    return [(name, value) for name, value in headers if name not in DROPPED_REQUEST_HEADERS]
+
+
+def request_head(
+    method: str,
+    target: str,
+    *,
+    host_header: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    credential: tuple[str, str],
+    content_length: int | None,
+) -> bytes:
+    """One HTTP/1.1 request head, keep-alive."""
+    lines = [f"{method} {target} HTTP/1.1".encode(), b"Host: " + host_header.encode()]
+    lines.append(f"{credential[0]}: {credential[1]}".encode("latin-1"))
+    lines.extend(name + b": " + value for name, value in headers)
+    if content_length is not None:
+        lines.append(b"Content-Length: " + str(content_length).encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def forwarded_response_headers(
+    headers: Iterable[tuple[bytes, bytes]], *, keep_alive: bool
+) -> list[tuple[bytes, bytes]]:
+    kept = [(name, value) for name, value in headers if name not in DROPPED_RESPONSE_HEADERS]
+    if not keep_alive:
+        kept.append((b"connection", b"close"))
+    return kept
+
+
+def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason or b"OK")]
+    lines.extend(name + b": " + value for name, value in headers)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def wants_close(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    value = header_value(headers, b"connection")
+    return value is not None and b"close" in value.lower()
+
+
+def is_chunked(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    value = header_value(headers, b"transfer-encoding")
+    return value is not None and value.strip().lower().endswith(b"chunked")
+
+
+# ------------------------------------------------------------------ response framing
+
+
+class ChunkedScanner:
+    """Where a ``Transfer-Encoding: chunked`` body ends, and its payload, without copies.
+
+    :meth:`feed` takes ``buffer[start:end]`` (the bytes just read) and returns
+    ``(used, payload)``: the position in ``buffer`` where this body's bytes stop (the
+    rest is not this response's) and the payload's ``(start, stop)`` spans inside them,
+    for the usage reader. :attr:`done` once the last chunk and its trailers have passed.
+    """
+
+    __slots__ = ("_line", "_remaining", "_state", "done")
+
+    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+    def __init__(self) -> None:
+        self._state = self._SIZE
+        self._remaining = 0
+        self._line = bytearray()
+        self.done = False
+
+    def feed(
+        self, buffer: bytes | bytearray, start: int, end: int
+    ) -> tuple[int, list[tuple[int, int]]]:
+        payload: list[tuple[int, int]] = []
+        position = start
+        while position < end and not self.done:
+            state = self._state
+            if state == self._DATA:
+                take = min(self._remaining, end - position)
+                payload.append((position, position + take))
+                position += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    self._state = self._DATA_END
+                continue
+            newline = buffer.find(b"\n", position, end)
+            if newline < 0:
+                self._line += buffer[position:end]
+                position = end
+                if len(self._line) > MAX_CHUNK_LINE_BYTES:
+                    raise UpstreamFramingError("chunk line too long")
+                break
+            self._line += buffer[position:newline]
+            position = newline + 1
+            line = bytes(self._line).rstrip(b"\r")
+            self._line.clear()
+            if state == self._SIZE:
+                size_text = line.split(b";", 1)[0].strip()
+                if not size_text or not set(size_text) <= _HEX_DIGITS or len(size_text) > 16:
+                    raise UpstreamFramingError("bad chunk size")
+                size = int(size_text, 16)
+                if size == 0:
+                    self._state = self._TRAILER
+                else:
+                    self._remaining = size
+                    self._state = self._DATA
+            elif state == self._DATA_END:
+                if line:
+                    raise UpstreamFramingError("chunk data not followed by CRLF")
+                self._state = self._SIZE
+            elif not line:  # the empty line after the trailers
+                self.done = True
+        return position, payload
+
+
+# ------------------------------------------------------------------ usage
+
+
+@dataclass(frozen=True, slots=True)
+class UsageCounts:
+    """Tokens by the kinds of ``relay_usage_tokens`` (the Realtime sessions' kinds)."""
+
+    input_text: int = 0
+    input_audio: int = 0
+    input_cached: int = 0
+    output_text: int = 0
+    output_audio: int = 0
+
+    def as_kinds(self) -> dict[str, int]:
+        return {
+            "input_text": self.input_text,
+            "input_audio": self.input_audio,
+            "input_cached": self.input_cached,
+            "output_text": self.output_text,
+            "output_audio": self.output_audio,
+        }
+
+
+def usage_counts(usage: Mapping[str, Any]) -> UsageCounts:
+    """Chat/completions (``prompt_tokens``…), Responses and transcriptions
+    (``input_tokens``…) and embeddings usage objects, in one set of kinds."""
+
+    def number(value: object) -> int:
+        return value if isinstance(value, int) and value > 0 else 0
+
+    def details(*names: str) -> Mapping[str, Any]:
+        for name in names:
+            found = usage.get(name)
+            if isinstance(found, dict):
+                return found
+        return {}
+
+    inputs = number(usage.get("prompt_tokens", usage.get("input_tokens")))
+    outputs = number(usage.get("completion_tokens", usage.get("output_tokens")))
+    in_details = details("prompt_tokens_details", "input_tokens_details", "input_token_details")
+    out_details = details("completion_tokens_details", "output_tokens_details")
+    input_audio = min(inputs, number(in_details.get("audio_tokens")))
+    output_audio = min(outputs, number(out_details.get("audio_tokens")))
+    return UsageCounts(
+        input_text=inputs - input_audio,
+        input_audio=input_audio,
+        input_cached=min(inputs, number(in_details.get("cached_tokens"))),
+        output_text=outputs - output_audio,
+        output_audio=output_audio,
+    )
+
+
+class UsageReader:
+    """Reads the tokens a response used from its payload as it streams past.
+
+    ``text/event-stream``: each event is kept (bounded by :data:`MAX_SSE_EVENT_BYTES`)
+    only until its end, and parsed only when it mentions ``"usage"``: the chat
+    completions chunk whose ``usage`` is set, or ``response.completed``. JSON: the body
+    (bounded by :data:`MAX_USAGE_JSON_BYTES`) is parsed once at the end. Anything
+    else (audio) carries no usage.
+    """
+
+    __slots__ = ("_event", "_json", "_kind", "_oversized", "model", "usage")
+
+    def __init__(self, content_type: str | None) -> None:
+        base = (content_type or "").split(";")[0].strip().lower()
+        self._kind = "sse" if base == "text/event-stream" else "json" if is_json(base) else ""
+        self._event = bytearray()
+        self._json = bytearray()
+        self._oversized = False
+        self.usage: UsageCounts | None = None
+        #: The model the upstream says it used (``model`` of the usage's object).
+        self.model: str | None = None
+
+    def feed(self, payload: bytes | memoryview) -> None:
+        kind = self._kind
+        if kind == "sse":
+            self._feed_sse(payload)
+        elif kind == "json" and not self._oversized:
+            self._json += payload
+            if len(self._json) > MAX_USAGE_JSON_BYTES:
+                self._oversized = True
+                self._json.clear()
+
+    def finish(self) -> None:
+        if self._kind == "json" and self._json and not self._oversized:
+            try:
+                document = orjson.loads(self._json)
+            except orjson.JSONDecodeError:
+                return
+            self._take(document)
+
+    def _feed_sse(self, payload: bytes | memoryview) -> None:
+        event = self._event
+        event += payload
+        while True:
+            end = event.find(b"\n\n")
+            if end < 0:
+                if len(event) > MAX_SSE_EVENT_BYTES:
+                    event.clear()  # too long to read; its end is still found later
+                return
+            if b'"usage"' in event[:end]:
+                self._read_event(bytes(event[:end]))
+            del event[: end + 2]
+
+    def _read_event(self, text: bytes) -> None:
+        data = b"\n".join(
+            line[5:].lstrip(b" ") for line in text.split(b"\n") if line.startswith(b"data:")
+        )
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(document, dict):
+            return
+        if document.get("type") == "response.completed" and isinstance(
+            document.get("response"), dict
+        ):
+            document = document["response"]
+        self._take(document)
+
+    def _take(self, document: object) -> None:
+        if not isinstance(document, dict):
+            return
+        usage = document.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage_counts(usage)
+            model = document.get("model")
+            if isinstance(model, str):
+                self.model = model

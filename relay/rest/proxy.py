@@ -1,0 +1,878 @@
+"""The REST proxy's Trio shell: one client request through to the upstream and back.
+
+This module owns the bytes of a proxied request (:class:`RestProxy`), in order:
+
+1. HTTP/1.1 only (505 otherwise); the client's credential as for Realtime (client
+   keys, relay tokens whose ``rest`` claim allows it, 403 otherwise); the browser
+   Origin allowlist; the path allowlist (404 in OpenAI's envelope); a body with a
+   ``Content-Length`` (411 for a chunked upload: every SDK sends the length) within
+   its limit (413).
+2. The model: a JSON body (at most ``rest_max_json_body_bytes``) is read whole and its
+   ``model`` read; a multipart upload is read only until its ``model`` field, and the
+   rest (the file) streams through unbuffered. ``GET /v1/models`` answers from the
+   model map when every upstream names its models.
+3. The upstreams serving that model, in the chooser's order
+   (:mod:`relay.upstreams.chooser`, the same health, cool-downs and live counts as
+   Realtime sessions), each attempt on a pooled keep-alive connection
+   (:mod:`relay.rest.pool`) or a fresh one within ``rest_connect_timeout_s``. A
+   refused connection, a timeout before the response head, a 429 or 5xx or a 401/403
+   moves on to the next candidate: before the first response byte only, and only for a
+   body the relay still holds (a JSON body; a streamed upload gets one attempt). The
+   last refusal reaches the client with its status, body and the headers that matter.
+4. The response streams back as it arrives, in the upstream's own framing (chunked
+   bodies forwarded verbatim, never re-chunked), with ``rest_idle_timeout_s`` between
+   reads. A client that goes away mid-response ends the upstream request at once:
+   its connection is closed, not returned to the pool.
+5. Usage from the response (:class:`~relay.rest.messages.UsageReader`) into
+   ``relay_usage_tokens`` by model, a ``rest_request`` log line per request, and
+   ``relay_rest_requests_total`` / ``relay_rest_first_byte_seconds``.
+
+Memory per request is bounded whatever the body sizes: one receive buffer
+(:data:`~relay.net.transport.RECEIVE_BYTES`), a JSON body up to
+``rest_max_json_body_bytes``, a multipart prefix up to
+:data:`~relay.rest.messages.MAX_MULTIPART_PREFIX_BYTES`, and the usage reader's bounds.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Final, Protocol
+
+import orjson
+import trio
+
+from relay.config import ServeConfig
+from relay.credentials.checkers import AuthRefusal, CredentialChecker, TokenGrant
+from relay.dataplane.routing import Router
+from relay.metrics import RelayMetrics
+from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
+from relay.protocol import handshake
+from relay.protocol.events import http_error_body
+from relay.protocol.handshake import HandshakeError, RequestHead, ResponseHead
+from relay.rest import messages
+from relay.rest.messages import (
+    ChunkedScanner,
+    MultipartModel,
+    RestRequestError,
+    UpstreamFramingError,
+    UsageReader,
+)
+from relay.rest.pool import ConnectionPool, PoolKey
+from relay.upstreams.chooser import FAILS_OVER, KeyRef, Outcome, plan_attempts
+from relay.upstreams.table import Upstream
+from relay.upstreams.urls import UpstreamKind
+
+LOGGER = logging.getLogger("relay.rest")
+#: Largest upstream error body kept to pass on to the client.
+MAX_REFUSAL_BODY_BYTES: Final = 64 * 1024
+#: Upstream response headers named in the log line (never a credential).
+_LOGGED_REQUEST_ID: Final = b"x-request-id"
+
+
+class RestState(Protocol):
+    """What the proxy reads of the server, per request (swapped whole on SIGHUP)."""
+
+    @property
+    def config(self) -> ServeConfig: ...
+
+    @property
+    def checker(self) -> CredentialChecker: ...
+
+    @property
+    def router(self) -> Router: ...
+
+    @property
+    def metrics(self) -> RelayMetrics: ...
+
+    def client_address(self, head: RequestHead, peer: tuple[str, int] | None) -> str: ...
+
+
+@dataclass(slots=True)
+class _Body:
+    """The request body as far as the relay holds it; ``rest`` bytes still on the socket."""
+
+    held: bytes
+    rest: int
+    content_length: int | None
+
+    @property
+    def replayable(self) -> bool:
+        return self.rest == 0
+
+
+@dataclass(slots=True)
+class _Refusal:
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """What the log line and the metrics say about one request."""
+
+    model: str | None = None
+    upstream: str = ""
+    key_id: str = ""
+    status: int = 0
+    attempts: int = 0
+    request_bytes: int = 0
+    response_bytes: int = 0
+    first_byte_s: float | None = None
+    client_disconnected: bool = False
+    request_id: str = ""
+    usage: dict[str, int] = field(default_factory=dict)
+
+
+class _ClientGone(Exception):
+    """The client closed its connection while the response was on its way."""
+
+
+class RestProxy:
+    """Serves proxied REST requests on client connections the server routed here."""
+
+    def __init__(self, state: RestState, clock: Callable[[], float] = trio.current_time) -> None:
+        self._state = state
+        self._clock = clock
+        config = state.config
+        self.pool = ConnectionPool(
+            max_idle=config.rest_pool_max_idle, idle_timeout_s=config.rest_pool_idle_timeout_s
+        )
+
+    def handles(self, head: RequestHead) -> bool:
+        config = self._state.config
+        return (
+            config.rest_proxy_enabled
+            and head.path.startswith("/v1/")
+            and not (head.is_websocket_upgrade())
+            and head.path not in messages.RELAY_OWN_PATHS
+        )
+
+    async def serve(self, transport: Transport, head: RequestHead) -> bytes | None:
+        """Answer one request; the bytes after it when the connection stays open, else None."""
+        started = self._clock()
+        exchange = _Exchange()
+        keep_alive: bytes | None = None
+        try:
+            keep_alive = await self._serve(transport, head, exchange)
+        except RestRequestError as exc:
+            exchange.status = exc.status
+            await _send_error(transport, exc.status, exc.message, exc.code, exc.param)
+        except HandshakeError as exc:
+            exchange.status = exc.status
+            await _send_error(transport, exc.status, exc.message, exc.code or "invalid_request")
+        except (TransportClosed, _ClientGone):
+            exchange.client_disconnected = True
+        finally:
+            self._record(head, transport, exchange, self._clock() - started)
+        return keep_alive
+
+    async def _serve(
+        self, transport: Transport, head: RequestHead, exchange: _Exchange
+    ) -> bytes | None:
+        state = self._state
+        config = state.config
+        if head.http_version != "1.1":
+            raise RestRequestError(505, "The REST proxy speaks HTTP/1.1.", "http_version")
+        claims_models = self._authorize(head)
+        if not messages.is_proxied(head.path, config.rest_paths):
+            raise RestRequestError(404, f"No endpoint at {head.path[:100]}.", "not_found")
+        if head.header(b"transfer-encoding") is not None:
+            raise RestRequestError(
+                411, "Send the request body with a Content-Length.", "length_required"
+            )
+        length = _content_length(head)
+        table = state.router.table
+        if head.method == "GET" and head.path == "/v1/models" and table.served_models is not None:
+            await self._models(transport, sorted(table.served_models))
+            return _leftover(head, transport)
+        if head.header(b"expect") is not None and head.header(b"expect").lower() == "100-continue":  # type: ignore[union-attr]
+            await transport.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body, model = await self._read_head_of_body(transport, head, length)
+        early = head.trailing[length or 0 :]  # the next request's bytes, sent early
+        exchange.model = model
+        exchange.request_bytes = length or 0
+        if claims_models and (model is None or model not in claims_models):
+            raise RestRequestError(
+                403, "This token does not allow this model.", "model_not_allowed", "model"
+            )
+        upstreams = self._candidates(model, head)
+        leftover = await self._proxy(transport, head, body, model, upstreams, exchange)
+        return None if leftover is None else early + leftover
+
+    def _authorize(self, head: RequestHead) -> tuple[str, ...]:
+        """The client's credential and Origin; the models a token limits it to."""
+        state = self._state
+        origin = head.header(b"origin")
+        allowed = state.config.allowed_origins
+        if allowed and origin is not None and origin not in allowed:
+            raise RestRequestError(403, "This Origin is not allowed.", "origin_not_allowed")
+        decision = state.checker.check(handshake.client_credential(head), head)
+        if isinstance(decision, AuthRefusal):
+            raise RestRequestError(decision.status, decision.message, decision.code)
+        if isinstance(decision, TokenGrant) and decision.claims is not None:
+            claims = decision.claims
+            if not claims.rest or claims.single_use:
+                raise RestRequestError(
+                    403,
+                    "This token is for Realtime sessions; it does not allow REST calls.",
+                    "rest_not_allowed",
+                )
+            return claims.models
+        return ()
+
+    async def _read_head_of_body(
+        self, transport: Transport, head: RequestHead, length: int | None
+    ) -> tuple[_Body, str | None]:
+        """Read what routing needs: a JSON body whole, a multipart body to its model."""
+        config = self._state.config
+        content_type = head.header(b"content-type")
+        already = head.trailing
+        if not length:
+            return _Body(b"", 0, length), None
+        if messages.is_json(content_type):
+            if length > config.rest_max_json_body_bytes:
+                raise RestRequestError(
+                    413,
+                    f"JSON request bodies are limited to {config.rest_max_json_body_bytes} bytes.",
+                    "request_too_large",
+                )
+            held = await self._read_exactly(transport, already, length)
+            return _Body(held, 0, length), messages.json_model(held)
+        if length > config.rest_max_upload_bytes:
+            raise RestRequestError(
+                413,
+                f"Request bodies are limited to {config.rest_max_upload_bytes} bytes.",
+                "request_too_large",
+            )
+        boundary = messages.multipart_boundary(content_type)
+        if boundary is None:
+            held = already[:length]
+            return _Body(held, length - len(held), length), None
+        finder = MultipartModel(boundary)
+        held_buffer = bytearray(already[:length])
+        finder.feed(held_buffer)
+        chunk = bytearray(RECEIVE_BYTES)
+        while finder.found is None and not finder.hopeless and len(held_buffer) < length:
+            with trio.fail_after(config.rest_idle_timeout_s):
+                received = await transport.recv_into(
+                    chunk, min(len(chunk), length - len(held_buffer))
+                )
+            if received == 0:
+                raise TransportClosed("client closed during its request body")
+            held_buffer += chunk[:received]
+            finder.feed(memoryview(chunk)[:received])
+        if finder.found is None:
+            raise RestRequestError(
+                400,
+                "Put the 'model' field before the file in a multipart upload.",
+                "missing_model",
+                "model",
+            )
+        return _Body(bytes(held_buffer), length - len(held_buffer), length), finder.found.value
+
+    async def _read_exactly(self, transport: Transport, already: bytes, length: int) -> bytes:
+        buffer = bytearray(already[:length])
+        chunk = bytearray(RECEIVE_BYTES)
+        idle_s = self._state.config.rest_idle_timeout_s
+        while len(buffer) < length:
+            with trio.fail_after(idle_s):
+                received = await transport.recv_into(chunk, min(len(chunk), length - len(buffer)))
+            if received == 0:
+                raise TransportClosed("client closed during its request body")
+            buffer += chunk[:received]
+        return bytes(buffer)
+
+    def _candidates(self, model: str | None, head: RequestHead) -> tuple[Upstream, ...]:
+        table = self._state.router.table
+        upstreams = table.route(model)
+        if upstreams:
+            return upstreams
+        if model is not None:
+            raise RestRequestError(
+                400,
+                f"The model '{_shown(model)}' does not exist or is not served by this relay.",
+                "model_not_found",
+                "model",
+            )
+        if head.method == "POST":
+            raise RestRequestError(
+                400,
+                "Name the model: this relay chooses the upstream by model.",
+                "missing_model",
+                "model",
+            )
+        # A read without a model (GET /v1/responses/<id>): the OpenAI-shaped upstreams.
+        shaped = tuple(up for up in table.upstreams if up.spec.kind is not UpstreamKind.AZURE)
+        if not shaped:
+            raise RestRequestError(404, f"No endpoint at {head.path[:100]}.", "not_found")
+        return shaped
+
+    async def _models(self, transport: Transport, names: list[str]) -> None:
+        transport.answered = True
+        body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": name, "object": "model", "created": 0, "owned_by": "relay"}
+                    for name in names
+                ],
+            }
+        )
+        await transport.send_all(
+            messages.response_head(
+                200,
+                b"OK",
+                [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+            )
+            + body
+        )
+
+    # ------------------------------------------------------------------ the attempts
+
+    async def _proxy(
+        self,
+        transport: Transport,
+        head: RequestHead,
+        body: _Body,
+        model: str | None,
+        upstreams: tuple[Upstream, ...],
+        exchange: _Exchange,
+    ) -> bytes | None:
+        state = self._state
+        config, router = state.config, state.router
+        by_name = {upstream.name: upstream for upstream in upstreams}
+        candidates = [upstream.candidate() for upstream in upstreams]
+        policy = router.health.policy
+        tried: set[KeyRef] = set()
+        last: _Refusal | None = None
+        while True:
+            now = self._clock()
+            plan = plan_attempts(
+                candidates,
+                router.health,
+                router.live.counts(),
+                now=now,
+                deadline=now + policy.max_attempts * config.rest_connect_timeout_s,
+                tried=tried,
+            )
+            if not plan or (tried and not body.replayable) or len(tried) >= policy.max_attempts:
+                if last is None:
+                    raise RestRequestError(
+                        503,
+                        "No upstream can take this request now; retry shortly.",
+                        "upstream_unavailable",
+                    )
+                exchange.status = last.status
+                transport.answered = True
+                await transport.send_all(
+                    messages.response_head(
+                        last.status,
+                        last.reason,
+                        [
+                            *messages.forwarded_response_headers(last.headers, keep_alive=False),
+                            (b"content-length", b"%d" % len(last.body)),
+                        ],
+                    )
+                    + last.body
+                )
+                return None
+            key = plan[0].key
+            upstream = by_name[key.upstream]
+            tried.add(key)
+            exchange.attempts += 1
+            router.live.add(key)
+            try:
+                outcome = await self._attempt(transport, head, body, model, upstream, key, exchange)
+            finally:
+                router.live.remove(key)
+            if isinstance(outcome, _Refusal):
+                last = outcome
+                continue
+            return outcome
+
+    async def _attempt(
+        self,
+        transport: Transport,
+        head: RequestHead,
+        body: _Body,
+        model: str | None,
+        upstream: Upstream,
+        key: KeyRef,
+        exchange: _Exchange,
+    ) -> _Refusal | bytes | None:
+        """One upstream: a refusal to fail over from, or the response streamed (the
+        client's leftover bytes, or None to close)."""
+        state = self._state
+        config = state.config
+        pool_key: PoolKey = (
+            upstream.name,
+            upstream.target.host,
+            upstream.target.port,
+            upstream.target.tls,
+        )
+        request = self._upstream_request(head, body, model, upstream, key)
+        started = self._clock()
+        connection: Transport | None = None
+        response: ResponseHead | None = None
+        try:
+            for reused in (True, False):
+                connection = (
+                    self.pool.take(pool_key, started) if reused and body.replayable else None
+                )
+                if connection is None:
+                    reused = False
+                    connection = await self._dial(upstream)
+                try:
+                    await connection.send_all(request)
+                    if body.rest:
+                        await _copy_exactly(
+                            transport, connection, body.rest, config.rest_idle_timeout_s
+                        )
+                    with trio.fail_after(config.rest_first_byte_timeout_s):
+                        response = await _read_response_head(connection)
+                    break
+                except TransportClosed:
+                    connection.close()
+                    if not reused:
+                        raise
+                    # A pooled connection the upstream had closed: once more, fresh.
+        except OSError as exc:
+            return self._refused(
+                key, Outcome.REFUSED, None, f"connect failed: {exc.strerror or exc}"
+            )
+        except trio.TooSlowError:
+            if connection is not None:
+                connection.close()
+            return self._refused(key, Outcome.TIMEOUT, None, "no response head in time")
+        except (TransportClosed, HandshakeError) as exc:
+            if connection is not None:
+                connection.close()
+            return self._refused(key, Outcome.SERVER_ERROR, None, f"upstream failed: {exc}")
+        assert connection is not None
+        assert response is not None
+        exchange.first_byte_s = self._clock() - started
+        status = response.status
+        outcome = _outcome(status)
+        retry_after_s = _retry_after_s(response)
+        if outcome in FAILS_OVER:
+            refusal_body = await _read_refusal_body(connection, response)
+            connection.close()
+            self._learn(key, outcome, retry_after_s, f"HTTP {status}")
+            if outcome is Outcome.KEY_REJECTED:
+                refusal = _Refusal(
+                    502,
+                    b"Bad Gateway",
+                    [(b"content-type", b"application/json")],
+                    http_error_body(
+                        "The relay could not authenticate with the upstream API.",
+                        error_type="server_error",
+                        code="upstream_auth_failed",
+                    ),
+                )
+            else:
+                refusal = _Refusal(status, _reason(response), list(response.headers), refusal_body)
+            return refusal
+        self._learn(key, outcome, retry_after_s, f"HTTP {status}")
+        exchange.upstream, exchange.key_id, exchange.status = key.upstream, key.key_id, status
+        request_id = messages.header_value(response.headers, _LOGGED_REQUEST_ID)
+        exchange.request_id = request_id.decode("latin-1")[:100] if request_id else ""
+        state.metrics.rest_first_byte_seconds.labels(upstream=key.upstream).observe(
+            exchange.first_byte_s
+        )
+        return await self._stream_response(
+            transport, head, connection, response, pool_key, exchange
+        )
+
+    def _upstream_request(
+        self, head: RequestHead, body: _Body, model: str | None, upstream: Upstream, key: KeyRef
+    ) -> bytes:
+        config = self._state.config
+        spec = upstream.spec
+        upstream_model = spec.model_names.get(model, model) if model is not None else None
+        azure = spec.kind is UpstreamKind.AZURE
+        held = body.held
+        if model is not None and upstream_model != model and not azure and held:
+            # An alias: the upstream is asked for its own name (Azure's is in the URL).
+            if messages.is_json(head.header(b"content-type")):
+                held = messages.json_with_model(held, upstream_model or model)
+            else:
+                boundary = messages.multipart_boundary(head.header(b"content-type"))
+                finder = MultipartModel(boundary or b"")
+                finder.feed(held)
+                if finder.found is not None:
+                    held = messages.multipart_with_model(
+                        held, finder.found, upstream_model or model
+                    )
+        length = None if body.content_length is None else len(held) + body.rest
+        target = messages.upstream_target(
+            azure=azure,
+            base_path=upstream.target.base_path,
+            path=head.path,
+            query=head.query,
+            deployment=upstream_model,
+            azure_api_version=spec.azure_api_version or config.rest_azure_api_version,
+        )
+        credential = upstream.key(key.key_id).credential()
+        return (
+            messages.request_head(
+                head.method,
+                target,
+                host_header=upstream.target.host_header,
+                headers=messages.forwarded_request_headers(head.headers),
+                credential=credential.header(),
+                content_length=length if head.method != "GET" or length else None,
+            )
+            + held
+        )
+
+    async def _dial(self, upstream: Upstream) -> Transport:
+        with trio.fail_after(self._state.config.rest_connect_timeout_s):
+            transport = await open_transport(
+                upstream.target.host,
+                upstream.target.port,
+                ssl_context=upstream.ssl_context,
+                tls_session=upstream.resumption.session,
+            )
+        upstream.resumption.remember(transport)
+        return transport
+
+    def _refused(
+        self, key: KeyRef, outcome: Outcome, retry_after_s: float | None, detail: str
+    ) -> _Refusal:
+        self._learn(key, outcome, retry_after_s, detail)
+        status, code = (
+            (504, "upstream_timeout")
+            if outcome is Outcome.TIMEOUT
+            else (502, "upstream_unreachable")
+        )
+        return _Refusal(
+            status,
+            b"Gateway Timeout" if status == 504 else b"Bad Gateway",
+            [(b"content-type", b"application/json")],
+            http_error_body(
+                "The upstream API did not answer in time."
+                if status == 504
+                else "The relay could not reach the upstream API.",
+                error_type="server_error",
+                code=code,
+            ),
+        )
+
+    def _learn(
+        self, key: KeyRef, outcome: Outcome, retry_after_s: float | None, detail: str
+    ) -> None:
+        self._state.router.learn(key, outcome, retry_after_s, detail)
+
+    # ------------------------------------------------------------------ the response
+
+    async def _stream_response(
+        self,
+        transport: Transport,
+        head: RequestHead,
+        connection: Transport,
+        response: ResponseHead,
+        pool_key: PoolKey,
+        exchange: _Exchange,
+    ) -> bytes | None:
+        config = self._state.config
+        headers = list(response.headers)
+        chunked = messages.is_chunked(headers)
+        length = response.content_length
+        no_body = (
+            head.method == "HEAD" or response.status in (204, 304) or 100 <= response.status < 200
+        )
+        close_delimited = not no_body and not chunked and length is None
+        upstream_reusable = not close_delimited and not messages.wants_close(headers)
+        client_keep_alive = not close_delimited and not messages.wants_close(head.headers)
+        transport.answered = True
+        await transport.send_all(
+            messages.response_head(
+                response.status,
+                _reason(response),
+                messages.forwarded_response_headers(headers, keep_alive=client_keep_alive),
+            )
+        )
+        usage = UsageReader(response.header(b"content-type"))
+        watcher = _ClientWatcher(transport)
+        complete = False
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(watcher.run, nursery.cancel_scope)
+                if no_body:
+                    complete = True
+                else:
+                    complete = await _relay_body(
+                        connection,
+                        transport,
+                        response.trailing,
+                        chunked=chunked,
+                        length=length,
+                        usage=usage,
+                        idle_s=config.rest_idle_timeout_s,
+                        exchange=exchange,
+                    )
+                nursery.cancel_scope.cancel()
+        finally:
+            if not complete:
+                connection.close()
+        if watcher.gone:
+            exchange.client_disconnected = True
+            connection.close()
+            return None
+        usage.finish()
+        if usage.usage is not None:
+            exchange.usage = {k: v for k, v in usage.usage.as_kinds().items() if v}
+            model = usage.model or exchange.model or "unknown"
+            for kind, value in exchange.usage.items():
+                self._state.metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
+        if complete and upstream_reusable:
+            self.pool.give(pool_key, connection, self._clock())
+        else:
+            connection.close()
+        if not (complete and client_keep_alive):
+            return None
+        return watcher.pipelined if watcher.pipelined is not None else b""
+
+    def _record(
+        self, head: RequestHead, transport: Transport, exchange: _Exchange, duration_s: float
+    ) -> None:
+        state = self._state
+        status = str(exchange.status) if exchange.status else "none"
+        state.metrics.rest_requests.labels(
+            upstream=exchange.upstream or "none", status=status
+        ).inc()
+        LOGGER.info(
+            "rest request",
+            extra={
+                "fields": {
+                    "event": "rest_request",
+                    "method": head.method,
+                    "path": head.path[:100],
+                    "model": exchange.model,
+                    "upstream": exchange.upstream,
+                    "upstream_key_id": exchange.key_id,
+                    "status": exchange.status,
+                    "attempts": exchange.attempts,
+                    "request_bytes": exchange.request_bytes,
+                    "response_bytes": exchange.response_bytes,
+                    "first_byte_ms": (
+                        round(exchange.first_byte_s * 1e3, 2)
+                        if exchange.first_byte_s is not None
+                        else None
+                    ),
+                    "duration_ms": round(duration_s * 1e3, 2),
+                    "client_disconnected": exchange.client_disconnected,
+                    "upstream_request_id": exchange.request_id,
+                    "usage": exchange.usage,
+                    "client": state.client_address(head, transport.peer),
+                }
+            },
+        )
+
+
+class _ClientWatcher:
+    """Notices a client that goes away while its response streams, and cancels it."""
+
+    __slots__ = ("_transport", "gone", "pipelined")
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self.gone = False
+        #: Bytes of the client's next request, sent before this response ended.
+        self.pipelined: bytes | None = None
+
+    async def run(self, scope: trio.CancelScope) -> None:
+        buffer = bytearray(handshake.MAX_HEAD_BYTES)
+        try:
+            received = await self._transport.recv_into(buffer)
+        except TransportClosed:
+            received = 0
+        if received == 0:
+            self.gone = True
+            scope.cancel()
+            return
+        self.pipelined = bytes(buffer[:received])
+
+
+async def _relay_body(
+    upstream: Transport,
+    client: Transport,
+    already: bytes,
+    *,
+    chunked: bool,
+    length: int | None,
+    usage: UsageReader,
+    idle_s: float,
+    exchange: _Exchange,
+) -> bool:
+    """Forward the response body as it arrives; True once it ended where its framing says."""
+    scanner = ChunkedScanner() if chunked else None
+    left = length if not chunked else None
+    buffer = bytearray(RECEIVE_BYTES)
+    view = memoryview(buffer)
+    pending = already
+    while True:
+        if pending:
+            size = len(pending)
+            buffer[:size] = pending
+            pending = b""
+        else:
+            with trio.move_on_after(idle_s) as idle:
+                size = await upstream.recv_into(buffer)
+            if idle.cancelled_caught:
+                return False
+            if size == 0:
+                # The upstream closed: the end of a close-delimited body, else a cut.
+                return scanner is None and left is None
+        if scanner is not None:
+            try:
+                used, spans = scanner.feed(buffer, 0, size)
+            except UpstreamFramingError:
+                return False
+            for start, stop in spans:
+                usage.feed(view[start:stop])
+        else:
+            used = size if left is None else min(size, left)
+            usage.feed(view[:used])
+            if left is not None:
+                left -= used
+        try:
+            await client.send_all(view[:used])
+        except TransportClosed:
+            raise _ClientGone from None
+        exchange.response_bytes += used
+        if (scanner is not None and scanner.done) or left == 0:
+            return True
+
+
+async def _copy_exactly(
+    source: Transport, destination: Transport, count: int, idle_s: float
+) -> None:
+    """The rest of the client's request body to the upstream, as it arrives."""
+    buffer = bytearray(RECEIVE_BYTES)
+    view = memoryview(buffer)
+    while count > 0:
+        with trio.fail_after(idle_s):
+            received = await source.recv_into(buffer, min(len(buffer), count))
+        if received == 0:
+            raise _ClientGone
+        await destination.send_all(view[:received])
+        count -= received
+
+
+async def _read_response_head(connection: Transport) -> ResponseHead:
+    buffer = bytearray()
+    chunk = bytearray(8192)
+    while True:
+        received = await connection.recv_into(chunk)
+        if received == 0:
+            raise TransportClosed("upstream closed before its response head")
+        buffer += chunk[:received]
+        response = handshake.parse_response_head(buffer)
+        if response is not None:
+            if 100 <= response.status < 200:
+                # 100 Continue and other interim answers: the real one follows.
+                buffer = bytearray(response.trailing)
+                parsed = handshake.parse_response_head(buffer)
+                if parsed is None:
+                    continue
+                response = parsed
+            return response
+
+
+async def _read_refusal_body(connection: Transport, response: ResponseHead) -> bytes:
+    body = bytearray(response.trailing)
+    chunk = bytearray(8192)
+    if messages.is_chunked(response.headers):
+        scanner = ChunkedScanner()
+        payload = bytearray()
+        _, spans = scanner.feed(body, 0, len(body))
+        for start, stop in spans:
+            payload += body[start:stop]
+        with trio.move_on_after(5):
+            while not scanner.done and len(payload) <= MAX_REFUSAL_BODY_BYTES:
+                received = await connection.recv_into(chunk)
+                if received == 0:
+                    break
+                _, spans = scanner.feed(chunk, 0, received)
+                for start, stop in spans:
+                    payload += chunk[start:stop]
+        return bytes(payload[:MAX_REFUSAL_BODY_BYTES])
+    length = response.content_length
+    with trio.move_on_after(5):
+        while (length is None or len(body) < length) and len(body) <= MAX_REFUSAL_BODY_BYTES:
+            try:
+                received = await connection.recv_into(chunk)
+            except TransportClosed:
+                break
+            if received == 0:
+                break
+            body += chunk[:received]
+    return bytes(body[: length if length is not None else MAX_REFUSAL_BODY_BYTES])
+
+
+def _outcome(status: int) -> Outcome:
+    if status in (401, 403):
+        return Outcome.KEY_REJECTED
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if status >= 500:
+        return Outcome.SERVER_ERROR
+    if status >= 400:
+        return Outcome.CLIENT_ERROR
+    return Outcome.SUCCESS
+
+
+def _retry_after_s(response: ResponseHead) -> float | None:
+    text = response.header(b"retry-after")
+    if text is None:
+        return None
+    try:
+        seconds = float(text.strip())
+    except ValueError:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def _reason(response: ResponseHead) -> bytes:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(response.status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
+
+
+def _content_length(head: RequestHead) -> int | None:
+    values = [value for name, value in head.headers if name == b"content-length"]
+    if not values:
+        return None
+    if len(set(values)) > 1 or not values[0].strip().isdigit():
+        raise RestRequestError(400, "Invalid Content-Length.", "invalid_request")
+    return int(values[0])
+
+
+def _leftover(head: RequestHead, transport: Transport) -> bytes | None:
+    """After a bodiless request: the next request's bytes already read, or None to close."""
+    del transport
+    return None if messages.wants_close(head.headers) else head.trailing
+
+
+def _shown(model: str) -> str:
+    return "".join(char if char.isascii() and char.isprintable() else "?" for char in model[:64])
+
+
+async def _send_error(
+    transport: Transport, status: int, message: str, code: str, param: str | None = None
+) -> None:
+    body = http_error_body(message, code=code, param=param)
+    transport.answered = True
+    try:
+        await transport.send_all(handshake.http_response(status, body))
+    except TransportClosed:
+        pass
