@@ -239,8 +239,9 @@ class RestFaults(PlannedFaults):
 
     def drop_next(self, count: int = 1, *, after_chunks: int = 0) -> None:
         """Reset the connection of the next ``count`` REST requests (no FIN, no answer
-        end): before the response head when ``after_chunks`` is 0, else after that
-        many body chunks (SSE events, audio chunks) of a 200 answer."""
+        end), once the request body is read: before the response head when
+        ``after_chunks`` is 0, else after that many body chunks of a streamed answer
+        (SSE events, audio chunks), or after the head of an answer sent whole."""
         if after_chunks < 0:
             raise ValueError("drop_next: after_chunks must be >= 0")
         self._plan(PlannedFault("drop", _positive(count), after_chunks=after_chunks))

@@ -98,6 +98,9 @@ REST_BODY_IDLE_S: Final = 60.0
 REST_PACED_READS_PER_S: Final = 20
 #: Read size while a stalled request waits for its peer to hang up (bytes).
 REST_STALL_READ_BYTES: Final = 4096
+#: Read size of the hang-up watch while a stream is sent (bytes): an end of stream
+#: needs no room, and a pipelined request waits in the kernel past this.
+REST_WATCH_READ_BYTES: Final = 4096
 #: Azure's ``api-version`` values are not checked, only required.
 AZURE_API_VERSION_PARAM: Final = "api-version"
 SSE_CONTENT_TYPE: Final = "text/event-stream; charset=utf-8"
@@ -297,7 +300,7 @@ class _RestConnection:
         self.number = number
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
         self._buffer = bytearray(REST_READ_BYTES)
-        self._watch_buffer = bytearray(REST_READ_BYTES)
+        self._watch_buffer = bytearray(REST_WATCH_READ_BYTES)
         #: Set when this connection must end after the current request.
         self._closing = False
 
@@ -720,6 +723,10 @@ class _RestConnection:
             try:
                 await self._send(h11.Response(status_code=answer.status, headers=headers))
                 record.status = answer.status
+                if drop_after_chunks is not None:
+                    # An answer sent whole has one chunk: the reset comes after its head.
+                    self._drop()
+                    return
                 await self._send(h11.Data(data=answer.body))
                 record.response_bytes = len(answer.body)
                 await self._send(h11.EndOfMessage())

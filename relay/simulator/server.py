@@ -30,6 +30,11 @@ This module owns the I/O around the sans-I/O session engine
   ``Simulator.faults`` refuses, stalls or de-authorizes the next handshakes, and
   ``Simulator.handshakes`` records each realtime handshake (path, model, auth
   scheme, key index, status), whatever ``faults_enabled`` says;
+- the REST endpoints (everything else under ``/v1/``, or ``/openai/`` under azure:
+  chat completions, responses, speech, transcriptions, embeddings, models), served
+  over keep-alive HTTP/1.1 by :mod:`relay.simulator.rest`, with their own fault
+  queue ``Simulator.rest_faults`` and log ``Simulator.rest_requests``
+  (:meth:`Simulator.wait_rest_requests` waits for a count of them);
 - modes: ``normal`` (the engine), ``echo`` (the engine's lean echo path, replies
   sent from the reading task itself: no extra scheduler pass), ``raw-echo`` (every
   data frame written back unchanged, text or binary);
