@@ -417,6 +417,43 @@ async def test_an_oversized_json_body_is_read_through_and_refused_413(
     assert sim.sim.rest_requests[0].request_bytes == len(big)
 
 
+async def test_a_large_upload_is_never_held_whole(nursery: trio.Nursery) -> None:
+    import tracemalloc
+
+    sim = await rest_sim(nursery)
+    block = random.Random(5).randbytes(64 * 1024)
+    blocks = 24 * 16  # 24 MiB, sent chunked from one block so the client holds 64 KiB
+    head = (
+        b'--B\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        b'--B\r\nContent-Disposition: form-data; name="file"; filename="big.wav"\r\n\r\n'
+    )
+    digest = hashlib.sha256()
+    for _ in range(blocks):
+        digest.update(block)
+
+    async def body() -> AsyncIterator[bytes]:
+        yield head
+        for _ in range(blocks):
+            yield block
+        yield b"\r\n--B--\r\n"
+
+    tracemalloc.start()
+    try:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {SIM_KEY}"}) as http:
+            response = await http.post(
+                f"{sim.http_base}/audio/transcriptions",
+                content=body(),
+                headers={"Content-Type": "multipart/form-data; boundary=B"},
+            )
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert response.status_code == 200, response.text
+    expected = rest_payloads.transcript_text(blocks * len(block), digest.hexdigest())
+    assert response.json()["text"] == expected
+    assert peak < 4 * 1024 * 1024, peak
+
+
 async def test_reads_are_paced_by_rest_read_bytes_per_s(nursery: trio.Nursery) -> None:
     rate = 2_000_000
     sim = await rest_sim(nursery, rest_read_bytes_per_s=rate)
@@ -535,10 +572,14 @@ async def test_drop_and_stall_faults(nursery: trio.Nursery) -> None:
             await http.post(f"{sim.http_base}/chat/completions", json=chat)
         with pytest.raises(httpx.TransportError):
             await http.post(f"{sim.http_base}/chat/completions", json=chat)
-    before, midway = sim.sim.rest_requests
+        sim.sim.rest_faults.drop_next(after_chunks=1)
+        with pytest.raises(httpx.TransportError):
+            await http.get(f"{sim.http_base}/models")
+    before, midway, whole = sim.sim.rest_requests
     assert (before.status, before.response_bytes) == (None, 0)
     assert midway.status == 200
     assert 0 < midway.response_bytes < 1000  # two chunk events of about 300 bytes
+    assert (whole.status, whole.response_bytes) == (200, 0)  # reset after the head
 
     sim.sim.rest_faults.stall_next()
 
@@ -550,13 +591,13 @@ async def test_drop_and_stall_faults(nursery: trio.Nursery) -> None:
     scope = trio.CancelScope()
     nursery.start_soon(stalled_client, scope)
     with trio.fail_after(5):
-        await sim.sim.wait_rest_requests(3, started=True)
+        await sim.sim.wait_rest_requests(4, started=True)
         # Started, never answered: the client gives up and the simulator sees it go.
-        assert sim.sim.rest_requests[2].finished is False
+        assert sim.sim.rest_requests[3].finished is False
         scope.cancel()
-        await sim.sim.wait_rest_requests(3)
-    assert sim.sim.rest_requests[2].client_disconnected is True
-    assert sim.sim.rest_requests[2].status is None
+        await sim.sim.wait_rest_requests(4)
+    assert sim.sim.rest_requests[3].client_disconnected is True
+    assert sim.sim.rest_requests[3].status is None
 
 
 # --- azure -------------------------------------------------------------------------------
