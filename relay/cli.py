@@ -147,6 +147,27 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="end sessions after this many seconds (0: OpenAI's 60 min, Azure's 30)",
     )
+    simulate.add_argument(
+        "--rest-chunk-interval-ms",
+        dest="rest_chunk_interval_ms",
+        type=int,
+        metavar="MS",
+        help="REST streams (SSE, speech audio): milliseconds between chunks (0: no pause)",
+    )
+    simulate.add_argument(
+        "--rest-stream-chunks",
+        dest="rest_stream_chunks",
+        type=int,
+        metavar="N",
+        help="REST answers: content pieces (text deltas, audio chunks) per answer",
+    )
+    simulate.add_argument(
+        "--rest-read-bytes-per-s",
+        dest="rest_read_bytes_per_s",
+        type=int,
+        metavar="BYTES",
+        help="read REST request bodies at most this fast, like a slow upstream (0: no limit)",
+    )
 
     demo = sub.add_parser(
         "demo",

@@ -127,6 +127,15 @@ class SimulatorConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only
     #: Sessions end (``error`` ``session_expired``, then close 4000) after this long;
     #: 0 = the flavor's own cap: OpenAI's 60 minutes, Azure's 30.
     max_session_s: NonNegativeSeconds = 0.0
+    #: REST streams (SSE events, speech audio, relay.simulator.rest): milliseconds
+    #: between two chunks; 0 = as fast as the socket takes them.
+    rest_chunk_interval_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 20
+    #: REST streams: content pieces per answer (text deltas, audio chunks); the
+    #: answer's completion tokens are this many.
+    rest_stream_chunks: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 20
+    #: REST request bodies are read at most this fast (bytes per second), like a
+    #: slow upstream; 0 = as fast as they arrive.
+    rest_read_bytes_per_s: Annotated[int, msgspec.Meta(ge=0)] = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()

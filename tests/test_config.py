@@ -169,6 +169,9 @@ def plausible(files: Files) -> dict[type[cfg._Section], dict[str, tuple[str, Any
             "entra_tokens": ("entra-a,entra-b", ("entra-a", "entra-b")),
             "azure_deployments": ("dep-a,dep-b", ("dep-a", "dep-b")),
             "max_session_s": ("120.5", 120.5),
+            "rest_chunk_interval_ms": ("0", 0),
+            "rest_stream_chunks": ("5", 5),
+            "rest_read_bytes_per_s": ("1000000", 1_000_000),
         },
         cfg.DemoConfig: {
             "url": ("ws://127.0.0.1:8080/v1", "ws://127.0.0.1:8080/v1"),

@@ -44,6 +44,9 @@ AZURE_REALTIME_PATHS: Final = frozenset({AZURE_GA_PATH, AZURE_PREVIEW_PATH})
 #: A requested model name quoted back in OpenAI's ``model_not_found`` (characters):
 #: OpenAI quotes it; a longer query value is cut rather than reflected whole.
 MAX_QUOTED_MODEL_CHARS: Final = 64
+#: A wrong key of at most this many characters is quoted as ``****`` only: its
+#: first 8 and last 4 would be most of it.
+MASKED_KEY_MIN_CHARS: Final = 12
 
 AZURE_KEY_DENIED: Final = (
     "Access denied due to invalid subscription key or wrong API endpoint. Make sure to "
@@ -190,8 +193,13 @@ def fault_refusal(
     model: str,
     retry_after_s: float | None,
     body: bytes | None,
+    operation: str = "Realtime",
 ) -> Refusal:
-    """A programmed refusal (:meth:`HandshakeFaults.refuse_next`) in the flavor's shape."""
+    """A programmed refusal (:meth:`HandshakeFaults.refuse_next`) in the flavor's shape.
+
+    ``operation``: the Azure operation its 429 names (a REST request's, e.g.
+    ``ChatCompletions_Create``).
+    """
     headers: tuple[tuple[str, str], ...] = ()
     if retry_after_s is not None:
         # Retry-After takes whole seconds (RFC 9110 §10.2.3); OpenAI also sends the
@@ -202,7 +210,7 @@ def fault_refusal(
         )
     if body is None:
         body = (
-            _azure_fault_body(status, retry_after_s)
+            _azure_fault_body(status, retry_after_s, operation)
             if flavor == "azure"
             else _openai_fault_body(status, model, retry_after_s)
         )
@@ -230,14 +238,14 @@ def _openai_fault_body(status: int, model: str, retry_after_s: float | None) -> 
     return http_error_body(f"Simulated refusal with HTTP {status}.", code="simulated")
 
 
-def _azure_fault_body(status: int, retry_after_s: float | None) -> bytes:
+def _azure_fault_body(status: int, retry_after_s: float | None, operation: str) -> bytes:
     if status == 429:
         wait = math.ceil(retry_after_s) if retry_after_s is not None else 1
         return orjson.dumps(
             {
                 "error": {
                     "code": "429",
-                    "message": "Requests to the Realtime Operation under Azure OpenAI API "
+                    "message": f"Requests to the {operation} Operation under Azure OpenAI API "
                     "have exceeded call rate limit of your current OpenAI S0 pricing tier. "
                     f"Please retry after {wait} seconds.",
                 }
@@ -256,6 +264,13 @@ def _azure_fault_body(status: int, retry_after_s: float | None) -> bytes:
     return orjson.dumps({"error": {"code": str(status), "message": "Simulated refusal."}})
 
 
+def masked_key(key: str) -> str:
+    """A key the way OpenAI quotes a wrong one: its first and last characters only."""
+    if len(key) <= MASKED_KEY_MIN_CHARS:
+        return "****"
+    return f"{key[:8]}****{key[-4:]}"
+
+
 __all__ = [
     "AZURE_GA_PATH",
     "AZURE_PREVIEW_PATH",
@@ -268,6 +283,7 @@ __all__ = [
     "check_azure_route",
     "fault_refusal",
     "is_realtime_path",
+    "masked_key",
     "model_not_found",
     "not_found",
     "presented_credential",

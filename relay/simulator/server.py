@@ -30,6 +30,11 @@ This module owns the I/O around the sans-I/O session engine
   ``Simulator.faults`` refuses, stalls or de-authorizes the next handshakes, and
   ``Simulator.handshakes`` records each realtime handshake (path, model, auth
   scheme, key index, status), whatever ``faults_enabled`` says;
+- the REST endpoints (everything else under ``/v1/``, or ``/openai/`` under azure:
+  chat completions, responses, speech, transcriptions, embeddings, models), served
+  over keep-alive HTTP/1.1 by :mod:`relay.simulator.rest`, with their own fault
+  queue ``Simulator.rest_faults`` and log ``Simulator.rest_requests``
+  (:meth:`Simulator.wait_rest_requests` waits for a count of them);
 - modes: ``normal`` (the engine), ``echo`` (the engine's lean echo path, replies
   sent from the reading task itself: no extra scheduler pass), ``raw-echo`` (every
   data frame written back unchanged, text or binary);
@@ -102,12 +107,15 @@ from relay.protocol.frames import (
     FrameStart,
 )
 from relay.protocol.handshake import HandshakeError, RequestHead
-from relay.simulator import flavors
+from relay.simulator import flavors, rest
 from relay.simulator.engine import SimulatedSession
 from relay.simulator.faults import (
     HANDSHAKE_LOG_MAX_RECORDS,
+    REST_LOG_MAX_RECORDS,
     HandshakeFaults,
     HandshakeRecord,
+    RestFaults,
+    RestRecord,
     credential_digest,
 )
 from relay.simulator.flavors import Presented, Refusal
@@ -146,6 +154,18 @@ class Simulator:
         self.faults = HandshakeFaults()
         #: Every realtime handshake answered (or stalled), oldest first (bounded).
         self.handshakes: list[HandshakeRecord] = []
+        #: Programmed refusals, stalls and drops for the next REST requests (keys
+        #: are revoked in ``faults``, for both kinds).
+        self.rest_faults = RestFaults()
+        #: Every REST request, from its head on, oldest first (bounded).
+        self.rest_requests: list[RestRecord] = []
+        #: REST requests whose head was read / that ended, since the start (unbounded
+        #: counts, unlike the log).
+        self.rest_requests_started = 0
+        self.rest_requests_finished = 0
+        #: Connections that carried a REST request (keep-alive reuse shows here).
+        self.rest_connections = 0
+        self._rest_changed = trio.Event()
         self.secrets = ClientSecretStore()
         self.sessions_opened = 0
         self.live_sessions = 0
@@ -166,6 +186,38 @@ class Simulator:
 
     def is_entra_token(self, credential: str) -> bool:
         return _digest_index(credential, self._entra_digests) >= 0
+
+    async def wait_rest_requests(self, count: int, *, started: bool = False) -> None:
+        """Return once ``count`` REST requests have ended (``started``: had their head
+        read) since this simulator started; at once if they already have."""
+        while (self.rest_requests_started if started else self.rest_requests_finished) < count:
+            await self._rest_changed.wait()
+
+    def new_rest_connection(self) -> int:
+        """Number a connection that carries REST requests (1, 2, ...)."""
+        self.rest_connections += 1
+        return self.rest_connections
+
+    def rest_request_started(self, record: RestRecord) -> None:
+        self.rest_requests.append(record)
+        if len(self.rest_requests) > REST_LOG_MAX_RECORDS:
+            del self.rest_requests[0]
+        self.rest_requests_started += 1
+        self._notify_rest()
+
+    def rest_request_finished(self, record: RestRecord) -> None:
+        self.rest_requests_finished += 1
+        self._notify_rest()
+
+    def _notify_rest(self) -> None:
+        # One event per change, replaced: every waiter re-checks its own count.
+        self._rest_changed.set()
+        self._rest_changed = trio.Event()
+
+    async def serve_request(self, transport: Transport, head: RequestHead) -> None:
+        """Answer one request whose head was read (the REST side hands on a realtime
+        upgrade that follows REST requests on one connection)."""
+        await self._route(transport, head)
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve forever; ``task_status.started(port)``."""
@@ -217,6 +269,9 @@ class Simulator:
         flavor = self.config.flavor
         if flavor == "openai" and path in CLIENT_SECRETS_PATHS:
             await self._client_secrets(transport, head)
+            return
+        if rest.is_rest_path(flavor, path):
+            await rest.serve_connection(self, transport, head)
             return
         if not flavors.is_realtime_path(flavor, path):
             raise flavors.not_found(flavor, head.method, path)
@@ -332,7 +387,7 @@ class Simulator:
             # OpenAI's wording, which quotes the key's ends: a relay must not pass it on.
             raise HandshakeError(
                 401,
-                f"Incorrect API key provided: {_masked_key(credential)}. You can find your "
+                f"Incorrect API key provided: {flavors.masked_key(credential)}. You can find your "
                 "API key at https://platform.openai.com/account/api-keys.",
                 code="invalid_api_key",
             )
@@ -676,10 +731,3 @@ async def serve_simulator(
 
 
 __all__ = ["OP_TEXT", "Simulator", "serve_simulator"]
-
-
-def _masked_key(key: str) -> str:
-    """A key the way OpenAI quotes a wrong one: its first and last characters only."""
-    if len(key) <= 12:
-        return "****"
-    return f"{key[:8]}****{key[-4:]}"
