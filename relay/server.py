@@ -228,6 +228,7 @@ class RelayServer:
                     await trio.lowlevel.checkpoint()
         finally:
             listener.close()
+            self.rest.pool.close_all()
 
     async def serve_connection(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         """Serve one accepted connection; nothing raised here reaches the listener.
