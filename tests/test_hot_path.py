@@ -24,7 +24,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dataplane.policy import UpstreamTap
+from relay.dataplane.policy import UNTAPPED_HEAD, UpstreamTap
 from relay.dataplane.ratelimit import ClientRateLimit
 from relay.net.transport import CHECKPOINT_EVERY_OPS, Transport, tune_stream_socket
 from relay.net.websocket import ConnectionClosed, WebSocket, WriteLock
@@ -711,6 +711,32 @@ def test_tap_still_decodes_a_type_name_with_an_escape(event: bytes) -> None:
     tap.observe_text(event)
     assert tap.usage.responses == 1
     assert tap.usage.total_tokens == 7
+
+
+@pytest.mark.parametrize(
+    ("head", "skipped"),
+    [
+        (b'{"type":"input_audio_buffer.append"', True),
+        (b'{"type":"response.output_audio.delta"', True),
+        (b'{"type":"response.don"', True),  # a tapped name's prefix, then its end
+        (b'{"type":"response.donee"', True),  # a tapped name, then more
+        (b'{"type":"errors"', True),
+        (b'{"type":"session.updated"', True),
+        (b'{"type":""', True),
+        (b'{"type":"input\\u005faudio"', True),  # an escape after the names differ
+        (b'{"type":"response.done"', False),
+        (b'{"type":"session.created"', False),
+        (b'{"type":"error"', False),
+        (b'{"type":"e\\u0072ror"', False),  # an escape where a tapped name goes on
+        (b'{"type":"\\u0065rror"', False),
+        (b'{"type":"respon', False),  # cut short inside a tapped name's prefix
+        (b'{"event_id":"e","type":"x"', False),
+    ],
+)
+def test_the_tap_skips_exactly_the_names_that_differ_from_every_tapped_one(
+    head: bytes, skipped: bool
+) -> None:
+    assert (UNTAPPED_HEAD(head) is not None) is skipped
 
 
 def test_tap_counts_non_json_as_undecodable() -> None:
