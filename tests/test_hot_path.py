@@ -111,6 +111,27 @@ def test_take_run_takes_a_run_of_masked_text_frames_whole() -> None:
     assert r.buffered_bytes == 0
 
 
+def test_may_hold_is_set_by_every_feed_and_cleared_only_once_the_reader_is_idle() -> None:
+    r = reader()
+    assert not r.may_hold
+    assert r.idle
+    wire = frame(OP_TEXT, b"one") + frame(OP_PING, b"")
+    r.feed(wire)
+    assert r.may_hold
+    assert not r.idle
+    assert isinstance(r.next_event(), Frame)
+    assert r.may_hold
+    assert not r.idle
+    assert isinstance(r.next_event(), Frame)
+    assert r.may_hold  # nothing left, but no one asked yet
+    assert r.idle
+    assert not r.may_hold
+    r.feed(wire[:3])  # a partial frame
+    assert r.next_event() is None
+    assert r.may_hold
+    assert not r.idle
+
+
 def test_take_run_counts_are_of_the_last_run_only() -> None:
     r = reader()
     two = frame(OP_TEXT, b"a") + frame(OP_BINARY, b"b")

@@ -289,7 +289,8 @@ class WebSocket:
         itself (a coroutine per message fewer) calls this at once after it."""
         view = self.read_view
         reader = self.reader
-        if received and reader.idle:  # the usual read: fresh_read's lines, inline
+        # The usual read: fresh_read's lines, inline (may_hold: idle without a call).
+        if received and (not reader.may_hold or reader.idle):
             self.bytes_received += received
             data = view[:received]
         else:

@@ -326,6 +326,11 @@ class FrameReader:
         self._streaming_left = 0
         self._streaming_offset = 0
         self._dead = False
+        #: False only while the reader is known to hold nothing: a flag the hot path
+        #: reads instead of asking :attr:`idle` (a property: a call) or
+        #: :meth:`next_event` per read. Every :meth:`feed` sets it; :attr:`idle`
+        #: clears it when it finds nothing buffered and no cut-through frame open.
+        self.may_hold = False
         #: What the last :meth:`take_run` found: data frames, and those ending a message.
         self.run_frames = 0
         self.run_messages = 0
@@ -351,7 +356,10 @@ class FrameReader:
     @property
     def idle(self) -> bool:
         """Nothing buffered and no cut-through frame in progress: :meth:`take_run` may run."""
-        return self._pos == len(self._buffer) and not self._streaming_left
+        if self._pos == len(self._buffer) and not self._streaming_left:
+            self.may_hold = False
+            return True
+        return False
 
     def take_pending(self, incoming_bytes: int) -> bytes | None:
         """Hand back the partial frame the reader holds, so a run can start with it.
@@ -547,6 +555,7 @@ class FrameReader:
         return start, end
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.may_hold = True
         pos = self._pos
         if pos and (pos == len(self._buffer) or pos >= _COMPACT_AFTER_BYTES):
             del self._buffer[:pos]
