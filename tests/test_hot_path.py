@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from relay.dataplane.policy import UNTAPPED_HEAD, UpstreamTap
 from relay.dataplane.ratelimit import ClientRateLimit
 from relay.net.transport import CHECKPOINT_EVERY_OPS, Transport, tune_stream_socket
-from relay.net.websocket import ConnectionClosed, WebSocket, WriteLock
+from relay.net.websocket import ConnectionClosed, LegFailed, WebSocket, WriteLock
 from relay.protocol import frames as F
 from relay.protocol.frames import (
     OP_BINARY,
@@ -937,6 +937,47 @@ async def test_send_raw_waiting_for_a_held_write_lock_sends_the_bytes_it_was_giv
     assert (opcode, payload) == (OP_TEXT, b"the original bytes")
     assert ws.bytes_sent == len(original)
     assert not lock.held
+
+
+async def test_send_now_writes_what_fits_and_send_rest_finishes_it_from_a_copy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The pumps' write: what the pipe takes at once goes now, the rest is awaited,
+    whole and in order, even though the caller's buffer is reused meanwhile."""
+    near, far = memory_pair(a_to_b=64)
+    ws = WebSocket(near, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
+    peer = WebSocket(far, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES)
+    original = frame(OP_TEXT, b"x" * 200, masked=False)
+    source = bytearray(original)
+    sent = ws.send_now(memoryview(source))
+    assert sent == 64
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ws.send_rest, memoryview(source), sent)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ws.lock_for_frame().held  # the rest of the frame waits under the lock
+        source[:] = bytes(len(source))  # the shared buffer, reused
+        with trio.fail_after(5):
+            opcode, payload = await peer.receive_message()
+    assert (opcode, payload) == (OP_TEXT, b"x" * 200)
+    assert ws.bytes_sent == len(original)
+    assert not ws.lock_for_frame().held
+
+
+async def test_send_now_writes_nothing_while_another_task_holds_the_write_lock() -> None:
+    near, far = memory_pair()
+    ws = WebSocket(near, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
+    await ws.lock_for_frame().acquire()
+    assert ws.send_now(frame(OP_TEXT, b"later", masked=False)) == 0
+    assert far.unread_bytes == 0
+
+
+async def test_send_now_on_a_broken_connection_fails_as_its_leg() -> None:
+    near, _ = memory_pair()
+    ws = WebSocket(near, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
+    ws.mark_broken()
+    with pytest.raises(LegFailed) as failed:
+        ws.send_now(b"\x81\x00")
+    assert failed.value.leg is ws
 
 
 async def test_write_lock_hands_over_in_arrival_order() -> None:

@@ -276,6 +276,7 @@ class RelaySession:
         stats = self.stats
         remask = self.remask_upstream
         recv_into, read_view, run_of = client.transport.recv_into, client.read_view, client.run_of
+        send_now = upstream.send_now
         while True:
             # The reader holds nothing after a read the run took whole: no next_event
             # call to learn so (0.9k instructions per message, bench/instructions.py).
@@ -287,10 +288,14 @@ class RelaySession:
                 received = await recv_into(read_view)
                 run = run_of(received)
                 if run:
-                    if not admit(len(run), reader.run_frames):
+                    size = len(run)
+                    if not admit(size, reader.run_frames):
                         self._finish(self._rate_ending())
                         return
-                    await upstream.send_raw(frames.remask_run(run) if remask else run)
+                    out = frames.remask_run(run) if remask else run  # the same size
+                    sent = send_now(out)
+                    if sent < size:  # the kernel (or another writer) is not done
+                        await upstream.send_rest(out, sent)
                     stats.messages_up += reader.run_messages
             elif type(event) is Frame:
                 if not admit(len(event.raw)):
@@ -670,6 +675,7 @@ class RelaySession:
             upstream.read_view,
             upstream.run_of,
         )
+        send_now = client.send_now
         for first in self.first_client_events:  # before anything the upstream sends
             await client.send_text(first)
         while True:
@@ -679,7 +685,9 @@ class RelaySession:
                 received = await recv_into(read_view)
                 run = run_of(received, observe, None, UNTAPPED_HEAD)
                 if run:
-                    await client.send_raw(run)
+                    sent = send_now(run)  # as in _pump_up
+                    if sent < len(run):
+                        await client.send_rest(run, sent)
                     stats.messages_down += reader.run_messages
             elif type(event) is Frame:
                 opcode = event.opcode
