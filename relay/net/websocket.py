@@ -323,15 +323,18 @@ class WebSocket:
         if received and (not reader.may_hold or reader.idle):
             self.bytes_received += received
             data = view[:received]
+            taken = reader.take_run(data, on_text, accept, skip_text, received)
+            if taken == received:  # the usual run: the whole read
+                return data
         else:
             fresh = self.fresh_read(received)
             if fresh is None:
                 reader.run_frames = reader.run_messages = 0
                 return view[:0]
             data = fresh
-        taken = reader.take_run(data, on_text, accept, skip_text)
-        if taken == len(data):
-            return data
+            taken = reader.take_run(data, on_text, accept, skip_text)
+            if taken == len(data):
+                return data
         reader.feed(data[taken:])
         return data[:taken]
 
