@@ -450,7 +450,11 @@ class RelaySession:
             self._finish(self._rate_ending())
             return False
         if pieces:
-            await self.upstream.send_raw(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            upstream = self.upstream
+            sent = upstream.send_now(out)  # as in _pump_up
+            if sent < len(out):
+                await upstream.send_rest(out, sent)
             self.stats.messages_up += messages
         for refusal in refusals:
             await self.client.send_text(refusal)
@@ -513,7 +517,7 @@ class RelaySession:
         reader = client.reader
         admit = self._rate.admit
         while True:
-            event = reader.next_event()
+            event = reader.next_event() if reader.may_hold else None  # as in _pump_up
             if event is None:
                 if self._audio_format is not None:
                     # The read made here, then fresh_read: no coroutine of its own per message.
@@ -720,10 +724,11 @@ class RelaySession:
         converted_text = self._converted_text
         frame_at = reader.frame_at
         recv_into, read_view = upstream.transport.recv_into, upstream.read_view
+        send_now = client.send_now
         for first in self.first_client_events:
             await client.send_text(first)
         while True:
-            event = reader.next_event()
+            event = reader.next_event() if reader.may_hold else None  # as in _pump_up
             if event is None:
                 # The read made here, then fresh_read: no coroutine of its own per message.
                 received = await recv_into(read_view)
@@ -743,7 +748,10 @@ class RelaySession:
                 if pos < size:
                     reader.feed(data[pos:])
                 if pieces:
-                    await client.send_raw(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+                    out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                    sent = send_now(out)  # as in _pump_up
+                    if sent < len(out):
+                        await client.send_rest(out, sent)
                     stats.messages_down += len(pieces)
             elif type(event) is Frame:
                 opcode = event.opcode

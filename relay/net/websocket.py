@@ -357,7 +357,7 @@ class WebSocket:
         self.bytes_received += received
         data = self.read_view[:received]
         reader = self.reader
-        if reader.idle:
+        if not reader.may_hold or reader.idle:  # may_hold: idle without a call
             return data
         pending = reader.take_pending(received)
         if pending is None:  # a cut-through frame, or a frame this read won't finish
