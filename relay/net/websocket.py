@@ -82,14 +82,19 @@ class WriteLock:
         self.held = False
         #: Tasks parked for the lock (a plain count: ParkingLot's len is a Python call).
         self.waiting = 0
-        self._waiters = trio.lowlevel.ParkingLot()
+        #: Made by the first writer that has to wait: most connections never contend,
+        #: and a parking lot is 3k instructions to build, two per session.
+        self._waiters: trio.lowlevel.ParkingLot | None = None
 
     async def acquire(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.held:
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = trio.lowlevel.ParkingLot()
             self.waiting += 1
             try:
-                await self._waiters.park()  # woken by release() as the new holder
+                await waiters.park()  # woken by release() as the new holder
             finally:
                 self.waiting -= 1
         else:
@@ -97,8 +102,10 @@ class WriteLock:
 
     def release(self) -> None:
         # ``waiting`` may still count a waiter whose cancellation already took it out
-        # of the lot: only a waiter actually unparked takes the lock over.
-        if self.waiting and self._waiters.unpark():
+        # of the lot: only a waiter actually unparked takes the lock over. A count
+        # above zero means a waiter made the lot.
+        waiters = self._waiters
+        if self.waiting and waiters is not None and waiters.unpark():
             return  # the lock passed on, still held
         self.held = False
 
