@@ -109,6 +109,18 @@ class MemoryStream:
                 continue
             await pipe.changed.park()
 
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
+        if self._closed:
+            raise TransportClosed("connection closed")
+        pipe = self._out
+        if pipe.refusal is not None:
+            raise TransportClosed(pipe.refusal)
+        taken = min(len(data), pipe.capacity - len(pipe.buffer))
+        if taken > 0:
+            pipe.buffer += memoryview(data)[:taken]
+            pipe.wake()
+        return max(taken, 0)
+
     def close(self) -> None:
         if self._closed:
             return

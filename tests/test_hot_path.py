@@ -24,10 +24,10 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.dataplane.policy import UpstreamTap
+from relay.dataplane.policy import UNTAPPED_HEAD, UpstreamTap
 from relay.dataplane.ratelimit import ClientRateLimit
 from relay.net.transport import CHECKPOINT_EVERY_OPS, Transport, tune_stream_socket
-from relay.net.websocket import ConnectionClosed, WebSocket, WriteLock
+from relay.net.websocket import ConnectionClosed, LegFailed, WebSocket, WriteLock
 from relay.protocol import frames as F
 from relay.protocol.frames import (
     OP_BINARY,
@@ -109,6 +109,27 @@ def test_take_run_takes_a_run_of_masked_text_frames_whole() -> None:
     assert r.idle
     assert not r.in_message
     assert r.buffered_bytes == 0
+
+
+def test_may_hold_is_set_by_every_feed_and_cleared_only_once_the_reader_is_idle() -> None:
+    r = reader()
+    assert not r.may_hold
+    assert r.idle
+    wire = frame(OP_TEXT, b"one") + frame(OP_PING, b"")
+    r.feed(wire)
+    assert r.may_hold
+    assert not r.idle
+    assert isinstance(r.next_event(), Frame)
+    assert r.may_hold
+    assert not r.idle
+    assert isinstance(r.next_event(), Frame)
+    assert r.may_hold  # nothing left, but no one asked yet
+    assert r.idle
+    assert not r.may_hold
+    r.feed(wire[:3])  # a partial frame
+    assert r.next_event() is None
+    assert r.may_hold
+    assert not r.idle
 
 
 def test_take_run_counts_are_of_the_last_run_only() -> None:
@@ -713,6 +734,32 @@ def test_tap_still_decodes_a_type_name_with_an_escape(event: bytes) -> None:
     assert tap.usage.total_tokens == 7
 
 
+@pytest.mark.parametrize(
+    ("head", "skipped"),
+    [
+        (b'{"type":"input_audio_buffer.append"', True),
+        (b'{"type":"response.output_audio.delta"', True),
+        (b'{"type":"response.don"', True),  # a tapped name's prefix, then its end
+        (b'{"type":"response.donee"', True),  # a tapped name, then more
+        (b'{"type":"errors"', True),
+        (b'{"type":"session.updated"', True),
+        (b'{"type":""', True),
+        (b'{"type":"input\\u005faudio"', True),  # an escape after the names differ
+        (b'{"type":"response.done"', False),
+        (b'{"type":"session.created"', False),
+        (b'{"type":"error"', False),
+        (b'{"type":"e\\u0072ror"', False),  # an escape where a tapped name goes on
+        (b'{"type":"\\u0065rror"', False),
+        (b'{"type":"respon', False),  # cut short inside a tapped name's prefix
+        (b'{"event_id":"e","type":"x"', False),
+    ],
+)
+def test_the_tap_skips_exactly_the_names_that_differ_from_every_tapped_one(
+    head: bytes, skipped: bool
+) -> None:
+    assert (UNTAPPED_HEAD(head) is not None) is skipped
+
+
 def test_tap_counts_non_json_as_undecodable() -> None:
     tap = UpstreamTap()
     tap.observe_text(b"not json")
@@ -890,6 +937,47 @@ async def test_send_raw_waiting_for_a_held_write_lock_sends_the_bytes_it_was_giv
     assert (opcode, payload) == (OP_TEXT, b"the original bytes")
     assert ws.bytes_sent == len(original)
     assert not lock.held
+
+
+async def test_send_now_writes_what_fits_and_send_rest_finishes_it_from_a_copy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The pumps' write: what the pipe takes at once goes now, the rest is awaited,
+    whole and in order, even though the caller's buffer is reused meanwhile."""
+    near, far = memory_pair(a_to_b=64)
+    ws = WebSocket(near, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
+    peer = WebSocket(far, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES)
+    original = frame(OP_TEXT, b"x" * 200, masked=False)
+    source = bytearray(original)
+    sent = ws.send_now(memoryview(source))
+    assert sent == 64
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ws.send_rest, memoryview(source), sent)
+        await trio.testing.wait_all_tasks_blocked()
+        assert ws.lock_for_frame().held  # the rest of the frame waits under the lock
+        source[:] = bytes(len(source))  # the shared buffer, reused
+        with trio.fail_after(5):
+            opcode, payload = await peer.receive_message()
+    assert (opcode, payload) == (OP_TEXT, b"x" * 200)
+    assert ws.bytes_sent == len(original)
+    assert not ws.lock_for_frame().held
+
+
+async def test_send_now_writes_nothing_while_another_task_holds_the_write_lock() -> None:
+    near, far = memory_pair()
+    ws = WebSocket(near, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
+    await ws.lock_for_frame().acquire()
+    assert ws.send_now(frame(OP_TEXT, b"later", masked=False)) == 0
+    assert far.unread_bytes == 0
+
+
+async def test_send_now_on_a_broken_connection_fails_as_its_leg() -> None:
+    near, _ = memory_pair()
+    ws = WebSocket(near, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES)
+    ws.mark_broken()
+    with pytest.raises(LegFailed) as failed:
+        ws.send_now(b"\x81\x00")
+    assert failed.value.leg is ws
 
 
 async def test_write_lock_hands_over_in_arrival_order() -> None:

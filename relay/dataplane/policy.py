@@ -350,14 +350,34 @@ TAPPED_TYPES: Final = frozenset({"session.created", "response.done", "error"})
 _TAPPED_TYPE_NAMES: Final = frozenset(name.encode() for name in TAPPED_TYPES)
 #: How OpenAI's events begin: ``type`` is the first member. An event that begins so
 #: with a type the tap does not want (audio deltas, transcripts: nearly all traffic)
-#: is skipped from its first bytes, without a JSON decode: one regex match, which
-#: refuses a name with an escape in it (an escape could spell a tapped type).
-#: How far into an event the type's closing quote is looked for.
-_TYPE_SCAN_BYTES: Final = 96
+#: is skipped from its first bytes, without a JSON decode: one regex match.
+#:
+#: The match reads the name only as far as it takes to tell it from every tapped name:
+#: the name is untapped once, after a stretch equal to the start of each tapped name,
+#: it has a byte that none of them has there (the closing quote included) and that is
+#: not a backslash. An escape before that point could spell a tapped type, so it
+#: fails the match and the event is decoded. Most names differ at their first byte
+#: (``input_audio_buffer.*``, ``conversation.*``) or a few bytes in (``response.``
+#: then anything but ``d``): a handful of steps where a scan of the whole name for
+#: escapes took one per byte (bench/instructions.py).
+
+
+def _divergence_pattern(rests: frozenset[bytes]) -> bytes:
+    """A regex that matches where a JSON string, read literally, leaves every one of
+    ``rests`` (what is left of the tapped names, each with its closing quote) at a byte
+    that is neither the next byte of one of them nor a backslash (an escape could
+    still spell it). No match: the string may be one of them."""
+    firsts = sorted({rest[:1] for rest in rests})
+    alternatives = [b"[^" + b"".join(re.escape(first) for first in firsts) + rb"\\]"]
+    for first in firsts:
+        tails = frozenset(rest[1:] for rest in rests if rest[:1] == first)
+        if b"" not in tails:  # the closing quote ends a name: nothing left to differ by
+            alternatives.append(re.escape(first) + _divergence_pattern(tails))
+    return b"(?:" + b"|".join(alternatives) + b")"
+
+
 UNTAPPED_HEAD: Final = re.compile(
-    rb'\{"type":"(?!(?:'
-    + b"|".join(re.escape(name) for name in sorted(_TAPPED_TYPE_NAMES))
-    + rb')")[^"\\]{0,%d}"' % _TYPE_SCAN_BYTES
+    rb'\{"type":"' + _divergence_pattern(frozenset(name + b'"' for name in _TAPPED_TYPE_NAMES))
 ).match
 
 

@@ -83,6 +83,15 @@ class ByteStream(Protocol):
         """
         ...
 
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what can go at once, without waiting: how many bytes of ``data`` went.
+
+        Never suspends (no checkpoint either): the caller's reads keep its loop fair
+        and cancellable. Fewer than ``len(data)`` (0, even): the rest is the caller's
+        to finish with :meth:`send_all`.
+        """
+        ...
+
     def close(self) -> None: ...
 
     def abort(self) -> None:
@@ -202,6 +211,21 @@ class Transport:
         if self._ops_without_yield >= CHECKPOINT_EVERY_OPS:
             self._ops_without_yield = 0
             await trio.lowlevel.checkpoint()
+
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
+        """Write what the kernel takes at once, without waiting: the bytes that went.
+
+        send_all's first attempt, without a coroutine: the relay's pumps write each
+        run this way and only await the rest (rarely) with :meth:`send_all`. No
+        periodic yield here: a pump's own reads yield every
+        :data:`CHECKPOINT_EVERY_OPS` (or wait), which keeps its loop fair.
+        """
+        try:
+            return self.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except (OSError, ValueError) as exc:
+            raise TransportClosed(_describe(exc)) from None
 
     async def _send_rest(self, view: memoryview, sent: int) -> None:
         """The rest of a write the kernel did not take at once (``sent`` bytes went)."""

@@ -82,14 +82,19 @@ class WriteLock:
         self.held = False
         #: Tasks parked for the lock (a plain count: ParkingLot's len is a Python call).
         self.waiting = 0
-        self._waiters = trio.lowlevel.ParkingLot()
+        #: Made by the first writer that has to wait: most connections never contend,
+        #: and a parking lot is 3k instructions to build, two per session.
+        self._waiters: trio.lowlevel.ParkingLot | None = None
 
     async def acquire(self) -> None:
         await trio.lowlevel.checkpoint_if_cancelled()
         if self.held:
+            waiters = self._waiters
+            if waiters is None:
+                waiters = self._waiters = trio.lowlevel.ParkingLot()
             self.waiting += 1
             try:
-                await self._waiters.park()  # woken by release() as the new holder
+                await waiters.park()  # woken by release() as the new holder
             finally:
                 self.waiting -= 1
         else:
@@ -97,8 +102,10 @@ class WriteLock:
 
     def release(self) -> None:
         # ``waiting`` may still count a waiter whose cancellation already took it out
-        # of the lot: only a waiter actually unparked takes the lock over.
-        if self.waiting and self._waiters.unpark():
+        # of the lot: only a waiter actually unparked takes the lock over. A count
+        # above zero means a waiter made the lot.
+        waiters = self._waiters
+        if self.waiting and waiters is not None and waiters.unpark():
             return  # the lock passed on, still held
         self.held = False
 
@@ -197,6 +204,36 @@ class WebSocket:
             else:  # release()'s common case, inline: a call per message fewer
                 lock.held = False
 
+    def send_now(self, data: bytes | bytearray | memoryview) -> int:
+        """Begin a write without a coroutine: the bytes of ``data`` that went at once.
+
+        The relay's pumps write each run so (the awaited :meth:`send_raw` is two
+        coroutines per message more: 2.1k instructions, bench/instructions.py). All
+        of it, usually; fewer (0 when another task holds the write lock): the caller
+        must ``await send_rest(data, sent)`` next, before any other await, so
+        nothing is written between the two and no frame is torn.
+        """
+        if self._send_broken:
+            raise LegFailed(self, "connection broken by an interrupted write")
+        if self._send_lock.held:
+            return 0
+        try:
+            sent = self.transport.send_now(data)
+        except TransportClosed as exc:
+            self._send_broken = True
+            raise LegFailed(self, str(exc)) from None
+        self.bytes_sent += sent
+        return sent
+
+    async def send_rest(self, data: bytes | bytearray | memoryview, sent: int) -> None:
+        """Finish a write :meth:`send_now` began, of which ``sent`` bytes went.
+
+        With ``sent`` bytes of a frame on the wire the write lock is still free (no
+        task ran since); :meth:`send_raw` takes it for the rest, and marks the
+        connection broken if the rest is cut off.
+        """
+        await self.send_raw(memoryview(data)[sent:] if sent else data)
+
     def mark_broken(self) -> None:
         """A write was interrupted mid-frame: nothing more may be written."""
         self._send_broken = True
@@ -289,18 +326,22 @@ class WebSocket:
         itself (a coroutine per message fewer) calls this at once after it."""
         view = self.read_view
         reader = self.reader
-        if received and reader.idle:  # the usual read: fresh_read's lines, inline
+        # The usual read: fresh_read's lines, inline (may_hold: idle without a call).
+        if received and (not reader.may_hold or reader.idle):
             self.bytes_received += received
             data = view[:received]
+            taken = reader.take_run(data, on_text, accept, skip_text, received)
+            if taken == received:  # the usual run: the whole read
+                return data
         else:
             fresh = self.fresh_read(received)
             if fresh is None:
                 reader.run_frames = reader.run_messages = 0
                 return view[:0]
             data = fresh
-        taken = reader.take_run(data, on_text, accept, skip_text)
-        if taken == len(data):
-            return data
+            taken = reader.take_run(data, on_text, accept, skip_text)
+            if taken == len(data):
+                return data
         reader.feed(data[taken:])
         return data[:taken]
 
@@ -323,7 +364,7 @@ class WebSocket:
         self.bytes_received += received
         data = self.read_view[:received]
         reader = self.reader
-        if reader.idle:
+        if not reader.may_hold or reader.idle:  # may_hold: idle without a call
             return data
         pending = reader.take_pending(received)
         if pending is None:  # a cut-through frame, or a frame this read won't finish

@@ -83,6 +83,9 @@ _COMPACT_AFTER_BYTES: Final = 64 * 1024
 MASK_KEYS_PER_REFILL: Final = 1024
 #: A frame's first two octets and the 16-bit length that may follow (take_run's one-frame path).
 _FIRST_FOUR_OCTETS: Final = struct.Struct("!HH").unpack_from
+#: The first two octets of a FIN binary frame start here, those of a FIN text frame
+#: just below: one integer comparison tells the two apart (take_run's one-frame path).
+_BINARY_HEADS: Final = 0x8200
 
 
 class FrameProtocolError(Exception):
@@ -304,6 +307,23 @@ def decode_close_payload(payload: bytes) -> tuple[int, str]:
 # ---------------------------------------------------------------------- decoding
 
 
+def _one_frame_heads(masked: bool) -> tuple[frozenset[int], frozenset[int], int, int]:
+    """What take_run's one-frame path matches for one role: the first two octets of a
+    FIN text or binary frame with the mask bit as expected, for a 16-bit length (the
+    126 marker) and, under 0xFF80, for a 7-bit one; then the two header sizes."""
+    mask_bit = 0x80 if masked else 0
+    return (
+        frozenset({0x8100 | mask_bit | 126, 0x8200 | mask_bit | 126}),
+        frozenset({0x8100 | mask_bit, 0x8200 | mask_bit}),
+        8 if masked else 4,
+        6 if masked else 2,
+    )
+
+
+_MASKED_HEADS: Final = _one_frame_heads(masked=True)
+_UNMASKED_HEADS: Final = _one_frame_heads(masked=False)
+
+
 class FrameReader:
     """Incremental reader for the frames one peer sends on one connection."""
 
@@ -326,17 +346,18 @@ class FrameReader:
         self._streaming_left = 0
         self._streaming_offset = 0
         self._dead = False
+        #: False only while the reader is known to hold nothing: a flag the hot path
+        #: reads instead of asking :attr:`idle` (a property: a call) or
+        #: :meth:`next_event` per read. Every :meth:`feed` sets it; :attr:`idle`
+        #: clears it when it finds nothing buffered and no cut-through frame open.
+        self.may_hold = False
         #: What the last :meth:`take_run` found: data frames, and those ending a message.
         self.run_frames = 0
         self.run_messages = 0
-        # take_run's one-frame path: the first two octets of a FIN text or binary frame
-        # with the mask bit as expected, for a 16-bit length (the 126 marker) and, under
-        # 0xFF80, for a 7-bit one; the header sizes; the largest payload it takes whole.
-        mask_bit = 0x80 if expect_masked else 0
-        self._heads_16 = frozenset({0x8100 | mask_bit | 126, 0x8200 | mask_bit | 126})
-        self._heads_7 = frozenset({0x8100 | mask_bit, 0x8200 | mask_bit})
-        self._header_16 = 8 if expect_masked else 4
-        self._header_7 = 6 if expect_masked else 2
+        # take_run's one-frame path (shared per role: two sets fewer to build per reader).
+        self._heads_16, self._heads_7, self._header_16, self._header_7 = (
+            _MASKED_HEADS if expect_masked else _UNMASKED_HEADS
+        )
         self._one_frame_max = min(whole_frame_max_bytes, max_message_bytes)
 
     @property
@@ -351,7 +372,10 @@ class FrameReader:
     @property
     def idle(self) -> bool:
         """Nothing buffered and no cut-through frame in progress: :meth:`take_run` may run."""
-        return self._pos == len(self._buffer) and not self._streaming_left
+        if self._pos == len(self._buffer) and not self._streaming_left:
+            self.may_hold = False
+            return True
+        return False
 
     def take_pending(self, incoming_bytes: int) -> bytes | None:
         """Hand back the partial frame the reader holds, so a run can start with it.
@@ -394,6 +418,7 @@ class FrameReader:
         on_text: Callable[[memoryview], None] | None = None,
         accept: Callable[[int, bool, bytes | memoryview], bool] | None = None,
         skip_text: Callable[[memoryview, int, int], object] | None = None,
+        size: int = -1,
     ) -> int:
         """Consume the whole small data frames at the front of freshly read ``data``.
 
@@ -417,9 +442,10 @@ class FrameReader:
         opcode, fin and unmasked payload: a view of ``data`` when the frame is not
         masked) before it joins the run, and the run stops
         before the first it refuses (the locked pump takes only proven appends).
-        :attr:`run_frames` and :attr:`run_messages` count the run.
+        :attr:`run_frames` and :attr:`run_messages` count the run. ``size``: the
+        caller's ``len(data)``, when it knows it (a read's byte count), saving a call.
         """
-        end = len(data)
+        end = len(data) if size < 0 else size
         # The read of a real-time session is one whole common frame: the loop's checks
         # for that frame in the fewest steps, a third of the loop's cost. These are
         # frame_at's lines, inline: a call and a tuple per read cost a third again.
@@ -437,7 +463,7 @@ class FrameReader:
         if start and start + length == end and length <= self._one_frame_max:
             if (
                 on_text is not None
-                and data[0] == 0x81
+                and head < _BINARY_HEADS  # a text frame (0x81), from its header
                 and not self.expect_masked
                 and (skip_text is None or skip_text(data, start, end) is None)
             ):
@@ -547,6 +573,7 @@ class FrameReader:
         return start, end
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
+        self.may_hold = True
         pos = self._pos
         if pos and (pos == len(self._buffer) or pos >= _COMPACT_AFTER_BYTES):
             del self._buffer[:pos]
