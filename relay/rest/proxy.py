@@ -453,6 +453,10 @@ class RestProxy:
             if connection is not None:
                 connection.close()
             return self._refused(key, Outcome.SERVER_ERROR, None, f"upstream failed: {exc}")
+        except BaseException:  # cancelled (the client went, the relay stops): no leak
+            if connection is not None:
+                connection.close()
+            raise
         assert connection is not None
         assert response is not None
         exchange.first_byte_s = self._clock() - started
@@ -460,8 +464,10 @@ class RestProxy:
         outcome = _outcome(status)
         retry_after_s = _retry_after_s(response)
         if outcome in FAILS_OVER:
-            refusal_body = await _read_refusal_body(connection, response)
-            connection.close()
+            try:
+                refusal_body = await _read_refusal_body(connection, response)
+            finally:
+                connection.close()
             self._learn(key, outcome, retry_after_s, f"HTTP {status}")
             if outcome is Outcome.KEY_REJECTED:
                 refusal = _Refusal(
@@ -599,7 +605,7 @@ class RestProxy:
         )
         usage = UsageReader(response.header(b"content-type"))
         watcher = _ClientWatcher(transport)
-        complete = False
+        complete = pooled = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(watcher.run, nursery.cancel_scope)
@@ -617,23 +623,23 @@ class RestProxy:
                         exchange=exchange,
                     )
                 nursery.cancel_scope.cancel()
+            if watcher.gone:
+                exchange.client_disconnected = True
+                return None
+            usage.finish()
+            if usage.usage is not None:
+                exchange.usage = {k: v for k, v in usage.usage.as_kinds().items() if v}
+                model = usage.model or exchange.model or "unknown"
+                for kind, value in exchange.usage.items():
+                    self._state.metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
+            if complete and upstream_reusable:
+                self.pool.give(pool_key, connection, self._clock())
+                pooled = True
         finally:
-            if not complete:
+            # Every other way out (a cut, a client gone, a cancellation) closes it:
+            # a connection whose response was not read to its end is never reused.
+            if not pooled:
                 connection.close()
-        if watcher.gone:
-            exchange.client_disconnected = True
-            connection.close()
-            return None
-        usage.finish()
-        if usage.usage is not None:
-            exchange.usage = {k: v for k, v in usage.usage.as_kinds().items() if v}
-            model = usage.model or exchange.model or "unknown"
-            for kind, value in exchange.usage.items():
-                self._state.metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
-        if complete and upstream_reusable:
-            self.pool.give(pool_key, connection, self._clock())
-        else:
-            connection.close()
         if not (complete and client_keep_alive):
             return None
         return watcher.pipelined if watcher.pipelined is not None else b""
