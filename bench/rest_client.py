@@ -10,8 +10,10 @@ client stays light on the load core it shares with the simulator.
 Per request it records the time to first byte (request written -> first whole SSE
 event received) and every inter-chunk gap (one event's arrival to the next; events
 that arrive in one read count a gap of 0), in :class:`relay.loadgen.LatencyHistogram`
-buckets. The run is bounded: ``--warmup-s`` (not recorded), then ``--duration-s``
-measured (samples by arrival time; requests by completion), then at most
+buckets. Stream *i* sends its first request *i*/N of ``--stagger-ms`` late (the chunk
+interval), so the streams' chunks do not all arrive at once. The run is bounded:
+``--warmup-s`` (not recorded), then ``--duration-s`` measured (samples by arrival
+time; requests by completion), then at most
 ``--drain-s`` for the requests in flight to end, with ``--max-requests`` in all and
 ``--request-timeout-s`` per request. It prints JSON lines on stdout: ``ready`` once
 every connection is open, ``window_start``, ``window_end``, then ``result``.
@@ -249,8 +251,9 @@ async def main_async(args: argparse.Namespace) -> None:
         streams.append(protocol)
         lost.append(future)
     emit("ready", streams=len(streams))
-    for stream in streams:
-        stream.start()
+    for index, stream in enumerate(streams):
+        # Stream i starts i/N of --stagger-ms late, so the streams' chunks are not in phase.
+        loop.call_later(args.stagger_ms / 1e3 * index / len(streams), stream.start)
     reconnect_task = asyncio.ensure_future(keep_connected(run, streams, lost, loop))
     await asyncio.sleep(args.warmup_s)
     run.recording = True
@@ -315,6 +318,7 @@ def main() -> int:
     parser.add_argument("--streams", type=int, default=4)
     parser.add_argument("--warmup-s", type=float, default=1.0)
     parser.add_argument("--duration-s", type=float, default=3.0)
+    parser.add_argument("--stagger-ms", type=float, default=20.0)
     parser.add_argument("--drain-s", type=float, default=5.0)
     parser.add_argument("--max-requests", type=int, default=1_000_000)
     parser.add_argument("--request-timeout-s", type=float, default=30.0)

@@ -7,8 +7,9 @@
 // first byte (req.end() -> the first whole SSE event in a 'data' event) and every
 // inter-chunk gap (events arriving in one 'data' event count a gap of 0), kept in the
 // buckets of relay.loadgen.LatencyHistogram (1 % wide, from 1 us) so bench/rest.py
-// reads both clients alike. Bounded: --warmup-s, --duration-s measured, at most
-// --drain-s for requests in flight, --max-requests in all, --request-timeout-s each.
+// reads both clients alike. Worker i starts i/N of --stagger-ms late. Bounded:
+// --warmup-s, --duration-s measured, at most --drain-s for requests in flight,
+// --max-requests in all, --request-timeout-s each.
 // JSON lines on stdout: ready, window_start, window_end, result.
 import http from 'node:http';
 import { parseArgs } from 'node:util';
@@ -22,6 +23,7 @@ const { values: opts } = parseArgs({
     streams: { type: 'string', default: '4' },
     'warmup-s': { type: 'string', default: '1' },
     'duration-s': { type: 'string', default: '3' },
+    'stagger-ms': { type: 'string', default: '20' },
     'drain-s': { type: 'string', default: '5' },
     'max-requests': { type: 'string', default: '1000000' },
     'request-timeout-s': { type: 'string', default: '30' },
@@ -31,6 +33,7 @@ const port = Number(opts.port);
 const streams = Number(opts.streams);
 const warmupMs = Number(opts['warmup-s']) * 1000;
 const durationMs = Number(opts['duration-s']) * 1000;
+const staggerMs = Number(opts['stagger-ms']);
 const drainMs = Number(opts['drain-s']) * 1000;
 const maxRequests = Number(opts['max-requests']);
 const timeoutMs = Number(opts['request-timeout-s']) * 1000;
@@ -149,7 +152,9 @@ function oneRequest() {
   });
 }
 
-async function worker() {
+async function worker(_, index) {
+  // Worker i starts i/N of --stagger-ms late, so the streams' chunks are not in phase.
+  await sleep((staggerMs * index) / streams);
   while (!run.stopping && run.started < maxRequests) {
     run.started += 1;
     run.inFlight += 1;
