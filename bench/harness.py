@@ -258,8 +258,16 @@ class Rig:
         wait_for_port(port, process)
         pin(process.pid, cpus)
 
-    def start_simulator(self, *, mode: str = "normal", tls: tuple[Path, Path] | None = None) -> int:
-        """The simulator: a paced model by default; ``?sim_mode=echo`` per session for echoes."""
+    def start_simulator(
+        self,
+        *,
+        mode: str = "normal",
+        tls: tuple[Path, Path] | None = None,
+        extra_args: tuple[str, ...] = (),
+    ) -> int:
+        """The simulator: a paced model by default; ``?sim_mode=echo`` per session for echoes.
+
+        ``extra_args``: more ``relay simulate`` options (``bench/rest.py``'s REST pacing)."""
         port = free_port()
         env = dict(self.env)
         if tls is not None:
@@ -279,6 +287,7 @@ class Rig:
                 "--api-key",
                 SIM_KEY,
                 "--faults",
+                *extra_args,
             ],
             env,
         )
@@ -460,7 +469,9 @@ class Rig:
         self.targets["splice"] = target
         return target
 
-    def start_nginx(self, upstream_port: int) -> Target | None:
+    def start_nginx(self, upstream_port: int, conf_template: str = NGINX_CONF) -> Target | None:
+        """nginx in front of ``upstream_port``; ``conf_template`` (``{tmp}``, ``{port}``,
+        ``{upstream}``) replaces the WebSocket proxy's conf (``bench/rest.py``: plain HTTP)."""
         nginx = find_nginx()
         if nginx is None:
             return None
@@ -468,7 +479,7 @@ class Rig:
         tmp.mkdir(exist_ok=True)
         port = free_port()
         (tmp / "nginx.conf").write_text(
-            NGINX_CONF.format(tmp=tmp, port=port, upstream=upstream_port)
+            conf_template.format(tmp=tmp, port=port, upstream=upstream_port)
         )
         process = self._spawn(
             [nginx, "-p", str(tmp), "-c", str(tmp / "nginx.conf")], cpus=self.server_cpus

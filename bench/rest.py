@@ -1,0 +1,603 @@
+"""The REST proxy's cost: streamed chat completions direct, through the relay and through nginx.
+
+Issue 15's figures. ``--streams`` concurrent streams (default 50 and 200), each a
+keep-alive connection looping ``POST /v1/chat/completions`` with ``stream: true`` and
+``stream_options.include_usage``, reading the SSE answer to ``data: [DONE]``. The
+simulator (``relay simulate``) answers each with ``--rest-stream-chunks`` text deltas
+(24 SSE events in all at the default 20: role, deltas, finish, usage, ``[DONE]``), one
+HTTP chunk per event, ``--rest-chunk-interval-ms`` apart. Three paths, all in one run,
+round-robin over ``--rounds`` short repetitions (the order rotated each round):
+
+- ``direct``: the simulator itself;
+- ``relay``: our relay (``relay serve``, one upstream: the simulator, a client key);
+- ``nginx``: nginx as a plain HTTP reverse proxy (:data:`REST_NGINX_CONF`: HTTP/1.1 to an
+  ``upstream`` block with ``keepalive 64``, ``Connection ""``, no buffering either way),
+  the floor.
+
+Two load clients, each driving every path in every round: ``ours``
+(``bench/rest_client.py``: raw asyncio sockets on uvloop, parsing the chunked HTTP
+itself, light on CPU) and ``node`` (``bench/node/rest_load.mjs``: Node's built-in
+``http`` module, nothing of ours in its HTTP). With ``--pin`` the proxy under test is
+alone on CPU 0, the simulator and the load on CPU 1.
+
+Reported per client, stream count and path (median over the rounds, min-max spread):
+time to first byte (request written -> first SSE event) p50/p99 and, paired within the
+round, added against ``direct``; the inter-chunk gap p99 and its added p99; requests
+and chunks completed in the measured window and errors; the proxy's CPU (user+sys from
+/proc, nginx's workers included, over exactly the measured window) per request and per
+chunk; relay CPU per chunk ÷ nginx's, paired per round; the load process's own CPU
+(flagged ``!`` at 90 % of a core: then its latencies measure the load, not the proxy)
+and the simulator's. Judged against issue 15's targets: added p99 time to first byte
+under :data:`TTFB_ADDED_P99_TARGET_MS` at 50 streams, relay CPU per streamed chunk
+within :data:`CPU_X_NGINX_TARGET` times nginx's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from harness import (
+    CLIENT_KEY,
+    NODE_DIR,
+    REPO,
+    SIM_KEY,
+    Rig,
+    Spread,
+    cpu_seconds,
+    find_nginx,
+    load_events,
+    rig,
+    rotated,
+)
+
+from relay.loadgen import LatencyHistogram
+
+PATHS: Final = ("direct", "relay", "nginx")
+CLIENTS: Final = ("ours", "node")
+DEFAULT_STREAMS: Final = "50,200"
+DEFAULT_ROUNDS: Final = 3
+DEFAULT_DURATION_S: Final = 5.0
+DEFAULT_WARMUP_S: Final = 1.0
+#: After the window, requests in flight get this long to end (seconds).
+DRAIN_S: Final = 5.0
+DEFAULT_CHUNK_INTERVAL_MS: Final = 20
+DEFAULT_STREAM_CHUNKS: Final = 20
+MODEL: Final = "gpt-4o-mini"
+CHAT_PATH: Final = "/v1/chat/completions"
+#: Issue 15's targets.
+TTFB_ADDED_P99_TARGET_MS: Final = 2.0
+TTFB_TARGET_STREAMS: Final = 50
+CPU_X_NGINX_TARGET: Final = 2.0
+#: A load process at this share of a core is flagged as saturated.
+SATURATED_PERCENT: Final = 90.0
+
+REST_NGINX_CONF: Final = """
+daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/error.log error;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/body;
+    proxy_temp_path {tmp}/proxy;
+    fastcgi_temp_path {tmp}/fastcgi;
+    uwsgi_temp_path {tmp}/uwsgi;
+    scgi_temp_path {tmp}/scgi;
+    upstream simulator {{
+        server 127.0.0.1:{upstream};
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://simulator;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+    }}
+}}
+"""
+
+
+@dataclass
+class Endpoint:
+    """A path the load is pointed at: its port, the key it takes, whose CPU counts."""
+
+    name: str
+    port: int
+    key: str
+    pid: int
+
+
+@dataclass
+class Run:
+    """One load run: one client, one stream count, one path, one round."""
+
+    client: str
+    streams: int
+    path: str
+    round: int
+    requests: int = 0
+    chunks: int = 0
+    started: int = 0
+    unfinished: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+    ttfb: dict[str, Any] = field(default_factory=dict)
+    gap: dict[str, Any] = field(default_factory=dict)
+    window_s: float = math.nan
+    proxy_cpu_s: float = math.nan
+    load_cpu_s: float = math.nan
+    sim_cpu_s: float = math.nan
+
+    def quantile(self, which: str, fraction: float) -> float:
+        histogram = LatencyHistogram.from_wire(self.ttfb if which == "ttfb" else self.gap)
+        return histogram.percentile(fraction)
+
+    def per(self, count: int) -> float:
+        """Proxy CPU per unit, in µs (NaN for direct: there is no proxy)."""
+        if self.path == "direct" or not count:
+            return math.nan
+        return self.proxy_cpu_s / count * 1e6
+
+    def percent(self, cpu_s: float) -> float:
+        return 100.0 * cpu_s / self.window_s if self.window_s else math.nan
+
+
+def node_for_rest() -> str:
+    """Node for ``bench/node/rest_load.mjs``, which needs only Node's built-ins (so not
+    :func:`harness.node_binary`, which also wants ``ws`` installed)."""
+    found = shutil.which("node")
+    if found is None:
+        raise RuntimeError("node is not installed (bench/node/rest_load.mjs needs Node 20+)")
+    return found
+
+
+def load_command(
+    client: str, target: Endpoint, streams: int, args: argparse.Namespace
+) -> list[str]:
+    common = [
+        "--port",
+        str(target.port),
+        "--path",
+        CHAT_PATH,
+        "--key",
+        target.key,
+        "--model",
+        MODEL,
+        "--streams",
+        str(streams),
+        "--warmup-s",
+        str(args.warmup_s),
+        "--duration-s",
+        str(args.duration_s),
+        "--drain-s",
+        str(DRAIN_S),
+        "--stagger-ms",
+        str(args.chunk_interval_ms),
+        "--max-requests",
+        str(args.max_requests),
+    ]
+    if client == "ours":
+        return [sys.executable, str(REPO / "bench/rest_client.py"), *common]
+    return [node_for_rest(), str(NODE_DIR / "rest_load.mjs"), *common]
+
+
+def measure_rest(
+    running: Rig, target: Endpoint, sim_pid: int, client: str, streams: int, run: Run, args: Any
+) -> Run:
+    """One load process against ``target``; CPU of the proxy, the load and the simulator
+    sampled when the load says its measured window starts and ends."""
+    cpus = running.load_cpus
+    stderr_path = running.work_dir / f"load-{client}-{target.name}-{streams}.err"
+    with stderr_path.open("wb") as stderr:
+        process = subprocess.Popen(
+            load_command(client, target, streams, args),
+            cwd=REPO,
+            env=running.env,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+        )
+    deadline = time.monotonic() + args.warmup_s + args.duration_s + DRAIN_S + 60
+    samples: dict[str, tuple[float, float, float, float]] = {}
+    try:
+        for event in load_events(process, deadline):
+            kind = event["event"]
+            if kind in ("window_start", "window_end"):
+                samples[kind] = (
+                    time.monotonic(),
+                    cpu_seconds(target.pid),
+                    cpu_seconds(process.pid),
+                    cpu_seconds(sim_pid),
+                )
+            elif kind == "result":
+                run.requests, run.chunks = event["requests"], event["chunks"]
+                run.started, run.unfinished = event["started"], event["unfinished"]
+                run.errors = dict(event["errors"])
+                run.ttfb, run.gap = event["ttfb"], event["gap"]
+        process.wait(timeout=DRAIN_S + 10)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    if process.returncode != 0 or not run.ttfb:
+        raise RuntimeError(
+            f"{client} load against {target.name} exited {process.returncode}: "
+            + stderr_path.read_text(errors="replace")[-2000:]
+        )
+    if "window_start" in samples and "window_end" in samples:
+        start, end = samples["window_start"], samples["window_end"]
+        run.window_s = end[0] - start[0]
+        run.proxy_cpu_s = end[1] - start[1]
+        run.load_cpu_s = end[2] - start[2]
+        run.sim_cpu_s = end[3] - start[3]
+    if run.unfinished:
+        run.errors["unfinished_after_drain"] = run.unfinished
+    return run
+
+
+# ---------------------------------------------------------------- figures
+
+
+def spread(runs: list[Run], figure: Callable[[Run], float]) -> Spread:
+    return Spread.of(figure(run) for run in runs)
+
+
+def paired(
+    by_round: dict[tuple[str, int], Run],
+    path: str,
+    base: str,
+    figure: Callable[[Run], float],
+    combine: Callable[[float, float], float],
+) -> Spread:
+    """``combine(figure(path's run), figure(base's run))`` within each round."""
+    values = []
+    for (name, number), run in by_round.items():
+        other = by_round.get((base, number))
+        if name == path and other is not None:
+            values.append(combine(figure(run), figure(other)))
+    return Spread.of(values)
+
+
+def minus(a: float, b: float) -> float:
+    return a - b
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else math.nan
+
+
+def ttfb50(run: Run) -> float:
+    return run.quantile("ttfb", 0.50)
+
+
+def ttfb99(run: Run) -> float:
+    return run.quantile("ttfb", 0.99)
+
+
+def gap50(run: Run) -> float:
+    return run.quantile("gap", 0.50)
+
+
+def gap99(run: Run) -> float:
+    return run.quantile("gap", 0.99)
+
+
+def per_request(run: Run) -> float:
+    return run.per(run.requests)
+
+
+def per_chunk(run: Run) -> float:
+    return run.per(run.chunks)
+
+
+def proxy_percent(run: Run) -> float:
+    return run.percent(run.proxy_cpu_s) if run.path != "direct" else math.nan
+
+
+def load_percent(run: Run) -> float:
+    return run.percent(run.load_cpu_s)
+
+
+def sim_percent(run: Run) -> float:
+    return run.percent(run.sim_cpu_s)
+
+
+def load_core_percent(run: Run) -> float:
+    """The load process and the simulator together: the load core's use when pinned."""
+    return run.percent(run.load_cpu_s + run.sim_cpu_s)
+
+
+def summarise(runs: list[Run], clients: list[str], streams_list: list[int]) -> dict[str, Any]:
+    """Per client, stream count and path: the figures as Spreads, paired ones per round."""
+    summary: dict[str, Any] = {}
+    for client in clients:
+        summary[client] = {}
+        for streams in streams_list:
+            mine = [run for run in runs if run.client == client and run.streams == streams]
+            by_round = {(run.path, run.round): run for run in mine}
+            rows: dict[str, Any] = {}
+            for path in PATHS:
+                path_runs = [run for run in mine if run.path == path]
+                if not path_runs:
+                    continue
+                errors: dict[str, int] = {}
+                for run in path_runs:
+                    for kind, count in run.errors.items():
+                        errors[kind] = errors.get(kind, 0) + count
+                rows[path] = {
+                    "requests": sum(run.requests for run in path_runs),
+                    "chunks": sum(run.chunks for run in path_runs),
+                    "errors": errors,
+                    "ttfb_p50_ms": spread(path_runs, ttfb50),
+                    "ttfb_p99_ms": spread(path_runs, ttfb99),
+                    "ttfb_added_p50_ms": paired(by_round, path, "direct", ttfb50, minus),
+                    "ttfb_added_p99_ms": paired(by_round, path, "direct", ttfb99, minus),
+                    "gap_p50_ms": spread(path_runs, gap50),
+                    "gap_p99_ms": spread(path_runs, gap99),
+                    "gap_added_p99_ms": paired(by_round, path, "direct", gap99, minus),
+                    "cpu_us_per_request": spread(path_runs, per_request),
+                    "cpu_us_per_chunk": spread(path_runs, per_chunk),
+                    "cpu_percent": spread(path_runs, proxy_percent),
+                    "cpu_per_chunk_x_nginx": paired(by_round, path, "nginx", per_chunk, ratio),
+                    "load_cpu_percent": spread(path_runs, load_percent),
+                    "sim_cpu_percent": spread(path_runs, sim_percent),
+                    "load_core_percent": spread(path_runs, load_core_percent),
+                }
+            summary[client][str(streams)] = rows
+    return summary
+
+
+def judge(summary: dict[str, Any]) -> dict[str, Any]:
+    """Issue 15's two targets, per client, on the medians."""
+    verdicts: dict[str, Any] = {}
+    for client, by_streams in summary.items():
+        relay_at = by_streams.get(str(TTFB_TARGET_STREAMS), {}).get("relay")
+        added = relay_at["ttfb_added_p99_ms"].median if relay_at else math.nan
+        ratios = {
+            streams: rows["relay"]["cpu_per_chunk_x_nginx"].median
+            for streams, rows in by_streams.items()
+            if "relay" in rows and "nginx" in rows
+        }
+        verdicts[client] = {
+            "ttfb_added_p99_ms_at_50": added,
+            "ttfb_met": (added < TTFB_ADDED_P99_TARGET_MS) if not math.isnan(added) else None,
+            "cpu_per_chunk_x_nginx": ratios,
+            "cpu_met": (
+                all(value <= CPU_X_NGINX_TARGET for value in ratios.values())
+                if ratios and not any(math.isnan(value) for value in ratios.values())
+                else None
+            ),
+        }
+    return verdicts
+
+
+def load_flag(judged: Spread, shown: Spread | None = None) -> str:
+    """``shown`` (default ``judged``), with ``!`` when ``judged`` reached saturation."""
+    text = (shown or judged).show(".0f")
+    return f"{text}!" if judged.n and judged.high >= SATURATED_PERCENT else text
+
+
+def table(summary: dict[str, Any], verdicts: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    columns = (
+        f"{'path':<7} {'requests':>8} {'chunks':>8} {'TTFB p50 ms':>17} {'p99 ms':>17} "
+        f"{'added p50':>17} {'added p99':>17} {'gap p99 ms':>17} {'added':>17} "
+        f"{'CPU us/req':>17} {'us/chunk':>17} {'x nginx':>17} {'load %':>9} {'sim %':>9} errors"
+    )
+    lines = [
+        f"REST proxy: streamed chat completions ({args.stream_chunks} deltas, one SSE event "
+        f"per HTTP chunk, {args.chunk_interval_ms} ms apart), {args.rounds} interleaved "
+        f"rounds of {args.duration_s:g} s{', pinned' if args.pin else ''}; median (min-max)",
+    ]
+    for client, by_streams in summary.items():
+        for streams, rows in by_streams.items():
+            lines += ["", f"client {client}, {streams} streams", columns]
+            for path, row in rows.items():
+                base = path == "direct"
+                sim_cell = (
+                    load_flag(row["load_core_percent"], row["sim_cpu_percent"])
+                    if args.pin
+                    else row["sim_cpu_percent"].show(".0f")
+                )
+                lines.append(
+                    f"{path:<7} {row['requests']:>8} {row['chunks']:>8} "
+                    f"{row['ttfb_p50_ms'].show('.2f'):>17} {row['ttfb_p99_ms'].show('.2f'):>17} "
+                    f"{'' if base else row['ttfb_added_p50_ms'].show('+.2f'):>17} "
+                    f"{'' if base else row['ttfb_added_p99_ms'].show('+.2f'):>17} "
+                    f"{row['gap_p99_ms'].show('.2f'):>17} "
+                    f"{'' if base else row['gap_added_p99_ms'].show('+.2f'):>17} "
+                    f"{row['cpu_us_per_request'].show('.0f'):>17} "
+                    f"{row['cpu_us_per_chunk'].show('.1f'):>17} "
+                    f"{row['cpu_per_chunk_x_nginx'].show('.2f') if path == 'relay' else '':>17} "
+                    f"{load_flag(row['load_cpu_percent']):>9} "
+                    f"{sim_cell:>9} "
+                    f"{json.dumps(row['errors']) if row['errors'] else '-'}"
+                )
+    lines.append("")
+    for client, verdict in verdicts.items():
+        added = verdict["ttfb_added_p99_ms_at_50"]
+        ratios = ", ".join(
+            f"{number(value, '.2f')}x at {streams}"
+            for streams, value in verdict["cpu_per_chunk_x_nginx"].items()
+        )
+        lines.append(
+            f"issue 15, client {client}: added p99 TTFB at {TTFB_TARGET_STREAMS} streams "
+            f"{number(added, '+.2f')} ms (target < {TTFB_ADDED_P99_TARGET_MS:g}): "
+            f"{verdict_word(verdict['ttfb_met'])}; relay CPU per chunk "
+            f"{ratios or '-'} nginx's (target <= {CPU_X_NGINX_TARGET:g}x): "
+            f"{verdict_word(verdict['cpu_met'])}"
+        )
+    lines += [
+        "",
+        "TTFB: request written -> first SSE event; gap: one event's arrival to the next; "
+        "added: paired with direct in the same round. CPU: the proxy's user+sys over the "
+        "measured window (nginx: its workers too). load %: the load process's own CPU "
+        f"('!' at {SATURATED_PERCENT:.0f} % of a core: its latencies measure the load); "
+        "sim %: the simulator's, on the load's core when pinned ('!' when it and the "
+        "load together reach that share of the core).",
+        litellm_note(),
+    ]
+    return lines
+
+
+def number(value: float, spec: str) -> str:
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def verdict_word(met: bool | None) -> str:
+    return "not measured" if met is None else "met" if met else "NOT met"
+
+
+def litellm_note() -> str:
+    if importlib.util.find_spec("litellm") is None:
+        return (
+            "LiteLLM (the proxy a user might deploy instead) is not measured: it is not in "
+            "the venv, and the bench does not pip install it."
+        )
+    return "LiteLLM is installed but not yet a path of this bench."
+
+
+def to_json(value: Any) -> Any:
+    if isinstance(value, Spread):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {key: to_json(item) for key, item in value.items()}
+    return value
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument(
+        "--streams", default=DEFAULT_STREAMS, help="concurrent streams, comma-separated"
+    )
+    parser.add_argument("--duration-s", type=float, default=DEFAULT_DURATION_S)
+    parser.add_argument("--warmup-s", type=float, default=DEFAULT_WARMUP_S)
+    parser.add_argument(
+        "--clients", default=",".join(CLIENTS), help="load clients: ours, node (comma-separated)"
+    )
+    parser.add_argument(
+        "--chunk-interval-ms",
+        type=int,
+        default=DEFAULT_CHUNK_INTERVAL_MS,
+        help="the simulator's --rest-chunk-interval-ms",
+    )
+    parser.add_argument(
+        "--stream-chunks",
+        type=int,
+        default=DEFAULT_STREAM_CHUNKS,
+        help="the simulator's --rest-stream-chunks (text deltas per answer)",
+    )
+    parser.add_argument("--max-requests", type=int, default=1_000_000, help="per load run, a bound")
+    parser.add_argument("--relay-log-level", default="warning")
+    parser.add_argument("--pin", action="store_true", help="relay on CPU 0, the rest on CPU 1")
+    parser.add_argument("--out", type=Path, help="write the runs and the summary as JSON here")
+    args = parser.parse_args()
+    streams_list = [int(value) for value in args.streams.split(",") if value]
+    clients = [value for value in args.clients.split(",") if value]
+    for client in clients:
+        if client not in CLIENTS:
+            parser.error(f"unknown client {client!r}: {', '.join(CLIENTS)}")
+    if find_nginx() is None:
+        parser.error("nginx is not installed (scripts/install installs it)")
+    runs: list[Run] = []
+    began = time.monotonic()
+    with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
+        sim_port = running.start_simulator(
+            extra_args=(
+                "--rest-chunk-interval-ms",
+                str(args.chunk_interval_ms),
+                "--rest-stream-chunks",
+                str(args.stream_chunks),
+            )
+        )
+        sim_pid = running.targets["direct"].pid
+        relay = running.start_relay("relay", f"ws://127.0.0.1:{sim_port}/v1")
+        nginx = running.start_nginx(sim_port, conf_template=REST_NGINX_CONF)
+        assert nginx is not None
+        targets = {
+            "direct": Endpoint("direct", sim_port, SIM_KEY, sim_pid),
+            "relay": Endpoint("relay", port_of(relay.url), CLIENT_KEY, relay.pid),
+            "nginx": Endpoint("nginx", port_of(nginx.url), SIM_KEY, nginx.pid),
+        }
+        total = args.rounds * len(streams_list) * len(clients) * len(PATHS)
+        for number in range(args.rounds):
+            for streams in streams_list:
+                for client in rotated(clients, number):
+                    for path in rotated(list(PATHS), number):
+                        print(
+                            f"[{len(runs) + 1}/{total}] round {number + 1}/{args.rounds}: "
+                            f"{client}, {streams} streams, {path}",
+                            file=sys.stderr,
+                        )
+                        run = Run(client, streams, path, number)
+                        runs.append(
+                            measure_rest(
+                                running, targets[path], sim_pid, client, streams, run, args
+                            )
+                        )
+    summary = summarise(runs, clients, streams_list)
+    verdicts = judge(summary)
+    lines = table(summary, verdicts, args)
+    print("\n".join(lines))
+    print(f"({time.monotonic() - began:.0f} s)", file=sys.stderr)
+    if args.out is not None:
+        args.out.write_text(
+            json.dumps(
+                {
+                    "config": {
+                        "rounds": args.rounds,
+                        "streams": streams_list,
+                        "clients": clients,
+                        "duration_s": args.duration_s,
+                        "warmup_s": args.warmup_s,
+                        "chunk_interval_ms": args.chunk_interval_ms,
+                        "stream_chunks": args.stream_chunks,
+                        "pinned": args.pin,
+                        "relay_log_level": args.relay_log_level,
+                        "machine": platform.platform(),
+                        "python": platform.python_version(),
+                        "cpus": os.cpu_count(),
+                    },
+                    "summary": to_json(summary),
+                    "targets": {
+                        "ttfb_added_p99_ms": TTFB_ADDED_P99_TARGET_MS,
+                        "ttfb_streams": TTFB_TARGET_STREAMS,
+                        "cpu_per_chunk_x_nginx": CPU_X_NGINX_TARGET,
+                        "verdicts": verdicts,
+                    },
+                    "litellm": litellm_note(),
+                    "table": lines,
+                    "runs": [asdict(run) for run in runs],
+                },
+                indent=2,
+                default=str,
+            )
+        )
+    return 0
+
+
+def port_of(url: str) -> int:
+    """The port of a rig target's ``ws://127.0.0.1:PORT/v1``."""
+    return int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,66 @@
+"""bench/rest.py cannot rot: one tiny run of every path with both clients.
+
+Counts and shapes are asserted, never timings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow  # a benchmark run: simulator, relay and nginx, two load clients
+def test_rest_bench_tiny_run(tmp_path: Path) -> None:
+    out = tmp_path / "rest.json"
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "bench/rest.py",
+            "--rounds",
+            "1",
+            "--duration-s",
+            "1",
+            "--warmup-s",
+            "0.5",
+            "--streams",
+            "4",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert set(summary) == {"ours", "node"}
+    for client, by_streams in summary.items():
+        rows = by_streams["4"]
+        assert set(rows) == {"direct", "relay", "nginx"}, client
+        for path, row in rows.items():
+            assert row["requests"] > 0, (client, path)
+            # Chunks by arrival, requests by completion: the window's edges split some.
+            assert row["chunks"] > row["requests"] * 10, (client, path)
+            assert row["errors"] == {}, (client, path)
+            assert row["ttfb_p50_ms"]["median"] > 0, (client, path)
+            assert row["gap_p99_ms"]["n"] == 1, (client, path)
+            for figure in ("ttfb_p99_ms", "load_cpu_percent", "sim_cpu_percent"):
+                assert row[figure]["n"] == 1, (client, path, figure)
+        for figure in ("ttfb_added_p99_ms", "gap_added_p99_ms", "cpu_per_chunk_x_nginx"):
+            assert figure in rows["relay"], (client, figure)
+        assert client in report["targets"]["verdicts"]
+    assert report["config"]["streams"] == [4]
+    assert len(report["runs"]) == 6
+    assert "litellm" in report
+    assert "issue 15, client ours" in completed.stdout
