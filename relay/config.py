@@ -310,7 +310,7 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     #: A client connection may wait this long for its next request.
     rest_keep_alive_timeout_s: PositiveSeconds = 60.0
     #: Idle keep-alive connections kept per upstream, and for how long.
-    rest_pool_max_idle: Annotated[int, msgspec.Meta(ge=0)] = 32
+    rest_pool_max_idle: Annotated[int, msgspec.Meta(ge=0)] = 256
     rest_pool_idle_timeout_s: PositiveSeconds = 30.0
     #: Azure's ``api-version`` for the REST deployment form
     #: (``/openai/deployments/<deployment>/chat/completions?api-version=…``).

@@ -214,7 +214,8 @@ CHAT_USAGE = {
 @pytest.mark.parametrize("piece", [1, 5, 64, 100_000])
 def test_usage_from_the_final_chat_chunk_however_the_stream_is_cut(piece: int) -> None:
     stream = sse(
-        {"object": "chat.completion.chunk", "model": "gpt-4.1", "choices": [{"delta": {}}]},
+        # Every chunk of a stream that asked for usage says "usage": null but the last.
+        {"object": "chat.completion.chunk", "choices": [{"delta": {}}], "usage": None},
         {"object": "chat.completion.chunk", "model": "gpt-4.1", "choices": [], "usage": CHAT_USAGE},
     )
     reader = UsageReader("text/event-stream; charset=utf-8")

@@ -360,6 +360,18 @@ class ChunkedScanner:
         position = start
         while position < end and not self.done:
             state = self._state
+            if state == self._SIZE and not self._line:
+                # The usual case, a whole chunk in the buffer: size line, data, CRLF.
+                newline = buffer.find(b"\r\n", position, end)
+                size_text = buffer[position:newline]
+                if 0 < newline - position <= 16 and set(size_text) <= _HEX_DIGITS:
+                    size = int(size_text, 16)
+                    data_start = newline + 2
+                    data_end = data_start + size
+                    if size and data_end + 2 <= end and buffer[data_end : data_end + 2] == b"\r\n":
+                        payload.append((data_start, data_end))
+                        position = data_end + 2
+                        continue
             if state == self._DATA:
                 take = min(self._remaining, end - position)
                 payload.append((position, position + take))
@@ -421,6 +433,21 @@ class UsageCounts:
         }
 
 
+def _has_usage_object(event: bytes | bytearray, start: int, end: int) -> bool:
+    """Whether ``event[start:end]`` has a ``"usage"`` key whose value is an object: chat
+    chunks carry ``"usage": null`` on every event when usage was asked for, and only
+    the last one is worth parsing."""
+    position = event.find(b'"usage"', start, end)
+    while position >= 0:
+        after = position + len(b'"usage"')
+        while after < end and event[after] in b" \t\r\n:":
+            after += 1
+        if after < end and event[after] == 0x7B:  # "{"
+            return True
+        position = event.find(b'"usage"', after, end)
+    return False
+
+
 def usage_counts(usage: Mapping[str, Any]) -> UsageCounts:
     """Chat/completions (``prompt_tokens``…), Responses and transcriptions
     (``input_tokens``…) and embeddings usage objects, in one set of kinds."""
@@ -472,6 +499,19 @@ class UsageReader:
         #: The model the upstream says it used (``model`` of the usage's object).
         self.model: str | None = None
 
+    def feed_span(self, buffer: bytes | bytearray, start: int, stop: int) -> None:
+        """:meth:`feed` of ``buffer[start:stop]``, without copying the common case: an
+        SSE span of whole events, none with a usage object, while nothing is pending."""
+        if (
+            self._kind == "sse"
+            and not self._event
+            and stop - start >= 2
+            and buffer[stop - 2 : stop] == b"\n\n"
+            and not _has_usage_object(buffer, start, stop)
+        ):
+            return
+        self.feed(memoryview(buffer)[start:stop])
+
     def feed(self, payload: bytes | memoryview) -> None:
         kind = self._kind
         if kind == "sse":
@@ -499,7 +539,7 @@ class UsageReader:
                 if len(event) > MAX_SSE_EVENT_BYTES:
                     event.clear()  # too long to read; its end is still found later
                 return
-            if b'"usage"' in event[:end]:
+            if _has_usage_object(event, 0, end):
                 self._read_event(bytes(event[:end]))
             del event[: end + 2]
 

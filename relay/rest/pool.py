@@ -19,7 +19,7 @@ from typing import Final
 from relay.net.transport import Transport
 
 #: Idle connections kept per upstream by default.
-DEFAULT_MAX_IDLE_PER_UPSTREAM: Final = 32
+DEFAULT_MAX_IDLE_PER_UPSTREAM: Final = 256
 #: Seconds an idle connection is kept by default (below the usual 60 s of load balancers).
 DEFAULT_IDLE_TIMEOUT_S: Final = 30.0
 

@@ -722,16 +722,44 @@ async def _relay_body(
     buffer = bytearray(RECEIVE_BYTES)
     view = memoryview(buffer)
     pending = already
+    # One scope for the whole body, its deadline moved on after every read: a scope
+    # per read costs more than the read.
+    with trio.CancelScope() as idle:
+        return await _relay_chunks(
+            upstream, client, buffer, view, pending, scanner, left, usage, idle, idle_s, exchange
+        )
+    return False  # the upstream was silent for idle_s
+
+
+async def _relay_chunks(
+    upstream: Transport,
+    client: Transport,
+    buffer: bytearray,
+    view: memoryview,
+    pending: bytes,
+    scanner: ChunkedScanner | None,
+    left: int | None,
+    usage: UsageReader,
+    idle: trio.CancelScope,
+    idle_s: float,
+    exchange: _Exchange,
+) -> bool:
+    current_time = trio.current_time
+    # The idle deadline is moved only once a quarter of it has passed (moving a
+    # deadline costs a heap update): a silent upstream is cut after idle_s to
+    # 1.25 * idle_s.
+    slack_s = idle_s / 4
+    idle.deadline = current_time() + idle_s + slack_s
+    feed_usage = usage.feed_span
     while True:
         if pending:
             size = len(pending)
             buffer[:size] = pending
             pending = b""
         else:
-            with trio.move_on_after(idle_s) as idle:
-                size = await upstream.recv_into(buffer)
-            if idle.cancelled_caught:
-                return False
+            if idle.deadline - current_time() < idle_s:
+                idle.deadline = current_time() + idle_s + slack_s
+            size = await upstream.recv_into(buffer)
             if size == 0:
                 # The upstream closed: the end of a close-delimited body, else a cut.
                 return scanner is None and left is None
@@ -741,14 +769,17 @@ async def _relay_body(
             except UpstreamFramingError:
                 return False
             for start, stop in spans:
-                usage.feed(view[start:stop])
+                feed_usage(buffer, start, stop)
         else:
             used = size if left is None else min(size, left)
-            usage.feed(view[:used])
+            feed_usage(buffer, 0, used)
             if left is not None:
                 left -= used
         try:
-            await client.send_all(view[:used])
+            # The kernel's first try without a coroutine; only a full socket waits.
+            sent = client.send_now(view[:used])
+            if sent < used:
+                await client.send_all(view[sent:used])
         except TransportClosed:
             raise _ClientGone from None
         exchange.response_bytes += used
