@@ -141,6 +141,7 @@ async def test_the_sdk_s_rest_calls_work_unchanged_through_the_relay(
         200,
     )
     assert first["usage"]["output_text"] == 8
+    assert first["credential_id"].startswith("key:")
     assert SIM_KEY not in caplog.text
     assert CLIENT_KEY not in caplog.text
 

@@ -6,6 +6,7 @@ official SDK and a browser-style client complete voice turns chosen by model."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -137,6 +138,19 @@ async def test_the_readme_deployment_routes_by_model_sdk_and_browser_clients(
         created = json.loads(await ws.get_message())
         assert created["type"] == "session.created"
         assert created["session"]["model"] == DEPLOYMENT
+        # A voice turn, as the browser SDKs drive one: audio in, a response out.
+        speech = base64.b64encode(b"\x10\x27" * (24_000 * 3 // 10)).decode()  # 300 ms
+        for event in (
+            {"type": "input_audio_buffer.append", "audio": speech},
+            {"type": "input_audio_buffer.commit"},
+            {"type": "response.create"},
+        ):
+            await ws.send_message(json.dumps(event))
+        seen: list[str] = []
+        with trio.fail_after(10):
+            while not seen or seen[-1] != "response.done":
+                seen.append(json.loads(await ws.get_message())["type"])
+        assert "response.output_audio.delta" in seen
     assert [r.status for r in azure.sim.handshakes] == [101, 101]
     # Unknown model: 400 before any dial; neither simulator saw a handshake for it.
     answer = await raw_handshake(relay.port, "/v1/realtime?model=gpt-4o-realtime", bearer())

@@ -116,6 +116,8 @@ class _Exchange:
     """What the log line and the metrics say about one request."""
 
     model: str | None = None
+    #: Who the client is (a key digest prefix or a token id), never the credential.
+    credential_id: str = ""
     upstream: str = ""
     key_id: str = ""
     status: int = 0
@@ -178,7 +180,7 @@ class RestProxy:
         config = state.config
         if head.http_version != "1.1":
             raise RestRequestError(505, "The REST proxy speaks HTTP/1.1.", "http_version")
-        claims_models = self._authorize(head)
+        claims_models = self._authorize(head, exchange)
         if not messages.is_proxied(head.path, config.rest_paths):
             raise RestRequestError(404, f"No endpoint at {head.path[:100]}.", "not_found")
         if head.header(b"transfer-encoding") is not None:
@@ -204,7 +206,7 @@ class RestProxy:
         leftover = await self._proxy(transport, head, body, model, upstreams, exchange)
         return None if leftover is None else early + leftover
 
-    def _authorize(self, head: RequestHead) -> tuple[str, ...]:
+    def _authorize(self, head: RequestHead, exchange: _Exchange) -> tuple[str, ...]:
         """The client's credential and Origin; the models a token limits it to."""
         state = self._state
         origin = head.header(b"origin")
@@ -214,6 +216,7 @@ class RestProxy:
         decision = state.checker.check(handshake.client_credential(head), head)
         if isinstance(decision, AuthRefusal):
             raise RestRequestError(decision.status, decision.message, decision.code)
+        exchange.credential_id = decision.credential_id
         if isinstance(decision, TokenGrant) and decision.claims is not None:
             claims = decision.claims
             if not claims.rest or claims.single_use:
@@ -660,6 +663,7 @@ class RestProxy:
                     "method": head.method,
                     "path": head.path[:100],
                     "model": exchange.model,
+                    "credential_id": exchange.credential_id,
                     "upstream": exchange.upstream,
                     "upstream_key_id": exchange.key_id,
                     "status": exchange.status,
