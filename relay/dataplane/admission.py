@@ -179,6 +179,14 @@ def admit(
     )
 
 
+def quoted(text: str) -> str:
+    """A client's text fit to quote back in an error: printable ASCII, bounded."""
+    return "".join(
+        char if char.isascii() and char.isprintable() else "?"
+        for char in text[:MAX_QUOTED_MODEL_CHARS]
+    )
+
+
 def _model_refusal(model: str | None, served: Set[str] | None) -> Refused | None:
     if served is None:
         return None
@@ -190,13 +198,9 @@ def _model_refusal(model: str | None, served: Set[str] | None) -> Refused | None
             param="model",
         )
     if model not in served:
-        shown = "".join(
-            char if char.isascii() and char.isprintable() else "?"
-            for char in model[:MAX_QUOTED_MODEL_CHARS]
-        )
         return Refused(
             400,
-            f"The model '{shown}' does not exist or is not served by this relay.",
+            f"The model '{quoted(model)}' does not exist or is not served by this relay.",
             "model_not_found",
             param="model",
         )

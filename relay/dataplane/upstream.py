@@ -138,7 +138,7 @@ async def dial_upstream(
             response = await http.read_response_head(transport)
             if response.status != 101:
                 body = await _read_error_body(transport, response)
-                raise _refusal(response.status, body, _retry_after_s(response))
+                raise _refusal(response.status, body, response.retry_after_s)
             problem = handshake.upgrade_response_problem(response, key)
             if problem is not None:
                 raise UpstreamRefused(
@@ -233,22 +233,6 @@ def _refusal(status: int, body: bytes, retry_after_s: float | None) -> UpstreamR
         outcome=Outcome.SERVER_ERROR,
         retry_after_s=retry_after_s if status == 503 else None,
     )
-
-
-def _retry_after_s(response: handshake.ResponseHead) -> float | None:
-    """``Retry-After`` in seconds (RFC 9110 §10.2.3 delay-seconds); None if absent or a date.
-
-    An HTTP-date is not read: OpenAI and Azure send seconds, and the chooser's
-    default cool-down covers the rest.
-    """
-    text = response.header(b"retry-after")
-    if text is None:
-        return None
-    try:
-        seconds = float(text.strip())
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def _error_detail(body: bytes) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import math
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -489,6 +490,19 @@ class ResponseHead:
         if value is None or not value.strip().isdigit():
             return None
         return int(value.strip())
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """``Retry-After`` in seconds (RFC 9110 §10.2.3 delay-seconds); None if absent or
+        a date: OpenAI and Azure send seconds, and a cool-down default covers the rest."""
+        text = self.header(b"retry-after")
+        if text is None:
+            return None
+        try:
+            seconds = float(text.strip())
+        except ValueError:
+            return None
+        return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
 def parse_response_head(buffer: bytes | bytearray) -> ResponseHead | None:

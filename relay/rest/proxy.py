@@ -36,7 +36,6 @@ Memory per request is bounded whatever the body sizes: one receive buffer
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -46,6 +45,7 @@ import trio
 
 from relay.config import ServeConfig
 from relay.credentials.checkers import AuthRefusal, CredentialChecker, TokenGrant
+from relay.dataplane.admission import quoted
 from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
 from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
@@ -298,7 +298,7 @@ class RestProxy:
         if model is not None:
             raise RestRequestError(
                 400,
-                f"The model '{_shown(model)}' does not exist or is not served by this relay.",
+                f"The model '{quoted(model)}' does not exist or is not served by this relay.",
                 "model_not_found",
                 "model",
             )
@@ -465,7 +465,7 @@ class RestProxy:
         exchange.first_byte_s = self._clock() - started
         status = response.status
         outcome = _outcome(status)
-        retry_after_s = _retry_after_s(response)
+        retry_after_s = response.retry_after_s
         if outcome in FAILS_OVER:
             try:
                 refusal_body = await _read_refusal_body(connection, response)
@@ -869,17 +869,6 @@ def _outcome(status: int) -> Outcome:
     return Outcome.SUCCESS
 
 
-def _retry_after_s(response: ResponseHead) -> float | None:
-    text = response.header(b"retry-after")
-    if text is None:
-        return None
-    try:
-        seconds = float(text.strip())
-    except ValueError:
-        return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
-
-
 def _reason(response: ResponseHead) -> bytes:
     from http import HTTPStatus
 
@@ -902,10 +891,6 @@ def _leftover(head: RequestHead, transport: Transport) -> bytes | None:
     """After a bodiless request: the next request's bytes already read, or None to close."""
     del transport
     return None if messages.wants_close(head.headers) else head.trailing
-
-
-def _shown(model: str) -> str:
-    return "".join(char if char.isascii() and char.isprintable() else "?" for char in model[:64])
 
 
 async def _send_error(
