@@ -54,6 +54,8 @@ class UpstreamKeyState:
     cooling_s: float
     #: The upstream answered 401/403 to it: unused until a reload.
     rejected: bool
+    #: Dials with this key since start, by outcome (``success``, ``rate_limited``...).
+    handshakes: dict[str, int]
 
 
 class _UpstreamKeysCollector(Collector):
@@ -128,8 +130,8 @@ class RelayMetrics:
         )
         self.upstream_attempt_seconds = Histogram(
             "relay_upstream_attempt_seconds",
-            "One successful upstream dial (TCP + TLS + upgrade), by upstream.",
-            ["upstream"],
+            "One successful upstream dial (TCP + TLS + upgrade), by upstream and key id.",
+            ["upstream", "key_id"],
             buckets=HANDSHAKE_BUCKETS_S,
             registry=r,
         )

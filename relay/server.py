@@ -558,6 +558,7 @@ class RelayServer:
                     "live_sessions": state.live_sessions,
                     "cool_down_s": state.cooling_s,
                     "rejected": state.rejected,
+                    "handshakes": state.handshakes,
                 }
             )
         return [

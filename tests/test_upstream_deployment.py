@@ -101,6 +101,31 @@ def statuses(sim: RunningSimulator) -> list[tuple[str, int | None, int | None]]:
     return [(record.model, record.key_index, record.status) for record in records]
 
 
+async def browser_style_turn(relay: RunningRelay, model: str) -> str:
+    """A voice turn as the browser SDKs drive one: the subprotocol key, audio in, a
+    response out. Returns the model ``session.created`` named."""
+    async with open_ws(
+        f"ws://127.0.0.1:{relay.port}/v1/realtime?model={model}",
+        subprotocols=["realtime", f"openai-insecure-api-key.{CLIENT_KEY}"],
+    ) as ws:
+        assert ws.subprotocol == "realtime"
+        created = json.loads(await ws.get_message())
+        assert created["type"] == "session.created"
+        speech = base64.b64encode(b"\x10\x27" * (24_000 * 3 // 10)).decode()  # 300 ms
+        for event in (
+            {"type": "input_audio_buffer.append", "audio": speech},
+            {"type": "input_audio_buffer.commit"},
+            {"type": "response.create"},
+        ):
+            await ws.send_message(json.dumps(event))
+        seen: list[str] = []
+        with trio.fail_after(10):
+            while not seen or seen[-1] != "response.done":
+                seen.append(json.loads(await ws.get_message())["type"])
+        assert "response.output_audio.delta" in seen
+        return str(created["session"]["model"])
+
+
 async def session_created(relay: RunningRelay, model: str) -> dict[str, Any]:
     async with open_ws(
         f"ws://127.0.0.1:{relay.port}/v1/realtime?model={model}", extra_headers=bearer()
@@ -129,35 +154,18 @@ async def test_the_readme_deployment_routes_by_model_sdk_and_browser_clients(
     )
     assert summary["audio_deltas"] > 0
     assert statuses(openai) == [("gpt-realtime-mini", 0, 101)]
-    # A browser-style client: the key in the subprotocol, as the JS SDKs send it.
-    async with open_ws(
-        f"ws://127.0.0.1:{relay.port}/v1/realtime?model=gpt-realtime",
-        subprotocols=["realtime", f"openai-insecure-api-key.{CLIENT_KEY}"],
-    ) as ws:
-        assert ws.subprotocol == "realtime"
-        created = json.loads(await ws.get_message())
-        assert created["type"] == "session.created"
-        assert created["session"]["model"] == DEPLOYMENT
-        # A voice turn, as the browser SDKs drive one: audio in, a response out.
-        speech = base64.b64encode(b"\x10\x27" * (24_000 * 3 // 10)).decode()  # 300 ms
-        for event in (
-            {"type": "input_audio_buffer.append", "audio": speech},
-            {"type": "input_audio_buffer.commit"},
-            {"type": "response.create"},
-        ):
-            await ws.send_message(json.dumps(event))
-        seen: list[str] = []
-        with trio.fail_after(10):
-            while not seen or seen[-1] != "response.done":
-                seen.append(json.loads(await ws.get_message())["type"])
-        assert "response.output_audio.delta" in seen
+    # A browser-style client (the key in the subprotocol, as the JS SDKs send it)
+    # completes a voice turn on each upstream, chosen by model.
+    assert await browser_style_turn(relay, "gpt-realtime") == DEPLOYMENT
+    assert await browser_style_turn(relay, "gpt-realtime-mini") == "gpt-realtime-mini"
+    assert [status for *_, status in statuses(openai)] == [101, 101]
     assert [r.status for r in azure.sim.handshakes] == [101, 101]
     # Unknown model: 400 before any dial; neither simulator saw a handshake for it.
     answer = await raw_handshake(relay.port, "/v1/realtime?model=gpt-4o-realtime", bearer())
     assert answer.status == 400
     assert answer.json()["error"]["param"] == "model"
     assert len(azure.sim.handshakes) == 2
-    assert len(openai.sim.handshakes) == 1
+    assert len(openai.sim.handshakes) == 2
 
 
 async def test_sessions_spread_over_the_two_openai_keys(
@@ -323,3 +331,30 @@ async def test_passthrough_client_secrets_need_an_openai_upstream(
         )
     assert response.status_code == 501
     assert response.json()["error"]["code"] == "passthrough_unavailable"
+
+
+async def test_azure_s_preview_form_through_the_relay(nursery: trio.Nursery) -> None:
+    azure = await start_simulator(
+        nursery, flavor="azure", api_keys=(AZURE_KEY,), azure_deployments=(DEPLOYMENT,)
+    )
+    relay = await start_routed_relay(
+        nursery,
+        {
+            "azure-preview": UpstreamSettings(
+                kind="azure",
+                url=f"http://127.0.0.1:{azure.port}/openai",
+                api_key_env=("AZURE_EU_KEY",),
+                models={"gpt-realtime": DEPLOYMENT},
+                azure_api_version="2025-04-01-preview",
+            )
+        },
+        ENV,
+    )
+    assert (await session_created(relay, "gpt-realtime"))["session"]["model"] == DEPLOYMENT
+    (record,) = azure.sim.handshakes
+    assert (record.path, record.model, record.auth_scheme, record.status) == (
+        "/openai/realtime",
+        DEPLOYMENT,
+        "api-key",
+        101,
+    )

@@ -262,7 +262,12 @@ async def test_metrics_and_admin_name_key_ids_never_keys(nursery: trio.Nursery) 
     }
     for key_id in (digest_hex(KEY_A)[:8], digest_hex(KEY_B)[:8]):
         assert f'relay_upstream_key_live_sessions{{key_id="{key_id}",upstream="openai"}}' in metrics
-    assert 'relay_upstream_attempt_seconds_count{upstream="openai"} 1.0' in metrics
+    (used,) = [key for key in upstream["keys"] if key["handshakes"]]
+    assert used["handshakes"] == {"success": 1}
+    assert (
+        f'relay_upstream_attempt_seconds_count{{key_id="{used["key_id"]}",upstream="openai"}} 1.0'
+        in metrics
+    )
     for text in (metrics, admin.text):
         assert KEY_A not in text
         assert KEY_B not in text

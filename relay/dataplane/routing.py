@@ -22,7 +22,8 @@ ERROR once; a client error (404 unknown model, 400) is answered at once.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Final
 
 import trio
@@ -69,6 +70,8 @@ class Router:
     health: UpstreamHealth
     live: LiveSessions
     metrics: RelayMetrics
+    #: Dials by key and outcome since start, for the admin API (``/metrics`` has them too).
+    outcomes: Counter[tuple[KeyRef, str]] = field(default_factory=Counter)
 
     async def dial(
         self,
@@ -128,9 +131,9 @@ class Router:
                 raise
             self.learn(key, Outcome.SUCCESS, None, "")
             self.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
-            self.metrics.upstream_attempt_seconds.labels(upstream=key.upstream).observe(
-                trio.current_time() - started
-            )
+            self.metrics.upstream_attempt_seconds.labels(
+                upstream=key.upstream, key_id=key.key_id
+            ).observe(trio.current_time() - started)
             return Routed(websocket, upstream, key, attempts=len(tried))
 
     def key_states(self) -> list[UpstreamKeyState]:
@@ -150,6 +153,11 @@ class Router:
                     live_sessions=by_key.get(key, 0),
                     cooling_s=round(max(0.0, until - now), 3),
                     rejected=health.is_bad(key),
+                    handshakes={
+                        outcome.value: self.outcomes[(key, outcome.value)]
+                        for outcome in Outcome
+                        if self.outcomes[(key, outcome.value)]
+                    },
                 )
             )
         return states
@@ -162,6 +170,7 @@ class Router:
         self.metrics.upstream_handshakes.labels(
             upstream=key.upstream, key_id=key.key_id, outcome=outcome.value
         ).inc()
+        self.outcomes[(key, outcome.value)] += 1
         if change is Change.KEY_MARKED_BAD:
             LOGGER.error(
                 "upstream %s rejected key %s (HTTP 401/403): it is not used again until a "
