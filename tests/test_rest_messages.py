@@ -123,6 +123,8 @@ def test_the_multipart_boundary() -> None:
             "chat-prod",
             "/openai/deployments/chat-prod/chat/completions?api-version=2024-10-21",
         ),
+        (True, "", "/v1/responses", "", "resp-prod", "/openai/v1/responses"),
+        (True, "/openai/v1", "/v1/responses/resp_1", "x=1", "d", "/openai/v1/responses/resp_1?x=1"),
         (
             True,
             "/openai/v1",

@@ -255,12 +255,16 @@ async def test_routing_by_model_to_azure_s_deployment_form_and_the_model_map(
             one = await client.chat.completions.create(model="gpt-4.1", messages=MESSAGES)
             two = await client.chat.completions.create(model="fast", messages=MESSAGES)
             models = [m.id async for m in client.models.list()]
+            await client.responses.create(model="gpt-4.1", input="hi")
             return one.model, two.model, models
 
     azure_model, alias_model, models = await run_asyncio(calls)
-    (azure_record,) = azure.sim.rest_requests
+    azure_record, responses_record = azure.sim.rest_requests
     assert azure_record.path == "/openai/deployments/chat-prod/chat/completions"
     assert azure_record.auth_scheme == "api-key"
+    # Azure serves the Responses API in its v1 form only: the deployment as the model.
+    assert (responses_record.path, responses_record.model) == ("/openai/v1/responses", "chat-prod")
+    assert responses_record.status == 200
     (openai_record,) = openai.sim.rest_requests
     assert openai_record.model == "gpt-4.1-mini"  # the alias renamed in the body
     assert alias_model == "gpt-4.1-mini"
@@ -286,7 +290,7 @@ async def test_routing_by_model_to_azure_s_deployment_form_and_the_model_map(
     assert (twice.status_code, twice.json()["error"]["param"]) == (400, "model")
     assert (files.status_code, files.json()["error"]["code"]) == (404, "not_found")
     assert anonymous.status_code == 401
-    assert len(azure.sim.rest_requests) + len(openai.sim.rest_requests) == 2
+    assert len(azure.sim.rest_requests) + len(openai.sim.rest_requests) == 3
 
 
 async def test_relay_tokens_call_rest_only_when_minted_for_it(

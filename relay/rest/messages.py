@@ -252,18 +252,21 @@ def upstream_target(
     azure_api_version: str,
 ) -> str:
     """The request target: OpenAI-shaped ``<base><path below /v1>?<query>``, or Azure's
-    deployment form ``/openai/deployments/<deployment><path below /v1>?api-version=…``."""
+    deployment form ``/openai/deployments/<deployment><path below /v1>?api-version=…``
+    (chat, audio, embeddings), or for the Responses API, which Azure serves only in its
+    v1 form, ``/openai/v1/responses…`` (the deployment then goes in the body's
+    ``model``: :func:`azure_names_model_in_body`)."""
     below_v1 = path[len("/v1") :] if path.startswith("/v1/") else path
+    if azure and azure_names_model_in_body(path):
+        resource = _azure_resource(base_path)
+        target = f"{resource}/openai{path}"
+        return f"{target}?{query}" if query else target
     if azure:
         if deployment is None:
             raise RestRequestError(
                 400, "This path needs a model to name its Azure deployment.", "missing_model"
             )
-        resource = base_path
-        for suffix in ("/openai/v1", "/openai"):
-            if resource.endswith(suffix):
-                resource = resource[: -len(suffix)]
-                break
+        resource = _azure_resource(base_path)
         rest = "&".join(
             piece for piece in query.split("&") if piece and not piece.startswith("api-version=")
         )
@@ -272,6 +275,19 @@ def upstream_target(
         return f"{target}&{rest}" if rest else target
     target = f"{base_path}{below_v1}"
     return f"{target}?{query}" if query else target
+
+
+def azure_names_model_in_body(path: str) -> bool:
+    """Whether Azure takes this path in its v1 form, the deployment as the body's model."""
+    return path == "/v1/responses" or path.startswith("/v1/responses/")
+
+
+def _azure_resource(base_path: str) -> str:
+    """The base path without Azure's API suffix, so ``…/openai/v1`` is not doubled."""
+    for suffix in ("/openai/v1", "/openai"):
+        if base_path.endswith(suffix):
+            return base_path[: -len(suffix)]
+    return base_path
 
 
 def forwarded_request_headers(

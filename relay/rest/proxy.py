@@ -505,8 +505,10 @@ class RestProxy:
         upstream_model = spec.model_names.get(model, model) if model is not None else None
         azure = spec.kind is UpstreamKind.AZURE
         held = body.held
-        if model is not None and upstream_model != model and not azure and held:
-            # An alias: the upstream is asked for its own name (Azure's is in the URL).
+        in_body = not azure or messages.azure_names_model_in_body(head.path)
+        if model is not None and upstream_model != model and in_body and held:
+            # An alias: the upstream is asked for its own name (for Azure's deployment
+            # form it is in the URL instead).
             if messages.is_json(head.header(b"content-type")):
                 held = messages.json_with_model(held, upstream_model or model)
             else:
