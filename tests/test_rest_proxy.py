@@ -306,28 +306,29 @@ async def test_relay_tokens_call_rest_only_when_minted_for_it(
         nursery, sim.ws_base, app_keys_file=str(app_keys), signing_keys_file=str(signing)
     )
 
-    async def token(rest: bool) -> str:
+    async def token(rest: bool, single_use: bool = False) -> str:
         async with httpx.AsyncClient() as client:
             response = await client.post(
                 f"{relay.http_base}/realtime/client_secrets",
                 headers={"Authorization": f"Bearer {app_key}"},
                 json={
                     "session": {"type": "realtime", "model": "gpt-realtime"},
-                    "relay": {"rest": rest, "models": ["gpt-4.1-mini"]},
+                    "relay": {"rest": rest, "models": ["gpt-4.1-mini"], "single_use": single_use},
                 },
             )
         assert response.status_code == 200, response.text
         return str(response.json()["value"])
 
     async with httpx.AsyncClient() as client:
-        for rest, model, expected in (
-            (False, "gpt-4.1-mini", 403),
-            (True, "gpt-4.1-mini", 200),
-            (True, "gpt-4.1", 403),  # not one of the token's models
+        for rest, single_use, model, expected in (
+            (False, False, "gpt-4.1-mini", 403),
+            (True, False, "gpt-4.1-mini", 200),
+            (True, False, "gpt-4.1", 403),  # not one of the token's models
+            (True, True, "gpt-4.1-mini", 403),  # single use is for one Realtime session
         ):
             response = await client.post(
                 f"{relay.http_base}/chat/completions",
-                headers={"Authorization": f"Bearer {await token(rest)}"},
+                headers={"Authorization": f"Bearer {await token(rest, single_use)}"},
                 json={"model": model, "messages": MESSAGES},
             )
             assert response.status_code == expected, (rest, model, response.text)
@@ -385,3 +386,142 @@ async def test_memory_stays_bounded_under_a_big_upload_to_a_slow_upstream_and_a_
         assert peak - before < 4 * 1024 * 1024
     finally:
         tracemalloc.stop()
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"") -> trio.SocketStream:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(head + body)
+    return stream
+
+
+async def read_all(stream: trio.SocketStream, timeout_s: float = 10) -> bytes:
+    data = b""
+    with trio.fail_after(timeout_s):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return data
+            data += chunk
+
+
+def post_head(path: str, length: int, content_type: str = "application/json") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: relay\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+        f"Content-Type: {content_type}\r\nContent-Length: {length}\r\nConnection: close\r\n\r\n"
+    ).encode()
+
+
+def upstream_outcomes(relay: RunningRelay) -> dict[str, int]:
+    (upstream,) = relay.server.list_upstreams()
+    (key,) = upstream["keys"]  # type: ignore[misc]
+    return dict(key["handshakes"])  # type: ignore[index]
+
+
+async def test_a_body_trickled_a_byte_at_a_time_goes_through(nursery: trio.Nursery) -> None:
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base)
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES}).encode()
+    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    async with stream:
+        for byte in [bytes([b]) for b in post_head("/v1/chat/completions", len(body)) + body]:
+            await stream.send_all(byte)
+        answer = await read_all(stream)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b'"chat.completion"' in answer
+    assert [r.request_sha256 for r in sim.sim.rest_requests] == [hashlib.sha256(body).hexdigest()]
+
+
+async def test_a_client_silent_or_gone_mid_body_is_not_the_upstream_s_fault(
+    nursery: trio.Nursery,
+) -> None:
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base, rest_idle_timeout_s=0.3)
+    # Silent: half a JSON body, then nothing. 408, and nothing reached the upstream.
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES}).encode()
+    stream = await raw_request(relay.port, post_head("/v1/chat/completions", len(body)), body[:10])
+    async with stream:
+        answer = await read_all(stream)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "timeout"
+    # Silent and then gone in the middle of a streamed upload (the file part), after the
+    # relay started sending it upstream: the upstream is neither cooled down nor blamed.
+    boundary = "b0undary"
+    form = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\nwhisper-1\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+    ).encode() + b"\x00" * 1000
+    for ending in ("silent", "gone"):
+        stream = await raw_request(
+            relay.port,
+            post_head(
+                "/v1/audio/transcriptions",
+                len(form) + 1_000_000,
+                f"multipart/form-data; boundary={boundary}",
+            ),
+            form,
+        )
+        async with stream:
+            await sim.sim.wait_rest_requests(len(sim.sim.rest_requests) + 1, started=True)
+            if ending == "silent":
+                answer = await read_all(stream)
+                assert answer.startswith(b"HTTP/1.1 408")
+    with trio.fail_after(5):
+        await sim.sim.wait_rest_requests(2)
+    assert upstream_outcomes(relay) == {}
+    (upstream,) = relay.server.list_upstreams()
+    assert upstream["keys"][0]["cool_down_s"] == 0  # type: ignore[index]
+
+
+async def test_framing_and_size_limits_are_refused_before_any_upstream_call(
+    nursery: trio.Nursery,
+) -> None:
+    sim = await rest_sim(nursery)
+    relay = await start_relay(
+        nursery, sim.ws_base, rest_max_json_body_bytes=1000, rest_max_upload_bytes=5000
+    )
+    chunked = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\n"
+        f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    ).encode()
+    for head, status in (
+        (chunked, b"411"),
+        (post_head("/v1/chat/completions", 1001), b"413"),
+        (post_head("/v1/audio/transcriptions", 5001, "multipart/form-data; boundary=x"), b"413"),
+    ):
+        stream = await raw_request(relay.port, head)
+        async with stream:
+            answer = await read_all(stream)
+        assert answer.startswith(b"HTTP/1.1 " + status), answer[:80]
+        assert b'"error"' in answer
+    assert sim.sim.rest_requests == []
+
+
+async def test_an_upstream_silent_mid_stream_is_cut_after_the_idle_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    sim = await rest_sim(nursery, rest_chunk_interval_ms=60_000, rest_stream_chunks=3)
+    relay = await start_relay(nursery, sim.ws_base, rest_idle_timeout_s=0.3)
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES, "stream": True}).encode()
+    stream = await raw_request(relay.port, post_head("/v1/chat/completions", len(body)), body)
+    async with stream:
+        started = trio.current_time()
+        answer = await read_all(stream)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert not answer.endswith(b"0\r\n\r\n")  # cut, not ended: the client can tell
+    assert trio.current_time() - started < 5
+
+
+async def test_an_upstream_that_never_answers_is_a_504_after_the_first_byte_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base, rest_first_byte_timeout_s=0.3)
+    sim.sim.rest_faults.stall_next()
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES}).encode()
+    stream = await raw_request(relay.port, post_head("/v1/chat/completions", len(body)), body)
+    async with stream:
+        answer = await read_all(stream)
+    assert answer.startswith(b"HTTP/1.1 504")
+    assert b"upstream_timeout" in answer
+    assert upstream_outcomes(relay) == {"timeout": 1}

@@ -32,7 +32,7 @@ from relay.net.websocket import WebSocket
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
 from relay.protocol.handshake import HandshakeError
-from relay.upstreams.chooser import Outcome
+from relay.upstreams.chooser import Outcome, outcome_for_status
 from relay.upstreams.urls import HandshakeTarget
 
 #: Upstream refusals of the relay's own credential: answered 502, the body only logged.
@@ -206,7 +206,7 @@ def _refusal(status: int, body: bytes, retry_after_s: float | None) -> UpstreamR
                 code="upstream_auth_failed",
             ),
             detail=f"upstream answered HTTP {status} to the relay's key: {_error_detail(body)}",
-            outcome=Outcome.KEY_REJECTED,
+            outcome=outcome_for_status(status),
         )
     if status in PASSED_THROUGH_STATUSES:
         if not body.lstrip().startswith(b"{"):
@@ -217,7 +217,7 @@ def _refusal(status: int, body: bytes, retry_after_s: float | None) -> UpstreamR
             status,
             body,
             detail=f"upstream answered HTTP {status}",
-            outcome=Outcome.RATE_LIMITED if status == 429 else Outcome.CLIENT_ERROR,
+            outcome=outcome_for_status(status),
             retry_after_s=retry_after_s,
         )
     # A 503 is the one 5xx a client can act on (come back after Retry-After); any
@@ -230,6 +230,7 @@ def _refusal(status: int, body: bytes, retry_after_s: float | None) -> UpstreamR
             code="upstream_unavailable" if status == 503 else "upstream_error",
         ),
         detail=f"upstream answered HTTP {status}",
+        # A 1xx or 3xx is no WebSocket either: a server error, as for any 5xx.
         outcome=Outcome.SERVER_ERROR,
         retry_after_s=retry_after_s if status == 503 else None,
     )

@@ -43,16 +43,26 @@ async def read_request_head(transport: Transport, initial: bytes = b"") -> Reque
             return head
 
 
-async def read_response_head(transport: Transport) -> ResponseHead:
-    """Read the upstream's response head; raises ``TransportClosed`` if it hung up."""
+async def read_response_head(
+    transport: Transport, *, skip_informational: bool = False
+) -> ResponseHead:
+    """Read the upstream's response head; raises ``TransportClosed`` if it hung up.
+
+    ``skip_informational``: interim answers (100 Continue, 103 Early Hints, any number
+    of them) are read past to the final one; never for a WebSocket dial, whose 101 is
+    the answer.
+    """
     buffer = bytearray()
     chunk = bytearray(HEAD_READ_BYTES)
     while True:
         received = await transport.recv_into(chunk)
         if received == 0:
-            raise TransportClosed("upstream closed during the handshake")
+            raise TransportClosed("upstream closed before its response head")
         buffer += chunk[:received]
         head = handshake.parse_response_head(buffer)
+        while head is not None and skip_informational and 100 <= head.status < 200:
+            buffer = bytearray(head.trailing)
+            head = handshake.parse_response_head(buffer)
         if head is not None:
             return head
 

@@ -387,6 +387,14 @@ def accept_response(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+def reason_phrase(status: int) -> str:
+    """The status line's reason phrase (RFC 9110's), or ``Error`` for an unlisted code."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
 def http_response(
     status: int,
     body: bytes,
@@ -396,12 +404,8 @@ def http_response(
     keep_alive: bool = False,
 ) -> bytes:
     """A complete HTTP/1.1 response with a body (used for handshake refusals)."""
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
     lines = [
-        f"HTTP/1.1 {status} {phrase}",
+        f"HTTP/1.1 {status} {reason_phrase(status)}",
         f"Content-Type: {content_type}",
         f"Content-Length: {len(body)}",
         "Connection: keep-alive" if keep_alive else "Connection: close",

@@ -30,6 +30,8 @@ from typing import Any, Final
 
 import orjson
 
+from relay.protocol.handshake import reason_phrase
+
 #: Paths proxied by default (each also with sub-paths: ``/v1/models/<id>``).
 DEFAULT_REST_PATHS: Final = (
     "/v1/responses",
@@ -324,8 +326,8 @@ def forwarded_response_headers(
     return kept
 
 
-def response_head(status: int, reason: bytes, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, reason or b"OK")]
+def response_head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
+    lines = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status).encode())]
     lines.extend(name + b": " + value for name, value in headers)
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
@@ -384,7 +386,7 @@ class ChunkedScanner:
                     size = int(size_text, 16)
                     data_start = newline + 2
                     data_end = data_start + size
-                    if size and data_end + 2 <= end and buffer[data_end : data_end + 2] == b"\r\n":
+                    if size and data_end + 2 <= end and buffer.startswith(b"\r\n", data_end):
                         payload.append((data_start, data_end))
                         position = data_end + 2
                         continue
@@ -522,7 +524,7 @@ class UsageReader:
             self._kind == "sse"
             and not self._event
             and stop - start >= 2
-            and buffer[stop - 2 : stop] == b"\n\n"
+            and buffer.endswith(b"\n\n", start, stop)
             and not _has_usage_object(buffer, start, stop)
         ):
             return

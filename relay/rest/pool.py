@@ -23,7 +23,8 @@ DEFAULT_MAX_IDLE_PER_UPSTREAM: Final = 256
 #: Seconds an idle connection is kept by default (below the usual 60 s of load balancers).
 DEFAULT_IDLE_TIMEOUT_S: Final = 30.0
 
-PoolKey = tuple[str, str, int, bool]
+#: (upstream name, host, port, TLS): not a key of a key pool (relay.upstreams.table).
+ConnectionKey = tuple[str, str, int, bool]
 
 
 class ConnectionPool:
@@ -37,9 +38,9 @@ class ConnectionPool:
     ) -> None:
         self.max_idle = max_idle
         self.idle_timeout_s = idle_timeout_s
-        self._idle: dict[PoolKey, deque[tuple[Transport, float]]] = {}
+        self._idle: dict[ConnectionKey, deque[tuple[Transport, float]]] = {}
 
-    def take(self, key: PoolKey, now: float) -> Transport | None:
+    def take(self, key: ConnectionKey, now: float) -> Transport | None:
         """A live idle connection for ``key``, or None (dial one)."""
         idle = self._idle.get(key)
         while idle:
@@ -49,7 +50,7 @@ class ConnectionPool:
             transport.close()
         return None
 
-    def give(self, key: PoolKey, transport: Transport, now: float) -> None:
+    def give(self, key: ConnectionKey, transport: Transport, now: float) -> None:
         """Keep ``transport`` (whose last response was read whole) for the next request."""
         if transport.closed:
             return
@@ -59,7 +60,7 @@ class ConnectionPool:
             oldest, _ = idle.popleft()
             oldest.close()
 
-    def idle_count(self, key: PoolKey) -> int:
+    def idle_count(self, key: ConnectionKey) -> int:
         return len(self._idle.get(key, ()))
 
     def close_all(self) -> None:
@@ -75,11 +76,10 @@ def _closed_while_idle(transport: Transport) -> bool:
     if isinstance(sock, ssl.SSLSocket):
         return False  # no peek through TLS; the proxy's retry covers it
     try:
-        data = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     except BlockingIOError:
-        return False
+        return False  # nothing to read: alive and quiet
     except OSError:
         return True
-    # b"": closed; a byte: the upstream spoke out of turn. Either way it is unusable.
-    del data
+    # b"" (closed) or a byte (the upstream spoke out of turn): unusable either way.
     return True

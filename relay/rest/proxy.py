@@ -48,6 +48,7 @@ from relay.credentials.checkers import AuthRefusal, CredentialChecker, TokenGran
 from relay.dataplane.admission import quoted
 from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
+from relay.net import http
 from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
@@ -55,19 +56,22 @@ from relay.protocol.handshake import HandshakeError, RequestHead, ResponseHead
 from relay.rest import messages
 from relay.rest.messages import (
     ChunkedScanner,
+    MultipartField,
     MultipartModel,
     RestRequestError,
     UpstreamFramingError,
     UsageReader,
 )
-from relay.rest.pool import ConnectionPool, PoolKey
-from relay.upstreams.chooser import FAILS_OVER, KeyRef, Outcome, plan_attempts
+from relay.rest.pool import ConnectionKey, ConnectionPool
+from relay.upstreams.chooser import FAILS_OVER, KeyRef, Outcome, outcome_for_status, plan_attempts
 from relay.upstreams.table import Upstream
 from relay.upstreams.urls import UpstreamKind
 
 LOGGER = logging.getLogger("relay.rest")
 #: Largest upstream error body kept to pass on to the client.
 MAX_REFUSAL_BODY_BYTES: Final = 64 * 1024
+#: Seconds an upstream's refusal body may take to arrive before it is passed on cut.
+REFUSAL_BODY_TIMEOUT_S: Final = 5.0
 #: Upstream response headers named in the log line (never a credential).
 _LOGGED_REQUEST_ID: Final = b"x-request-id"
 
@@ -97,6 +101,8 @@ class _Body:
     held: bytes
     rest: int
     content_length: int | None
+    #: Where a multipart upload's ``model`` value sits in ``held`` (for an alias).
+    model_field: MultipartField | None = None
 
     @property
     def replayable(self) -> bool:
@@ -106,7 +112,6 @@ class _Body:
 @dataclass(slots=True)
 class _Refusal:
     status: int
-    reason: bytes
     headers: list[tuple[bytes, bytes]]
     body: bytes
 
@@ -150,7 +155,7 @@ class RestProxy:
         return (
             config.rest_proxy_enabled
             and head.path.startswith("/v1/")
-            and not (head.is_websocket_upgrade())
+            and not head.is_websocket_upgrade()
             and head.path not in messages.RELAY_OWN_PATHS
         )
 
@@ -163,10 +168,19 @@ class RestProxy:
             keep_alive = await self._serve(transport, head, exchange)
         except RestRequestError as exc:
             exchange.status = exc.status
-            await _send_error(transport, exc.status, exc.message, exc.code, exc.param)
+            await http.send_error(
+                transport,
+                exc.status,
+                exc.message,
+                error_type="server_error" if exc.status >= 500 else "invalid_request_error",
+                code=exc.code,
+                param=exc.param,
+            )
         except HandshakeError as exc:
             exchange.status = exc.status
-            await _send_error(transport, exc.status, exc.message, exc.code or "invalid_request")
+            await http.send_error(
+                transport, exc.status, exc.message, code=exc.code or "invalid_request"
+            )
         except (TransportClosed, _ClientGone):
             exchange.client_disconnected = True
         finally:
@@ -191,8 +205,9 @@ class RestProxy:
         table = state.router.table
         if head.method == "GET" and head.path == "/v1/models" and table.served_models is not None:
             await self._models(transport, sorted(table.served_models))
-            return _leftover(head, transport)
-        if head.header(b"expect") is not None and head.header(b"expect").lower() == "100-continue":  # type: ignore[union-attr]
+            return _leftover(head)
+        expect = head.header(b"expect")
+        if expect is not None and expect.lower() == "100-continue":
             await transport.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         body, model = await self._read_head_of_body(transport, head, length)
         early = head.trailing[length or 0 :]  # the next request's bytes, sent early
@@ -261,12 +276,9 @@ class RestProxy:
         finder.feed(held_buffer)
         chunk = bytearray(RECEIVE_BYTES)
         while finder.found is None and not finder.hopeless and len(held_buffer) < length:
-            with trio.fail_after(config.rest_idle_timeout_s):
-                received = await transport.recv_into(
-                    chunk, min(len(chunk), length - len(held_buffer))
-                )
-            if received == 0:
-                raise TransportClosed("client closed during its request body")
+            received = await _client_read(
+                transport, chunk, length - len(held_buffer), config.rest_idle_timeout_s
+            )
             held_buffer += chunk[:received]
             finder.feed(memoryview(chunk)[:received])
         if finder.found is None:
@@ -276,17 +288,15 @@ class RestProxy:
                 "missing_model",
                 "model",
             )
-        return _Body(bytes(held_buffer), length - len(held_buffer), length), finder.found.value
+        found = finder.found
+        return _Body(bytes(held_buffer), length - len(held_buffer), length, found), found.value
 
     async def _read_exactly(self, transport: Transport, already: bytes, length: int) -> bytes:
         buffer = bytearray(already[:length])
         chunk = bytearray(RECEIVE_BYTES)
         idle_s = self._state.config.rest_idle_timeout_s
         while len(buffer) < length:
-            with trio.fail_after(idle_s):
-                received = await transport.recv_into(chunk, min(len(chunk), length - len(buffer)))
-            if received == 0:
-                raise TransportClosed("client closed during its request body")
+            received = await _client_read(transport, chunk, length - len(buffer), idle_s)
             buffer += chunk[:received]
         return bytes(buffer)
 
@@ -329,7 +339,6 @@ class RestProxy:
         await transport.send_all(
             messages.response_head(
                 200,
-                b"OK",
                 [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
             )
             + body
@@ -375,7 +384,6 @@ class RestProxy:
                 await transport.send_all(
                     messages.response_head(
                         last.status,
-                        last.reason,
                         [
                             *messages.forwarded_response_headers(last.headers, keep_alive=False),
                             (b"content-length", b"%d" % len(last.body)),
@@ -412,7 +420,7 @@ class RestProxy:
         client's leftover bytes, or None to close)."""
         state = self._state
         config = state.config
-        pool_key: PoolKey = (
+        pool_key: ConnectionKey = (
             upstream.name,
             upstream.target.host,
             upstream.target.port,
@@ -437,7 +445,9 @@ class RestProxy:
                             transport, connection, body.rest, config.rest_idle_timeout_s
                         )
                     with trio.fail_after(config.rest_first_byte_timeout_s):
-                        response = await _read_response_head(connection)
+                        response = await http.read_response_head(
+                            connection, skip_informational=True
+                        )
                     break
                 except TransportClosed:
                     connection.close()
@@ -464,7 +474,7 @@ class RestProxy:
         assert response is not None
         exchange.first_byte_s = self._clock() - started
         status = response.status
-        outcome = _outcome(status)
+        outcome = outcome_for_status(status)
         retry_after_s = response.retry_after_s
         if outcome in FAILS_OVER:
             try:
@@ -475,7 +485,6 @@ class RestProxy:
             if outcome is Outcome.KEY_REJECTED:
                 refusal = _Refusal(
                     502,
-                    b"Bad Gateway",
                     [(b"content-type", b"application/json")],
                     http_error_body(
                         "The relay could not authenticate with the upstream API.",
@@ -484,7 +493,7 @@ class RestProxy:
                     ),
                 )
             else:
-                refusal = _Refusal(status, _reason(response), list(response.headers), refusal_body)
+                refusal = _Refusal(status, list(response.headers), refusal_body)
             return refusal
         self._learn(key, outcome, retry_after_s, f"HTTP {status}")
         exchange.upstream, exchange.key_id, exchange.status = key.upstream, key.key_id, status
@@ -509,16 +518,12 @@ class RestProxy:
         if model is not None and upstream_model != model and in_body and held:
             # An alias: the upstream is asked for its own name (for Azure's deployment
             # form it is in the URL instead).
-            if messages.is_json(head.header(b"content-type")):
-                held = messages.json_with_model(held, upstream_model or model)
+            if body.model_field is not None:
+                held = messages.multipart_with_model(
+                    held, body.model_field, upstream_model or model
+                )
             else:
-                boundary = messages.multipart_boundary(head.header(b"content-type"))
-                finder = MultipartModel(boundary or b"")
-                finder.feed(held)
-                if finder.found is not None:
-                    held = messages.multipart_with_model(
-                        held, finder.found, upstream_model or model
-                    )
+                held = messages.json_with_model(held, upstream_model or model)
         length = None if body.content_length is None else len(held) + body.rest
         target = messages.upstream_target(
             azure=azure,
@@ -536,7 +541,7 @@ class RestProxy:
                 host_header=upstream.target.host_header,
                 headers=messages.forwarded_request_headers(head.headers),
                 credential=credential.header(),
-                content_length=length if head.method != "GET" or length else None,
+                content_length=length,
             )
             + held
         )
@@ -563,7 +568,6 @@ class RestProxy:
         )
         return _Refusal(
             status,
-            b"Gateway Timeout" if status == 504 else b"Bad Gateway",
             [(b"content-type", b"application/json")],
             http_error_body(
                 "The upstream API did not answer in time."
@@ -587,7 +591,7 @@ class RestProxy:
         head: RequestHead,
         connection: Transport,
         response: ResponseHead,
-        pool_key: PoolKey,
+        pool_key: ConnectionKey,
         exchange: _Exchange,
     ) -> bytes | None:
         config = self._state.config
@@ -604,7 +608,6 @@ class RestProxy:
         await transport.send_all(
             messages.response_head(
                 response.status,
-                _reason(response),
                 messages.forwarded_response_headers(headers, keep_alive=client_keep_alive),
             )
         )
@@ -657,6 +660,8 @@ class RestProxy:
         state.metrics.rest_requests.labels(
             upstream=exchange.upstream or "none", status=status
         ).inc()
+        if not LOGGER.isEnabledFor(logging.INFO):
+            return  # the fields below cost more than the rest of a small request's record
         LOGGER.info(
             "rest request",
             extra={
@@ -728,69 +733,48 @@ async def _relay_body(
     buffer = bytearray(RECEIVE_BYTES)
     view = memoryview(buffer)
     pending = already
-    # One scope for the whole body, its deadline moved on after every read: a scope
-    # per read costs more than the read.
-    with trio.CancelScope() as idle:
-        return await _relay_chunks(
-            upstream, client, buffer, view, pending, scanner, left, usage, idle, idle_s, exchange
-        )
-    return False  # the upstream was silent for idle_s
-
-
-async def _relay_chunks(
-    upstream: Transport,
-    client: Transport,
-    buffer: bytearray,
-    view: memoryview,
-    pending: bytes,
-    scanner: ChunkedScanner | None,
-    left: int | None,
-    usage: UsageReader,
-    idle: trio.CancelScope,
-    idle_s: float,
-    exchange: _Exchange,
-) -> bool:
     current_time = trio.current_time
-    # The idle deadline is moved only once a quarter of it has passed (moving a
-    # deadline costs a heap update): a silent upstream is cut after idle_s to
-    # 1.25 * idle_s.
-    slack_s = idle_s / 4
-    idle.deadline = current_time() + idle_s + slack_s
     feed_usage = usage.feed_span
-    while True:
-        if pending:
-            size = len(pending)
-            buffer[:size] = pending
-            pending = b""
-        else:
-            if idle.deadline - current_time() < idle_s:
-                idle.deadline = current_time() + idle_s + slack_s
-            size = await upstream.recv_into(buffer)
-            if size == 0:
-                # The upstream closed: the end of a close-delimited body, else a cut.
-                return scanner is None and left is None
-        if scanner is not None:
+    # One scope for the whole body, not one per read (it costs more than the read); its
+    # deadline moves only once a quarter of it has passed (a move is a heap update), so
+    # a silent upstream is cut after idle_s to 1.25 * idle_s.
+    slack_s = idle_s / 4
+    with trio.CancelScope(deadline=current_time() + idle_s + slack_s) as idle:
+        while True:
+            if pending:
+                size = len(pending)
+                buffer[:size] = pending
+                pending = b""
+            else:
+                if idle.deadline - current_time() < idle_s:
+                    idle.deadline = current_time() + idle_s + slack_s
+                size = await upstream.recv_into(buffer)
+                if size == 0:
+                    # The upstream closed: the end of a close-delimited body, else a cut.
+                    return scanner is None and left is None
+            if scanner is not None:
+                try:
+                    used, spans = scanner.feed(buffer, 0, size)
+                except UpstreamFramingError:
+                    return False
+                for start, stop in spans:
+                    feed_usage(buffer, start, stop)
+            else:
+                used = size if left is None else min(size, left)
+                feed_usage(buffer, 0, used)
+                if left is not None:
+                    left -= used
             try:
-                used, spans = scanner.feed(buffer, 0, size)
-            except UpstreamFramingError:
-                return False
-            for start, stop in spans:
-                feed_usage(buffer, start, stop)
-        else:
-            used = size if left is None else min(size, left)
-            feed_usage(buffer, 0, used)
-            if left is not None:
-                left -= used
-        try:
-            # The kernel's first try without a coroutine; only a full socket waits.
-            sent = client.send_now(view[:used])
-            if sent < used:
-                await client.send_all(view[sent:used])
-        except TransportClosed:
-            raise _ClientGone from None
-        exchange.response_bytes += used
-        if (scanner is not None and scanner.done) or left == 0:
-            return True
+                # The kernel's first try without a coroutine; only a full socket waits.
+                sent = client.send_now(view[:used])
+                if sent < used:
+                    await client.send_all(view[sent:used])
+            except TransportClosed:
+                raise _ClientGone from None
+            exchange.response_bytes += used
+            if (scanner is not None and scanner.done) or left == 0:
+                return True
+    return False  # the upstream was silent for idle_s
 
 
 async def _copy_exactly(
@@ -800,32 +784,28 @@ async def _copy_exactly(
     buffer = bytearray(RECEIVE_BYTES)
     view = memoryview(buffer)
     while count > 0:
-        with trio.fail_after(idle_s):
-            received = await source.recv_into(buffer, min(len(buffer), count))
-        if received == 0:
-            raise _ClientGone
+        received = await _client_read(source, buffer, count, idle_s)
         await destination.send_all(view[:received])
         count -= received
 
 
-async def _read_response_head(connection: Transport) -> ResponseHead:
-    buffer = bytearray()
-    chunk = bytearray(8192)
-    while True:
-        received = await connection.recv_into(chunk)
-        if received == 0:
-            raise TransportClosed("upstream closed before its response head")
-        buffer += chunk[:received]
-        response = handshake.parse_response_head(buffer)
-        if response is not None:
-            if 100 <= response.status < 200:
-                # 100 Continue and other interim answers: the real one follows.
-                buffer = bytearray(response.trailing)
-                parsed = handshake.parse_response_head(buffer)
-                if parsed is None:
-                    continue
-                response = parsed
-            return response
+async def _client_read(transport: Transport, buffer: bytearray, most: int, idle_s: float) -> int:
+    """Up to ``most`` bytes of the client's request body (at least one).
+
+    The client's failures are its own: silent for ``idle_s`` is a 408, gone is
+    :class:`_ClientGone`. Neither may reach the upstream's outcome (a cool-down, a
+    failover) the way an upstream read's failure does.
+    """
+    try:
+        with trio.fail_after(idle_s):
+            received = await transport.recv_into(buffer, min(len(buffer), most))
+    except trio.TooSlowError:
+        raise RestRequestError(408, "The request body did not arrive in time.", "timeout") from None
+    except TransportClosed:
+        raise _ClientGone from None
+    if received == 0:
+        raise _ClientGone
+    return received
 
 
 async def _read_refusal_body(connection: Transport, response: ResponseHead) -> bytes:
@@ -837,7 +817,7 @@ async def _read_refusal_body(connection: Transport, response: ResponseHead) -> b
         _, spans = scanner.feed(body, 0, len(body))
         for start, stop in spans:
             payload += body[start:stop]
-        with trio.move_on_after(5):
+        with trio.move_on_after(REFUSAL_BODY_TIMEOUT_S):
             while not scanner.done and len(payload) <= MAX_REFUSAL_BODY_BYTES:
                 received = await connection.recv_into(chunk)
                 if received == 0:
@@ -847,7 +827,7 @@ async def _read_refusal_body(connection: Transport, response: ResponseHead) -> b
                     payload += chunk[start:stop]
         return bytes(payload[:MAX_REFUSAL_BODY_BYTES])
     length = response.content_length
-    with trio.move_on_after(5):
+    with trio.move_on_after(REFUSAL_BODY_TIMEOUT_S):
         while (length is None or len(body) < length) and len(body) <= MAX_REFUSAL_BODY_BYTES:
             try:
                 received = await connection.recv_into(chunk)
@@ -859,27 +839,6 @@ async def _read_refusal_body(connection: Transport, response: ResponseHead) -> b
     return bytes(body[: length if length is not None else MAX_REFUSAL_BODY_BYTES])
 
 
-def _outcome(status: int) -> Outcome:
-    if status in (401, 403):
-        return Outcome.KEY_REJECTED
-    if status == 429:
-        return Outcome.RATE_LIMITED
-    if status >= 500:
-        return Outcome.SERVER_ERROR
-    if status >= 400:
-        return Outcome.CLIENT_ERROR
-    return Outcome.SUCCESS
-
-
-def _reason(response: ResponseHead) -> bytes:
-    from http import HTTPStatus
-
-    try:
-        return HTTPStatus(response.status).phrase.encode()
-    except ValueError:
-        return b"Unknown"
-
-
 def _content_length(head: RequestHead) -> int | None:
     values = [value for name, value in head.headers if name == b"content-length"]
     if not values:
@@ -889,18 +848,6 @@ def _content_length(head: RequestHead) -> int | None:
     return int(values[0])
 
 
-def _leftover(head: RequestHead, transport: Transport) -> bytes | None:
+def _leftover(head: RequestHead) -> bytes | None:
     """After a bodiless request: the next request's bytes already read, or None to close."""
-    del transport
     return None if messages.wants_close(head.headers) else head.trailing
-
-
-async def _send_error(
-    transport: Transport, status: int, message: str, code: str, param: str | None = None
-) -> None:
-    body = http_error_body(message, code=code, param=param)
-    transport.answered = True
-    try:
-        await transport.send_all(handshake.http_response(status, body))
-    except TransportClosed:
-        pass

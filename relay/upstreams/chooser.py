@@ -78,6 +78,19 @@ class Outcome(enum.Enum):
     CLIENT_ERROR = "client_error"
 
 
+def outcome_for_status(status: int) -> Outcome:
+    """What an upstream's HTTP answer to a dial or request means for the chooser."""
+    if status in (401, 403):
+        return Outcome.KEY_REJECTED
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if status >= 500:
+        return Outcome.SERVER_ERROR
+    if status >= 400:
+        return Outcome.CLIENT_ERROR
+    return Outcome.SUCCESS
+
+
 #: Outcomes after which the shell tries the next attempt of the plan.
 FAILS_OVER: Final = frozenset(
     {
