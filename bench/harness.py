@@ -62,7 +62,9 @@ C_DIR: Final = REPO / "bench/c"
 SIM_DELTA_AUDIO_MS: Final = 100
 SIM_RESPONSE_AUDIO_MS: Final = 1200
 
-NGINX_CONF: Final = """
+#: Everything of an nginx configuration but its ``http`` block's proxying: one worker,
+#: no access log, every temporary path under the run's own directory.
+NGINX_PRELUDE: Final = """
 daemon off;
 worker_processes 1;
 pid {tmp}/nginx.pid;
@@ -75,7 +77,10 @@ http {{
     fastcgi_temp_path {tmp}/fastcgi;
     uwsgi_temp_path {tmp}/uwsgi;
     scgi_temp_path {tmp}/scgi;
-    server {{
+"""
+NGINX_CONF: Final = (
+    NGINX_PRELUDE
+    + """    server {{
         listen 127.0.0.1:{port};
         location / {{
             proxy_pass http://127.0.0.1:{upstream};
@@ -88,6 +93,7 @@ http {{
     }}
 }}
 """
+)
 
 
 def free_port() -> int:

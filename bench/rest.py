@@ -51,6 +51,7 @@ from typing import Any, Final
 
 from harness import (
     CLIENT_KEY,
+    NGINX_PRELUDE,
     NODE_DIR,
     REPO,
     SIM_KEY,
@@ -84,20 +85,9 @@ CPU_X_NGINX_TARGET: Final = 2.0
 #: A load process at this share of a core is flagged as saturated.
 SATURATED_PERCENT: Final = 90.0
 
-REST_NGINX_CONF: Final = """
-daemon off;
-worker_processes 1;
-pid {tmp}/nginx.pid;
-error_log {tmp}/error.log error;
-events {{ worker_connections 8192; }}
-http {{
-    access_log off;
-    client_body_temp_path {tmp}/body;
-    proxy_temp_path {tmp}/proxy;
-    fastcgi_temp_path {tmp}/fastcgi;
-    uwsgi_temp_path {tmp}/uwsgi;
-    scgi_temp_path {tmp}/scgi;
-    upstream simulator {{
+REST_NGINX_CONF: Final = (
+    NGINX_PRELUDE
+    + """    upstream simulator {{
         server 127.0.0.1:{upstream};
         keepalive 64;
     }}
@@ -114,6 +104,7 @@ http {{
     }}
 }}
 """
+)
 
 
 @dataclass

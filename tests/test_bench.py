@@ -218,6 +218,20 @@ async def test_relay_bench_refuses_bad_arguments_in_one_line(nursery: trio.Nurse
     assert b"Traceback" not in completed.stderr
 
 
+def run_bench_script(script: str, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+    """Run a bench/ program to its end, output captured as text, from this checkout: its
+    relay is imported from here, also from a git worktree sharing another checkout's venv."""
+    return subprocess.run(
+        [sys.executable, script, *args],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
 @pytest.mark.slow  # a benchmark run, with nginx
 def test_relay_throughput_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
@@ -245,15 +259,8 @@ def test_relay_throughput_quick_run(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # a benchmark run, with nginx
 def test_suite_tiny_run_prints_one_table_and_writes_json_and_plots(tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, "bench/suite.py", "--tiny", "--out", str(tmp_path), "--budget-ms", "1000"],
-        cwd=REPO,
-        # The checkout's relay, also from a git worktree sharing another checkout's venv.
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+    completed = run_bench_script(
+        "bench/suite.py", "--tiny", "--out", str(tmp_path), "--budget-ms", "1000", timeout_s=180
     )
     assert completed.returncode == 0, completed.stderr
     suite = json.loads((tmp_path / "suite.json").read_text())
@@ -290,25 +297,10 @@ def test_suite_tiny_run_prints_one_table_and_writes_json_and_plots(tmp_path: Pat
 @pytest.mark.slow  # a benchmark run: four paths, real processes
 def test_failover_bench_tiny_run(tmp_path: Path) -> None:
     out = tmp_path / "failover.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "bench/failover.py",
-            "--rounds",
-            "1",
-            "--duration-s",
-            "0.5",
-            "--sessions",
-            "2",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    completed = run_bench_script(
+        "bench/failover.py",
+        *("--rounds", "1", "--duration-s", "0.5", "--sessions", "2", "--out", str(out)),
+        timeout_s=120,
     )
     assert completed.returncode == 0, completed.stderr
     summary = json.loads(out.read_text())["summary"]

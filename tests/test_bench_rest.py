@@ -6,40 +6,21 @@ Counts and shapes are asserted, never timings.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.test_bench import run_bench_script
 
 
 @pytest.mark.slow  # a benchmark run: simulator, relay and nginx, two load clients
 def test_rest_bench_tiny_run(tmp_path: Path) -> None:
     out = tmp_path / "rest.json"
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "bench/rest.py",
-            "--rounds",
-            "1",
-            "--duration-s",
-            "1",
-            "--warmup-s",
-            "0.5",
-            "--streams",
-            "4",
-            "--out",
-            str(out),
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
+    completed = run_bench_script(
+        "bench/rest.py",
+        *("--rounds", "1", "--duration-s", "1", "--warmup-s", "0.5", "--streams", "4"),
+        *("--out", str(out)),
+        timeout_s=180,
     )
     assert completed.returncode == 0, completed.stderr
     report = json.loads(out.read_text())

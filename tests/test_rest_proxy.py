@@ -152,14 +152,8 @@ async def test_a_client_leaving_mid_stream_cancels_the_upstream_request(
     sim = await rest_sim(nursery, rest_chunk_interval_ms=20, rest_stream_chunks=200)
     relay = await start_relay(nursery, sim.ws_base)
     body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES, "stream": True}).encode()
-    stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    stream = await raw_request(relay.port, post_head("/v1/chat/completions", len(body)), body)
     async with stream:
-        await stream.send_all(
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\n"
-            f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
-        )
         data = b""
         with trio.fail_after(10):
             while data.count(b"\n\n") < 4:
@@ -361,14 +355,8 @@ async def test_memory_stays_bounded_under_a_big_upload_to_a_slow_upstream_and_a_
         assert peak - before < len(audio) * 2.5
         # A slow reader of a long stream (4000 events): the relay holds little of it.
         body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES, "stream": True}).encode()
-        stream = await trio.open_tcp_stream("127.0.0.1", relay.port)
+        stream = await raw_request(relay.port, post_head("/v1/chat/completions", len(body)), body)
         async with stream:
-            await stream.send_all(
-                f"POST /v1/chat/completions HTTP/1.1\r\nHost: relay\r\n"
-                f"Authorization: Bearer {CLIENT_KEY}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
-            )
             tracemalloc.reset_peak()
             before, _ = tracemalloc.get_traced_memory()
             received = 0

@@ -29,7 +29,12 @@ from tests.conftest import (
     start_simulator,
 )
 from tests.sdk_client import sdk_voice_turn
-from tests.test_upstream_failover import ADMIN_KEY, handshakes_by_outcome, start_routed_relay
+from tests.test_upstream_failover import (
+    ADMIN_KEY,
+    handshakes_by_outcome,
+    held_sessions,
+    start_routed_relay,
+)
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 AZURE_KEY = "0123456789abcdef0123456789abcdef"
@@ -52,13 +57,35 @@ def readme_deployment_toml() -> str:
     return match.group(1)
 
 
+async def azure_simulator(nursery: trio.Nursery) -> RunningSimulator:
+    """An Azure-flavored simulator with one resource key and the one deployment."""
+    return await start_simulator(
+        nursery, flavor="azure", api_keys=(AZURE_KEY,), azure_deployments=(DEPLOYMENT,)
+    )
+
+
+async def azure_only_relay(
+    nursery: trio.Nursery, azure: RunningSimulator, path: str = "", **settings: Any
+) -> RunningRelay:
+    """A relay whose one upstream is ``azure`` (``settings``: more of its table), and
+    ``serve`` settings as ``serve_*``."""
+    serve = {k[len("serve_") :]: v for k, v in settings.items() if k.startswith("serve_")}
+    table = {k: v for k, v in settings.items() if not k.startswith("serve_")}
+    table.setdefault("models", {"gpt-realtime": DEPLOYMENT})
+    upstream = UpstreamSettings(
+        kind="azure",
+        url=f"http://127.0.0.1:{azure.port}{path}",
+        api_key_env=("AZURE_EU_KEY",),
+        **table,
+    )
+    return await start_routed_relay(nursery, {"azure": upstream}, ENV, **serve)
+
+
 async def start_deployment(
     nursery: trio.Nursery, tmp_path: Path, **serve: Any
 ) -> tuple[RunningRelay, RunningSimulator, RunningSimulator]:
     """The README's TOML, loaded as ``relay serve --config`` would, pointed at simulators."""
-    azure = await start_simulator(
-        nursery, flavor="azure", api_keys=(AZURE_KEY,), azure_deployments=(DEPLOYMENT,)
-    )
+    azure = await azure_simulator(nursery)
     openai = await start_simulator(nursery, api_keys=(KEY_A, KEY_B))
     toml = (
         readme_deployment_toml()
@@ -172,24 +199,8 @@ async def test_sessions_spread_over_the_two_openai_keys(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     relay, _, openai = await start_deployment(nursery, tmp_path)
-    async with trio.open_nursery() as clients:
-        opened = trio.Semaphore(0)
-        release = trio.Event()
-
-        async def hold() -> None:
-            async with open_ws(
-                f"ws://127.0.0.1:{relay.port}/v1/realtime?model=gpt-realtime-mini",
-                extra_headers=bearer(),
-            ) as ws:
-                await ws.get_message()
-                opened.release()
-                await release.wait()
-
-        for _ in range(6):
-            clients.start_soon(hold)
-            await opened.acquire()
+    async with held_sessions(relay, "gpt-realtime-mini", 6):
         assert dict(openai.sim.sessions_by_key_index) == {0: 3, 1: 3}
-        release.set()
 
 
 async def test_a_429_on_one_key_costs_one_extra_connect_and_nothing_else(
@@ -271,23 +282,9 @@ async def test_a_revoked_azure_key_is_not_quoted_and_openai_takes_over(
 async def test_an_azure_session_ends_at_the_upstream_s_cap(
     nursery: trio.Nursery, tmp_path: Path
 ) -> None:
-    azure = await start_simulator(
-        nursery, flavor="azure", api_keys=(AZURE_KEY,), azure_deployments=(DEPLOYMENT,)
-    )
-    relay = await start_routed_relay(
-        nursery,
-        {
-            "azure": UpstreamSettings(
-                kind="azure",
-                url=f"http://127.0.0.1:{azure.port}",
-                api_key_env=("AZURE_EU_KEY",),
-                models={"gpt-realtime": DEPLOYMENT},
-                # Azure's own is 1800 s (the default for kind = "azure"); a test cannot wait.
-                max_session_s=0.5,
-            )
-        },
-        ENV,
-    )
+    azure = await azure_simulator(nursery)
+    # Azure's own is 1800 s (the default for kind = "azure"); a test cannot wait.
+    relay = await azure_only_relay(nursery, azure, max_session_s=0.5)
     async with open_ws(
         f"ws://127.0.0.1:{relay.port}/v1/realtime?model=gpt-realtime", extra_headers=bearer()
     ) as ws:
@@ -303,23 +300,11 @@ async def test_passthrough_client_secrets_need_an_openai_upstream(
 ) -> None:
     from relay.credentials.keyfiles import create_app_key
 
-    azure = await start_simulator(
-        nursery, flavor="azure", api_keys=(AZURE_KEY,), azure_deployments=(DEPLOYMENT,)
-    )
+    azure = await azure_simulator(nursery)
     keys_file = tmp_path / "app-keys.json"
     app_key = create_app_key(keys_file, "voice", mode="passthrough")
-    relay = await start_routed_relay(
-        nursery,
-        {
-            "azure": UpstreamSettings(
-                kind="azure",
-                url=f"http://127.0.0.1:{azure.port}",
-                api_key_env=("AZURE_EU_KEY",),
-                models=(DEPLOYMENT,),
-            )
-        },
-        ENV,
-        app_keys_file=str(keys_file),
+    relay = await azure_only_relay(
+        nursery, azure, models=(DEPLOYMENT,), serve_app_keys_file=str(keys_file)
     )
     import httpx
 
@@ -334,21 +319,9 @@ async def test_passthrough_client_secrets_need_an_openai_upstream(
 
 
 async def test_azure_s_preview_form_through_the_relay(nursery: trio.Nursery) -> None:
-    azure = await start_simulator(
-        nursery, flavor="azure", api_keys=(AZURE_KEY,), azure_deployments=(DEPLOYMENT,)
-    )
-    relay = await start_routed_relay(
-        nursery,
-        {
-            "azure-preview": UpstreamSettings(
-                kind="azure",
-                url=f"http://127.0.0.1:{azure.port}/openai",
-                api_key_env=("AZURE_EU_KEY",),
-                models={"gpt-realtime": DEPLOYMENT},
-                azure_api_version="2025-04-01-preview",
-            )
-        },
-        ENV,
+    azure = await azure_simulator(nursery)
+    relay = await azure_only_relay(
+        nursery, azure, "/openai", azure_api_version="2025-04-01-preview"
     )
     assert (await session_created(relay, "gpt-realtime"))["session"]["model"] == DEPLOYMENT
     (record,) = azure.sim.handshakes

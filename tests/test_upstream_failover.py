@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -65,6 +67,31 @@ def dead_url() -> str:
     return f"ws://127.0.0.1:{port}/v1"
 
 
+@asynccontextmanager
+async def held_sessions(relay: RunningRelay, model: str, count: int) -> AsyncIterator[None]:
+    """``count`` sessions opened one after another (each past ``session.created``) and
+    held open for the block, so each handshake sees the ones before it live."""
+    async with trio.open_nursery() as clients:
+        opened = trio.Semaphore(0)
+        release = trio.Event()
+
+        async def hold() -> None:
+            async with open_ws(
+                f"ws://127.0.0.1:{relay.port}/v1/realtime?model={model}", extra_headers=bearer()
+            ) as ws:
+                await ws.get_message()
+                opened.release()
+                await release.wait()
+
+        for _ in range(count):
+            clients.start_soon(hold)
+            await opened.acquire()
+        try:
+            yield
+        finally:
+            release.set()
+
+
 async def one_session(relay: RunningRelay, model: str = "gpt-realtime") -> dict[str, Any]:
     """Open a session, read session.created, close; the event as the client saw it."""
     import json
@@ -105,26 +132,10 @@ async def test_sessions_spread_over_a_pool_of_keys(nursery: trio.Nursery) -> Non
         {"KEY_A": KEY_A, "KEY_B": KEY_B},
     )
     # Sessions held open at once: each new one goes to the key with fewer live sessions.
-    async with trio.open_nursery() as clients:
-        opened = trio.Semaphore(0)
-        release = trio.Event()
-
-        async def hold() -> None:
-            async with open_ws(
-                f"ws://127.0.0.1:{relay.port}/v1/realtime?model=gpt-realtime",
-                extra_headers=bearer(),
-            ) as ws:
-                await ws.get_message()
-                opened.release()
-                await release.wait()
-
-        for _ in range(4):
-            clients.start_soon(hold)
-            await opened.acquire()
+    async with held_sessions(relay, "gpt-realtime", 4):
         assert dict(sim.sim.sessions_by_key_index) == {0: 2, 1: 2}
         listing = relay.server.list_upstreams()
         assert [key["live_sessions"] for key in listing[0]["keys"]] == [2, 2]  # type: ignore[index]
-        release.set()
 
 
 async def test_a_refused_connection_fails_over_within_the_handshake(
