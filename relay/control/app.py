@@ -147,6 +147,12 @@ def create_app(state: ControlState) -> QuartTrio:
             return _json(http_error_body("Admin key required.", code="invalid_api_key"), 401)
         return None
 
+    def admin_api_refusal() -> Response | None:
+        """404 while the admin API is off (no admin key configured), else the key check."""
+        if not state.admin_key_sha256:
+            return _json(http_error_body("The admin API is off.", code="not_found"), 404)
+        return admin_refusal()
+
     @app.get("/metrics")
     async def metrics() -> Response:
         refusal = admin_refusal()
@@ -156,27 +162,21 @@ def create_app(state: ControlState) -> QuartTrio:
 
     @app.get("/admin/sessions")
     async def admin_sessions() -> Response:
-        if not state.admin_key_sha256:
-            return _json(http_error_body("The admin API is off.", code="not_found"), 404)
-        refusal = admin_refusal()
+        refusal = admin_api_refusal()
         if refusal is not None:
             return refusal
         return _json(orjson.dumps({"sessions": state.list_sessions()}), 200)
 
     @app.get("/admin/upstreams")
     async def admin_upstreams() -> Response:
-        if not state.admin_key_sha256:
-            return _json(http_error_body("The admin API is off.", code="not_found"), 404)
-        refusal = admin_refusal()
+        refusal = admin_api_refusal()
         if refusal is not None:
             return refusal
         return _json(orjson.dumps({"upstreams": state.list_upstreams()}), 200)
 
     @app.post("/admin/sessions/<session_id>/end")
     async def admin_end_session(session_id: str) -> Response:
-        if not state.admin_key_sha256:
-            return _json(http_error_body("The admin API is off.", code="not_found"), 404)
-        refusal = admin_refusal()
+        refusal = admin_api_refusal()
         if refusal is not None:
             return refusal
         if not state.end_session(session_id):

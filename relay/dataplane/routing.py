@@ -28,7 +28,7 @@ from typing import Final
 
 import trio
 
-from relay.dataplane.upstream import UpstreamRefused, dial_upstream
+from relay.dataplane.upstream import UpstreamRefused, auth_failed, dial_upstream, timed_out
 from relay.metrics import RelayMetrics, UpstreamKeyState
 from relay.net.websocket import WebSocket
 from relay.protocol.events import http_error_body
@@ -193,27 +193,9 @@ class Router:
         """The answer when no attempt could even be planned."""
         keys = [KeyRef(up.name, key.key_id) for up in upstreams for key in up.keys]
         if keys and all(self.health.is_bad(key) for key in keys):
-            return UpstreamRefused(
-                502,
-                http_error_body(
-                    "The relay could not authenticate with the upstream Realtime API.",
-                    error_type="server_error",
-                    code="upstream_auth_failed",
-                ),
-                detail="every key of every upstream for this model was rejected (401/403)",
-                outcome=Outcome.KEY_REJECTED,
-            )
+            return auth_failed("every key of every upstream for this model was rejected (401/403)")
         if trio.current_time() >= deadline:
-            return UpstreamRefused(
-                504,
-                http_error_body(
-                    "The upstream Realtime API did not answer the handshake in time.",
-                    error_type="server_error",
-                    code="upstream_timeout",
-                ),
-                detail="no time left for another upstream attempt",
-                outcome=Outcome.TIMEOUT,
-            )
+            return timed_out("no time left for another upstream attempt")
         return UpstreamRefused(
             503,
             http_error_body(

@@ -149,15 +149,8 @@ async def dial_upstream(
     except trio.TooSlowError:
         if transport is not None:
             transport.close()
-        raise UpstreamRefused(
-            504,
-            http_error_body(
-                "The upstream Realtime API did not answer the handshake in time.",
-                error_type="server_error",
-                code="upstream_timeout",
-            ),
-            detail=f"handshake with {target.host}:{target.port} timed out after {timeout_s}s",
-            outcome=Outcome.TIMEOUT,
+        raise timed_out(
+            f"handshake with {target.host}:{target.port} timed out after {timeout_s}s"
         ) from None
     except (TransportClosed, HandshakeError) as exc:
         if transport is not None:
@@ -194,19 +187,40 @@ async def _read_error_body(transport: Transport, response: handshake.ResponseHea
         transport.close()
 
 
+def auth_failed(detail: str) -> UpstreamRefused:
+    """The upstream refused the relay's key (its body, which quotes it, never passed on)."""
+    return UpstreamRefused(
+        502,
+        http_error_body(
+            "The relay could not authenticate with the upstream Realtime API.",
+            error_type="server_error",
+            code="upstream_auth_failed",
+        ),
+        detail=detail,
+        outcome=Outcome.KEY_REJECTED,
+    )
+
+
+def timed_out(detail: str) -> UpstreamRefused:
+    """No upstream answered the handshake before its deadline."""
+    return UpstreamRefused(
+        504,
+        http_error_body(
+            "The upstream Realtime API did not answer the handshake in time.",
+            error_type="server_error",
+            code="upstream_timeout",
+        ),
+        detail=detail,
+        outcome=Outcome.TIMEOUT,
+    )
+
+
 def _refusal(status: int, body: bytes, retry_after_s: float | None) -> UpstreamRefused:
     if status in RELAY_CREDENTIAL_STATUSES:
         # The upstream refused *our* key: its body quotes part of it and would blame
         # the client's key. The client learns only that the relay failed.
-        return UpstreamRefused(
-            502,
-            http_error_body(
-                "The relay could not authenticate with the upstream Realtime API.",
-                error_type="server_error",
-                code="upstream_auth_failed",
-            ),
-            detail=f"upstream answered HTTP {status} to the relay's key: {_error_detail(body)}",
-            outcome=outcome_for_status(status),
+        return auth_failed(
+            f"upstream answered HTTP {status} to the relay's key: {_error_detail(body)}"
         )
     if status in PASSED_THROUGH_STATUSES:
         if not body.lstrip().startswith(b"{"):
