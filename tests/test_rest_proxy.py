@@ -513,3 +513,31 @@ async def test_an_upstream_that_never_answers_is_a_504_after_the_first_byte_time
     assert answer.startswith(b"HTTP/1.1 504")
     assert b"upstream_timeout" in answer
     assert upstream_outcomes(relay) == {"timeout": 1}
+
+
+async def test_a_pooled_connection_that_fails_before_any_answer_is_retried_fresh(
+    nursery: trio.Nursery,
+) -> None:
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base)
+
+    async def chat() -> int:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{relay.http_base}/chat/completions",
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                json={"model": "gpt-4.1", "messages": MESSAGES},
+            )
+        return response.status_code
+
+    assert await chat() == 200  # leaves its upstream connection in the pool
+    # The upstream drops the pooled connection under the next request, before its head:
+    # the relay sends it again on a fresh connection, and the client never knows.
+    sim.sim.rest_faults.drop_next()
+    assert await chat() == 200
+    first, dropped, retried = sim.sim.rest_requests
+    assert dropped.connection == first.connection
+    assert dropped.status is None
+    assert retried.connection != first.connection
+    assert retried.status == 200
+    assert upstream_outcomes(relay) == {"success": 2}
