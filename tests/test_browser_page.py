@@ -300,9 +300,10 @@ def check_simulator_got_what_was_sent(simulator: RunningSimulator, run: Run) -> 
     # rate than Chromium's fake microphone, Chromium converts the microphone itself and
     # reads 0.8% high doing so (443.4 Hz for 440 into 48 kHz, measured ahead of the
     # page's worklet), and further on a busy machine (451.6 Hz, 2.6%, seen with the
-    # suite beside other work): allow for that. The page's own resampler is held to
-    # far tighter figures by test_resampler_in_the_browser.
-    tolerance = 0.03 if state["contextRateHz"] == WAV_RATE_HZ else 0.05
+    # suite beside other work; 454.8 Hz, 3.4%, in a CI run at the same rate as the WAV):
+    # allow for that. The page's own resampler is held to far tighter figures by
+    # test_resampler_in_the_browser, and the bytes to exactness by the digest above.
+    tolerance = 0.05
     samples = pcm16(bytes(record.pcm))
     assert len(state["turnSentSamples"]) == 2
     at = 0
