@@ -50,7 +50,7 @@ from relay.launch import BrowserDemo, open_browser_demo
 from relay.protocol import audio
 from relay.simulator.generated import DEFAULT_AUDIO_SEED, answer_audio_chunks
 from relay.simulator.received_audio import ReceivedAudio
-from tests.browser import WAV_RATE_HZ, Page, copy_screenshot, launch_chromium, write_tone_wav
+from tests.browser import Page, copy_screenshot, launch_chromium, write_tone_wav
 from tests.conftest import RunningSimulator, start_simulator
 
 pytestmark = pytest.mark.browser
