@@ -68,6 +68,7 @@ from relay.dataplane.session import RelaySession, SessionLimits
 from relay.dataplane.upstream import UpstreamRefused
 from relay.metrics import RelayMetrics
 from relay.net import http
+from relay.net.hub import current_hub
 from relay.net.transport import (
     Transport,
     TransportClosed,
@@ -211,6 +212,7 @@ class RelayServer:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.control.run)
                 await nursery.start(self.key_files.run)
+                current_hub()  # the sessions' read hub, a system task from now on
                 LOGGER.info(
                     "relay listening on %s:%d, upstreams %s",
                     self.config.host,

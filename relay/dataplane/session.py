@@ -72,8 +72,9 @@ from relay.dataplane.policy import (
     plan_close,
 )
 from relay.dataplane.ratelimit import ClientRateLimit
-from relay.net.transport import TransportClosed
-from relay.net.websocket import ConnectionClosed, LegFailed, WebSocket
+from relay.net.hub import current_hub
+from relay.net.transport import Transport, TransportClosed
+from relay.net.websocket import ConnectionClosed, LegFailed, UnsentRest, WebSocket
 from relay.protocol import binary_audio, frames
 from relay.protocol.frames import (
     OP_BINARY,
@@ -280,11 +281,42 @@ class RelaySession:
         remask = self.remask_upstream
         recv_into, read_view, run_of = client.transport.recv_into, client.read_view, client.run_of
         send_now = upstream.send_now
+        transport = _hub_transport(client)
+        if transport is not None:
+            hub, hub_sock = current_hub(), transport.sock
+            recv_now = transport.recv_now
+
+            def up_inline() -> object:
+                # The usual message, read and written by the hub without waking us: the
+                # branch below, without its awaits (relay.net.hub).
+                received = recv_now(read_view)
+                if received < 0:
+                    return None
+                run = run_of(received)
+                if run:
+                    size = len(run)
+                    if not admit(size, reader.run_frames):
+                        return _RATE_LIMITED
+                    out = frames.remask_run(run) if remask else run
+                    sent = send_now(out)
+                    stats.messages_up += reader.run_messages
+                    if sent < size:
+                        return upstream.keep_unsent(out, sent)
+                return _AWAKE if reader.may_hold or not transport.drained else None
+
         while True:
             # The reader holds nothing after a read the run took whole: no next_event
             # call to learn so (0.9k instructions per message, bench/instructions.py).
             event = reader.next_event() if reader.may_hold else None
             if event is None:
+                if transport is not None and transport.drained:
+                    woken = await hub.serve(hub_sock, up_inline)
+                    if woken is _RATE_LIMITED:
+                        self._finish(self._rate_ending())
+                        return
+                    if type(woken) is UnsentRest:
+                        await upstream.send_unsent(woken)
+                    continue
                 # _forward_client_run's lines, with the read made here and not in
                 # receive_run: two coroutines per message fewer (1.4k instructions of
                 # 79k per relayed message, bench/instructions.py).
@@ -685,9 +717,31 @@ class RelaySession:
         send_now = client.send_now
         for first in self.first_client_events:  # before anything the upstream sends
             await client.send_text(first)
+        transport = _hub_transport(upstream)
+        if transport is not None:
+            hub, hub_sock = current_hub(), transport.sock
+            recv_now = transport.recv_now
+
+            def down_inline() -> object:  # as up_inline in _pump_up
+                received = recv_now(read_view)
+                if received < 0:
+                    return None
+                run = run_of(received, observe, None, UNTAPPED_HEAD)
+                if run:
+                    sent = send_now(run)
+                    stats.messages_down += reader.run_messages
+                    if sent < len(run):
+                        return client.keep_unsent(run, sent)
+                return _AWAKE if reader.may_hold or not transport.drained else None
+
         while True:
             event = reader.next_event() if reader.may_hold else None  # as in _pump_up
             if event is None:
+                if transport is not None and transport.drained:
+                    woken = await hub.serve(hub_sock, down_inline)
+                    if type(woken) is UnsentRest:
+                        await client.send_unsent(woken)
+                    continue
                 # receive_run, with the read made here: a coroutine per message fewer.
                 received = await recv_into(read_view)
                 run = run_of(received, observe, None, UNTAPPED_HEAD)
@@ -896,6 +950,13 @@ class RelaySession:
         self.close_plan = plan
         timeout_s = self.limits.close_timeout_s
         client, upstream = self.client, self.upstream
+        # A leg whose peer has closed already usually closes without an await.
+        if _close_at_once(client, plan.client):
+            await _close_leg(upstream, plan.upstream, timeout_s)
+            return
+        if _close_at_once(upstream, plan.upstream):
+            await _close_leg(client, plan.client, timeout_s)
+            return
         with trio.CancelScope(shield=True):
             if _has_close_work(upstream, plan.upstream) and _has_close_work(client, plan.client):
                 # Both legs may wait on their peer: side by side, each within the timeout.
@@ -905,6 +966,21 @@ class RelaySession:
             else:  # at most one leg awaits anything
                 await _close_leg(client, plan.client, timeout_s)
                 await _close_leg(upstream, plan.upstream, timeout_s)
+
+
+#: What a hub handler wakes its pump with (besides an UnsentRest): the rate limit
+#: refused the run; the pump's own loop has work (held frame events, a full read).
+_RATE_LIMITED: Final = object()
+_AWAKE: Final = object()
+
+
+def _hub_transport(leg: WebSocket) -> Transport | None:
+    """The leg's transport if its pump may park in the read hub: a plain socket's (not
+    TLS, not a test double's in-memory stream)."""
+    transport = leg.transport
+    if type(transport) is Transport and not transport.is_tls:
+        return transport
+    return None
 
 
 def _upstream_text_frame(payload: bytes) -> bytes:
@@ -932,15 +1008,25 @@ async def _close_leg(leg: WebSocket, plan: LegClose, timeout_s: float) -> None:
     if not _has_close_work(leg, plan):
         leg.transport.close()
         return
-    deadline = trio.current_time() + timeout_s
-    with trio.move_on_at(deadline):
+    # One shielded scope for the error event and the handshake (the session's own scope
+    # is cancelled by now, or its deadline passed).
+    with trio.move_on_after(timeout_s, shield=True):
         try:
             if plan.error_event is not None and leg.close_sent is None:
                 await leg.send_text(plan.error_event)
         except LegFailed:
             leg.transport.close()
             return
-    await leg.close(plan.code, plan.reason, timeout_s=max(0.0, deadline - trio.current_time()))
+        await leg.close_handshake(plan.code, plan.reason)
+    leg.transport.close()
+
+
+def _close_at_once(leg: WebSocket, plan: LegClose) -> bool:
+    """Carry out ``plan`` on ``leg`` now if that needs no await (see ``close_now``)."""
+    if not _has_close_work(leg, plan):
+        leg.transport.close()
+        return True
+    return plan.error_event is None and leg.close_now(plan.code, plan.reason)
 
 
 def _is_one_frame_append(opcode: int, fin: bool, payload: bytes | memoryview) -> bool:

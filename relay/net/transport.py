@@ -34,6 +34,8 @@ from typing import Any, Final, Protocol
 
 import trio
 
+from relay.net.hub import running_hub
+
 #: Operations that complete without blocking before we yield to the scheduler anyway.
 CHECKPOINT_EVERY_OPS: Final = 32
 #: Unsent bytes the kernel may hold per socket before it stops being writable.
@@ -138,6 +140,25 @@ class Transport:
     @property
     def is_tls(self) -> bool:
         return not self._plain
+
+    @property
+    def drained(self) -> bool:
+        """A plain socket whose last read came back short: nothing to read until an edge."""
+        return self._drained
+
+    def recv_now(self, buffer: bytearray | memoryview) -> int:
+        """:meth:`recv_into` without waiting, for a :mod:`relay.net.hub` handler.
+
+        -1: nothing to read now (the socket stays drained); 0: the peer ended the stream.
+        """
+        try:
+            received = self.sock.recv_into(buffer)
+        except BlockingIOError:
+            return -1
+        except (OSError, ValueError) as exc:
+            raise TransportClosed(_describe(exc)) from None
+        self._drained = 0 < received < len(buffer)
+        return received
 
     async def _maybe_yield(self) -> None:
         self._ops_without_yield += 1
@@ -267,6 +288,9 @@ class Transport:
         if self._closed:
             return
         self._closed = True
+        hub = running_hub()
+        if hub is not None:
+            hub.forget(self.sock)
         try:
             trio.lowlevel.notify_closing(self.sock)
         except (RuntimeError, ValueError, OSError):  # outside trio, or already closed

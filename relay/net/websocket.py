@@ -145,6 +145,17 @@ class LegFailed(TransportClosed):
         self.leg = leg
 
 
+class UnsentRest:
+    """The bytes of a write the kernel did not take whole (:meth:`WebSocket.keep_unsent`)."""
+
+    __slots__ = ("data", "reserved")
+
+    def __init__(self, data: bytes, *, reserved: bool) -> None:
+        self.data = data
+        #: The write lock is held for these bytes (part of their frame went already).
+        self.reserved = reserved
+
+
 class WebSocket:
     """One WebSocket connection in one role (``client_side`` masks what it sends)."""
 
@@ -168,6 +179,8 @@ class WebSocket:
         self.read_view = _RECEIVE_BUFFER.view
         self._send_lock = WriteLock()
         self._send_broken = False
+        #: The rest of a close frame :meth:`close_now` could not write whole.
+        self._unsent_close: UnsentRest | None = None
         #: Set once we sent a close frame: (code, reason).
         self.close_sent: tuple[int, str] | None = None
         #: Set once the peer's close frame arrived: (code, reason).
@@ -234,6 +247,33 @@ class WebSocket:
         """
         await self.send_raw(memoryview(data)[sent:] if sent else data)
 
+    def keep_unsent(self, data: bytes | bytearray | memoryview, sent: int) -> UnsentRest:
+        """After :meth:`send_now` wrote ``sent`` of ``data``'s bytes, where the caller
+        cannot await (a :mod:`relay.net.hub` handler): the rest, copied, for
+        :meth:`send_unsent` once the caller can. With part of a frame on the wire
+        the write lock is taken now, so no other writer gets in between."""
+        if sent:
+            self._send_lock.held = True  # free: send_now wrote, and nothing ran since
+        return UnsentRest(bytes(memoryview(data)[sent:]), reserved=bool(sent))
+
+    async def send_unsent(self, rest: UnsentRest) -> None:
+        """Write what :meth:`keep_unsent` kept (and release the lock it took)."""
+        if not rest.reserved:
+            await self.send_raw(rest.data)
+            return
+        lock = self._send_lock
+        try:
+            await self.transport.send_all(rest.data)
+            self.bytes_sent += len(rest.data)
+        except TransportClosed as exc:
+            self._send_broken = True
+            raise LegFailed(self, str(exc)) from None
+        except BaseException:
+            self._send_broken = True
+            raise
+        finally:
+            lock.release()
+
     def mark_broken(self) -> None:
         """A write was interrupted mid-frame: nothing more may be written."""
         self._send_broken = True
@@ -271,6 +311,9 @@ class WebSocket:
     async def send_close(self, code: int | None, reason: str = "") -> None:
         """Send our close frame once; later calls do nothing."""
         if self.close_sent is not None:
+            unsent, self._unsent_close = self._unsent_close, None
+            if unsent is not None:  # the rest of the frame close_now began
+                await self.send_unsent(unsent)
             return
         self.close_sent = (code if code is not None else frames.CLOSE_NO_STATUS, reason)
         await self.send_raw(self._encode(OP_CLOSE, frames.encode_close_payload(code, reason)))
@@ -476,15 +519,47 @@ class WebSocket:
         always returns within ``timeout_s`` (plus a little).
         """
         with trio.move_on_after(timeout_s, shield=True):
-            try:
-                await self.send_close(code, reason)
-                while self.close_received is None:
-                    event = await self.next_frame_event()
-                    if isinstance(event, Frame) and event.opcode == OP_CLOSE:
-                        self.close_received = frames.decode_close_payload(event.payload())
-            except (TransportClosed, ConnectionClosed, FrameProtocolError):
-                pass
+            await self.close_handshake(code, reason)
         self.transport.close()
+
+    async def close_handshake(self, code: int | None, reason: str = "") -> None:
+        """:meth:`close`'s handshake, unbounded and leaving TCP open: for a caller whose
+        own cancel scope bounds it (one scope per leg instead of two, on the path every
+        session ends by). A failed or dropped connection just ends it."""
+        try:
+            await self.send_close(code, reason)
+            while self.close_received is None:
+                event = await self.next_frame_event()
+                if isinstance(event, Frame) and event.opcode == OP_CLOSE:
+                    self.close_received = frames.decode_close_payload(event.payload())
+        except (TransportClosed, ConnectionClosed, FrameProtocolError):
+            pass
+
+    def close_now(self, code: int | None, reason: str = "") -> bool:
+        """The whole close handshake at once, when nothing in it needs waiting for: the
+        peer's close came already, and ours goes in one write the kernel takes whole;
+        then TCP closes. ``False``: nothing was written, :meth:`close` has it all to do
+        (a write lock held, a full socket). With part of our frame written, the rest
+        waits for :meth:`close` (:attr:`close_sent` set, the lock held for it)."""
+        if self.close_received is None or self.close_sent is not None:
+            return False
+        if self._send_lock.held or self._send_broken:
+            return False
+        frame = self._encode(OP_CLOSE, frames.encode_close_payload(code, reason))
+        try:
+            sent = self.transport.send_now(frame)
+        except TransportClosed:
+            self.transport.close()  # gone already: as close() would end
+            return True
+        if sent == 0:
+            return False
+        self.close_sent = (code if code is not None else frames.CLOSE_NO_STATUS, reason)
+        self.bytes_sent += sent
+        if sent < len(frame):
+            self._unsent_close = self.keep_unsent(frame, sent)
+            return False
+        self.transport.close()
+        return True
 
     async def close_quietly(self, code: int, reason: str) -> None:
         """Send a close frame if we can (bounded), then drop the TCP connection."""

@@ -1,0 +1,182 @@
+"""The read hub: one epoll for a Trio run's quiet plain sockets, their reads handled inline.
+
+This module owns :class:`ReadHub`. A relay pump whose socket has nothing to read parks
+here with a *handler* instead of in ``trio.lowlevel.wait_readable``. The hub keeps the
+socket registered in its own epoll (edge-triggered, registered once per socket, not
+re-armed per message as Trio's one-shot registrations are), waits for that epoll in
+one system task, and when a socket turns readable calls its handler right there: the
+read, the frame walk and the write of the usual message run without waking the pump
+at all. That saves the scheduler pass and the re-registration per message that make
+up most of a Trio proxy's own work per message (``bench/stranger.py``: the splice,
+the relay).
+
+A handler returns ``None`` when it dealt with the readiness (the pump stays parked),
+or anything else to wake its pump with that value: the message needs the pump's
+slower paths (a partial frame, a control frame, a write the kernel did not take
+whole, the end of the stream). What a handler raises wakes its pump with the
+exception. A handler must not block, and reads at most one buffer per call.
+
+Only plain sockets come here: a TLS socket may hold decrypted bytes that epoll cannot
+see. Cancelling a parked pump takes it out at once; :meth:`ReadHub.forget` (from
+``Transport.close``) wakes one with :class:`~relay.net.transport.TransportClosed`
+before its socket closes, so a reused descriptor number is never mistaken for it.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+from collections.abc import Callable
+from typing import Final
+
+import outcome
+import trio
+
+#: Readiness events taken from the hub's epoll per wake-up: a bound on the handlers one
+#: pass of the hub runs before it lets other tasks in.
+MAX_EVENTS_PER_WAKEUP: Final = 256
+
+#: Edge-triggered: an event per arrival, none while bytes already reported sit unread.
+_READ_EDGES: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+
+Handler = Callable[[], object]
+
+
+class _Parked:
+    __slots__ = ("handler", "task")
+
+    def __init__(self, task: trio.lowlevel.Task, handler: Handler) -> None:
+        self.task = task
+        self.handler = handler
+
+
+class ReadHub:
+    """Inline read handling for one Trio run (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        #: The sockets registered, by descriptor: a number reused by a new socket is a
+        #: new registration, not a match.
+        self._registered: dict[int, socket.socket] = {}
+        self._parked: dict[int, _Parked] = {}
+        #: Registered sockets that turned readable while their pump was not parked.
+        self._ready: set[int] = set()
+
+    @property
+    def parked(self) -> int:
+        """Pumps parked now (for tests and the idle-memory figures)."""
+        return len(self._parked)
+
+    async def serve(self, sock: socket.socket, handler: Handler) -> object:
+        """Park until ``handler`` (called by the hub on each readiness) returns a value.
+
+        Returns that value, or raises what the handler raised. ``sock`` must be a plain
+        non-blocking socket whose last read came back short (the kernel had nothing
+        more), so that the next byte to arrive is an edge the hub sees.
+        """
+        fd = sock.fileno()
+        if self._registered.get(fd) is not sock:
+            self._register(fd, sock)
+        elif fd in self._ready:
+            # Bytes came while the pump was busy: their edge is spent, so the handler
+            # runs now (after a checkpoint, as a wait would have been).
+            self._ready.discard(fd)
+            await trio.lowlevel.checkpoint()
+            result = handler()
+            if result is not None:
+                return result
+        task = trio.lowlevel.current_task()
+        self._parked[fd] = _Parked(task, handler)
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            if self._parked.get(fd) is not None and self._parked[fd].task is task:
+                del self._parked[fd]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def forget(self, sock: socket.socket) -> None:
+        """``sock`` is about to close: drop it, waking its parked pump with TransportClosed."""
+        from relay.net.transport import TransportClosed  # transport imports this module
+
+        try:
+            fd = sock.fileno()
+        except OSError:
+            return
+        if self._registered.get(fd) is not sock:
+            return
+        del self._registered[fd]
+        self._ready.discard(fd)
+        # No unregister: closing the socket ends its registration (the relay never dups
+        # a socket), and a system call per leg is a cost every session pays.
+        parked = self._parked.pop(fd, None)
+        if parked is not None:
+            trio.lowlevel.reschedule(
+                parked.task, outcome.Error(TransportClosed("connection closed"))
+            )
+
+    def _register(self, fd: int, sock: socket.socket) -> None:
+        self._ready.discard(fd)
+        try:
+            self._epoll.register(fd, _READ_EDGES)
+        except FileExistsError:
+            # The number outlived a socket closed behind our back (dup'd elsewhere):
+            # the registration is the old description's; replace it.
+            self._epoll.unregister(fd)
+            self._epoll.register(fd, _READ_EDGES)
+        # A new registration reports the bytes already there as an edge on the next poll.
+        self._registered[fd] = sock
+
+    async def run(self) -> None:
+        """The hub's system task: wait for the epoll, run the handlers of what is ready."""
+        epoll = self._epoll
+        poll = epoll.poll
+        parked = self._parked
+        ready = self._ready
+        registered = self._registered
+        reschedule = trio.lowlevel.reschedule
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(epoll.fileno())
+                for fd, _events in poll(0, MAX_EVENTS_PER_WAKEUP):
+                    waiting = parked.get(fd)
+                    if waiting is None:
+                        if fd in registered:
+                            ready.add(fd)
+                        continue
+                    try:
+                        result = waiting.handler()
+                    except Exception as exc:  # the pump's to handle, not the hub's
+                        del parked[fd]
+                        reschedule(waiting.task, outcome.Error(exc))
+                        continue
+                    if result is not None:
+                        del parked[fd]
+                        reschedule(waiting.task, outcome.Value(result))
+        finally:
+            for fd, waiting in list(parked.items()):
+                del parked[fd]
+                reschedule(waiting.task, outcome.Error(trio.ClosedResourceError("hub stopped")))
+            epoll.close()
+
+
+_HUB: trio.lowlevel.RunVar[ReadHub] = trio.lowlevel.RunVar("relay_read_hub")
+
+
+def current_hub() -> ReadHub:
+    """This Trio run's hub, started (as a system task) on first use."""
+    try:
+        return _HUB.get()
+    except LookupError:
+        hub = ReadHub()
+        _HUB.set(hub)
+        trio.lowlevel.spawn_system_task(hub.run, name="relay read hub")
+        return hub
+
+
+def running_hub() -> ReadHub | None:
+    """This run's hub if one was started (``Transport.close`` asks), else ``None``."""
+    try:
+        return _HUB.get()
+    except (LookupError, RuntimeError):
+        return None

@@ -1,0 +1,154 @@
+"""The read hub (relay.net.hub) over real socket pairs: inline handling, wake-ups, closing."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from relay.net.hub import current_hub
+from relay.net.transport import Transport, TransportClosed
+from relay.net.websocket import WebSocket
+
+pytestmark = pytest.mark.trio
+
+WAIT_S = 10.0
+
+
+def _pair() -> tuple[Transport, socket.socket]:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    return Transport(ours), theirs
+
+
+async def test_handler_runs_inline_and_wakes_the_pump_only_when_it_says_so() -> None:
+    transport, peer = _pair()
+    hub = current_hub()
+    buffer = bytearray(64)
+    seen: list[bytes] = []
+
+    def handler() -> object:
+        received = transport.recv_now(buffer)
+        if received < 0:
+            return None
+        seen.append(bytes(buffer[:received]))
+        return "stop" if b"stop" in buffer[:received] else None
+
+    async with trio.open_nursery() as nursery:
+        woken: list[object] = []
+
+        async def pump() -> None:
+            woken.append(await hub.serve(transport.sock, handler))
+
+        nursery.start_soon(pump)
+        await trio.testing.wait_all_tasks_blocked()
+        peer.send(b"one")
+        with trio.fail_after(WAIT_S):
+            while seen != [b"one"]:
+                await trio.sleep(0.001)
+        assert woken == []
+        assert hub.parked == 1
+        peer.send(b"stop")
+    assert woken == ["stop"]
+    assert hub.parked == 0
+    transport.close()
+    peer.close()
+
+
+async def test_what_a_handler_raises_reaches_its_pump() -> None:
+    transport, peer = _pair()
+
+    def handler() -> object:
+        raise ValueError("bad bytes")
+
+    peer.send(b"x")
+    with trio.fail_after(WAIT_S), pytest.raises(ValueError, match="bad bytes"):
+        await current_hub().serve(transport.sock, handler)
+    transport.close()
+    peer.close()
+
+
+async def test_a_cancelled_pump_leaves_the_hub_at_once() -> None:
+    transport, peer = _pair()
+    hub = current_hub()
+    with trio.move_on_after(0.05):
+        await hub.serve(transport.sock, lambda: None)
+    assert hub.parked == 0
+    transport.close()
+    peer.close()
+
+
+async def test_closing_the_transport_wakes_its_parked_pump_with_transport_closed() -> None:
+    transport, peer = _pair()
+    hub = current_hub()
+    failures: list[BaseException] = []
+
+    async def pump() -> None:
+        try:
+            await hub.serve(transport.sock, lambda: None)
+        except TransportClosed as exc:
+            failures.append(exc)
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            await trio.testing.wait_all_tasks_blocked()
+            transport.close()
+    assert len(failures) == 1
+    assert hub.parked == 0
+    peer.close()
+
+
+async def test_a_reused_descriptor_number_is_a_new_registration() -> None:
+    first, first_peer = _pair()
+    hub = current_hub()
+    with trio.move_on_after(0.01):
+        await hub.serve(first.sock, lambda: None)  # registered, then cancelled
+    number = first.sock.fileno()
+    first.close()
+    first_peer.close()
+    # The next sockets take the lowest free numbers: one of them is the old number.
+    pairs = [_pair() for _ in range(2)]
+    reused = [(t, p) for t, p in pairs if t.sock.fileno() == number]
+    assert reused, "the kernel did not reuse the descriptor number"
+    transport, peer = reused[0]
+    buffer = bytearray(16)
+
+    def handler() -> object:
+        received = transport.recv_now(buffer)
+        return bytes(buffer[:received]) if received > 0 else None
+
+    peer.send(b"new")
+    with trio.fail_after(WAIT_S):
+        assert await hub.serve(transport.sock, handler) == b"new"
+    for t, p in pairs:
+        t.close()
+        p.close()
+
+
+async def test_close_now_closes_without_an_await_once_the_peer_closed() -> None:
+    transport, peer = _pair()
+    leg = WebSocket(transport, client_side=False, max_message_bytes=1 << 20)
+    assert not leg.close_now(1000, "bye")  # the peer has not closed: close() must wait
+    leg.close_received = (1000, "")
+    assert leg.close_now(1000, "bye")
+    assert transport.closed
+    peer.setblocking(True)
+    assert peer.recv(64) == b"\x88\x05\x03\xe8bye"
+    assert peer.recv(64) == b""  # and TCP closed after it
+    peer.close()
+
+
+async def test_close_now_leaves_a_full_socket_to_close() -> None:
+    transport, peer = _pair()  # a peer that never reads
+    leg = WebSocket(transport, client_side=False, max_message_bytes=1 << 20)
+    while transport.send_now(b"x" * 65536):
+        pass
+    leg.close_received = (1000, "")
+    assert not leg.close_now(1000, "bye")
+    assert leg.close_sent is None
+    with trio.fail_after(WAIT_S):
+        await leg.close(1000, "bye", timeout_s=0.05)  # bounded: the peer still reads nothing
+    assert transport.closed
+    peer.close()
