@@ -183,20 +183,33 @@ def load_events(process: subprocess.Popen[bytes], deadline: float) -> Iterator[d
     raise TimeoutError("the load process gave no result in time")
 
 
-def build_light_echo() -> Path:
-    """``bench/c/echo_upstream.c`` compiled with the system's C compiler, rebuilt when the
+def build_c_program(name: str) -> Path:
+    """``bench/c/<name>.c`` compiled with the system's C compiler, rebuilt when the
     source is newer than the binary (the build directory is not committed)."""
-    source = C_DIR / "echo_upstream.c"
-    binary = C_DIR / "build" / "echo_upstream"
+    source = C_DIR / f"{name}.c"
+    binary = C_DIR / "build" / name
     if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
         compiler = shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
-            raise RuntimeError("no C compiler (cc or gcc) to build bench/c/echo_upstream.c")
+            raise RuntimeError(f"no C compiler (cc or gcc) to build bench/c/{name}.c")
         binary.parent.mkdir(exist_ok=True)
+        # Built beside the binary and renamed over it: a concurrent build never runs half a file.
+        partial = binary.with_name(f"{name}.{os.getpid()}.tmp")
         subprocess.run(
-            [compiler, "-O2", "-Wall", "-Werror", "-o", str(binary), str(source)], check=True
+            [compiler, "-O2", "-Wall", "-Werror", "-o", str(partial), str(source)], check=True
         )
+        partial.replace(binary)
     return binary
+
+
+def build_light_echo() -> Path:
+    """``bench/c/echo_upstream.c``: the concurrency ramp's light WebSocket upstream."""
+    return build_c_program("echo_upstream")
+
+
+def build_light_sse() -> Path:
+    """``bench/c/sse_upstream.c``: the REST bench's light streamed chat completions upstream."""
+    return build_c_program("sse_upstream")
 
 
 def find_nginx() -> str | None:
@@ -434,6 +447,23 @@ class Rig:
         self.targets["direct/light"] = Target(
             "direct/light", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid
         )
+        return port
+
+    def start_light_sse_upstream(self, *, chunk_interval_ms: int, stream_chunks: int) -> int:
+        """The C streamed chat completions upstream (``bench/c/sse_upstream.c``, built on
+        first use) on the load's core: the simulator's bytes and pacing for
+        ``POST /v1/chat/completions`` with ``stream: true``, at a fraction of its CPU. It
+        is ``direct``."""
+        port = free_port()
+        command = [
+            str(build_light_sse()),
+            *("--port", str(port), "--api-key", SIM_KEY),
+            *("--chunk-interval-ms", str(chunk_interval_ms)),
+            *("--stream-chunks", str(stream_chunks)),
+        ]
+        process = self._spawn(command, cpus=self.load_cpus)
+        self._ready(port, process, self.load_cpus)
+        self.targets["direct"] = Target("direct", f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
         return port
 
     def start_websockets_relay(self, upstream_url: str) -> Target:

@@ -3,13 +3,17 @@
 Issue 15's figures. ``--streams`` concurrent streams (default 50 and 200), each a
 keep-alive connection looping ``POST /v1/chat/completions`` with ``stream: true`` and
 ``stream_options.include_usage``, reading the SSE answer to ``data: [DONE]``. The
-simulator (``relay simulate``) answers each with ``--rest-stream-chunks`` text deltas
-(24 SSE events in all at the default 20: role, deltas, finish, usage, ``[DONE]``), one
-HTTP chunk per event, ``--rest-chunk-interval-ms`` apart. Three paths, all in one run,
-round-robin over ``--rounds`` short repetitions (the order rotated each round):
+upstream answers each with ``--stream-chunks`` text deltas (24 SSE events in all at
+the default 20: role, deltas, finish, usage, ``[DONE]``), one HTTP chunk per event,
+``--chunk-interval-ms`` apart. By default (``--upstream c``) the upstream is
+``bench/c/sse_upstream.c``, which sends the simulator's bytes at the simulator's pace
+in C on one epoll loop, so the load core is not saturated by the upstream; ``--upstream
+simulator`` is ``relay simulate`` itself (about 125 µs of the load core per chunk).
+Three paths, all in one run, round-robin over ``--rounds`` short repetitions (the order
+rotated each round):
 
-- ``direct``: the simulator itself;
-- ``relay``: our relay (``relay serve``, one upstream: the simulator, a client key);
+- ``direct``: the upstream itself;
+- ``relay``: our relay (``relay serve``, one upstream, a client key);
 - ``nginx``: nginx as a plain HTTP reverse proxy (:data:`REST_NGINX_CONF`: HTTP/1.1 to an
   ``upstream`` block with ``keepalive 64``, ``Connection ""``, no buffering either way),
   the floor.
@@ -18,7 +22,7 @@ Two load clients, each driving every path in every round: ``ours``
 (``bench/rest_client.py``: raw asyncio sockets on uvloop, parsing the chunked HTTP
 itself, light on CPU) and ``node`` (``bench/node/rest_load.mjs``: Node's built-in
 ``http`` module, nothing of ours in its HTTP). With ``--pin`` the proxy under test is
-alone on CPU 0, the simulator and the load on CPU 1.
+alone on CPU 0, the upstream and the load on CPU 1.
 
 Reported per client, stream count and path (median over the rounds, min-max spread):
 time to first byte (request written -> first SSE event) p50/p99 and, paired within the
@@ -76,6 +80,10 @@ DEFAULT_WARMUP_S: Final = 1.0
 DRAIN_S: Final = 5.0
 DEFAULT_CHUNK_INTERVAL_MS: Final = 20
 DEFAULT_STREAM_CHUNKS: Final = 20
+#: The upstreams ``--upstream`` chooses from: the C stand-in, or the Python simulator.
+UPSTREAMS: Final = ("c", "simulator")
+DEFAULT_UPSTREAM: Final = "c"
+UPSTREAM_NAMES: Final = {"c": "bench/c/sse_upstream.c", "simulator": "relay simulate"}
 MODEL: Final = "gpt-4o-mini"
 CHAT_PATH: Final = "/v1/chat/completions"
 #: Issue 15's targets.
@@ -395,7 +403,8 @@ def table(summary: dict[str, Any], verdicts: dict[str, Any], args: argparse.Name
     lines = [
         f"REST proxy: streamed chat completions ({args.stream_chunks} deltas, one SSE event "
         f"per HTTP chunk, {args.chunk_interval_ms} ms apart), {args.rounds} interleaved "
-        f"rounds of {args.duration_s:g} s{', pinned' if args.pin else ''}; median (min-max)",
+        f"rounds of {args.duration_s:g} s{', pinned' if args.pin else ''}, upstream "
+        f"{UPSTREAM_NAMES[args.upstream]}; median (min-max)",
     ]
     for client, by_streams in summary.items():
         for streams, rows in by_streams.items():
@@ -441,7 +450,7 @@ def table(summary: dict[str, Any], verdicts: dict[str, Any], args: argparse.Name
         "added: paired with direct in the same round. CPU: the proxy's user+sys over the "
         "measured window (nginx: its workers too). load %: the load process's own CPU "
         f"('!' at {SATURATED_PERCENT:.0f} % of a core: its latencies measure the load); "
-        "sim %: the simulator's, on the load's core when pinned ('!' when it and the "
+        "sim %: the upstream's, on the load's core when pinned ('!' when it and the "
         "load together reach that share of the core).",
         litellm_note(),
     ]
@@ -488,13 +497,20 @@ def main() -> int:
         "--chunk-interval-ms",
         type=int,
         default=DEFAULT_CHUNK_INTERVAL_MS,
-        help="the simulator's --rest-chunk-interval-ms",
+        help="milliseconds between an answer's SSE events (the simulator's "
+        "--rest-chunk-interval-ms)",
     )
     parser.add_argument(
         "--stream-chunks",
         type=int,
         default=DEFAULT_STREAM_CHUNKS,
-        help="the simulator's --rest-stream-chunks (text deltas per answer)",
+        help="text deltas per answer (the simulator's --rest-stream-chunks)",
+    )
+    parser.add_argument(
+        "--upstream",
+        choices=UPSTREAMS,
+        default=DEFAULT_UPSTREAM,
+        help="c: bench/c/sse_upstream.c (light); simulator: relay simulate",
     )
     parser.add_argument("--max-requests", type=int, default=1_000_000, help="per load run, a bound")
     parser.add_argument("--relay-log-level", default="warning")
@@ -511,14 +527,19 @@ def main() -> int:
     runs: list[Run] = []
     began = time.monotonic()
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
-        sim_port = running.start_simulator(
-            extra_args=(
-                "--rest-chunk-interval-ms",
-                str(args.chunk_interval_ms),
-                "--rest-stream-chunks",
-                str(args.stream_chunks),
+        if args.upstream == "c":
+            sim_port = running.start_light_sse_upstream(
+                chunk_interval_ms=args.chunk_interval_ms, stream_chunks=args.stream_chunks
             )
-        )
+        else:
+            sim_port = running.start_simulator(
+                extra_args=(
+                    "--rest-chunk-interval-ms",
+                    str(args.chunk_interval_ms),
+                    "--rest-stream-chunks",
+                    str(args.stream_chunks),
+                )
+            )
         sim_pid = running.targets["direct"].pid
         relay = running.start_relay("relay", f"ws://127.0.0.1:{sim_port}/v1")
         nginx = running.start_nginx(sim_port, conf_template=REST_NGINX_CONF)
@@ -561,6 +582,7 @@ def main() -> int:
                         "warmup_s": args.warmup_s,
                         "chunk_interval_ms": args.chunk_interval_ms,
                         "stream_chunks": args.stream_chunks,
+                        "upstream": args.upstream,
                         "pinned": args.pin,
                         "relay_log_level": args.relay_log_level,
                         "machine": platform.platform(),
