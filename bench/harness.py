@@ -185,10 +185,13 @@ def load_events(process: subprocess.Popen[bytes], deadline: float) -> Iterator[d
 
 def build_c_program(name: str) -> Path:
     """``bench/c/<name>.c`` compiled with the system's C compiler, rebuilt when the
-    source is newer than the binary (the build directory is not committed)."""
+    source or a shared header is newer than the binary (the build directory is not
+    committed)."""
     source = C_DIR / f"{name}.c"
     binary = C_DIR / "build" / name
-    if not binary.exists() or binary.stat().st_mtime < source.stat().st_mtime:
+    # The shared header (bench/c/loop.h) counts as source too.
+    newest_source = max(path.stat().st_mtime for path in (source, *C_DIR.glob("*.h")))
+    if not binary.exists() or binary.stat().st_mtime < newest_source:
         compiler = shutil.which("cc") or shutil.which("gcc")
         if compiler is None:
             raise RuntimeError(f"no C compiler (cc or gcc) to build bench/c/{name}.c")

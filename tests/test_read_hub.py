@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from functools import partial
 
 import pytest
 import trio
@@ -10,6 +11,7 @@ import trio
 from relay.net.hub import current_hub
 from relay.net.transport import Transport, TransportClosed
 from relay.net.websocket import WebSocket
+from tests.doubles import memory_pair
 
 pytestmark = pytest.mark.trio
 
@@ -27,12 +29,14 @@ async def test_handler_runs_inline_and_wakes_the_pump_only_when_it_says_so() -> 
     hub = current_hub()
     buffer = bytearray(64)
     seen: list[bytes] = []
+    handled = trio.Event()
 
     def handler() -> object:
         received = transport.recv_now(buffer)
         if received < 0:
             return None
         seen.append(bytes(buffer[:received]))
+        handled.set()
         return "stop" if b"stop" in buffer[:received] else None
 
     async with trio.open_nursery() as nursery:
@@ -45,9 +49,10 @@ async def test_handler_runs_inline_and_wakes_the_pump_only_when_it_says_so() -> 
         await trio.testing.wait_all_tasks_blocked()
         peer.send(b"one")
         with trio.fail_after(WAIT_S):
-            while seen != [b"one"]:
-                await trio.sleep(0.001)
-        assert woken == []
+            await handled.wait()
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen == [b"one"]
+        assert woken == []  # handled without waking the pump
         assert hub.parked == 1
         peer.send(b"stop")
     assert woken == ["stop"]
@@ -152,3 +157,43 @@ async def test_close_now_leaves_a_full_socket_to_close() -> None:
         await leg.close(1000, "bye", timeout_s=0.05)  # bounded: the peer still reads nothing
     assert transport.closed
     peer.close()
+
+
+async def test_a_write_the_kernel_took_part_of_keeps_other_writers_out_until_its_rest() -> None:
+    # An upstream that takes 3 bytes and then nothing until it reads: the hub's handler
+    # wrote part of a frame; a ping from another task must not land inside it.
+    ours, theirs = memory_pair(a_to_b=3)
+    leg = WebSocket(ours, client_side=False, max_message_bytes=1 << 20)
+    frame = b"\x81\x05hello"
+    sent = leg.send_now(frame)
+    assert sent == 3
+    rest = leg.keep_unsent(frame, sent)
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(leg.send_raw, b"\x89\x00")  # the other writer: a ping
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(leg.send_unsent, rest)
+        buffer = bytearray(64)
+        with trio.fail_after(WAIT_S):
+            while len(received) < len(frame) + 2:
+                got = await theirs.recv_into(buffer)
+                received += buffer[:got]
+    assert bytes(received) == frame + b"\x89\x00"
+
+
+async def test_close_now_that_writes_part_of_its_frame_leaves_close_to_finish_it() -> None:
+    ours, theirs = memory_pair(a_to_b=3)  # a peer with room for 3 bytes, then none
+    leg = WebSocket(ours, client_side=False, max_message_bytes=1 << 20)
+    leg.close_received = (1000, "")
+    assert not leg.close_now(1000, "bye")
+    assert leg.close_sent == (1000, "bye")
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(leg.close, 1000, "bye", timeout_s=WAIT_S))
+        buffer = bytearray(64)
+        with trio.fail_after(WAIT_S):
+            while len(received) < 7:
+                got = await theirs.recv_into(buffer)
+                received += buffer[:got]
+    assert bytes(received) == b"\x88\x05\x03\xe8bye"
+    assert ours.closed

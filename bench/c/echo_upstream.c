@@ -35,6 +35,8 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "loop.h"
+
 #define HEAD_MAX_BYTES 16384
 #define FRAME_MAX_BYTES (32u * 1024u * 1024u)
 #define OUTPUT_MAX_BYTES (64u * 1024u * 1024u)
@@ -45,11 +47,6 @@ static const char SESSION_CREATED[] =
     "{\"type\":\"session.created\",\"event_id\":\"event_0\",\"session\":{\"id\":\"sess_x\","
     "\"object\":\"realtime.session\",\"type\":\"realtime\",\"model\":\"gpt-realtime\"}}";
 
-struct buffer {
-    unsigned char *data;
-    size_t len, cap, pos; /* pos: consumed (input) or written (output) */
-};
-
 struct conn {
     int fd;
     int upgraded;
@@ -57,31 +54,6 @@ struct conn {
     int watching_out; /* EPOLLOUT registered (only while output waits on a full socket) */
     struct buffer in, out;
 };
-
-static int buffer_reserve(struct buffer *b, size_t more) {
-    if (b->pos && b->pos == b->len) b->pos = b->len = 0;
-    if (b->len + more <= b->cap) return 0;
-    if (b->pos) { /* compact first */
-        memmove(b->data, b->data + b->pos, b->len - b->pos);
-        b->len -= b->pos;
-        b->pos = 0;
-        if (b->len + more <= b->cap) return 0;
-    }
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + more) cap *= 2;
-    unsigned char *data = realloc(b->data, cap);
-    if (!data) return -1;
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
-
-static int buffer_append(struct buffer *b, const void *src, size_t n) {
-    if (buffer_reserve(b, n)) return -1;
-    memcpy(b->data + b->len, src, n);
-    b->len += n;
-    return 0;
-}
 
 /* ------------------------------------------------------------------ SHA-1, base64 */
 
@@ -276,15 +248,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     signal(SIGPIPE, SIG_IGN);
-    int listener = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int listener = open_loopback_listener(port, "echo_upstream");
+    if (listener < 0) return 1;
     int one = 1;
-    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(listener, (struct sockaddr *)&address, sizeof address) || listen(listener, 4096)) {
-        perror("echo_upstream: listen");
-        return 1;
-    }
     int epfd = epoll_create1(0);
     struct epoll_event event = {.events = EPOLLIN, .data.ptr = NULL};
     epoll_ctl(epfd, EPOLL_CTL_ADD, listener, &event);

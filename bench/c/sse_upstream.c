@@ -50,6 +50,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "loop.h"
+
 #define HEAD_MAX_BYTES 16384
 #define BODY_MAX_BYTES (1024u * 1024u)
 #define OUTPUT_MAX_BYTES (16u * 1024u * 1024u)
@@ -65,11 +67,6 @@
 #define MAX_STREAM_CHUNKS 100000
 
 static const char CHAT_PATH[] = "/v1/chat/completions";
-
-struct buffer {
-    unsigned char *data;
-    size_t len, cap, pos; /* pos: consumed (input) or written (output) */
-};
 
 struct conn {
     int fd;
@@ -117,31 +114,6 @@ static void new_id(char *out) {
         "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     for (int i = 0; i < ID_BODY_CHARS; i++) out[i] = alphabet[next_random() % 62];
     out[ID_BODY_CHARS] = 0;
-}
-
-static int buffer_reserve(struct buffer *b, size_t more) {
-    if (b->pos && b->pos == b->len) b->pos = b->len = 0;
-    if (b->len + more <= b->cap) return 0;
-    if (b->pos) { /* compact first */
-        memmove(b->data, b->data + b->pos, b->len - b->pos);
-        b->len -= b->pos;
-        b->pos = 0;
-        if (b->len + more <= b->cap) return 0;
-    }
-    size_t cap = b->cap ? b->cap : 4096;
-    while (cap < b->len + more) cap *= 2;
-    unsigned char *data = realloc(b->data, cap);
-    if (!data) return -1;
-    b->data = data;
-    b->cap = cap;
-    return 0;
-}
-
-static int buffer_append(struct buffer *b, const void *src, size_t n) {
-    if (buffer_reserve(b, n)) return -1;
-    memcpy(b->data + b->len, src, n);
-    b->len += n;
-    return 0;
 }
 
 /* ------------------------------------------------------------------ the pacing queue */
@@ -522,15 +494,9 @@ int main(int argc, char **argv) {
     }
     rng_state = now_ns() ^ ((uint64_t)getpid() << 32) ^ 0x9E3779B97F4A7C15ULL;
     signal(SIGPIPE, SIG_IGN);
-    int listener = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    int listener = open_loopback_listener(port, "sse_upstream");
+    if (listener < 0) return 1;
     int one = 1;
-    setsockopt(listener, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in address = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    if (bind(listener, (struct sockaddr *)&address, sizeof address) || listen(listener, 4096)) {
-        perror("sse_upstream: listen");
-        return 1;
-    }
     int epfd = epoll_create1(0);
     int timer_fd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
     static int listener_tag, timer_tag;

@@ -86,6 +86,7 @@ from relay.protocol.frames import (
     Frame,
     FrameChunk,
     FrameProtocolError,
+    FrameReader,
     FrameStart,
 )
 
@@ -281,57 +282,42 @@ class RelaySession:
         remask = self.remask_upstream
         recv_into, read_view, run_of = client.transport.recv_into, client.read_view, client.run_of
         send_now = upstream.send_now
-        transport = _hub_transport(client)
-        if transport is not None:
-            hub, hub_sock = current_hub(), transport.sock
-            recv_now = transport.recv_now
 
-            def up_inline() -> object:
-                # The usual message, read and written by the hub without waking us: the
-                # branch below, without its awaits (relay.net.hub).
-                received = recv_now(read_view)
-                if received < 0:
-                    return None
-                run = run_of(received)
-                if run:
-                    size = len(run)
-                    if not admit(size, reader.run_frames):
-                        return _RATE_LIMITED
-                    out = frames.remask_run(run) if remask else run
-                    sent = send_now(out)
-                    stats.messages_up += reader.run_messages
-                    if sent < size:
-                        return upstream.keep_unsent(out, sent)
-                return _AWAKE if reader.may_hold or not transport.drained else None
+        def forward(received: int) -> object:
+            # _forward_client_run's lines, after a read made by the pump or the hub (two
+            # coroutines per message fewer than receive_run: 1.4k instructions of 79k
+            # per relayed message, bench/instructions.py): None, _RATE_LIMITED, or the
+            # bytes the kernel did not take.
+            run = run_of(received)
+            if run:
+                size = len(run)
+                if not admit(size, reader.run_frames):
+                    return _RATE_LIMITED
+                out = frames.remask_run(run) if remask else run  # the same size
+                sent = send_now(out)
+                stats.messages_up += reader.run_messages
+                if sent < size:  # the kernel (or another writer) is not done
+                    return upstream.keep_unsent(out, sent)
+            return None
 
+        hub_leg = _hub_transport(client)
+        if hub_leg is not None:
+            hub, hub_sock = current_hub(), hub_leg.sock
+            handler = _hub_handler(hub_leg, read_view, reader, forward)
         while True:
             # The reader holds nothing after a read the run took whole: no next_event
             # call to learn so (0.9k instructions per message, bench/instructions.py).
             event = reader.next_event() if reader.may_hold else None
             if event is None:
-                if transport is not None and transport.drained:
-                    woken = await hub.serve(hub_sock, up_inline)
-                    if woken is _RATE_LIMITED:
-                        self._finish(self._rate_ending())
-                        return
-                    if type(woken) is UnsentRest:
-                        await upstream.send_unsent(woken)
-                    continue
-                # _forward_client_run's lines, with the read made here and not in
-                # receive_run: two coroutines per message fewer (1.4k instructions of
-                # 79k per relayed message, bench/instructions.py).
-                received = await recv_into(read_view)
-                run = run_of(received)
-                if run:
-                    size = len(run)
-                    if not admit(size, reader.run_frames):
-                        self._finish(self._rate_ending())
-                        return
-                    out = frames.remask_run(run) if remask else run  # the same size
-                    sent = send_now(out)
-                    if sent < size:  # the kernel (or another writer) is not done
-                        await upstream.send_rest(out, sent)
-                    stats.messages_up += reader.run_messages
+                if hub_leg is not None and hub_leg.drained:
+                    woken = await hub.serve(hub_sock, handler)  # read there, inline
+                else:
+                    woken = forward(await recv_into(read_view))
+                if woken is _RATE_LIMITED:
+                    self._finish(self._rate_ending())
+                    return
+                if type(woken) is UnsentRest:
+                    await upstream.send_unsent(woken)
             elif type(event) is Frame:
                 if not admit(len(event.raw)):
                     self._finish(self._rate_ending())
@@ -717,39 +703,29 @@ class RelaySession:
         send_now = client.send_now
         for first in self.first_client_events:  # before anything the upstream sends
             await client.send_text(first)
-        transport = _hub_transport(upstream)
-        if transport is not None:
-            hub, hub_sock = current_hub(), transport.sock
-            recv_now = transport.recv_now
 
-            def down_inline() -> object:  # as up_inline in _pump_up
-                received = recv_now(read_view)
-                if received < 0:
-                    return None
-                run = run_of(received, observe, None, UNTAPPED_HEAD)
-                if run:
-                    sent = send_now(run)
-                    stats.messages_down += reader.run_messages
-                    if sent < len(run):
-                        return client.keep_unsent(run, sent)
-                return _AWAKE if reader.may_hold or not transport.drained else None
+        def forward(received: int) -> object:  # as in _pump_up (no rate limit this way)
+            run = run_of(received, observe, None, UNTAPPED_HEAD)
+            if run:
+                sent = send_now(run)
+                stats.messages_down += reader.run_messages
+                if sent < len(run):
+                    return client.keep_unsent(run, sent)
+            return None
 
+        hub_leg = _hub_transport(upstream)
+        if hub_leg is not None:
+            hub, hub_sock = current_hub(), hub_leg.sock
+            handler = _hub_handler(hub_leg, read_view, reader, forward)
         while True:
             event = reader.next_event() if reader.may_hold else None  # as in _pump_up
             if event is None:
-                if transport is not None and transport.drained:
-                    woken = await hub.serve(hub_sock, down_inline)
-                    if type(woken) is UnsentRest:
-                        await client.send_unsent(woken)
-                    continue
-                # receive_run, with the read made here: a coroutine per message fewer.
-                received = await recv_into(read_view)
-                run = run_of(received, observe, None, UNTAPPED_HEAD)
-                if run:
-                    sent = send_now(run)  # as in _pump_up
-                    if sent < len(run):
-                        await client.send_rest(run, sent)
-                    stats.messages_down += reader.run_messages
+                if hub_leg is not None and hub_leg.drained:
+                    woken = await hub.serve(hub_sock, handler)
+                else:
+                    woken = forward(await recv_into(read_view))
+                if type(woken) is UnsentRest:
+                    await client.send_unsent(woken)
             elif type(event) is Frame:
                 opcode = event.opcode
                 if opcode < OP_CLOSE:
@@ -981,6 +957,30 @@ def _hub_transport(leg: WebSocket) -> Transport | None:
     if type(transport) is Transport and not transport.is_tls:
         return transport
     return None
+
+
+def _hub_handler(
+    transport: Transport,
+    read_view: memoryview,
+    reader: FrameReader,
+    forward: Callable[[int], object],
+) -> Callable[[], object]:
+    """A pump's read-hub handler: one read of ``transport``, passed to the pump's
+    ``forward``. It wakes the pump with what ``forward`` returned, or with ``_AWAKE``
+    when the pump's own loop has work (frame events held, a read that filled the
+    buffer); ``None`` (stay parked) after a message it saw through."""
+    recv_now = transport.recv_now
+
+    def handler() -> object:
+        received = recv_now(read_view)
+        if received < 0:
+            return None
+        woken = forward(received)
+        if woken is None and (reader.may_hold or not transport.drained):
+            return _AWAKE
+        return woken
+
+    return handler
 
 
 def _upstream_text_frame(payload: bytes) -> bytes:

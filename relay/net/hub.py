@@ -89,7 +89,8 @@ class ReadHub:
         self._parked[fd] = _Parked(task, handler)
 
         def abort(_: object) -> trio.lowlevel.Abort:
-            if self._parked.get(fd) is not None and self._parked[fd].task is task:
+            parked = self._parked.get(fd)
+            if parked is not None and parked.task is task:
                 del self._parked[fd]
             return trio.lowlevel.Abort.SUCCEEDED
 

@@ -192,12 +192,21 @@ class WebSocket:
 
     # ------------------------------------------------------------------ writing
 
-    async def send_raw(self, data: bytes | bytearray | memoryview) -> None:
-        """Write wire bytes (one or more whole frames, or part of a frame the caller owns)."""
-        if self._send_broken:
-            raise LegFailed(self, "connection broken by an interrupted write")
+    async def send_raw(
+        self, data: bytes | bytearray | memoryview, *, reserved: bool = False
+    ) -> None:
+        """Write wire bytes (one or more whole frames, or part of a frame the caller owns).
+
+        ``reserved``: the caller holds the write lock already (:meth:`send_unsent`).
+        """
         lock = self._send_lock
-        if lock.held:
+        if self._send_broken:
+            if reserved:
+                lock.release()
+            raise LegFailed(self, "connection broken by an interrupted write")
+        if reserved:
+            pass
+        elif lock.held:
             data = bytes(data)  # it may be a view of the shared receive buffer
             await lock.acquire()
         else:
@@ -258,21 +267,7 @@ class WebSocket:
 
     async def send_unsent(self, rest: UnsentRest) -> None:
         """Write what :meth:`keep_unsent` kept (and release the lock it took)."""
-        if not rest.reserved:
-            await self.send_raw(rest.data)
-            return
-        lock = self._send_lock
-        try:
-            await self.transport.send_all(rest.data)
-            self.bytes_sent += len(rest.data)
-        except TransportClosed as exc:
-            self._send_broken = True
-            raise LegFailed(self, str(exc)) from None
-        except BaseException:
-            self._send_broken = True
-            raise
-        finally:
-            lock.release()
+        await self.send_raw(rest.data, reserved=rest.reserved)
 
     def mark_broken(self) -> None:
         """A write was interrupted mid-frame: nothing more may be written."""
