@@ -86,6 +86,7 @@ def count(
     duration_s: float,
     cwd: Path = REPO,
     load_args: tuple[str, ...] = (),
+    churn: bool = False,
 ) -> Counted:
     out_dir = rig.work_dir / f"callgrind-{name.replace('/', '_').replace('@', '_')}"
     out_dir.mkdir()
@@ -113,10 +114,11 @@ def count(
                 f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime",
                 "--key",
                 env.get("RELAY_SERVE_CLIENT_KEYS", "sk-bench-simulator-key"),
-                "--mode",
-                "stream",
-                "--sessions",
-                str(sessions),
+                *(
+                    ("--mode", "churn", "--concurrency", str(sessions))
+                    if churn
+                    else ("--mode", "stream", "--sessions", str(sessions))
+                ),
                 "--rate",
                 str(APPENDS_PER_S_PER_SESSION),
                 "--warmup-s",
@@ -148,7 +150,12 @@ def count(
         _, stderr = load.communicate(timeout=10)
         if not result:
             raise RuntimeError(f"{name}: the load gave no result: {stderr[-400:]!r}")
-        messages = int(str(result["window_sent"])) + int(str(result["window_received"]))
+        # Churn's unit is a session opened, used and closed inside the window.
+        messages = (
+            int(str(result["sessions_completed"]))
+            if churn
+            else int(str(result["window_sent"])) + int(str(result["window_received"]))
+        )
         return Counted(
             name, _dumped_total(out_dir, process.pid), messages, int(str(result["lost"]))
         )
@@ -175,6 +182,12 @@ def main() -> int:
         help="the binary audio path against JSON: the relay in front of an upstream "
         "answering each append with an audio delta, the client speaking JSON "
         "(relay/json) and relay.audio.v1 (relay/binary)",
+    )
+    parser.add_argument(
+        "--churn",
+        action="store_true",
+        help="instructions per session instead of per message: --sessions closed loops, "
+        "each opening a session, exchanging 5 appends and closing it (loadgen --mode churn)",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -223,6 +236,7 @@ def main() -> int:
                     duration_s=args.duration_s,
                     cwd=cwd,
                     load_args=load_args,
+                    churn=args.churn,
                 )
                 for name, command, env, port, cwd, load_args in plan
             ]
@@ -230,11 +244,18 @@ def main() -> int:
             rig.stop()
     floor_path = "relay/json" if args.audio else "splice"
     floor = next((c.per_message for c in counted if c.path == floor_path), float("nan"))
-    print(
-        f"{args.sessions} sessions x {APPENDS_PER_S_PER_SESSION} appends/s each, echoed; "
-        f"{args.duration_s:.0f} s window"
-    )
-    print(f"| path | instructions per message | x {floor_path} | messages | lost |")
+    unit = "session" if args.churn else "message"
+    if args.churn:
+        print(
+            f"{args.sessions} churn loops (open, 5 appends echoed, close); "
+            f"{args.duration_s:.0f} s window"
+        )
+    else:
+        print(
+            f"{args.sessions} sessions x {APPENDS_PER_S_PER_SESSION} appends/s each, echoed; "
+            f"{args.duration_s:.0f} s window"
+        )
+    print(f"| path | instructions per {unit} | x {floor_path} | {unit}s | lost |")
     print("|---|---|---|---|---|")
     for c in counted:
         ratio = c.per_message / floor

@@ -29,6 +29,7 @@ import functools
 import ipaddress
 import socket
 import ssl
+import sys
 import time
 from typing import Any, Final, Protocol
 
@@ -104,12 +105,24 @@ class ByteStream(Protocol):
 def tune_stream_socket(sock: socket.socket) -> None:
     """Non-blocking, no Nagle delay, bounded unsent bytes."""
     sock.setblocking(False)
+    _set_tcp_options(sock)
+
+
+def _set_tcp_options(sock: socket.socket) -> None:
+    """No Nagle delay, bounded unsent bytes (TCP sockets; a listener's are inherited)."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, NOTSENT_LOWAT_BYTES)
         except OSError:  # pragma: no cover - not on every kernel
             pass
+
+
+#: Linux copies a listener's ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT`` to the sockets it
+#: accepts, so they are set once on the listener instead of twice per connection.
+ACCEPTED_INHERIT_TCP_OPTIONS: Final = sys.platform == "linux"
+#: ``SOCK_NONBLOCK`` at creation: a dialed socket is non-blocking without an ioctl.
+_NONBLOCKING_STREAM: Final = getattr(socket, "SOCK_NONBLOCK", 0)
 
 
 class Transport:
@@ -342,9 +355,12 @@ async def open_transport(
     infos = await resolve(host, port)
     last_error: OSError = OSError(errno.EHOSTUNREACH, f"no address for {host}")
     for family, type_, proto, _, address in infos:
-        sock = socket.socket(family, type_, proto)
+        sock = socket.socket(family, type_ | _NONBLOCKING_STREAM, proto)
         try:
-            tune_stream_socket(sock)
+            if _NONBLOCKING_STREAM:
+                _set_tcp_options(sock)
+            else:  # pragma: no cover - every platform the relay runs on has SOCK_NONBLOCK
+                tune_stream_socket(sock)
             await _connect(sock, address)
         except OSError as exc:
             sock.close()
@@ -457,12 +473,15 @@ def wrap_server_tls(sock: socket.socket, context: ssl.SSLContext | None) -> sock
 
 
 def open_listener(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket (``SO_REUSEADDR``)."""
+    """A non-blocking listening socket (``SO_REUSEADDR``), with the TCP options its
+    connections inherit where the kernel copies them (:data:`ACCEPTED_INHERIT_TCP_OPTIONS`)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     family, type_, proto, _, address = infos[0]
     listener = socket.socket(family, type_, proto)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if ACCEPTED_INHERIT_TCP_OPTIONS:
+            _set_tcp_options(listener)
         listener.bind(address)
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
@@ -488,5 +507,8 @@ async def accept(listener: socket.socket) -> tuple[socket.socket, tuple[str, int
             if exc.errno == errno.ECONNABORTED:
                 continue
             raise
-        tune_stream_socket(sock)
+        if ACCEPTED_INHERIT_TCP_OPTIONS:
+            sock.setblocking(False)  # accept4 cannot be asked for O_NONBLOCK from Python
+        else:  # pragma: no cover - not Linux
+            tune_stream_socket(sock)
         return sock, (str(address[0]), int(address[1]))

@@ -1,0 +1,59 @@
+"""Socket set-up in relay.net.transport: what every accepted and dialed socket must carry.
+
+The relay sets ``TCP_NODELAY`` and ``TCP_NOTSENT_LOWAT`` on its listener once, where the
+kernel copies them to accepted sockets, and creates dialed sockets non-blocking with
+``SOCK_NONBLOCK`` (no ioctl). These tests hold the sockets to the options a per-socket
+set-up would have given them, over real loopback connections.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+
+from relay.net.transport import (
+    _TCP_NOTSENT_LOWAT,
+    NOTSENT_LOWAT_BYTES,
+    accept,
+    open_listener,
+    open_transport,
+)
+
+pytestmark = pytest.mark.trio
+
+
+def _assert_tuned(sock: socket.socket) -> None:
+    assert sock.getblocking() is False
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    assert sock.getsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT) == NOTSENT_LOWAT_BYTES
+
+
+async def test_accepted_and_dialed_sockets_are_non_blocking_without_nagle_and_bounded() -> None:
+    listener = open_listener("127.0.0.1", 0)
+    port = listener.getsockname()[1]
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                accepted: list[socket.socket] = []
+
+                async def take() -> None:
+                    sock, _ = await accept(listener)
+                    accepted.append(sock)
+
+                nursery.start_soon(take)
+                dialed = await open_transport("127.0.0.1", port)
+        try:
+            _assert_tuned(accepted[0])
+            _assert_tuned(dialed.sock)
+            # Non-blocking for real (not just Python's flag): an empty read does not hang.
+            with pytest.raises(BlockingIOError):
+                accepted[0].recv(1)
+            with pytest.raises(BlockingIOError):
+                dialed.sock.recv(1)
+        finally:
+            accepted[0].close()
+            dialed.close()
+    finally:
+        listener.close()
