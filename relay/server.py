@@ -69,6 +69,7 @@ from relay.dataplane.upstream import UpstreamRefused
 from relay.metrics import RelayMetrics
 from relay.net import http
 from relay.net.hub import current_hub
+from relay.net.timers import current_timers
 from relay.net.transport import (
     Transport,
     TransportClosed,
@@ -213,6 +214,7 @@ class RelayServer:
                 await nursery.start(self.control.run)
                 await nursery.start(self.key_files.run)
                 current_hub()  # the sessions' read hub, a system task from now on
+                current_timers()  # the sessions' clocks, another
                 LOGGER.info(
                     "relay listening on %s:%d, upstreams %s",
                     self.config.host,

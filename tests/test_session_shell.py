@@ -227,10 +227,11 @@ class _CountSteps(trio.abc.Instrument):
 async def test_an_idle_session_wakes_once_per_ping_interval(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """Not once a second: 600 s of silence with 20 s pings is about 30 wake-ups."""
+    """Not once a second: 600 s of silence with 20 s pings is about 30 wake-ups of the
+    run's timers (the session's clock is a timer there, not a task of its own)."""
     session_limits = limits(idle_timeout_s=600, ping_interval_s=20, pong_timeout_s=20)
     relayed = relayed_session(session_limits)
-    counter = _CountSteps("_watchdog")
+    counter = _CountSteps("relay timers")
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relayed.client.serve)
         nursery.start_soon(relayed.upstream.serve)

@@ -73,6 +73,7 @@ from relay.dataplane.policy import (
 )
 from relay.dataplane.ratelimit import ClientRateLimit
 from relay.net.hub import current_hub
+from relay.net.timers import current_timers
 from relay.net.transport import Transport, TransportClosed
 from relay.net.websocket import ConnectionClosed, LegFailed, UnsentRest, WebSocket
 from relay.protocol import binary_audio, frames
@@ -182,8 +183,6 @@ class RelaySession:
         self.upstream_key_id = ""
         self.stats = SessionStats()
         self._cancel_scope = trio.CancelScope()
-        #: The session's nursery while it runs (the watchdog starts pings in it).
-        self._nursery: trio.Nursery | None = None
         #: Set once both legs are closed and :meth:`run` is about to return.
         self.ended = trio.Event()
         #: How both legs were closed (set once the session has ended).
@@ -213,17 +212,20 @@ class RelaySession:
         try:
             with self._cancel_scope:
                 async with trio.open_nursery() as nursery:
-                    self._nursery = nursery
                     if self.lock is not None:
                         nursery.start_soon(self._pump, self._pump_up_locked, Side.CLIENT)
                     elif self._audio_format is not None:
                         nursery.start_soon(self._pump, self._pump_up_audio, Side.CLIENT)
                     else:
                         nursery.start_soon(self._pump, self._pump_up, Side.CLIENT)
-                    nursery.start_soon(self._watchdog)
+                    watchdog = _Watchdog(self, nursery)
                     # The down pump runs in this task: one task fewer to spawn per session.
                     down = self._pump_down if self._deltas is None else self._pump_down_audio
-                    await self._pump(down, Side.UPSTREAM)
+                    try:
+                        await self._pump(down, Side.UPSTREAM)
+                    finally:
+                        # Before the nursery closes: the watchdog starts pings in it.
+                        watchdog.stop()
         except Exception:
             LOGGER.exception("session %s failed", self.session_id)
             if self.stats.ending is None:
@@ -865,48 +867,6 @@ class RelaySession:
 
     # ---------------------------------------------------------------- watchdog
 
-    async def _watchdog(self) -> None:
-        """Carry out the session clock: sleep until it may have news, end or ping as told.
-
-        Pings are written by their own tasks, so a write stuck on a full socket (or
-        behind a cut-through frame holding the write lock) never stalls this loop;
-        a ping counts as sent when it was due, written or not.
-        """
-        limits = self.limits
-        clock = SessionClock(
-            LivenessLimits(
-                idle_timeout_s=limits.idle_timeout_s,
-                max_session_s=limits.max_session_s,
-                ping_interval_s=limits.ping_interval_s,
-                pong_timeout_s=limits.pong_timeout_s,
-            ),
-            started_at=self.stats.started_at,
-        )
-        legs = ((Side.CLIENT, self.client), (Side.UPSTREAM, self.upstream))
-        stats = self.stats
-        pinging: set[Side] = set()
-        nursery = self._nursery
-        assert nursery is not None
-        while True:
-            await trio.sleep_until(clock.next_check_at())
-            now = trio.current_time()
-            clock.saw_messages(stats.messages_up, stats.messages_down, now)
-            for side, leg in legs:
-                clock.saw_pong(side, leg.last_pong_at)
-            verdict = clock.poll(now)
-            if verdict.ending is not None:
-                self._finish(verdict.ending)
-                return
-            for side, leg in legs:
-                if side in verdict.pings_due:
-                    if side in pinging:
-                        clock.ping_sent(side, now)  # the last one is still stuck
-                    else:
-                        clock.ping_sent(side, now, written=False)
-                        pinging.add(side)
-                        # In the session's nursery: no nursery of its own per session.
-                        nursery.start_soon(self._ping, clock, side, leg, pinging)
-
     async def _ping(
         self, clock: SessionClock, side: Side, leg: WebSocket, pinging: set[Side]
     ) -> None:
@@ -942,6 +902,66 @@ class RelaySession:
             else:  # at most one leg awaits anything
                 await _close_leg(client, plan.client, timeout_s)
                 await _close_leg(upstream, plan.upstream, timeout_s)
+
+
+class _Watchdog:
+    """Carries out a session's clock: at each instant it names, end or ping as told.
+
+    Not a task: a timer of the run's :class:`~relay.net.timers.Timers` (a task per
+    session sleeping until an instant a short session never reaches cost a spawn, a
+    cancel scope and two scheduler passes). Pings are written by their own tasks in
+    the session's nursery, so a write stuck on a full socket (or behind a cut-through
+    frame holding the write lock) never stalls the clock; a ping counts as sent when
+    it was due, written or not.
+    """
+
+    __slots__ = ("_clock", "_legs", "_nursery", "_pinging", "_session", "_timer", "_timers")
+
+    def __init__(self, session: RelaySession, nursery: trio.Nursery) -> None:
+        limits = session.limits
+        self._session = session
+        self._nursery = nursery
+        self._clock = SessionClock(
+            LivenessLimits(
+                idle_timeout_s=limits.idle_timeout_s,
+                max_session_s=limits.max_session_s,
+                ping_interval_s=limits.ping_interval_s,
+                pong_timeout_s=limits.pong_timeout_s,
+            ),
+            started_at=session.stats.started_at,
+        )
+        self._legs = ((Side.CLIENT, session.client), (Side.UPSTREAM, session.upstream))
+        self._pinging: set[Side] = set()
+        self._timers = current_timers()
+        self._timer = self._timers.call_at(self._clock.next_check_at(), self._check)
+
+    def stop(self) -> None:
+        self._timers.cancel(self._timer)
+
+    def _check(self) -> None:
+        session, clock, stats = self._session, self._clock, self._session.stats
+        try:
+            now = trio.current_time()
+            clock.saw_messages(stats.messages_up, stats.messages_down, now)
+            for side, leg in self._legs:
+                clock.saw_pong(side, leg.last_pong_at)
+            verdict = clock.poll(now)
+            if verdict.ending is not None:
+                session._finish(verdict.ending)
+                return
+            for side, leg in self._legs:
+                if side in verdict.pings_due:
+                    if side in self._pinging:
+                        clock.ping_sent(side, now)  # the last one is still stuck
+                    else:
+                        clock.ping_sent(side, now, written=False)
+                        self._pinging.add(side)
+                        self._nursery.start_soon(session._ping, clock, side, leg, self._pinging)
+        except Exception:
+            LOGGER.exception("session %s: its clock failed", session.session_id)
+            session._finish(Ending(EndKind.INTERNAL_ERROR))
+            return
+        self._timer = self._timers.call_at(clock.next_check_at(), self._check)
 
 
 #: What a hub handler wakes its pump with (besides an UnsentRest): the rate limit
