@@ -261,13 +261,19 @@ class RelayServer:
 
     async def _route_connection(self, transport: Transport) -> None:
         try:
-            with trio.fail_after(self.config.handshake_timeout_s):
+            head: RequestHead | None = None
+            # A bare scope, not trio.fail_after (a generator context manager: a few
+            # microseconds more per connection for the same deadline).
+            deadline_s = self.config.handshake_timeout_s
+            with trio.CancelScope(deadline=trio.current_time() + deadline_s) as head_deadline:
                 if transport.is_tls:
                     try:
                         await tls_handshake(transport)
                     except (OSError, ssl.SSLError):
                         return  # not TLS, or a client that gave up: nothing to answer
                 head = await http.read_request_head(transport)
+            if head_deadline.cancelled_caught:
+                raise trio.TooSlowError
             if head is None:
                 return
             if head.path in REALTIME_PATHS and head.is_websocket_upgrade():

@@ -12,10 +12,13 @@ import socket
 
 import pytest
 import trio
+import trio.testing
 
 from relay.net.transport import (
     _TCP_NOTSENT_LOWAT,
     NOTSENT_LOWAT_BYTES,
+    Transport,
+    TransportClosed,
     accept,
     open_listener,
     open_transport,
@@ -57,3 +60,39 @@ async def test_accepted_and_dialed_sockets_are_non_blocking_without_nagle_and_bo
             dialed.close()
     finally:
         listener.close()
+
+
+async def test_close_wakes_a_task_waiting_to_read_or_write_and_skips_trio_when_none_waits() -> None:
+    """``notify_closing`` only when a task waits: a waiter still gets TransportClosed,
+    and a descriptor number reused after a close without it waits and wakes normally."""
+    for _ in range(3):  # the same descriptor numbers, again and again
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        transport = Transport(ours)
+        theirs.send(b"x")
+        assert await transport.recv_into(bytearray(1)) == 1  # a read that did not wait
+        outcome: list[str] = []
+
+        async def read(transport: Transport = transport, outcome: list[str] = outcome) -> None:
+            try:
+                await transport.recv_into(bytearray(8))
+            except TransportClosed:
+                outcome.append("closed")
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read)
+                await trio.testing.wait_all_tasks_blocked()
+                transport.close()
+        assert outcome == ["closed"]
+        # A socket that waited once and then closed with nobody waiting.
+        ours, theirs2 = socket.socketpair()
+        ours.setblocking(False)
+        reused = Transport(ours)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reused.recv_into, bytearray(8))
+            await trio.testing.wait_all_tasks_blocked()
+            theirs2.send(b"y")
+        reused.close()
+        theirs.close()
+        theirs2.close()

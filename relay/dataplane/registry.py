@@ -229,7 +229,7 @@ class SessionRegistry:
         ended_by = ending.side.value if ending and ending.side else "relay"
         client_code = str(client_close.code) if client_close and client_close.send_close else "none"
         metrics = self.metrics
-        metrics.sessions_ended.labels(close_code=client_code, ended_by=ended_by).inc()
+        metrics.sessions_ended_by(client_code, ended_by).inc()
         metrics.messages_up.inc(stats.messages_up)
         metrics.messages_down.inc(stats.messages_down)
         metrics.bytes_up.inc(session.client.bytes_received)
@@ -249,6 +249,8 @@ class SessionRegistry:
                 metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
         if ending is not None and ending.kind is EndKind.INTERNAL_ERROR:
             metrics.errors.labels(kind="session_internal_error").inc()
+        if not SESSION_LOG.isEnabledFor(logging.INFO):
+            return  # the line's fields cost more than the rest of a short session's record
         claims = context.claims
         SESSION_LOG.info(
             "session ended",

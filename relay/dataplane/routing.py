@@ -131,9 +131,9 @@ class Router:
                 raise
             self.learn(key, Outcome.SUCCESS, None, "")
             self.metrics.upstream_connect_seconds.observe(trio.current_time() - started)
-            self.metrics.upstream_attempt_seconds.labels(
-                upstream=key.upstream, key_id=key.key_id
-            ).observe(trio.current_time() - started)
+            self.metrics.upstream_attempt_seconds_by(key.upstream, key.key_id).observe(
+                trio.current_time() - started
+            )
             return Routed(websocket, upstream, key, attempts=len(tried))
 
     def key_states(self) -> list[UpstreamKeyState]:
@@ -167,9 +167,7 @@ class Router:
     ) -> None:
         """One dial's (or REST attempt's) outcome: health, the counter, the log."""
         change = self.health.record(AttemptResult(key, outcome, retry_after_s), trio.current_time())
-        self.metrics.upstream_handshakes.labels(
-            upstream=key.upstream, key_id=key.key_id, outcome=outcome.value
-        ).inc()
+        self.metrics.upstream_handshakes_by(key.upstream, key.key_id, outcome.value).inc()
         self.outcomes[(key, outcome.value)] += 1
         if change is Change.KEY_MARKED_BAD:
             LOGGER.error(

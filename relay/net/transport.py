@@ -132,7 +132,16 @@ class Transport:
     ``relay.net.websocket``). One reader task and one writer task at a time is fine.
     """
 
-    __slots__ = ("_closed", "_drained", "_ops_without_yield", "_plain", "answered", "peer", "sock")
+    __slots__ = (
+        "_closed",
+        "_drained",
+        "_ops_without_yield",
+        "_plain",
+        "_trio_waits",
+        "answered",
+        "peer",
+        "sock",
+    )
 
     def __init__(self, sock: socket.socket, *, peer: tuple[str, int] | None = None) -> None:
         self.sock = sock
@@ -149,6 +158,12 @@ class Transport:
         #: answer, a 101, a hand-off to hypercorn): a failure after that point must
         #: not write a second answer. Not touched on the per-frame path.
         self.answered = False
+        #: Tasks in a Trio wait on this socket now. Only they need Trio's
+        #: ``notify_closing`` (a system call and a registry walk per socket): Trio keeps
+        #: nothing for a socket once its waits are over, and the kernel drops a closed
+        #: socket's epoll registration itself. Every Trio wait on ``sock`` goes through
+        #: this class (the read hub has its own epoll, told by ``forget``).
+        self._trio_waits = 0
 
     @property
     def is_tls(self) -> bool:
@@ -195,10 +210,13 @@ class Transport:
             # pass, so the periodic yield too.
             if self._closed:
                 raise TransportClosed("connection closed")
+            self._trio_waits += 1
             try:
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
                 raise TransportClosed("connection closed") from None
+            finally:
+                self._trio_waits -= 1
         else:
             # _maybe_yield, inline: a coroutine per read is a cost on the hot path.
             self._ops_without_yield += 1
@@ -281,6 +299,7 @@ class Transport:
     async def _wait(self, *, readable: bool) -> None:
         if self._closed:
             raise TransportClosed("connection closed")
+        self._trio_waits += 1
         try:
             if readable:
                 await trio.lowlevel.wait_readable(self.sock)
@@ -288,6 +307,8 @@ class Transport:
                 await trio.lowlevel.wait_writable(self.sock)
         except trio.ClosedResourceError:
             raise TransportClosed("connection closed") from None
+        finally:
+            self._trio_waits -= 1
 
     def shutdown_write(self) -> None:
         """Half-close (TCP FIN) after the last bytes; errors mean the peer is gone anyway."""
@@ -304,10 +325,11 @@ class Transport:
         hub = running_hub()
         if hub is not None:
             hub.forget(self.sock)
-        try:
-            trio.lowlevel.notify_closing(self.sock)
-        except (RuntimeError, ValueError, OSError):  # outside trio, or already closed
-            pass
+        if self._trio_waits:
+            try:
+                trio.lowlevel.notify_closing(self.sock)
+            except (RuntimeError, ValueError, OSError):  # outside trio, or already closed
+                pass
         try:
             self.sock.close()
         except OSError:
@@ -444,16 +466,16 @@ async def _tls_client(
 
 async def tls_handshake(transport: Transport) -> None:
     """Run the TLS handshake of an ``ssl.SSLSocket`` transport. Raises ``OSError``."""
+    assert isinstance(transport.sock, ssl.SSLSocket)
     sock = transport.sock
-    assert isinstance(sock, ssl.SSLSocket)
     while True:
         try:
             sock.do_handshake()
             return
         except ssl.SSLWantReadError:
-            await trio.lowlevel.wait_readable(sock)
+            await transport._wait(readable=True)
         except ssl.SSLWantWriteError:
-            await trio.lowlevel.wait_writable(sock)
+            await transport._wait(readable=False)
 
 
 def server_tls_context(cert_file: str, key_file: str = "") -> ssl.SSLContext:
