@@ -96,3 +96,49 @@ async def test_close_wakes_a_task_waiting_to_read_or_write_and_skips_trio_when_n
         reused.close()
         theirs.close()
         theirs2.close()
+
+
+async def test_a_refused_dial_raises_and_a_dial_that_must_wait_still_connects() -> None:
+    """The connect shortcut (connected when connect returns) must not hide a refusal, and
+    a handshake that is not done at once (a full backlog here) still completes."""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nobody listens on this port now
+    with pytest.raises(OSError):
+        await open_transport("127.0.0.1", port)
+    # A listener whose backlog is full: the SYN waits until accept makes room.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    address = listener.getsockname()
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        filler.connect_ex(address)
+        fillers.append(filler)
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                dialed: list[Transport] = []
+
+                async def make_room() -> None:
+                    listener.setblocking(False)
+                    while True:  # accept (and drop) whatever is queued, until cancelled
+                        try:
+                            listener.accept()[0].close()
+                        except BlockingIOError:
+                            await trio.lowlevel.wait_readable(listener)
+
+                async def dial() -> None:
+                    dialed.append(await open_transport("127.0.0.1", address[1]))
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(dial)
+                await trio.testing.wait_all_tasks_blocked()
+                nursery.start_soon(make_room)
+        dialed[0].close()
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
