@@ -31,6 +31,7 @@ is the one place its value is revealed, for the request bytes.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final
@@ -140,7 +141,7 @@ def handshake_target(
     model to name the deployment by (configuration and admission rule these out
     before a dial; the error is for the code that forgot).
     """
-    target = UpstreamTarget.from_url(spec.base_url)
+    target = _parsed_base_url(spec.base_url)
     model = upstream_model(spec, query.model)
     if spec.kind is UpstreamKind.AZURE:
         request_target = _azure_request_target(spec, target.base_path, model, query.forwarded)
@@ -162,6 +163,12 @@ def handshake_target(
         headers=tuple(extra_headers),
         credential=credential,
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_base_url(url: str) -> UpstreamTarget:
+    """Per base URL once (an immutable answer): every session dials the same few."""
+    return UpstreamTarget.from_url(url)
 
 
 def _azure_request_target(
