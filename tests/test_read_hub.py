@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from functools import partial
 
 import pytest
@@ -197,3 +198,77 @@ async def test_close_now_that_writes_part_of_its_frame_leaves_close_to_finish_it
                 received += buffer[:got]
     assert bytes(received) == b"\x88\x05\x03\xe8bye"
     assert ours.closed
+
+
+def _eof_aware_handler(transport: Transport, seen: list[bytes]) -> Callable[[], object]:
+    """A pump's handler: stays parked after a short read, wakes at the stream's end."""
+    buffer = bytearray(64)
+
+    def handler() -> object:
+        received = transport.recv_now(buffer)
+        if received < 0:
+            return None
+        if received == 0:
+            return "end"
+        seen.append(bytes(buffer[:received]))
+        return None
+
+    return handler
+
+
+async def test_bytes_and_the_peers_end_in_one_edge_still_wake_the_parked_pump() -> None:
+    """The last bytes and the FIN come together: the handler's short read leaves the
+    FIN unread, and no edge follows it. The hub reads again on a hang-up."""
+    transport, peer = _pair()
+    seen: list[bytes] = []
+    handler = _eof_aware_handler(transport, seen)
+    hub = current_hub()
+    woken: list[object] = []
+
+    async def pump() -> None:
+        woken.append(await hub.serve(transport.sock, handler))
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump)
+            await trio.testing.wait_all_tasks_blocked()
+            peer.send(b"last words")
+            peer.shutdown(socket.SHUT_WR)  # before the hub has run: one edge for both
+    assert seen == [b"last words"]
+    assert woken == ["end"]
+    transport.close()
+    peer.close()
+
+
+async def test_a_peers_end_seen_while_the_pump_was_busy_wakes_it_when_it_parks() -> None:
+    """The socket is registered (a wait on it returned), then bytes and the FIN come
+    while nobody is parked, and a read takes the bytes: the pump parks on a socket
+    that will give no edge again, and must still be woken."""
+    transport, peer = _pair()
+    hub = current_hub()
+    peer.send(b"first")
+    with trio.fail_after(WAIT_S):
+        await transport.recv_into(bytearray(64))  # a short read: drained
+        peer.send(b"more")
+        peer.shutdown(socket.SHUT_WR)
+        await hub.wait_readable(transport.sock)  # registered; woken by the edge
+        await trio.testing.wait_all_tasks_blocked()  # the hub has seen the FIN
+        assert await transport.recv_into(bytearray(64)) == 4  # "more", short: drained
+        seen: list[bytes] = []
+        assert await hub.serve(transport.sock, _eof_aware_handler(transport, seen)) == "end"
+    transport.close()
+    peer.close()
+
+
+async def test_two_readers_of_one_socket_are_refused_as_trio_refuses_them() -> None:
+    transport, peer = _pair()
+    hub = current_hub()
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.wait_readable, transport.sock)
+            await trio.testing.wait_all_tasks_blocked()
+            with pytest.raises(trio.BusyResourceError):
+                await hub.wait_readable(transport.sock)
+            peer.send(b"x")
+    transport.close()
+    peer.close()

@@ -38,6 +38,12 @@ MAX_EVENTS_PER_WAKEUP: Final = 256
 
 #: Edge-triggered: an event per arrival, none while bytes already reported sit unread.
 _READ_EDGES: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
+#: The peer's end (FIN, reset, error): its edge is the last the socket will give, even
+#: when the bytes before it are still unread.
+_HANG_UPS: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+#: Handler calls in a row on a hung-up socket before the hub gives up on the handler (a
+#: correct one wakes its pump by the second: a short read, then the end of the stream).
+MAX_HANDLER_CALLS_AFTER_HANG_UP: Final = 8
 
 Handler = Callable[[], object]
 
@@ -61,6 +67,9 @@ class ReadHub:
         self._parked: dict[int, _Parked] = {}
         #: Registered sockets that turned readable while their pump was not parked.
         self._ready: set[int] = set()
+        #: Registered sockets whose peer has ended: no edge will come for what is left
+        #: to read, so their handler runs until it wakes the pump.
+        self._hung_up: set[int] = set()
 
     @property
     def parked(self) -> int:
@@ -75,14 +84,21 @@ class ReadHub:
         more), so that the next byte to arrive is an edge the hub sees.
         """
         fd = sock.fileno()
+        if fd in self._parked:
+            # As Trio's wait_readable: one reader per socket (a second would leave the
+            # first parked for ever).
+            raise trio.BusyResourceError("another task is already reading this socket")
         if self._registered.get(fd) is not sock:
             self._register(fd, sock)
-        elif fd in self._ready:
-            # Bytes came while the pump was busy: their edge is spent, so the handler
-            # runs now (after a checkpoint, as a wait would have been).
-            self._ready.discard(fd)
+        elif fd in self._ready or fd in self._hung_up:
+            # Bytes (or the peer's end) came while the pump was busy: their edge is
+            # spent, so the handler runs now, after a checkpoint (as a wait would have
+            # been). The mark is cleared after it: an edge the hub saw during the
+            # checkpoint is covered by this read, and nothing runs between the read and
+            # the park below.
             await trio.lowlevel.checkpoint()
-            result = handler()
+            self._ready.discard(fd)
+            result = self._handle(fd, handler, hung_up=fd in self._hung_up)
             if result is not None:
                 return result
         task = trio.lowlevel.current_task()
@@ -108,6 +124,7 @@ class ReadHub:
             return
         del self._registered[fd]
         self._ready.discard(fd)
+        self._hung_up.discard(fd)
         # No unregister: closing the socket ends its registration (the relay never dups
         # a socket), and a system call per leg is a cost every session pays.
         parked = self._parked.pop(fd, None)
@@ -116,8 +133,21 @@ class ReadHub:
                 parked.task, outcome.Error(TransportClosed("connection closed"))
             )
 
+    @staticmethod
+    def _handle(fd: int, handler: Handler, *, hung_up: bool) -> object:
+        """``handler``'s answer; on a hung-up socket, called again while it reads."""
+        result = handler()
+        if result is None and hung_up:
+            for _ in range(MAX_HANDLER_CALLS_AFTER_HANG_UP - 1):
+                result = handler()
+                if result is not None:
+                    return result
+            raise RuntimeError(f"a read-hub handler ignored the end of stream on fd {fd}")
+        return result
+
     def _register(self, fd: int, sock: socket.socket) -> None:
         self._ready.discard(fd)
+        self._hung_up.discard(fd)
         try:
             self._epoll.register(fd, _READ_EDGES)
         except FileExistsError:
@@ -128,6 +158,12 @@ class ReadHub:
         # A new registration reports the bytes already there as an edge on the next poll.
         self._registered[fd] = sock
 
+    async def wait_readable(self, sock: socket.socket) -> None:
+        """Trio's ``wait_readable`` for a drained plain socket, over the hub's epoll: the
+        socket is registered once for its life, where each Trio wait registers (or
+        re-arms) it and a close unregisters it, a system call each."""
+        await self.serve(sock, _wake)
+
     async def run(self) -> None:
         """The hub's system task: wait for the epoll, run the handlers of what is ready."""
         epoll = self._epoll
@@ -135,18 +171,28 @@ class ReadHub:
         parked = self._parked
         ready = self._ready
         registered = self._registered
+        hung_up = self._hung_up
+        handle = self._handle
         reschedule = trio.lowlevel.reschedule
         try:
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, _events in poll(0, MAX_EVENTS_PER_WAKEUP):
+                for fd, events in poll(0, MAX_EVENTS_PER_WAKEUP):
+                    ended = events & _HANG_UPS
+                    if ended and fd in registered:
+                        hung_up.add(fd)
                     waiting = parked.get(fd)
                     if waiting is None:
                         if fd in registered:
                             ready.add(fd)
                         continue
                     try:
-                        result = waiting.handler()
+                        # The usual readiness: one handler call (no hang-up, no loop).
+                        result = (
+                            waiting.handler()
+                            if not ended
+                            else handle(fd, waiting.handler, hung_up=True)
+                        )
                     except Exception as exc:  # the pump's to handle, not the hub's
                         del parked[fd]
                         reschedule(waiting.task, outcome.Error(exc))
@@ -159,6 +205,11 @@ class ReadHub:
                 del parked[fd]
                 reschedule(waiting.task, outcome.Error(trio.ClosedResourceError("hub stopped")))
             epoll.close()
+
+
+def _wake() -> object:
+    """The handler of :meth:`ReadHub.wait_readable`: any readiness wakes the waiter."""
+    return True
 
 
 _HUB: trio.lowlevel.RunVar[ReadHub] = trio.lowlevel.RunVar("relay_read_hub")

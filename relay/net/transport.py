@@ -206,17 +206,15 @@ class Transport:
         if self._drained:
             self._drained = False
             self._ops_without_yield = 0
-            # _wait(readable=True), inline (a coroutine per message fewer): a scheduler
-            # pass, so the periodic yield too.
+            # A wait is a scheduler pass, so the periodic yield too. Only plain sockets
+            # are drained: this is _wait(readable=True)'s hub branch, without its layer.
             if self._closed:
                 raise TransportClosed("connection closed")
-            self._trio_waits += 1
-            try:
-                await trio.lowlevel.wait_readable(sock)
-            except trio.ClosedResourceError:
-                raise TransportClosed("connection closed") from None
-            finally:
-                self._trio_waits -= 1
+            hub = running_hub()
+            if hub is not None:
+                await hub.wait_readable(sock)
+            else:
+                await self._wait(readable=True)
         else:
             # _maybe_yield, inline: a coroutine per read is a cost on the hot path.
             self._ops_without_yield += 1
@@ -299,6 +297,13 @@ class Transport:
     async def _wait(self, *, readable: bool) -> None:
         if self._closed:
             raise TransportClosed("connection closed")
+        if readable and self._plain:
+            hub = running_hub()
+            if hub is not None:
+                # A plain socket's read waits in the read hub (a readable socket is
+                # drained here: the last read came back short or would have blocked).
+                await hub.wait_readable(self.sock)
+                return
         self._trio_waits += 1
         try:
             if readable:
