@@ -90,6 +90,10 @@ from relay.upstreams.urls import UpstreamKind
 LOGGER = logging.getLogger("relay.server")
 ACCESS_LOG = logging.getLogger("relay.access")
 
+#: Connections accepted in a row before the accept loop yields to the scheduler
+#: (a yield per connection was a scheduler pass every short session paid).
+ACCEPTS_PER_CHECKPOINT: Final = 8
+
 REALTIME_PATHS: Final = frozenset({"/v1/realtime", "/realtime"})
 
 
@@ -225,11 +229,17 @@ class RelayServer:
                     ),
                 )
                 task_status.started(port)
+                accepted_without_yield = 0
                 while True:
                     sock, peer = await accept(listener)
                     sock = wrap_server_tls(sock, self._tls)
                     nursery.start_soon(self.serve_connection, sock, peer)
-                    await trio.lowlevel.checkpoint()
+                    # A burst of pending connections is taken without a wait: yield now
+                    # and then so the sessions already open keep running meanwhile.
+                    accepted_without_yield += 1
+                    if accepted_without_yield >= ACCEPTS_PER_CHECKPOINT:
+                        accepted_without_yield = 0
+                        await trio.lowlevel.checkpoint()
         finally:
             listener.close()
             self.rest.pool.close_all()
