@@ -26,6 +26,7 @@ import trio.testing
 
 from relay.dataplane.policy import Ending, EndKind
 from relay.dataplane.session import RelaySession
+from relay.net.hub import current_hub
 from relay.net.transport import Transport, TransportClosed, tune_stream_socket
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import frames
@@ -219,3 +220,58 @@ async def test_a_client_that_stops_reading_gets_what_its_upstream_sent_as_anothe
     assert relayed(b.upstream) == b_up
     assert relayed(b.client) == b_down
     assert a.session.stats.messages_down == len(a_down)
+
+
+async def test_a_client_close_ends_a_parked_session_without_a_cancellation() -> None:
+    """The client's close frame reaches the up pump; the down pump, parked in the read
+    hub, is woken there instead of cancelled: the session's scope is never cancelled,
+    both legs get the close table's frames, and nothing is left parked."""
+    s = socket_session("closing", up=1, down=1)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.session.run)
+            nursery.start_soon(s.client.read)
+            nursery.start_soon(s.upstream.read)
+            await s.client.send([b'{"type":"input_audio_buffer.append","audio":"AA"}'])
+            await s.upstream.got_all.wait()
+            await s.upstream.send([b'{"type":"response.done"}'])
+            await s.client.got_all.wait()
+            await trio.testing.wait_all_tasks_blocked()  # both pumps parked in the hub
+            await s.client.ws.send_close(1000, "done")
+            await s.session.ended.wait()
+    assert s.session.stats.ending is not None
+    assert s.session.stats.ending.kind is EndKind.CLOSED
+    assert not s.session._cancel_scope.cancel_called
+    assert s.upstream.ws.close_received is not None  # the upstream was told, with a frame
+    assert current_hub().parked == 0
+
+
+async def test_an_end_from_outside_wakes_both_parked_pumps_and_a_busy_one_is_cancelled() -> None:
+    """``end()`` (admin, drain) from another task: both pumps parked are woken without a
+    cancellation; a session whose pump is stuck in a write still ends by cancelling."""
+    idle = socket_session("idle", up=1, down=1)
+    stuck = socket_session("stuck", up=10**6, down=0, stall_upstream=True)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            for s in (idle, stuck):
+                nursery.start_soon(s.session.run)
+            nursery.start_soon(idle.client.read)
+            nursery.start_soon(idle.upstream.read)
+            # A message each way first: a pump parks in the hub after a read of its own
+            # (before it, it waits in its first read, which only a cancellation ends).
+            await idle.client.send([b'{"type":"input_audio_buffer.append","audio":"AA"}'])
+            await idle.upstream.send([b'{"type":"response.done"}'])
+            await idle.upstream.got_all.wait()
+            await idle.client.got_all.wait()
+            nursery.start_soon(stuck.client.read)
+            nursery.start_soon(stuck.client.send, FIRST_RUN)  # the upstream never reads
+            await trio.testing.wait_all_tasks_blocked()
+            for s in (idle, stuck):
+                s.session.end(Ending(EndKind.SHUTDOWN))
+            await idle.session.ended.wait()
+            await stuck.session.ended.wait()
+            nursery.start_soon(stuck.upstream.read)  # drain it, so its close can land
+    assert not idle.session._cancel_scope.cancel_called
+    assert stuck.session._cancel_scope.cancel_called  # its up pump was in a write
+    for s in (idle, stuck):
+        assert s.session.stats.ending == Ending(EndKind.SHUTDOWN)

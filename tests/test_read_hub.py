@@ -272,3 +272,39 @@ async def test_two_readers_of_one_socket_are_refused_as_trio_refuses_them() -> N
             peer.send(b"x")
     transport.close()
     peer.close()
+
+
+async def test_wake_hands_a_value_to_a_handler_park_only() -> None:
+    """``wake`` reaches a pump parked with its own handler; never a plain
+    ``wait_readable`` (its caller would read again and miss it), nor another task."""
+    transport, peer = _pair()
+    hub = current_hub()
+    woken: list[object] = []
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+
+            async def plain_wait() -> None:
+                await hub.wait_readable(transport.sock)
+
+            nursery.start_soon(plain_wait)
+            await trio.testing.wait_all_tasks_blocked()
+            (waiter,) = (t for t in nursery.child_tasks)
+            assert not hub.wake(transport.sock, waiter, "ended")
+            peer.send(b"x")  # lets it go
+        transport.sock.recv(16)
+
+        async with trio.open_nursery() as nursery:
+
+            async def pump() -> None:
+                woken.append(await hub.serve(transport.sock, lambda: None))
+
+            nursery.start_soon(pump)
+            await trio.testing.wait_all_tasks_blocked()
+            (pump_task,) = (t for t in nursery.child_tasks)
+            assert not hub.wake(transport.sock, trio.lowlevel.current_task(), "ended")
+            assert hub.wake(transport.sock, pump_task, "ended")
+            assert not hub.wake(transport.sock, pump_task, "twice")
+    assert woken == ["ended"]
+    assert hub.parked == 0
+    transport.close()
+    peer.close()

@@ -72,7 +72,7 @@ from relay.dataplane.policy import (
     plan_close,
 )
 from relay.dataplane.ratelimit import ClientRateLimit
-from relay.net.hub import current_hub
+from relay.net.hub import current_hub, running_hub
 from relay.net.timers import current_timers
 from relay.net.transport import Transport, TransportClosed
 from relay.net.websocket import ConnectionClosed, LegFailed, UnsentRest, WebSocket
@@ -183,6 +183,9 @@ class RelaySession:
         self.upstream_key_id = ""
         self.stats = SessionStats()
         self._cancel_scope = trio.CancelScope()
+        #: Each pump's task while it runs (_PUMP_DONE after): who _wake_pumps may wake.
+        self._pump_tasks: dict[Side, object] = {}
+        self._watchdog: _Watchdog | None = None
         #: Set once both legs are closed and :meth:`run` is about to return.
         self.ended = trio.Event()
         #: How both legs were closed (set once the session has ended).
@@ -202,7 +205,33 @@ class RelaySession:
     def _finish(self, ending: Ending) -> None:
         if self.stats.ending is None:
             self.stats.ending = ending
-        self._cancel_scope.cancel()
+        if not self._wake_pumps():
+            self._cancel_scope.cancel()
+
+    def _wake_pumps(self) -> bool:
+        """End the session without a cancellation where that is possible: every pump
+        other than the caller is parked in the read hub, and is woken there with
+        ``_SESSION_ENDED`` (it returns). A cancellation raises through each pump's
+        frames and the nursery (about 30 µs a session); False when one is needed (a
+        pump not started yet or busy elsewhere, a ping in flight, no hub)."""
+        if self._watchdog is None or self._watchdog.pinging:
+            return False
+        hub = running_hub()
+        if hub is None:
+            return False
+        current = trio.lowlevel.current_task()
+        for side, leg in ((Side.CLIENT, self.client), (Side.UPSTREAM, self.upstream)):
+            task = self._pump_tasks.get(side)
+            if task is _PUMP_DONE or task is current:
+                continue  # gone, or the caller (every pump returns after _finish)
+            transport = _hub_transport(leg)
+            if (
+                not isinstance(task, trio.lowlevel.Task)  # not started yet
+                or transport is None
+                or not hub.wake(transport.sock, task, _SESSION_ENDED)
+            ):
+                return False
+        return True
 
     async def run(self) -> Ending:
         """Relay until the session ends; both legs are closed when this returns."""
@@ -218,7 +247,7 @@ class RelaySession:
                         nursery.start_soon(self._pump, self._pump_up_audio, Side.CLIENT)
                     else:
                         nursery.start_soon(self._pump, self._pump_up, Side.CLIENT)
-                    watchdog = _Watchdog(self, nursery)
+                    watchdog = self._watchdog = _Watchdog(self, nursery)
                     # The down pump runs in this task: one task fewer to spawn per session.
                     down = self._pump_down if self._deltas is None else self._pump_down_audio
                     try:
@@ -250,6 +279,7 @@ class RelaySession:
         the pump made itself on ``source``'s transport (the plain and binary pumps
         read without ``receive_run``'s coroutine), so it is ``source``'s.
         """
+        self._pump_tasks[source] = trio.lowlevel.current_task()
         try:
             await pump()
         except _SessionEnded:
@@ -264,6 +294,8 @@ class RelaySession:
             self._finish(Ending(EndKind.DROPPED, self._side_of(exc.leg)))
         except TransportClosed:
             self._finish(Ending(EndKind.DROPPED, source))
+        finally:
+            self._pump_tasks[source] = _PUMP_DONE
 
     def _side_of(self, leg: WebSocket) -> Side:
         return Side.CLIENT if leg is self.client else Side.UPSTREAM
@@ -313,6 +345,8 @@ class RelaySession:
             if event is None:
                 if hub_leg is not None and hub_leg.drained:
                     woken = await hub.serve(hub_sock, handler)  # read there, inline
+                    if woken is _SESSION_ENDED:
+                        return
                 else:
                     woken = forward(await recv_into(read_view))
                 if woken is _RATE_LIMITED:
@@ -724,6 +758,8 @@ class RelaySession:
             if event is None:
                 if hub_leg is not None and hub_leg.drained:
                     woken = await hub.serve(hub_sock, handler)
+                    if woken is _SESSION_ENDED:
+                        return
                 else:
                     woken = forward(await recv_into(read_view))
                 if type(woken) is UnsentRest:
@@ -935,6 +971,11 @@ class _Watchdog:
         self._timers = current_timers()
         self._timer = self._timers.call_at(self._clock.next_check_at(), self._check)
 
+    @property
+    def pinging(self) -> bool:
+        """A ping task is in the session's nursery now (only a cancellation ends it)."""
+        return bool(self._pinging)
+
     def stop(self) -> None:
         self._timers.cancel(self._timer)
 
@@ -968,6 +1009,11 @@ class _Watchdog:
 #: refused the run; the pump's own loop has work (held frame events, a full read).
 _RATE_LIMITED: Final = object()
 _AWAKE: Final = object()
+#: What :meth:`RelaySession._wake_pumps` wakes a parked pump with: return, the session
+#: has ended (never a handler's answer).
+_SESSION_ENDED: Final = object()
+#: A pump's entry in ``RelaySession._pump_tasks`` once it has returned.
+_PUMP_DONE: Final = object()
 
 
 def _hub_transport(leg: WebSocket) -> Transport | None:

@@ -112,6 +112,23 @@ class ReadHub:
 
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
+    def wake(self, sock: socket.socket, task: trio.lowlevel.Task, value: object) -> bool:
+        """Wake ``task`` with ``value`` if it is parked on ``sock`` with a handler of its
+        own (so ``serve`` hands ``value`` to its loop); else False. A task in
+        :meth:`wait_readable` is never woken this way: its caller would just read again."""
+        fd = sock.fileno()
+        parked = self._parked.get(fd)
+        if (
+            parked is None
+            or parked.task is not task
+            or parked.handler is _wake
+            or self._registered.get(fd) is not sock
+        ):
+            return False
+        del self._parked[fd]
+        trio.lowlevel.reschedule(task, outcome.Value(value))
+        return True
+
     def forget(self, sock: socket.socket) -> None:
         """``sock`` is about to close: drop it, waking its parked pump with TransportClosed."""
         from relay.net.transport import TransportClosed  # transport imports this module
