@@ -451,10 +451,14 @@ class RestProxy:
                         await _copy_exactly(
                             transport, connection, body.rest, config.rest_idle_timeout_s
                         )
-                    with trio.fail_after(config.rest_first_byte_timeout_s):
+                    # A bare scope, not trio.fail_after (a generator context manager).
+                    deadline = trio.current_time() + config.rest_first_byte_timeout_s
+                    with trio.CancelScope(deadline=deadline) as first_byte:
                         response = await http.read_response_head(
                             connection, skip_informational=True
                         )
+                    if first_byte.cancelled_caught:
+                        raise trio.TooSlowError
                     break
                 except TransportClosed:
                     connection.close()
@@ -506,9 +510,7 @@ class RestProxy:
         exchange.upstream, exchange.key_id, exchange.status = key.upstream, key.key_id, status
         request_id = messages.header_value(response.headers, _LOGGED_REQUEST_ID)
         exchange.request_id = request_id.decode("latin-1")[:100] if request_id else ""
-        state.metrics.rest_first_byte_seconds.labels(upstream=key.upstream).observe(
-            exchange.first_byte_s
-        )
+        state.metrics.rest_first_byte_seconds_by(key.upstream).observe(exchange.first_byte_s)
         return await self._stream_response(
             transport, head, connection, response, pool_key, exchange
         )
@@ -654,9 +656,7 @@ class RestProxy:
     ) -> None:
         state = self._state
         status = str(exchange.status) if exchange.status else "none"
-        state.metrics.rest_requests.labels(
-            upstream=exchange.upstream or "none", status=status
-        ).inc()
+        state.metrics.rest_requests_by(exchange.upstream or "none", status).inc()
         if not LOGGER.isEnabledFor(logging.INFO):
             return  # the fields below cost more than the rest of a small request's record
         LOGGER.info(
@@ -827,14 +827,15 @@ async def _watched_body(
     """
     client = pump._client
     if type(client) is Transport and not client.is_tls:
-        watch = _HubWatch(client)
+        watch = _HubWatch(client, pump)
         hub = current_hub()
-        with watch.scope:
-            hub.watch(client.sock, watch.readable)
-            try:
+        complete = False
+        hub.watch(client.sock, watch.readable)
+        try:
+            if not watch.gone:  # (a watch may see the client gone at once)
                 complete = await _relay_body(pump, response_head, already, idle_s)
-            finally:
-                hub.unwatch(client.sock)
+        finally:
+            hub.unwatch(client.sock)
         if watch.gone:
             return False, None
         return complete, watch.pipelined
@@ -850,13 +851,14 @@ async def _watched_body(
 
 class _HubWatch:
     """A plain client socket watched from the read hub while its response streams: the
-    client gone cancels :attr:`scope`; its next request's first bytes are kept."""
+    client gone cancels the body's scope (its idle scope: one scope fewer per response);
+    its next request's first bytes are kept."""
 
-    __slots__ = ("_client", "gone", "pipelined", "scope")
+    __slots__ = ("_client", "_pump", "gone", "pipelined")
 
-    def __init__(self, client: Transport) -> None:
+    def __init__(self, client: Transport, pump: _BodyPump) -> None:
         self._client = client
-        self.scope = trio.CancelScope()
+        self._pump = pump
         self.gone = False
         #: Bytes of the client's next request, sent before this response ended.
         self.pipelined = b""
@@ -870,7 +872,9 @@ class _HubWatch:
             return False  # nothing after all: watch on
         if received == 0:
             self.gone = True
-            self.scope.cancel()
+            idle = self._pump.idle
+            if idle is not None:
+                idle.cancel()
         else:
             self.pipelined = bytes(_BODY_BUFFER.watch_view[:received])
         return True
