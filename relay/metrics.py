@@ -184,6 +184,8 @@ class RelayMetrics:
             buckets=HANDSHAKE_BUCKETS_S,
             registry=r,
         )
+        self.rest_requests_by = Children(self.rest_requests)
+        self.rest_first_byte_seconds_by = Children(self.rest_first_byte_seconds)
         self.messages = Counter(
             "relay_messages",
             "Messages relayed, by direction (up: client to upstream).",

@@ -198,7 +198,12 @@ _HEAD_PIECES = st.sampled_from(
         b"Upgrade: websocket",
         b"Content-Length: 5",
         b"Content-Length: x",
+        b"Content-Length: 007",
+        b"Content-Length: 1, 1",
+        b"Content-Length: 123456789012345678901",
         b"Transfer-Encoding: chunked",
+        b"Transfer-Encoding: Chunked",
+        b"Transfer-Encoding: gzip, chunked",
         b"X-A: b c",
         b"X-A:  b  ",
         b" folded",
@@ -230,17 +235,18 @@ def _outcome(parse: Any, raw: bytes) -> object:
     return (head.status, head.headers, head.trailing)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(
     st.lists(_HEAD_PIECES, max_size=14),
     st.sampled_from([handshake.parse_request_head, handshake.parse_response_head]),
+    st.sampled_from([b"101", b"100", b"200", b"204", b"429"]),
 )
 def test_the_fast_head_parser_reads_every_head_exactly_as_h11_does(
-    pieces: list[bytes], parse: Any
+    pieces: list[bytes], parse: Any, status: bytes
 ) -> None:
     """Differential: any head, fast path on or off, the same head or the same refusal."""
     if parse is handshake.parse_response_head and pieces[:1] != [b"HTTP/1.1"]:
-        pieces = [b"HTTP/1.1", b" ", b"101", *pieces]
+        pieces = [b"HTTP/1.1", b" ", status, *pieces]
     raw = b"".join(pieces) + b"\r\n\r\n"
     fast = _outcome(parse, raw)
     with pytest.MonkeyPatch.context() as patch:
@@ -256,6 +262,10 @@ def test_the_fast_head_parser_reads_every_head_exactly_as_h11_does(
         b"GET /v1/realtime HTTP/1.1\r\nHost: a\r\nX-Empty:\r\nX-Pad: \t v w \t\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n",
         b"HTTP/1.1 101\r\nUpgrade: websocket\r\n\r\n",
+        # The REST proxy's usual heads: a JSON request with its length, an SSE answer.
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: a\r\nContent-Length: 139\r\n\r\n",
+        b"HTTP/1.1 200 \r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 def test_common_heads_take_the_fast_path(raw: bytes) -> None:
@@ -269,10 +279,18 @@ def test_common_heads_take_the_fast_path(raw: bytes) -> None:
     [
         b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",  # h11 refuses two Hosts
         b"GET / HTTP/1.1\r\n\r\n",  # and none
-        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\n",  # framing: h11's call
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n",  # h11's call
+        b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost: a\r\nX: \x01\r\n\r\n",  # a control byte h11 allows
         b"GET / HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n",
     ],
 )
 def test_unusual_heads_go_to_h11(raw: bytes) -> None:
     assert handshake._fast_head(raw, handshake._FAST_REQUEST_LINE) is None
+
+
+def test_an_interim_response_s_framing_headers_go_to_h11() -> None:
+    raw = b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n"
+    assert handshake._fast_head(raw, handshake._FAST_STATUS_LINE) is None

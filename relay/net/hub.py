@@ -16,6 +16,11 @@ slower paths (a partial frame, a control frame, a write the kernel did not take
 whole, the end of the stream). What a handler raises wakes its pump with the
 exception. A handler must not block, and reads at most one buffer per call.
 
+A socket no task reads for a while can be *watched* instead (:meth:`ReadHub.watch`): a
+callback, not a parked task, runs on its readiness (the REST proxy's watch on a client
+whose response streams: a task and a nursery per request cost more than the response's
+own reads).
+
 Only plain sockets come here: a TLS socket may hold decrypted bytes that epoll cannot
 see. Cancelling a parked pump takes it out at once; :meth:`ReadHub.forget` (from
 ``Transport.close``) wakes one with :class:`~relay.net.transport.TransportClosed`
@@ -46,6 +51,8 @@ _HANG_UPS: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
 MAX_HANDLER_CALLS_AFTER_HANG_UP: Final = 8
 
 Handler = Callable[[], object]
+#: A watch's callback: True once it is done watching (the watch then ends).
+Watcher = Callable[[], bool]
 
 
 class _Parked:
@@ -70,6 +77,8 @@ class ReadHub:
         #: Registered sockets whose peer has ended: no edge will come for what is left
         #: to read, so their handler runs until it wakes the pump.
         self._hung_up: set[int] = set()
+        #: Watched sockets' callbacks (no task parked), by descriptor.
+        self._watched: dict[int, Watcher] = {}
 
     @property
     def parked(self) -> int:
@@ -84,7 +93,7 @@ class ReadHub:
         more), so that the next byte to arrive is an edge the hub sees.
         """
         fd = sock.fileno()
-        if fd in self._parked:
+        if fd in self._parked or fd in self._watched:
             # As Trio's wait_readable: one reader per socket (a second would leave the
             # first parked for ever).
             raise trio.BusyResourceError("another task is already reading this socket")
@@ -129,6 +138,30 @@ class ReadHub:
         trio.lowlevel.reschedule(task, outcome.Value(value))
         return True
 
+    def watch(self, sock: socket.socket, callback: Watcher) -> None:
+        """Call ``callback`` on each readiness of ``sock`` until it returns True or
+        :meth:`unwatch`; at once if bytes (or the peer's end) came since the socket's
+        last read. No task may read ``sock`` meanwhile; the callback must not block."""
+        fd = sock.fileno()
+        if fd in self._parked or fd in self._watched:
+            raise trio.BusyResourceError("another task is already reading this socket")
+        if self._registered.get(fd) is not sock:
+            self._register(fd, sock)
+        elif fd in self._ready or fd in self._hung_up:
+            self._ready.discard(fd)
+            if callback():
+                return
+        self._watched[fd] = callback
+
+    def unwatch(self, sock: socket.socket) -> None:
+        """End a watch of ``sock`` (nothing if its callback already ended it)."""
+        try:
+            fd = sock.fileno()
+        except OSError:
+            return
+        if self._registered.get(fd) is sock:
+            self._watched.pop(fd, None)
+
     def forget(self, sock: socket.socket) -> None:
         """``sock`` is about to close: drop it, waking its parked pump with TransportClosed."""
         from relay.net.transport import TransportClosed  # transport imports this module
@@ -142,6 +175,7 @@ class ReadHub:
         del self._registered[fd]
         self._ready.discard(fd)
         self._hung_up.discard(fd)
+        self._watched.pop(fd, None)
         # No unregister: closing the socket ends its registration (the relay never dups
         # a socket), and a system call per leg is a cost every session pays.
         parked = self._parked.pop(fd, None)
@@ -189,6 +223,7 @@ class ReadHub:
         ready = self._ready
         registered = self._registered
         hung_up = self._hung_up
+        watched = self._watched
         handle = self._handle
         reschedule = trio.lowlevel.reschedule
         try:
@@ -200,7 +235,15 @@ class ReadHub:
                         hung_up.add(fd)
                     waiting = parked.get(fd)
                     if waiting is None:
-                        if fd in registered:
+                        watcher = watched.get(fd)
+                        if watcher is not None:
+                            try:
+                                done = watcher()
+                            except Exception:  # a watcher's own failure ends its watch
+                                done = True
+                            if done:
+                                del watched[fd]
+                        elif fd in registered:
                             ready.add(fd)
                         continue
                     try:
@@ -221,6 +264,7 @@ class ReadHub:
             for fd, waiting in list(parked.items()):
                 del parked[fd]
                 reschedule(waiting.task, outcome.Error(trio.ClosedResourceError("hub stopped")))
+            watched.clear()
             epoll.close()
 
 

@@ -65,9 +65,12 @@ _FAST_HEADER: Final = re.compile(
     rb"([-!#$%&'*+.^_`|~0-9a-zA-Z]+):[ \t]*"
     rb"((?:[\x21-\x7e\x80-\xff]+(?:[ \t]+[\x21-\x7e\x80-\xff]+)*)?)[ \t]*"
 )
-#: Headers whose rules (framing, Host's count) only h11 applies: their presence
-#: sends the head to h11.
+#: The framing headers: one of them once, in the one shape h11 reads the same way
+#: (:data:`_FAST_CONTENT_LENGTH`, ``chunked`` alone), is read here; anything else about
+#: them (two of them, a list, an odd value) sends the head to h11.
 _H11_JUDGED: Final = frozenset({b"content-length", b"transfer-encoding"})
+#: A Content-Length h11 takes as it is (h11 allows at most 20 digits).
+_FAST_CONTENT_LENGTH: Final = re.compile(rb"[0-9]{1,20}")
 
 
 def _fast_head(
@@ -80,19 +83,38 @@ def _fast_head(
         return None
     headers: list[tuple[bytes, bytes]] = []
     hosts = 0
+    framing: tuple[bytes, bytes] | None = None
     for line in lines[1:]:
         field = _FAST_HEADER.fullmatch(line)
         if field is None:
             return None
         name = field[1].lower()
         if name in _H11_JUDGED:
-            return None
+            if framing is not None:
+                return None
+            framing = (name, field[2])
         if name == b"host":
             hosts += 1
         headers.append((name, field[2]))
     if first_line is _FAST_REQUEST_LINE and hosts != 1:
         return None  # h11: Host is required in HTTP/1.1 and never repeated
+    if framing is not None and not _plain_framing(start, *framing):
+        return None
     return start, headers
+
+
+def _plain_framing(start: re.Match[bytes], name: bytes, value: bytes) -> bool:
+    """A framing header h11 would read as it is: digits for a length, or ``chunked``
+    (h11 lower-cases that value) on HTTP/1.1; never on an interim response."""
+    if start.re is _FAST_REQUEST_LINE:
+        version, interim = start[3], False
+    else:
+        version, interim = start[1], start[2].startswith(b"1")
+    if interim:
+        return False
+    if name == b"content-length":
+        return _FAST_CONTENT_LENGTH.fullmatch(value) is not None
+    return value == b"chunked" and version == b"1.1"
 
 
 class HandshakeError(Exception):

@@ -22,13 +22,18 @@ This module owns the bytes of a proxied request (:class:`RestProxy`), in order:
 4. The response streams back as it arrives, in the upstream's own framing (chunked
    bodies forwarded verbatim, never re-chunked), with ``rest_idle_timeout_s`` between
    reads. A client that goes away mid-response ends the upstream request at once:
-   its connection is closed, not returned to the pool.
+   its connection is closed, not returned to the pool. Over plain sockets the body's
+   reads are made by the read hub (:mod:`relay.net.hub`): each chunk is read, scanned
+   and written inline, no task woken, and the client is watched from there too (a
+   callback, not a task per response); a write the client did not take whole is
+   finished by the request's own task, which reads nothing meanwhile.
 5. Usage from the response (:class:`~relay.rest.messages.UsageReader`) into
    ``relay_usage_tokens`` by model, a ``rest_request`` log line per request, and
    ``relay_rest_requests_total`` / ``relay_rest_first_byte_seconds``.
 
-Memory per request is bounded whatever the body sizes: one receive buffer
-(:data:`~relay.net.transport.RECEIVE_BYTES`), a JSON body up to
+Memory per request is bounded whatever the body sizes: a response body is read into a
+buffer every request of the thread shares (:data:`~relay.net.transport.RECEIVE_BYTES`);
+a request body's own receive buffer, a JSON body up to
 ``rest_max_json_body_bytes``, a multipart prefix up to
 :data:`~relay.rest.messages.MAX_MULTIPART_PREFIX_BYTES`, and the usage reader's bounds.
 """
@@ -36,6 +41,7 @@ Memory per request is bounded whatever the body sizes: one receive buffer
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
@@ -49,6 +55,7 @@ from relay.dataplane.admission import quoted
 from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
 from relay.net import http
+from relay.net.hub import current_hub
 from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
@@ -444,10 +451,14 @@ class RestProxy:
                         await _copy_exactly(
                             transport, connection, body.rest, config.rest_idle_timeout_s
                         )
-                    with trio.fail_after(config.rest_first_byte_timeout_s):
+                    # A bare scope, not trio.fail_after (a generator context manager).
+                    deadline = trio.current_time() + config.rest_first_byte_timeout_s
+                    with trio.CancelScope(deadline=deadline) as first_byte:
                         response = await http.read_response_head(
                             connection, skip_informational=True
                         )
+                    if first_byte.cancelled_caught:
+                        raise trio.TooSlowError
                     break
                 except TransportClosed:
                     connection.close()
@@ -499,9 +510,7 @@ class RestProxy:
         exchange.upstream, exchange.key_id, exchange.status = key.upstream, key.key_id, status
         request_id = messages.header_value(response.headers, _LOGGED_REQUEST_ID)
         exchange.request_id = request_id.decode("latin-1")[:100] if request_id else ""
-        state.metrics.rest_first_byte_seconds.labels(upstream=key.upstream).observe(
-            exchange.first_byte_s
-        )
+        state.metrics.rest_first_byte_seconds_by(key.upstream).observe(exchange.first_byte_s)
         return await self._stream_response(
             transport, head, connection, response, pool_key, exchange
         )
@@ -605,35 +614,25 @@ class RestProxy:
         upstream_reusable = not close_delimited and not messages.wants_close(headers)
         client_keep_alive = not close_delimited and not messages.wants_close(head.headers)
         transport.answered = True
-        await transport.send_all(
-            messages.response_head(
-                response.status,
-                messages.forwarded_response_headers(headers, keep_alive=client_keep_alive),
-            )
+        response_head = messages.response_head(
+            response.status,
+            messages.forwarded_response_headers(headers, keep_alive=client_keep_alive),
         )
         usage = UsageReader(response.header(b"content-type"))
-        watcher = _ClientWatcher(transport)
         complete = pooled = False
+        pipelined: bytes | None = b""
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(watcher.run, nursery.cancel_scope)
-                if no_body:
-                    complete = True
-                else:
-                    complete = await _relay_body(
-                        connection,
-                        transport,
-                        response.trailing,
-                        chunked=chunked,
-                        length=length,
-                        usage=usage,
-                        idle_s=config.rest_idle_timeout_s,
-                        exchange=exchange,
-                    )
-                nursery.cancel_scope.cancel()
-            if watcher.gone:
-                exchange.client_disconnected = True
-                return None
+            if no_body:
+                await transport.send_all(response_head)
+                complete = True
+            else:
+                pump = _BodyPump(connection, transport, chunked, length, usage, exchange)
+                complete, pipelined = await _watched_body(
+                    pump, response_head, response.trailing, config.rest_idle_timeout_s
+                )
+                if pipelined is None:
+                    exchange.client_disconnected = True
+                    return None
             usage.finish()
             if usage.usage is not None:
                 exchange.usage = {k: v for k, v in usage.usage.as_kinds().items() if v}
@@ -650,16 +649,14 @@ class RestProxy:
                 connection.close()
         if not (complete and client_keep_alive):
             return None
-        return watcher.pipelined if watcher.pipelined is not None else b""
+        return pipelined
 
     def _record(
         self, head: RequestHead, transport: Transport, exchange: _Exchange, duration_s: float
     ) -> None:
         state = self._state
         status = str(exchange.status) if exchange.status else "none"
-        state.metrics.rest_requests.labels(
-            upstream=exchange.upstream or "none", status=status
-        ).inc()
+        state.metrics.rest_requests_by(exchange.upstream or "none", status).inc()
         if not LOGGER.isEnabledFor(logging.INFO):
             return  # the fields below cost more than the rest of a small request's record
         LOGGER.info(
@@ -692,6 +689,197 @@ class RestProxy:
         )
 
 
+class _SharedBodyBuffer(threading.local):
+    """Where response bodies are read: one buffer per thread (one Trio run), shared by
+    its responses, each done with its bytes before its next await (a write the client's
+    socket did not take whole is copied by ``send_all`` before it waits)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray(RECEIVE_BYTES)
+        self.view = memoryview(self.buffer)
+        #: A client watch's read (its bytes are copied out at once).
+        self.watch_view = memoryview(bytearray(handshake.MAX_HEAD_BYTES))
+
+
+_BODY_BUFFER: Final = _SharedBodyBuffer()
+#: What a body pump's :meth:`_BodyPump.forward` returns besides None (read on): the body
+#: ended (``complete`` says whether where its framing says); the client's socket did not
+#: take the whole write (``unsent`` is what is left); the read filled the buffer (more
+#: may be there with no edge to come: the pump's own loop reads on).
+_ENDED: Final = object()
+_UNSENT: Final = object()
+_FULL: Final = object()
+
+
+class _BodyPump:
+    """One response body's bytes from the upstream to the client, one read at a time.
+
+    :meth:`forward` takes a read's bytes (in the shared buffer) through the framing,
+    the usage reader and a write that does not wait; the awaited loop
+    (:func:`_relay_body`) and the read hub's handler (:meth:`hub_read`) both call it.
+    """
+
+    __slots__ = (
+        "_client",
+        "_exchange",
+        "_feed_usage",
+        "_left",
+        "_scanner",
+        "_upstream",
+        "complete",
+        "idle",
+        "idle_s",
+        "unsent",
+    )
+
+    def __init__(
+        self,
+        upstream: Transport,
+        client: Transport,
+        chunked: bool,
+        length: int | None,
+        usage: UsageReader,
+        exchange: _Exchange,
+    ) -> None:
+        self._upstream = upstream
+        self._client = client
+        self._scanner = ChunkedScanner() if chunked else None
+        self._left = length if not chunked else None
+        self._feed_usage = usage.feed_span
+        self._exchange = exchange
+        self.complete = False
+        #: The bytes of the last write the client's socket did not take at once.
+        self.unsent: bytes | memoryview = b""
+        #: The idle scope, its deadline moved on by reads (see :func:`_relay_body`).
+        self.idle: trio.CancelScope | None = None
+        self.idle_s = 0.0
+
+    def forward(self, size: int, prefix: bytes = b"") -> object:
+        """The ``size`` bytes just read into the shared buffer, to the client after
+        ``prefix`` (the response head, with the bytes that came with it); 0: the upstream
+        closed. Raises :class:`_ClientGone` when the client's socket fails."""
+        if size == 0:
+            # The upstream closed: the end of a close-delimited body, else a cut.
+            self.complete = self._scanner is None and self._left is None
+            return _ENDED
+        buffer, view = _BODY_BUFFER.buffer, _BODY_BUFFER.view
+        scanner = self._scanner
+        if scanner is not None:
+            try:
+                used, spans = scanner.feed(buffer, 0, size)
+            except UpstreamFramingError:
+                self.complete = False
+                return _ENDED
+            for start, stop in spans:
+                self._feed_usage(buffer, start, stop)
+            done = scanner.done
+        else:
+            left = self._left
+            used = size if left is None else min(size, left)
+            self._feed_usage(buffer, 0, used)
+            if left is not None:
+                self._left = left = left - used
+            done = left == 0
+        out: bytes | memoryview = prefix + view[:used] if prefix else view[:used]
+        try:
+            # The kernel's first try without a coroutine; only a full socket waits.
+            sent = self._client.send_now(out)
+        except TransportClosed:
+            raise _ClientGone from None
+        self._exchange.response_bytes += used
+        self.complete = done
+        if sent < len(out):
+            self.unsent = out[sent:]
+            return _UNSENT
+        return _ENDED if done else None
+
+    def hub_read(self) -> object:
+        """The read hub's handler: one read of the upstream, forwarded inline."""
+        upstream = self._upstream
+        size = upstream.recv_now(_BODY_BUFFER.view)
+        if size < 0:
+            return None
+        idle = self.idle
+        if idle is not None and size:
+            now = trio.current_time()
+            if idle.deadline - now < self.idle_s:
+                idle.deadline = now + self.idle_s * IDLE_DEADLINE_SLACK
+        woken = self.forward(size)
+        if woken is None and not upstream.drained:
+            return _FULL
+        return woken
+
+
+#: A body's idle deadline is set this many idle timeouts ahead and moved only once it is
+#: nearer than one (a move is a heap update): a silent upstream is cut after one to this
+#: many idle timeouts.
+IDLE_DEADLINE_SLACK: Final = 1.25
+
+
+async def _watched_body(
+    pump: _BodyPump, response_head: bytes, already: bytes, idle_s: float
+) -> tuple[bool, bytes | None]:
+    """The body relayed while the client is watched: (complete, the client's pipelined
+    bytes, b"" for none) or (False, None) when the client went away.
+
+    A plain client socket is watched from the read hub (a callback, no task); any other
+    (TLS, a test double's stream) by a task reading it (:class:`_ClientWatcher`).
+    """
+    client = pump._client
+    if type(client) is Transport and not client.is_tls:
+        watch = _HubWatch(client, pump)
+        hub = current_hub()
+        complete = False
+        hub.watch(client.sock, watch.readable)
+        try:
+            if not watch.gone:  # (a watch may see the client gone at once)
+                complete = await _relay_body(pump, response_head, already, idle_s)
+        finally:
+            hub.unwatch(client.sock)
+        if watch.gone:
+            return False, None
+        return complete, watch.pipelined
+    watcher = _ClientWatcher(client)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watcher.run, nursery.cancel_scope)
+        complete = await _relay_body(pump, response_head, already, idle_s)
+        nursery.cancel_scope.cancel()
+    if watcher.gone:
+        return False, None
+    return complete, watcher.pipelined if watcher.pipelined is not None else b""
+
+
+class _HubWatch:
+    """A plain client socket watched from the read hub while its response streams: the
+    client gone cancels the body's scope (its idle scope: one scope fewer per response);
+    its next request's first bytes are kept."""
+
+    __slots__ = ("_client", "_pump", "gone", "pipelined")
+
+    def __init__(self, client: Transport, pump: _BodyPump) -> None:
+        self._client = client
+        self._pump = pump
+        self.gone = False
+        #: Bytes of the client's next request, sent before this response ended.
+        self.pipelined = b""
+
+    def readable(self) -> bool:
+        try:
+            received = self._client.recv_now(_BODY_BUFFER.watch_view)
+        except TransportClosed:
+            received = 0
+        if received < 0:
+            return False  # nothing after all: watch on
+        if received == 0:
+            self.gone = True
+            idle = self._pump.idle
+            if idle is not None:
+                idle.cancel()
+        else:
+            self.pipelined = bytes(_BODY_BUFFER.watch_view[:received])
+        return True
+
+
 class _ClientWatcher:
     """Notices a client that goes away while its response streams, and cancels it."""
 
@@ -716,65 +904,57 @@ class _ClientWatcher:
         self.pipelined = bytes(buffer[:received])
 
 
-async def _relay_body(
-    upstream: Transport,
-    client: Transport,
-    already: bytes,
-    *,
-    chunked: bool,
-    length: int | None,
-    usage: UsageReader,
-    idle_s: float,
-    exchange: _Exchange,
-) -> bool:
-    """Forward the response body as it arrives; True once it ended where its framing says."""
-    scanner = ChunkedScanner() if chunked else None
-    left = length if not chunked else None
-    buffer = bytearray(RECEIVE_BYTES)
-    view = memoryview(buffer)
-    pending = already
+async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idle_s: float) -> bool:
+    """Forward the response body as it arrives; True once it ended where its framing says.
+
+    A plain upstream socket's reads are made by the read hub (:meth:`_BodyPump.hub_read`
+    inline, no task woken per chunk) while nothing else is needed; a write the client
+    did not take whole, a full read, TLS or a test double's stream come here.
+    """
+    upstream, client = pump._upstream, pump._client
+    hub_sock = None
+    if type(upstream) is Transport and not upstream.is_tls:
+        hub, hub_sock = current_hub(), upstream.sock
     current_time = trio.current_time
-    feed_usage = usage.feed_span
+    buffer = _BODY_BUFFER.buffer
+    slack_s = idle_s * IDLE_DEADLINE_SLACK
     # One scope for the whole body, not one per read (it costs more than the read); its
-    # deadline moves only once a quarter of it has passed (a move is a heap update), so
-    # a silent upstream is cut after idle_s to 1.25 * idle_s.
-    slack_s = idle_s / 4
-    with trio.CancelScope(deadline=current_time() + idle_s + slack_s) as idle:
-        while True:
-            if pending:
-                size = len(pending)
-                buffer[:size] = pending
-                pending = b""
+    # deadline moves only once it is nearer than idle_s (see IDLE_DEADLINE_SLACK).
+    with trio.CancelScope(deadline=current_time() + slack_s) as idle:
+        pump.idle, pump.idle_s = idle, idle_s
+        # The bytes that came with the head go out with it, in one write.
+        prefix, woken = response_head, None
+        while already:
+            size = min(len(already), len(buffer))
+            buffer[:size], already = already[:size], already[size:]
+            woken, prefix = pump.forward(size, prefix), b""
+            if woken is not None:
+                break
+        if prefix:
+            await _send_all(client, prefix)
+        while woken is not _ENDED:
+            if woken is _UNSENT:
+                rest, pump.unsent = pump.unsent, b""
+                await _send_all(client, rest)
+                if pump.complete:
+                    break
+            if hub_sock is not None and upstream.drained:
+                woken = await hub.serve(hub_sock, pump.hub_read)
             else:
                 if idle.deadline - current_time() < idle_s:
-                    idle.deadline = current_time() + idle_s + slack_s
-                size = await upstream.recv_into(buffer)
-                if size == 0:
-                    # The upstream closed: the end of a close-delimited body, else a cut.
-                    return scanner is None and left is None
-            if scanner is not None:
-                try:
-                    used, spans = scanner.feed(buffer, 0, size)
-                except UpstreamFramingError:
-                    return False
-                for start, stop in spans:
-                    feed_usage(buffer, start, stop)
-            else:
-                used = size if left is None else min(size, left)
-                feed_usage(buffer, 0, used)
-                if left is not None:
-                    left -= used
-            try:
-                # The kernel's first try without a coroutine; only a full socket waits.
-                sent = client.send_now(view[:used])
-                if sent < used:
-                    await client.send_all(view[sent:used])
-            except TransportClosed:
-                raise _ClientGone from None
-            exchange.response_bytes += used
-            if (scanner is not None and scanner.done) or left == 0:
-                return True
+                    idle.deadline = current_time() + slack_s
+                woken = pump.forward(await upstream.recv_into(buffer))
+        pump.idle = None
+        return pump.complete
+    pump.idle = None
     return False  # the upstream was silent for idle_s
+
+
+async def _send_all(client: Transport, data: bytes | memoryview) -> None:
+    try:
+        await client.send_all(data)
+    except TransportClosed:
+        raise _ClientGone from None
 
 
 async def _copy_exactly(
