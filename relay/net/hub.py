@@ -32,7 +32,7 @@ from __future__ import annotations
 import select
 import socket
 from collections.abc import Callable
-from typing import Final
+from typing import Final, Protocol, TypeVar
 
 import outcome
 import trio
@@ -93,13 +93,7 @@ class ReadHub:
         more), so that the next byte to arrive is an edge the hub sees.
         """
         fd = sock.fileno()
-        if fd in self._parked or fd in self._watched:
-            # As Trio's wait_readable: one reader per socket (a second would leave the
-            # first parked for ever).
-            raise trio.BusyResourceError("another task is already reading this socket")
-        if self._registered.get(fd) is not sock:
-            self._register(fd, sock)
-        elif fd in self._ready or fd in self._hung_up:
+        if self._claim(fd, sock):
             # Bytes (or the peer's end) came while the pump was busy: their edge is
             # spent, so the handler runs now, after a checkpoint (as a wait would have
             # been). The mark is cleared after it: an edge the hub saw during the
@@ -143,15 +137,23 @@ class ReadHub:
         :meth:`unwatch`; at once if bytes (or the peer's end) came since the socket's
         last read. No task may read ``sock`` meanwhile; the callback must not block."""
         fd = sock.fileno()
-        if fd in self._parked or fd in self._watched:
-            raise trio.BusyResourceError("another task is already reading this socket")
-        if self._registered.get(fd) is not sock:
-            self._register(fd, sock)
-        elif fd in self._ready or fd in self._hung_up:
+        if self._claim(fd, sock):
             self._ready.discard(fd)
             if callback():
                 return
         self._watched[fd] = callback
+
+    def _claim(self, fd: int, sock: socket.socket) -> bool:
+        """Make ``sock`` this reader's (registered if new); True when bytes or the peer's
+        end came since its last read, so no edge will announce them."""
+        if fd in self._parked or fd in self._watched:
+            # As Trio's wait_readable: one reader per socket (a second would leave the
+            # first parked for ever).
+            raise trio.BusyResourceError("another task is already reading this socket")
+        if self._registered.get(fd) is not sock:
+            self._register(fd, sock)
+            return False
+        return fd in self._ready or fd in self._hung_up
 
     def unwatch(self, sock: socket.socket) -> None:
         """End a watch of ``sock`` (nothing if its callback already ended it)."""
@@ -276,15 +278,32 @@ def _wake() -> object:
 _HUB: trio.lowlevel.RunVar[ReadHub] = trio.lowlevel.RunVar("relay_read_hub")
 
 
+class RunService(Protocol):
+    """An object one Trio run holds once, with a system task (:meth:`run`) behind it."""
+
+    async def run(self) -> None: ...
+
+
+_Service = TypeVar("_Service", bound=RunService)
+
+
+def run_service(
+    var: trio.lowlevel.RunVar[_Service], make: Callable[[], _Service], name: str
+) -> _Service:
+    """``var``'s object in this run, made and its ``run`` started as a system task on first
+    use (the read hub, the timers)."""
+    try:
+        return var.get()
+    except LookupError:
+        service = make()
+        var.set(service)
+        trio.lowlevel.spawn_system_task(service.run, name=name)
+        return service
+
+
 def current_hub() -> ReadHub:
     """This Trio run's hub, started (as a system task) on first use."""
-    try:
-        return _HUB.get()
-    except LookupError:
-        hub = ReadHub()
-        _HUB.set(hub)
-        trio.lowlevel.spawn_system_task(hub.run, name="relay read hub")
-        return hub
+    return run_service(_HUB, ReadHub, "relay read hub")
 
 
 def running_hub() -> ReadHub | None:

@@ -25,6 +25,8 @@ from typing import Final
 
 import trio
 
+from relay.net.hub import run_service
+
 LOGGER = logging.getLogger("relay.timers")
 #: The heap is rebuilt without cancelled entries once it holds more than this many
 #: and they are more than half of it.
@@ -122,10 +124,4 @@ _TIMERS: trio.lowlevel.RunVar[Timers] = trio.lowlevel.RunVar("relay_timers")
 
 def current_timers() -> Timers:
     """This Trio run's timers, started (as a system task) on first use."""
-    try:
-        return _TIMERS.get()
-    except LookupError:
-        timers = Timers()
-        _TIMERS.set(timers)
-        trio.lowlevel.spawn_system_task(timers.run, name="relay timers")
-        return timers
+    return run_service(_TIMERS, Timers, "relay timers")
