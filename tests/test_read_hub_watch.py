@@ -3,24 +3,15 @@ callback with no task, run on readiness until it says it is done."""
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import trio
 import trio.testing
 
 from relay.net.hub import current_hub
 from relay.net.transport import Transport
+from tests.test_read_hub import WAIT_S, _pair
 
 pytestmark = pytest.mark.trio
-
-WAIT_S = 10.0
-
-
-def _pair() -> tuple[Transport, socket.socket]:
-    ours, theirs = socket.socketpair()
-    ours.setblocking(False)
-    return Transport(ours), theirs
 
 
 class Recorder:
