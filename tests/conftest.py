@@ -14,6 +14,7 @@ import trio
 import trio_websocket
 
 from relay.config import ServeConfig, SimulatorConfig
+from relay.net import hub
 from relay.server import RelayServer
 from relay.simulator.server import Simulator
 
@@ -273,3 +274,12 @@ class Keys:
 @pytest.fixture
 def keys(tmp_path: Any) -> Keys:
     return Keys(tmp_path)
+
+
+@pytest.fixture(params=hub.DISPATCH_MODES)
+def hub_dispatch(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the read hub learns of readiness (``RELAY_READ_HUB``): the tests of a
+    module using this run once per way, each Trio run starting its hub that way."""
+    mode: str = request.param
+    monkeypatch.setenv(hub.DISPATCH_ENV, mode)
+    return mode

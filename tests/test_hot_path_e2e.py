@@ -33,6 +33,8 @@ from relay.protocol import frames
 from relay.protocol.frames import OP_TEXT
 from tests.doubles import MAX_MESSAGE_BYTES, limits
 
+pytestmark = pytest.mark.usefixtures("hub_dispatch")
+
 #: Kernel send buffer of a stalled leg's relay socket (Linux doubles it): small, so the
 #: relay's write blocks part-way through a run quickly.
 STALLED_SNDBUF_BYTES: Final = 16 * 1024
@@ -46,7 +48,9 @@ FIRST_RUN: Final = [
 
 
 def _pair(sndbuf: int | None = None) -> tuple[Transport, Transport]:
-    """(relay end, far end) of one leg; ``sndbuf`` bounds what the relay end may queue."""
+    """(relay end, far end) of one leg; ``sndbuf`` bounds what the relay end may queue.
+    Made with the run's read hub started, as the relay's legs are (see Transport.hub)."""
+    current_hub()
     relay_sock, far_sock = socket.socketpair()
     if sndbuf is not None:
         relay_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)

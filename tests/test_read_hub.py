@@ -9,17 +9,21 @@ from functools import partial
 import pytest
 import trio
 
+from relay.net import hub as hub_module
 from relay.net.hub import current_hub
 from relay.net.transport import Transport, TransportClosed
 from relay.net.websocket import WebSocket
 from tests.doubles import memory_pair
 
-pytestmark = pytest.mark.trio
+pytestmark = [pytest.mark.trio, pytest.mark.usefixtures("hub_dispatch")]
 
 WAIT_S = 10.0
 
 
 def _pair() -> tuple[Transport, socket.socket]:
+    """A transport over one end of a socket pair, made while the run's hub runs (as the
+    relay's are: only then do its waits go through the hub), and the other end."""
+    current_hub()
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     return Transport(ours), theirs
@@ -308,3 +312,160 @@ async def test_wake_hands_a_value_to_a_handler_park_only() -> None:
     assert hub.parked == 0
     transport.close()
     peer.close()
+
+
+def _fill(transport: Transport) -> None:
+    """Write until the kernel takes no more (the peer reads nothing meanwhile)."""
+    while transport.send_now(b"x" * 65536):
+        pass
+
+
+def _drain(peer: socket.socket) -> int:
+    peer.setblocking(False)
+    taken = 0
+    while True:
+        try:
+            data = peer.recv(1 << 20)
+        except BlockingIOError:
+            return taken
+        if not data:
+            return taken
+        taken += len(data)
+
+
+def _reads_into(transport: Transport, seen: list[bytes]) -> Callable[[], object]:
+    buffer = bytearray(64)
+
+    def handler() -> object:
+        received = transport.recv_now(buffer)
+        if received > 0:
+            seen.append(bytes(buffer[:received]))
+        return None
+
+    return handler
+
+
+async def test_a_write_waits_for_room_while_the_same_sockets_reader_stays_parked() -> None:
+    """A peer that stops reading, then reads: the writer waits (inline: in the hub, as
+    Trio's own wait would take the socket's registration over) and is woken when there
+    is room, and the reader parked on the same socket still gets what the peer sends,
+    during the wait and after it."""
+    transport, peer = _pair()
+    hub = current_hub()
+    seen: list[bytes] = []
+    handler = _reads_into(transport, seen)
+    wrote = trio.Event()
+
+    async def writer() -> None:
+        await transport.send_all(b"y" * 200_000)
+        wrote.set()
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.serve, transport.sock, handler)
+            await trio.testing.wait_all_tasks_blocked()
+            _fill(transport)
+            nursery.start_soon(writer)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not wrote.is_set()
+            assert len(hub._writers) == (1 if hub.inline else 0)
+            peer.send(b"during")
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == [b"during"]
+            while not wrote.is_set():
+                _drain(peer)
+                await trio.testing.wait_all_tasks_blocked()
+            assert hub._writers == {}
+            peer.send(b"after")
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == [b"during", b"after"]
+            nursery.cancel_scope.cancel()
+    transport.close()
+    peer.close()
+
+
+async def test_a_cancelled_write_wait_leaves_the_sockets_reads_to_the_hub() -> None:
+    transport, peer = _pair()
+    hub = current_hub()
+    seen: list[bytes] = []
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(hub.serve, transport.sock, _reads_into(transport, seen))
+            await trio.testing.wait_all_tasks_blocked()
+            _fill(transport)
+            with trio.move_on_after(0.05) as waited:
+                await transport.send_all(b"z" * 100_000)
+            assert waited.cancelled_caught
+            assert hub._writers == {}
+            _drain(peer)
+            peer.send(b"still read")
+            await trio.testing.wait_all_tasks_blocked()
+            assert seen == [b"still read"]
+            nursery.cancel_scope.cancel()
+    transport.close()
+    peer.close()
+
+
+async def test_closing_a_transport_wakes_its_waiting_writer_with_transport_closed() -> None:
+    transport, peer = _pair()
+    hub = current_hub()
+    if hub.inline:
+        # Held by the hub (registered by a read wait), as a relay leg's socket is.
+        with trio.move_on_after(0):
+            await hub.wait_readable(transport.sock)
+        assert hub.holds(transport.sock)
+    failures: list[BaseException] = []
+
+    async def writer() -> None:
+        try:
+            await transport.send_all(b"w" * 200_000)
+        except TransportClosed as exc:
+            failures.append(exc)
+
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as nursery:
+            _fill(transport)
+            nursery.start_soon(writer)
+            await trio.testing.wait_all_tasks_blocked()
+            transport.close()
+    assert len(failures) == 1
+    assert hub._writers == {}
+    peer.close()
+
+
+async def test_an_edge_before_the_hubs_task_first_runs_is_not_lost() -> None:
+    """Inline, Trio hands the hub's events over from the hub's creation on, not from
+    its task's first step: a socket parked at once still hears its first bytes."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    hub = current_hub()  # no checkpoint between this and the park below
+    transport = Transport(ours)
+    theirs.send(b"first")
+    buffer = bytearray(16)
+
+    def handler() -> object:
+        received = transport.recv_now(buffer)
+        return bytes(buffer[:received]) if received > 0 else None
+
+    with trio.fail_after(WAIT_S):
+        assert await hub.serve(transport.sock, handler) == b"first"
+    transport.close()
+    theirs.close()
+
+
+async def test_the_dispatch_is_the_one_asked_for(hub_dispatch: str) -> None:
+    """Inline on the Trio this project pins (a Trio the inline dispatch was not checked
+    against would fall back to nested: this fails then, to have it checked)."""
+    assert current_hub().inline is (hub_dispatch == "inline")
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    transport = Transport(ours)
+    assert transport.hub is current_hub()
+    transport.close()
+    theirs.close()
+
+
+async def test_an_unknown_dispatch_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(hub_module.DISPATCH_ENV, "threaded")
+    with pytest.raises(ValueError, match="RELAY_READ_HUB must be one of inline, nested"):
+        current_hub()

@@ -11,7 +11,7 @@ from relay.net.hub import current_hub
 from relay.net.transport import Transport
 from tests.test_read_hub import WAIT_S, _pair
 
-pytestmark = pytest.mark.trio
+pytestmark = [pytest.mark.trio, pytest.mark.usefixtures("hub_dispatch")]
 
 
 class Recorder:

@@ -19,7 +19,7 @@ from relay.net.transport import Transport
 from relay.rest import proxy
 from relay.rest.messages import UsageReader
 
-pytestmark = pytest.mark.trio
+pytestmark = [pytest.mark.trio, pytest.mark.usefixtures("hub_dispatch")]
 
 WAIT_S = 10.0
 IDLE_S = 30.0
@@ -58,6 +58,7 @@ class Legs:
 @asynccontextmanager
 async def legs(hub: bool, buffer_bytes: int = 0) -> AsyncIterator[Legs]:
     kind = Transport if hub else _AwaitedTransport
+    current_hub()  # before the transports, as in the relay: only then do they use it
     pairs = [socket.socketpair() for _ in range(2)]
     for ours, theirs in pairs:
         ours.setblocking(False)

@@ -24,7 +24,7 @@ from relay.net.transport import (
     open_transport,
 )
 
-pytestmark = pytest.mark.trio
+pytestmark = [pytest.mark.trio, pytest.mark.usefixtures("hub_dispatch")]
 
 
 def _assert_tuned(sock: socket.socket) -> None:

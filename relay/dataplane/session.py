@@ -72,7 +72,7 @@ from relay.dataplane.policy import (
     plan_close,
 )
 from relay.dataplane.ratelimit import ClientRateLimit
-from relay.net.hub import current_hub, running_hub
+from relay.net.hub import ReadHub, running_hub
 from relay.net.timers import current_timers
 from relay.net.transport import Transport, TransportClosed
 from relay.net.websocket import ConnectionClosed, LegFailed, UnsentRest, WebSocket
@@ -336,7 +336,7 @@ class RelaySession:
 
         hub_leg = _hub_transport(client)
         if hub_leg is not None:
-            hub, hub_sock = current_hub(), hub_leg.sock
+            hub, hub_sock = _hub_of(hub_leg), hub_leg.sock
             handler = _hub_handler(hub_leg, read_view, reader, forward)
         while True:
             # The reader holds nothing after a read the run took whole: no next_event
@@ -751,7 +751,7 @@ class RelaySession:
 
         hub_leg = _hub_transport(upstream)
         if hub_leg is not None:
-            hub, hub_sock = current_hub(), hub_leg.sock
+            hub, hub_sock = _hub_of(hub_leg), hub_leg.sock
             handler = _hub_handler(hub_leg, read_view, reader, forward)
         while True:
             event = reader.next_event() if reader.may_hold else None  # as in _pump_up
@@ -1017,12 +1017,20 @@ _PUMP_DONE: Final = object()
 
 
 def _hub_transport(leg: WebSocket) -> Transport | None:
-    """The leg's transport if its pump may park in the read hub: a plain socket's (not
-    TLS, not a test double's in-memory stream)."""
+    """The leg's transport if its pump may park in the read hub: a plain socket's made
+    while the hub ran (not TLS, not a test double's in-memory stream; see
+    ``Transport.hub``)."""
     transport = leg.transport
-    if type(transport) is Transport and not transport.is_tls:
+    if type(transport) is Transport and transport.hub is not None:
         return transport
     return None
+
+
+def _hub_of(transport: Transport) -> ReadHub:
+    """The hub of a transport :func:`_hub_transport` returned."""
+    hub = transport.hub
+    assert hub is not None
+    return hub
 
 
 def _hub_handler(

@@ -29,13 +29,17 @@ before its socket closes, so a reused descriptor number is never mistaken for it
 
 from __future__ import annotations
 
+import logging
+import os
 import select
 import socket
-from collections.abc import Callable
-from typing import Final, Protocol, TypeVar
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol, TypeVar
 
 import outcome
 import trio
+
+LOGGER = logging.getLogger("relay.hub")
 
 #: Readiness events taken from the hub's epoll per wake-up: a bound on the handlers one
 #: pass of the hub runs before it lets other tasks in.
@@ -46,9 +50,24 @@ _READ_EDGES: Final = select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET
 #: The peer's end (FIN, reset, error): its edge is the last the socket will give, even
 #: when the bytes before it are still unread.
 _HANG_UPS: Final = select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR
+#: What wakes a writer waiting in :meth:`ReadHub.wait_writable` (an error or a hang-up
+#: too: its write then fails at once), and what is a read's business.
+_WRITE_EVENTS: Final = select.EPOLLOUT | select.EPOLLHUP | select.EPOLLERR
+_READ_EVENTS: Final = select.EPOLLIN | _HANG_UPS
 #: Handler calls in a row on a hung-up socket before the hub gives up on the handler (a
 #: correct one wakes its pump by the second: a short read, then the end of the stream).
 MAX_HANDLER_CALLS_AFTER_HANG_UP: Final = 8
+
+#: The environment variable that picks how the hub learns of readiness: ``inline`` (the
+#: default: its sockets sit in Trio's own epoll and their events are handled as Trio
+#: takes them, see :class:`ReadHub`) or ``nested`` (an epoll of its own that Trio waits
+#: on, as a hub task). Read when a run's hub starts.
+DISPATCH_ENV: Final = "RELAY_READ_HUB"
+DISPATCH_MODES: Final = ("inline", "nested")
+#: Trio releases whose epoll I/O manager the inline dispatch was checked against (its
+#: private ``_epoll``, ``get_events`` and ``process_events``); any other falls back to
+#: ``nested``, logged once.
+INLINE_TRIO_VERSIONS: Final = ("0.35.",)
 
 Handler = Callable[[], object]
 #: A watch's callback: True once it is done watching (the watch then ends).
@@ -64,10 +83,26 @@ class _Parked:
 
 
 class ReadHub:
-    """Inline read handling for one Trio run (see the module docstring)."""
+    """Inline read handling for one Trio run (see the module docstring).
 
-    def __init__(self) -> None:
-        self._epoll = select.epoll()
+    Two ways to learn of readiness, the same handlers either way:
+
+    - *inline* (``io`` given: this run's Trio epoll I/O manager): the hub's sockets are
+      registered in Trio's own epoll, and :func:`_install_inline_dispatch` has Trio hand
+      their events to :meth:`dispatch` as it takes them from ``epoll_wait``, before any
+      task runs. Per readiness that is one system call (Trio's wait) where the nested
+      way makes three (Trio's wait, the re-arm of the hub's one-shot registration, the
+      hub's own poll) and a task switch. A socket of the hub is then never waited for
+      by Trio itself (that would change its registration): its write waits come here
+      too (:meth:`wait_writable`).
+    - *nested*: an epoll of the hub's own, which its system task waits on through
+      Trio.
+    """
+
+    def __init__(self, io: Any = None) -> None:
+        #: Trio's epoll I/O manager when dispatching inline, else None.
+        self._io = io
+        self._epoll: select.epoll = io._epoll if io is not None else select.epoll()
         #: The sockets registered, by descriptor: a number reused by a new socket is a
         #: new registration, not a match.
         self._registered: dict[int, socket.socket] = {}
@@ -79,6 +114,16 @@ class ReadHub:
         self._hung_up: set[int] = set()
         #: Watched sockets' callbacks (no task parked), by descriptor.
         self._watched: dict[int, Watcher] = {}
+        #: Tasks waiting for a registered socket to take more bytes (inline only).
+        self._writers: dict[int, trio.lowlevel.Task] = {}
+        # Installed now, not when the hub's task first runs: a socket registered before
+        # that would have its edge taken (and lost) by Trio's own dispatch.
+        self._restore = _install_inline_dispatch(io, self) if io is not None else None
+
+    @property
+    def inline(self) -> bool:
+        """Whether readiness is dispatched from Trio's own epoll (see the class docstring)."""
+        return self._io is not None
 
     @property
     def parked(self) -> int:
@@ -185,6 +230,9 @@ class ReadHub:
             trio.lowlevel.reschedule(
                 parked.task, outcome.Error(TransportClosed("connection closed"))
             )
+        writer = self._writers.pop(fd, None)
+        if writer is not None:
+            trio.lowlevel.reschedule(writer, outcome.Error(TransportClosed("connection closed")))
 
     @staticmethod
     def _handle(fd: int, handler: Handler, *, hung_up: bool) -> object:
@@ -204,10 +252,15 @@ class ReadHub:
         try:
             self._epoll.register(fd, _READ_EDGES)
         except FileExistsError:
-            # The number outlived a socket closed behind our back (dup'd elsewhere):
-            # the registration is the old description's; replace it.
-            self._epoll.unregister(fd)
-            self._epoll.register(fd, _READ_EDGES)
+            if self._io is not None:
+                # Inline, Trio's epoll may still hold this socket's spent one-shot
+                # registration (Trio waited for its connect): take it over.
+                self._epoll.modify(fd, _READ_EDGES)
+            else:
+                # The number outlived a socket closed behind our back (dup'd elsewhere):
+                # the registration is the old description's; replace it.
+                self._epoll.unregister(fd)
+                self._epoll.register(fd, _READ_EDGES)
         # A new registration reports the bytes already there as an edge on the next poll.
         self._registered[fd] = sock
 
@@ -217,57 +270,198 @@ class ReadHub:
         re-arms) it and a close unregisters it, a system call each."""
         await self.serve(sock, _wake)
 
-    async def run(self) -> None:
-        """The hub's system task: wait for the epoll, run the handlers of what is ready."""
-        epoll = self._epoll
-        poll = epoll.poll
+    def holds(self, sock: socket.socket) -> bool:
+        """Whether ``sock`` is registered here (until it is forgotten or closed)."""
+        try:
+            return self._registered.get(sock.fileno()) is sock
+        except OSError:
+            return False
+
+    async def wait_writable(self, sock: socket.socket) -> None:
+        """Trio's ``wait_writable`` for a plain socket of a transport that uses the hub.
+
+        Inline, the wait is the hub's (registering the socket if it is new): a Trio wait
+        on a socket the hub holds, or comes to hold while Trio waits (its reader parks),
+        would share one registration in the shared epoll, and each side's change would
+        undo the other's. Writability is added to the registration while a writer waits.
+        Nested, it is Trio's wait (the hub's epoll is its own).
+        """
+        if self._io is None:
+            await trio.lowlevel.wait_writable(sock)
+            return
+        fd = sock.fileno()
+        if fd in self._writers:
+            raise trio.BusyResourceError("another task is already writing this socket")
+        if self._registered.get(fd) is not sock:
+            self._register(fd, sock)
+        # A modification reports the state now: a socket already writable is an event
+        # on the next epoll_wait, not a lost wake-up.
+        self._epoll.modify(fd, _READ_EDGES | select.EPOLLOUT)
+        task = trio.lowlevel.current_task()
+        self._writers[fd] = task
+
+        def abort(_: object) -> trio.lowlevel.Abort:
+            if self._writers.get(fd) is task:
+                del self._writers[fd]
+                self._stop_writing(fd)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+
+    def _stop_writing(self, fd: int) -> None:
+        if self._registered.get(fd) is not None:
+            try:
+                self._epoll.modify(fd, _READ_EDGES)
+            except OSError:  # closed meanwhile: its registration went with it
+                pass
+
+    def dispatch(self, events: Iterable[tuple[int, int]]) -> None:
+        """Run the handlers of the sockets ``events`` (from an epoll) report ready."""
         parked = self._parked
-        ready = self._ready
         registered = self._registered
-        hung_up = self._hung_up
-        watched = self._watched
+        writers = self._writers
         handle = self._handle
         reschedule = trio.lowlevel.reschedule
+        for fd, events_of in events:
+            if events_of & _WRITE_EVENTS and writers:
+                writer = writers.pop(fd, None)
+                if writer is not None:
+                    self._stop_writing(fd)
+                    reschedule(writer)
+                if not events_of & _READ_EVENTS:
+                    continue
+            ended = events_of & _HANG_UPS
+            if ended and fd in registered:
+                self._hung_up.add(fd)
+            waiting = parked.get(fd)
+            if waiting is None:
+                watcher = self._watched.get(fd)
+                if watcher is not None:
+                    try:
+                        done = watcher()
+                    except Exception:  # a watcher's own failure ends its watch
+                        done = True
+                    if done:
+                        del self._watched[fd]
+                elif fd in registered:
+                    self._ready.add(fd)
+                continue
+            try:
+                # The usual readiness: one handler call (no hang-up, no loop).
+                result = (
+                    waiting.handler() if not ended else handle(fd, waiting.handler, hung_up=True)
+                )
+            except Exception as exc:  # the pump's to handle, not the hub's
+                del parked[fd]
+                reschedule(waiting.task, outcome.Error(exc))
+                continue
+            if result is not None:
+                del parked[fd]
+                reschedule(waiting.task, outcome.Value(result))
+
+    async def run(self) -> None:
+        """The hub's system task: nested, wait for the epoll and dispatch what is ready;
+        inline, only hold the hub's lifetime (Trio dispatches)."""
+        epoll = self._epoll
+        poll = epoll.poll
+        dispatch = self.dispatch
+        restore = self._restore
         try:
+            if restore is not None:
+                await trio.sleep_forever()
             while True:
                 await trio.lowlevel.wait_readable(epoll.fileno())
-                for fd, events in poll(0, MAX_EVENTS_PER_WAKEUP):
-                    ended = events & _HANG_UPS
-                    if ended and fd in registered:
-                        hung_up.add(fd)
-                    waiting = parked.get(fd)
-                    if waiting is None:
-                        watcher = watched.get(fd)
-                        if watcher is not None:
-                            try:
-                                done = watcher()
-                            except Exception:  # a watcher's own failure ends its watch
-                                done = True
-                            if done:
-                                del watched[fd]
-                        elif fd in registered:
-                            ready.add(fd)
-                        continue
-                    try:
-                        # The usual readiness: one handler call (no hang-up, no loop).
-                        result = (
-                            waiting.handler()
-                            if not ended
-                            else handle(fd, waiting.handler, hung_up=True)
-                        )
-                    except Exception as exc:  # the pump's to handle, not the hub's
-                        del parked[fd]
-                        reschedule(waiting.task, outcome.Error(exc))
-                        continue
-                    if result is not None:
-                        del parked[fd]
-                        reschedule(waiting.task, outcome.Value(result))
+                dispatch(poll(0, MAX_EVENTS_PER_WAKEUP))
         finally:
-            for fd, waiting in list(parked.items()):
-                del parked[fd]
-                reschedule(waiting.task, outcome.Error(trio.ClosedResourceError("hub stopped")))
-            watched.clear()
-            epoll.close()
+            if restore is not None:
+                restore()
+            error = trio.ClosedResourceError("hub stopped")
+            for fd, waiting in list(self._parked.items()):
+                del self._parked[fd]
+                trio.lowlevel.reschedule(waiting.task, outcome.Error(error))
+            for fd, writer in list(self._writers.items()):
+                del self._writers[fd]
+                trio.lowlevel.reschedule(writer, outcome.Error(error))
+            self._watched.clear()
+            if self._io is None:
+                epoll.close()
+            else:
+                for fd in list(self._registered):
+                    try:
+                        epoll.unregister(fd)
+                    except OSError:
+                        pass
+                self._registered.clear()
+
+
+def trio_epoll_manager() -> Any:
+    """This run's Trio epoll I/O manager if the inline dispatch knows it, else None."""
+    from trio._core import _io_epoll, _run  # private: checked below, else nested
+
+    if not trio.__version__.startswith(INLINE_TRIO_VERSIONS):
+        return None
+    try:
+        io = _run.GLOBAL_RUN_CONTEXT.runner.io_manager
+    except AttributeError:
+        return None
+    if type(io) is not _io_epoll.EpollIOManager or not isinstance(
+        getattr(io, "_epoll", None), select.epoll
+    ):
+        return None
+    return io
+
+
+def _install_inline_dispatch(io: Any, hub: ReadHub) -> Callable[[], None]:
+    """Have ``io`` (Trio's epoll I/O manager) give ``hub`` its sockets' events; returns
+    the undo. The manager's class is swapped for a subclass with no state of its own
+    (the same slots) that overrides two methods:
+
+    - ``get_events`` asks the kernel for room for the hub's events too (Trio sizes the
+      batch by its own registrations);
+    - ``process_events`` hands the hub's events to :meth:`ReadHub.dispatch` and the
+      rest to Trio, as Trio would have handled them.
+    """
+    base = type(io)
+    registered = hub._registered
+    dispatch = hub.dispatch
+
+    def get_events(self: Any, timeout: float) -> Any:
+        room = len(self._registered) + min(len(registered), MAX_EVENTS_PER_WAKEUP)
+        return self._epoll.poll(timeout, max(1, room))
+
+    def process_events(self: Any, events: Any) -> None:
+        mine = None
+        theirs = None
+        for event in events:
+            if event[0] in registered:
+                if mine is None:
+                    mine = [event]
+                else:
+                    mine.append(event)
+            elif theirs is None:
+                theirs = [event]
+            else:
+                theirs.append(event)
+        if theirs is not None:
+            base.process_events(self, theirs)
+        if mine is not None:
+            try:
+                dispatch(mine)
+            except BaseException:  # never into Trio's loop: that ends the run
+                LOGGER.exception("read hub: dispatch failed")
+
+    inline_class = type(
+        "InlineHubEpollIOManager",
+        (base,),
+        {"__slots__": (), "get_events": get_events, "process_events": process_events},
+    )
+    io.__class__ = inline_class
+
+    def restore() -> None:
+        if type(io) is inline_class:
+            io.__class__ = base
+
+    return restore
 
 
 def _wake() -> object:
@@ -302,8 +496,29 @@ def run_service(
 
 
 def current_hub() -> ReadHub:
-    """This Trio run's hub, started (as a system task) on first use."""
-    return run_service(_HUB, ReadHub, "relay read hub")
+    """This Trio run's hub, started (as a system task) on first use, dispatching as
+    :data:`DISPATCH_ENV` says (inline when this Trio allows it)."""
+    return run_service(_HUB, _new_hub, "relay read hub")
+
+
+_inline_refused_logged = False
+
+
+def _new_hub() -> ReadHub:
+    global _inline_refused_logged
+    mode = os.environ.get(DISPATCH_ENV, "inline")
+    if mode not in DISPATCH_MODES:
+        raise ValueError(f"{DISPATCH_ENV} must be one of {', '.join(DISPATCH_MODES)}, not {mode!r}")
+    if mode == "nested":
+        return ReadHub()
+    io = trio_epoll_manager()
+    if io is None and not _inline_refused_logged:
+        _inline_refused_logged = True
+        LOGGER.warning(
+            "read hub: trio %s is not one the inline dispatch knows; dispatching nested",
+            trio.__version__,
+        )
+    return ReadHub(io)
 
 
 def running_hub() -> ReadHub | None:

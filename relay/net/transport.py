@@ -35,7 +35,7 @@ from typing import Any, Final, Protocol
 
 import trio
 
-from relay.net.hub import running_hub
+from relay.net.hub import ReadHub, running_hub
 
 #: Operations that complete without blocking before we yield to the scheduler anyway.
 CHECKPOINT_EVERY_OPS: Final = 32
@@ -174,6 +174,14 @@ class Transport:
         return not self._plain
 
     @property
+    def hub(self) -> ReadHub | None:
+        """The read hub this transport's plain-socket waits go through (the run's when
+        the transport was made), else None (TLS, or no hub running then). Only with it
+        may the socket be handed to the hub: every wait on a socket the hub holds must
+        go through the hub, which may hold it in Trio's own epoll."""
+        return self._hub
+
+    @property
     def drained(self) -> bool:
         """A plain socket whose last read came back short: nothing to read until an edge."""
         return self._drained
@@ -307,12 +315,17 @@ class Transport:
     async def _wait(self, *, readable: bool) -> None:
         if self._closed:
             raise TransportClosed("connection closed")
-        if readable:
-            hub = self._hub
-            if hub is not None:
+        hub = self._hub
+        if hub is not None:
+            if readable:
                 # A plain socket's read waits in the read hub (a readable socket is
                 # drained here: the last read came back short or would have blocked).
                 await hub.wait_readable(self.sock)
+                return
+            if hub.inline:
+                # The hub may hold this socket in Trio's own epoll (or come to, while
+                # this waits): a Trio wait would share its registration there.
+                await hub.wait_writable(self.sock)
                 return
         self._trio_waits += 1
         try:

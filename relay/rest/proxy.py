@@ -55,7 +55,6 @@ from relay.dataplane.admission import quoted
 from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
 from relay.net import http
-from relay.net.hub import current_hub
 from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
@@ -826,9 +825,9 @@ async def _watched_body(
     (TLS, a test double's stream) by a task reading it (:class:`_ClientWatcher`).
     """
     client = pump._client
-    if type(client) is Transport and not client.is_tls:
+    hub = client.hub if type(client) is Transport else None
+    if hub is not None:
         watch = _HubWatch(client, pump)
-        hub = current_hub()
         complete = False
         hub.watch(client.sock, watch.readable)
         try:
@@ -912,9 +911,7 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
     did not take whole, a full read, TLS or a test double's stream come here.
     """
     upstream, client = pump._upstream, pump._client
-    hub_sock = None
-    if type(upstream) is Transport and not upstream.is_tls:
-        hub, hub_sock = current_hub(), upstream.sock
+    hub = upstream.hub if type(upstream) is Transport else None
     current_time = trio.current_time
     buffer = _BODY_BUFFER.buffer
     slack_s = idle_s * IDLE_DEADLINE_SLACK
@@ -938,8 +935,8 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
                 await _send_all(client, rest)
                 if pump.complete:
                     break
-            if hub_sock is not None and upstream.drained:
-                woken = await hub.serve(hub_sock, pump.hub_read)
+            if hub is not None and upstream.drained:
+                woken = await hub.serve(upstream.sock, pump.hub_read)
             else:
                 if idle.deadline - current_time() < idle_s:
                     idle.deadline = current_time() + slack_s
