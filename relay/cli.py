@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from relay import config as cfg
+from relay.net import hub
 
 LOGGER = logging.getLogger("relay.cli")
 
@@ -305,6 +306,11 @@ def _setup_logging(level: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        hub.dispatch_mode()  # (read when a run's hub starts: refused here, before any)
+    except ValueError as exc:
+        print(f"relay: configuration error: {exc}", file=sys.stderr)
+        return 2
     try:
         runner = _dispatch(args)
     except cfg.ConfigError as exc:

@@ -93,6 +93,23 @@ def test_cli_bad_value_exits_2_with_one_line() -> None:
     assert lines == ["relay: configuration error: serve.max_sessions: Expected `int`, got `str`"]
 
 
+@pytest.mark.parametrize("command", ["serve", "simulate"])
+def test_an_unknown_read_hub_dispatch_exits_2_with_one_line(command: str) -> None:
+    env = {**os.environ, "RELAY_READ_HUB": "threaded"}
+    result = subprocess.run(
+        [sys.executable, "-m", "relay", command],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "relay: configuration error: RELAY_READ_HUB must be one of inline, nested, not 'threaded'"
+    ]
+
+
 def test_relay_demo_runs_on_the_builtin_simulator_without_a_key() -> None:
     # The README's main command: no upstream key, no setup, the simulator by default.
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
