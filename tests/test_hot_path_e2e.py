@@ -123,13 +123,14 @@ def socket_session(
     stall_client: bool = False,
     stall_upstream: bool = False,
     remask: bool = False,
+    **limit_overrides: float,
 ) -> SocketSession:
     relay_client, client_end = _pair(STALLED_SNDBUF_BYTES if stall_client else None)
     relay_upstream, upstream_end = _pair(STALLED_SNDBUF_BYTES if stall_upstream else None)
     session = RelaySession(
         WebSocket(relay_client, client_side=False, max_message_bytes=MAX_MESSAGE_BYTES),
         WebSocket(relay_upstream, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES),
-        limits(),
+        limits(**limit_overrides),
         remask_upstream=remask,
         session_id=name,
     )
@@ -279,3 +280,34 @@ async def test_an_end_from_outside_wakes_both_parked_pumps_and_a_busy_one_is_can
     assert stuck.session._cancel_scope.cancel_called  # its up pump was in a write
     for s in (idle, stuck):
         assert s.session.stats.ending == Ending(EndKind.SHUTDOWN)
+
+
+async def test_an_end_while_a_ping_is_stuck_in_its_write_cancels_the_session() -> None:
+    """Both pumps parked, but the watchdog's ping is blocked writing to an upstream that
+    reads nothing: waking the pumps would leave the ping task holding the session's
+    nursery open, so the end takes the cancellation path, and the session ends."""
+    s = socket_session("pinging", up=1, down=1, stall_upstream=True, ping_interval_s=0.05)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.session.run)
+            nursery.start_soon(s.client.read)
+            await s.client.send([b'{"type":"input_audio_buffer.append","audio":"AA"}'])
+            await s.upstream.ws.receive_message()  # the up pump read, wrote and parked
+            await s.upstream.send([b'{"type":"response.done"}'])
+            await s.client.got_all.wait()
+            # Fill the relay's upstream socket behind the pumps' backs: the next ping's
+            # write cannot go, and the upstream end reads nothing from now on.
+            relay_upstream = s.session.upstream.transport
+            assert isinstance(relay_upstream, Transport)
+            while relay_upstream.send_now(b"\x89\x00" * 32768):
+                pass
+            watchdog = s.session._watchdog
+            assert watchdog is not None
+            while not watchdog.pinging:
+                await trio.sleep(0.01)  # the watchdog's own clock: no event to wait on
+            s.session.end(Ending(EndKind.SHUTDOWN))
+            await s.session.ended.wait()
+            nursery.cancel_scope.cancel()
+    s.upstream.ws.transport.close()
+    assert s.session._cancel_scope.cancel_called
+    assert s.session.stats.ending == Ending(EndKind.SHUTDOWN)

@@ -469,3 +469,29 @@ async def test_an_unknown_dispatch_is_refused(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv(hub_module.DISPATCH_ENV, "threaded")
     with pytest.raises(ValueError, match="RELAY_READ_HUB must be one of inline, nested"):
         current_hub()
+
+
+async def test_a_handler_that_ignores_the_peers_end_fails_its_pump_not_the_hub() -> None:
+    """A handler that stays parked on a hung-up socket would be called for ever (no edge
+    ends it): after MAX_HANDLER_CALLS_AFTER_HANG_UP calls its pump gets the error, and the
+    hub goes on serving other sockets."""
+    transport, peer = _pair()
+    other, other_peer = _pair()
+    hub = current_hub()
+    calls = 0
+
+    def deaf() -> object:
+        nonlocal calls
+        calls += 1
+        return None
+
+    peer.shutdown(socket.SHUT_WR)
+    with trio.fail_after(WAIT_S):
+        with pytest.raises(RuntimeError, match="ignored the end of stream"):
+            await hub.serve(transport.sock, deaf)
+        assert calls == hub_module.MAX_HANDLER_CALLS_AFTER_HANG_UP
+        other_peer.send(b"still served")
+        assert await hub.serve(other.sock, lambda: other.recv_now(bytearray(64))) == 12
+    for t, p in ((transport, peer), (other, other_peer)):
+        t.close()
+        p.close()
