@@ -409,12 +409,13 @@ def accept_response(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
+#: RFC 9110's reason phrases by code: ``HTTPStatus(code)`` is an enum call per response.
+_REASON_PHRASES: Final = {int(status): status.phrase for status in HTTPStatus}
+
+
 def reason_phrase(status: int) -> str:
     """The status line's reason phrase (RFC 9110's), or ``Error`` for an unlisted code."""
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Error"
+    return _REASON_PHRASES.get(status, "Error")
 
 
 def http_response(

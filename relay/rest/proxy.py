@@ -637,8 +637,9 @@ class RestProxy:
             if usage.usage is not None:
                 exchange.usage = {k: v for k, v in usage.usage.as_kinds().items() if v}
                 model = usage.model or exchange.model or "unknown"
+                usage_tokens_by = self._state.metrics.usage_tokens_by
                 for kind, value in exchange.usage.items():
-                    self._state.metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
+                    usage_tokens_by(model, kind).inc(value)
             if complete and upstream_reusable:
                 self.pool.give(pool_key, connection, self._clock())
                 pooled = True
