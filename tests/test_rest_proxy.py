@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trio.lowlevel
@@ -22,7 +23,9 @@ from openai import AsyncOpenAI
 
 from relay.config import UpstreamSettings
 from relay.credentials.keyfiles import create_app_key, rotate_signing_key
+from relay.rest import proxy as proxy_module
 from relay.simulator import rest_payloads
+from relay.upstreams.table import build_upstream_table
 from tests.conftest import (
     CLIENT_KEY,
     SIM_KEY,
@@ -541,3 +544,70 @@ async def test_a_pooled_connection_that_fails_before_any_answer_is_retried_fresh
     assert retried.connection != first.connection
     assert retried.status == 200
     assert upstream_outcomes(relay) == {"success": 2}
+
+
+async def test_a_reload_reroutes_the_next_request_and_a_cool_down_is_honoured_at_once(
+    nursery: trio.Nursery,
+) -> None:
+    """The proxy keeps each model's route (upstreams, candidates, pool keys) while the
+    upstream table lasts: a reload must take effect on the next request, and what a
+    route does not hold (cool-downs) must still change the order request by request."""
+    first = await rest_sim(nursery, api_keys=(KEY_A,))
+    second = await rest_sim(nursery, api_keys=(KEY_B,))
+    environ = {"KEY_A": KEY_A, "KEY_B": KEY_B}
+    relay = await start_routed_relay(
+        nursery,
+        {"first": UpstreamSettings(url=first.ws_base, api_key_env=("KEY_A",), models=("m",))},
+        environ,
+    )
+
+    async def chat(model: str = "m") -> int:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{relay.http_base}/chat/completions",
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                json={"model": model, "messages": MESSAGES},
+            )
+        return response.status_code
+
+    assert await chat() == 200
+    assert await chat("n") == 400  # not served: refused without an upstream call
+    config = msgspec.structs.replace(
+        relay.server.config,
+        upstreams={
+            "first": UpstreamSettings(
+                url=first.ws_base, api_key_env=("KEY_A",), models=("m",), priority=0
+            ),
+            "second": UpstreamSettings(
+                url=second.ws_base, api_key_env=("KEY_B",), models=("m", "n"), priority=1
+            ),
+        },
+    )
+    relay.server.apply_config(config, build_upstream_table(config, environ=environ))
+    assert await chat("n") == 200  # the new table's route, not the cached refusal
+    assert [r.status for r in second.sim.rest_requests] == [200]
+    # A 429 cools "first" down: the very next request of the same route goes to "second".
+    first.sim.rest_faults.refuse_next(429, retry_after_s=30)
+    assert await chat() == 200
+    assert await chat() == 200
+    assert [r.status for r in first.sim.rest_requests] == [200, 429]
+    assert [r.status for r in second.sim.rest_requests] == [200, 200, 200]
+
+
+async def test_routes_kept_are_bounded_when_an_upstream_serves_every_model(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model names are the client's: with an upstream serving every model, each new name
+    would keep a route for ever without the bound."""
+    monkeypatch.setattr(proxy_module, "MAX_CACHED_ROUTES", 2)
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base)
+    async with httpx.AsyncClient() as client:
+        for model in ("gpt-4.1", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini"):
+            response = await client.post(
+                f"{relay.http_base}/chat/completions",
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                json={"model": model, "messages": MESSAGES},
+            )
+            assert response.status_code == 200
+            assert len(relay.server.rest._routes) <= 2

@@ -70,8 +70,15 @@ from relay.rest.messages import (
     UsageReader,
 )
 from relay.rest.pool import ConnectionKey, ConnectionPool
-from relay.upstreams.chooser import FAILS_OVER, KeyRef, Outcome, outcome_for_status, plan_attempts
-from relay.upstreams.table import Upstream
+from relay.upstreams.chooser import (
+    FAILS_OVER,
+    KeyRef,
+    Outcome,
+    UpstreamCandidate,
+    outcome_for_status,
+    plan_attempts,
+)
+from relay.upstreams.table import Upstream, UpstreamTable
 from relay.upstreams.urls import UpstreamKind
 
 LOGGER = logging.getLogger("relay.rest")
@@ -81,6 +88,9 @@ MAX_REFUSAL_BODY_BYTES: Final = 64 * 1024
 REFUSAL_BODY_TIMEOUT_S: Final = 5.0
 #: Upstream response headers named in the log line (never a credential).
 _LOGGED_REQUEST_ID: Final = b"x-request-id"
+#: Routes kept per upstream table (one per model asked for); past it they are built anew
+#: (a table whose upstream serves every model would otherwise keep one per name sent).
+MAX_CACHED_ROUTES: Final = 1024
 
 
 class RestState(Protocol):
@@ -142,6 +152,36 @@ class _Exchange:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What the attempts of one model need of the upstream table, built once per table:
+    the upstreams serving it, by name, as the chooser's candidates, and their pool keys.
+    Nothing here changes while the table lives (a reload swaps the table whole); health,
+    cool-downs and live counts are read afresh by every plan."""
+
+    upstreams: tuple[Upstream, ...]
+    by_name: dict[str, Upstream]
+    candidates: tuple[UpstreamCandidate, ...]
+    pool_keys: dict[str, ConnectionKey]
+
+    @classmethod
+    def of(cls, upstreams: tuple[Upstream, ...]) -> _Route:
+        return cls(
+            upstreams,
+            {upstream.name: upstream for upstream in upstreams},
+            tuple(upstream.candidate() for upstream in upstreams),
+            {
+                upstream.name: (
+                    upstream.name,
+                    upstream.target.host,
+                    upstream.target.port,
+                    upstream.target.tls,
+                )
+                for upstream in upstreams
+            },
+        )
+
+
 class _ClientGone(Exception):
     """The client closed its connection while the response was on its way."""
 
@@ -156,6 +196,9 @@ class RestProxy:
         self.pool = ConnectionPool(
             max_idle=config.rest_pool_max_idle, idle_timeout_s=config.rest_pool_idle_timeout_s
         )
+        #: Routes by (model, a model-less read's fallback), for ``_routes_table`` only.
+        self._routes: dict[tuple[str | None, bool], _Route] = {}
+        self._routes_table: UpstreamTable | None = None
 
     def handles(self, head: RequestHead) -> bool:
         config = self._state.config
@@ -224,8 +267,8 @@ class RestProxy:
             raise RestRequestError(
                 403, "This token does not allow this model.", "model_not_allowed", "model"
             )
-        upstreams = self._candidates(model, head)
-        leftover = await self._proxy(transport, head, body, model, upstreams, exchange)
+        route = self._candidates(model, head)
+        leftover = await self._proxy(transport, head, body, model, route, exchange)
         return None if leftover is None else early + leftover
 
     def _authorize(self, head: RequestHead, exchange: _Exchange) -> tuple[str, ...]:
@@ -307,11 +350,32 @@ class RestProxy:
             buffer += chunk[:received]
         return bytes(buffer)
 
-    def _candidates(self, model: str | None, head: RequestHead) -> tuple[Upstream, ...]:
+    def _route(self, model: str | None, shaped: bool) -> _Route:
+        """The route of ``model`` in the table of the moment (``shaped``: the OpenAI-shaped
+        upstreams, for a read that names no model), cached while that table lasts."""
         table = self._state.router.table
-        upstreams = table.route(model)
-        if upstreams:
-            return upstreams
+        routes = self._routes
+        if table is not self._routes_table:
+            routes.clear()  # a reload: the old table's upstreams are not reused
+            self._routes_table = table
+        route = routes.get((model, shaped))
+        if route is None:
+            if shaped:
+                upstreams = tuple(
+                    up for up in table.upstreams if up.spec.kind is not UpstreamKind.AZURE
+                )
+            else:
+                upstreams = table.route(model)
+            route = _Route.of(upstreams)
+            if len(routes) >= MAX_CACHED_ROUTES:
+                routes.clear()
+            routes[(model, shaped)] = route
+        return route
+
+    def _candidates(self, model: str | None, head: RequestHead) -> _Route:
+        route = self._route(model, False)
+        if route.upstreams:
+            return route
         if model is not None:
             raise RestRequestError(
                 400,
@@ -327,8 +391,8 @@ class RestProxy:
                 "model",
             )
         # A read without a model (GET /v1/responses/<id>): the OpenAI-shaped upstreams.
-        shaped = tuple(up for up in table.upstreams if up.spec.kind is not UpstreamKind.AZURE)
-        if not shaped:
+        shaped = self._route(None, True)
+        if not shaped.upstreams:
             raise RestRequestError(404, f"No endpoint at {head.path[:100]}.", "not_found")
         return shaped
 
@@ -359,13 +423,12 @@ class RestProxy:
         head: RequestHead,
         body: _Body,
         model: str | None,
-        upstreams: tuple[Upstream, ...],
+        route: _Route,
         exchange: _Exchange,
     ) -> bytes | None:
         state = self._state
         config, router = state.config, state.router
-        by_name = {upstream.name: upstream for upstream in upstreams}
-        candidates = [upstream.candidate() for upstream in upstreams]
+        by_name, candidates = route.by_name, route.candidates
         policy = router.health.policy
         tried: set[KeyRef] = set()
         last: _Refusal | None = None
@@ -405,7 +468,16 @@ class RestProxy:
             exchange.attempts += 1
             router.live.add(key)
             try:
-                outcome = await self._attempt(transport, head, body, model, upstream, key, exchange)
+                outcome = await self._attempt(
+                    transport,
+                    head,
+                    body,
+                    model,
+                    upstream,
+                    route.pool_keys[upstream.name],
+                    key,
+                    exchange,
+                )
             finally:
                 router.live.remove(key)
             if isinstance(outcome, _Refusal):
@@ -420,6 +492,7 @@ class RestProxy:
         body: _Body,
         model: str | None,
         upstream: Upstream,
+        pool_key: ConnectionKey,
         key: KeyRef,
         exchange: _Exchange,
     ) -> _Refusal | bytes | None:
@@ -427,12 +500,6 @@ class RestProxy:
         client's leftover bytes, or None to close)."""
         state = self._state
         config = state.config
-        pool_key: ConnectionKey = (
-            upstream.name,
-            upstream.target.host,
-            upstream.target.port,
-            upstream.target.tls,
-        )
         request = self._upstream_request(head, body, model, upstream, key)
         started = self._clock()
         connection: Transport | None = None
