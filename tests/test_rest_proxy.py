@@ -23,6 +23,7 @@ from openai import AsyncOpenAI
 
 from relay.config import UpstreamSettings
 from relay.credentials.keyfiles import create_app_key, rotate_signing_key
+from relay.protocol import handshake
 from relay.rest import proxy as proxy_module
 from relay.simulator import rest_payloads
 from relay.upstreams.table import build_upstream_table
@@ -611,3 +612,56 @@ async def test_routes_kept_are_bounded_when_an_upstream_serves_every_model(
             )
             assert response.status_code == 200
             assert len(relay.server.rest._routes) <= 2
+
+
+async def read_until(stream: trio.SocketStream, end: bytes, timeout_s: float = 10) -> bytes:
+    data = b""
+    with trio.fail_after(timeout_s):
+        while not data.endswith(end):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+async def test_the_first_byte_and_keep_alive_timers_end_with_their_reads(
+    nursery: trio.Nursery,
+) -> None:
+    """Both timeouts are timers that close the connection when they come due: each must
+    be off once its read is done, or it would cut a response that streams for longer
+    than the timeout (the first byte's the upstream's, the keep-alive's the client's)."""
+    sim = await rest_sim(nursery, rest_chunk_interval_ms=60, rest_stream_chunks=8)
+    relay = await start_relay(
+        nursery, sim.ws_base, rest_first_byte_timeout_s=0.2, rest_keep_alive_timeout_s=0.2
+    )
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES, "stream": True}).encode()
+    head = post_head("/v1/chat/completions", len(body)).replace(b"Connection: close\r\n", b"")
+    stream = await raw_request(relay.port, head, body)
+    async with stream:
+        for _ in range(2):  # the second on the same client and upstream connections
+            answer = await read_until(stream, b"0\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert answer.endswith(b"0\r\n\r\n")  # whole, past both timeouts
+            assert b"data: [DONE]" in answer
+            await stream.send_all(head + body)
+        answer = await read_until(stream, b"0\r\n\r\n")
+    first, second, third = sim.sim.rest_requests
+    assert first.connection == second.connection == third.connection
+    assert [r.status for r in sim.sim.rest_requests] == [200, 200, 200]
+
+
+async def test_a_keep_alive_client_silent_past_the_timeout_is_closed(
+    nursery: trio.Nursery,
+) -> None:
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base, rest_keep_alive_timeout_s=0.2)
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES}).encode()
+    head = post_head("/v1/chat/completions", len(body)).replace(b"Connection: close\r\n", b"")
+    stream = await raw_request(relay.port, head, body)
+    async with stream:
+        answer = await read_all(stream)  # the answer, then the relay's close
+    assert answer.startswith(b"HTTP/1.1 200")
+    response = handshake.parse_response_head(answer)
+    assert response is not None
+    assert len(response.trailing) == response.content_length  # whole, then closed

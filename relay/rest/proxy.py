@@ -56,6 +56,7 @@ from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
 from relay.net import http
 from relay.net.hub import current_hub
+from relay.net.timers import current_timers
 from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
@@ -518,14 +519,9 @@ class RestProxy:
                         await _copy_exactly(
                             transport, connection, body.rest, config.rest_idle_timeout_s
                         )
-                    # A bare scope, not trio.fail_after (a generator context manager).
-                    deadline = trio.current_time() + config.rest_first_byte_timeout_s
-                    with trio.CancelScope(deadline=deadline) as first_byte:
-                        response = await http.read_response_head(
-                            connection, skip_informational=True
-                        )
-                    if first_byte.cancelled_caught:
-                        raise trio.TooSlowError
+                    response = await _first_response_head(
+                        connection, config.rest_first_byte_timeout_s
+                    )
                     break
                 except TransportClosed:
                     connection.close()
@@ -1054,6 +1050,60 @@ async def _client_read(transport: Transport, buffer: bytearray, most: int, idle_
     if received == 0:
         raise _ClientGone
     return received
+
+
+class _CloseAlarm:
+    """A timeout on one read of a connection: a timer (one heap entry in the run's
+    :class:`~relay.net.timers.Timers`) that closes the connection when it comes due,
+    instead of a cancel scope around the read (a scope's entry and exit cost several
+    times a timer's). The read it cuts raises ``TransportClosed``; :attr:`fired` tells
+    that from the peer's own close. Used where the connection is closed on a timeout
+    anyway: the first byte of an upstream's answer, a keep-alive client's next request."""
+
+    __slots__ = ("_transport", "fired")
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self._transport.close()
+
+
+async def _first_response_head(connection: Transport, timeout_s: float) -> ResponseHead:
+    """The upstream's response head, interim answers skipped; ``trio.TooSlowError`` when
+    it did not come within ``timeout_s`` (the connection is then closed)."""
+    alarm = _CloseAlarm(connection)
+    timers = current_timers()
+    timer = timers.call_at(trio.current_time() + timeout_s, alarm.fire)
+    try:
+        return await http.read_response_head(connection, skip_informational=True)
+    except TransportClosed:
+        if alarm.fired:
+            raise trio.TooSlowError from None
+        raise
+    finally:
+        timers.cancel(timer)
+
+
+async def next_request_head(
+    transport: Transport, leftover: bytes, timeout_s: float
+) -> RequestHead | None:
+    """A keep-alive client's next request head (``leftover``: its bytes already read);
+    None when the client closed, or sent nothing for ``timeout_s`` (then its connection
+    is closed)."""
+    alarm = _CloseAlarm(transport)
+    timers = current_timers()
+    timer = timers.call_at(trio.current_time() + timeout_s, alarm.fire)
+    try:
+        return await http.read_request_head(transport, leftover)
+    except TransportClosed:
+        if alarm.fired:
+            return None  # idle for too long between requests
+        raise
+    finally:
+        timers.cancel(timer)
 
 
 async def _read_refusal_body(connection: Transport, response: ResponseHead) -> bytes:
