@@ -56,7 +56,7 @@ from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
 from relay.net import http
 from relay.net.hub import current_hub
-from relay.net.timers import current_timers
+from relay.net.timers import Timer, current_timers
 from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
@@ -790,9 +790,8 @@ class _BodyPump:
         "_left",
         "_scanner",
         "_upstream",
+        "alarm",
         "complete",
-        "idle",
-        "idle_s",
         "unsent",
     )
 
@@ -814,9 +813,8 @@ class _BodyPump:
         self.complete = False
         #: The bytes of the last write the client's socket did not take at once.
         self.unsent: bytes | memoryview = b""
-        #: The idle scope, its deadline moved on by reads (see :func:`_relay_body`).
-        self.idle: trio.CancelScope | None = None
-        self.idle_s = 0.0
+        #: The idle timeout, moved on by reads (see :func:`_relay_body`).
+        self.alarm: _IdleAlarm | None = None
 
     def forward(self, size: int, prefix: bytes = b"") -> object:
         """The ``size`` bytes just read into the shared buffer, to the client after
@@ -863,11 +861,11 @@ class _BodyPump:
         size = upstream.recv_now(_BODY_BUFFER.view)
         if size < 0:
             return None
-        idle = self.idle
-        if idle is not None and size:
+        alarm = self.alarm
+        if alarm is not None and size:
             now = trio.current_time()
-            if idle.deadline - now < self.idle_s:
-                idle.deadline = now + self.idle_s * IDLE_DEADLINE_SLACK
+            if alarm.at - now < alarm.idle_s:
+                alarm.move(now)
         woken = self.forward(size)
         if woken is None and not upstream.drained:
             return _FULL
@@ -878,6 +876,56 @@ class _BodyPump:
 #: nearer than one (a move is a heap update): a silent upstream is cut after one to this
 #: many idle timeouts.
 IDLE_DEADLINE_SLACK: Final = 1.25
+
+
+class _IdleAlarm:
+    """A body's idle timeout, and the end of its relay when the client goes: a timer
+    (one heap entry in the run's :class:`~relay.net.timers.Timers`), not a cancel scope
+    around the body (a scope's entry and exit cost several times a timer's). When it
+    fires it closes both connections (an incomplete body ends both anyway), which wakes
+    the body's task, parked or waiting on either, with ``TransportClosed`` (or
+    :class:`_ClientGone`); :func:`_relay_body` tells that from a peer's own failure by
+    :attr:`fired`."""
+
+    __slots__ = ("_client", "_timer", "_timers", "_upstream", "at", "fired", "idle_s")
+
+    def __init__(self, idle_s: float, upstream: Transport, client: Transport) -> None:
+        self.idle_s = idle_s
+        self._upstream, self._client = upstream, client
+        self._timers = current_timers()
+        self.at = trio.current_time() + idle_s * IDLE_DEADLINE_SLACK
+        self._timer: Timer | None = self._timers.call_at(self.at, self.fire)
+        self.fired = False
+
+    def move(self, now: float) -> None:
+        """A read came at ``now``: the deadline is one idle timeout (and the slack) on."""
+        timer = self._timer
+        if timer is None:
+            return
+        self._timers.cancel(timer)
+        self.at = now + self.idle_s * IDLE_DEADLINE_SLACK
+        self._timer = self._timers.call_at(self.at, self.fire)
+
+    def fire(self) -> None:
+        """The deadline came: end the relay now (the timers' task calls this)."""
+        self._timer = None
+        self.fired = True
+        self._upstream.close()
+        self._client.close()
+
+    def client_gone(self) -> None:
+        """The client went (a read-hub watch saw its end): end the relay now. The client's
+        close waits for the timers' task: closing a socket drops its watch, which the hub
+        itself does once this watch's callback returns."""
+        self.stop()
+        self.fired = True
+        self._upstream.close()
+        self._timers.call_at(trio.current_time(), self._client.close)
+
+    def stop(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            self._timers.cancel(timer)
 
 
 async def _watched_body(
@@ -915,8 +963,8 @@ async def _watched_body(
 
 class _HubWatch:
     """A plain client socket watched from the read hub while its response streams: the
-    client gone cancels the body's scope (its idle scope: one scope fewer per response);
-    its next request's first bytes are kept."""
+    client gone fires the body's idle alarm at once (one timer for both ends); its next
+    request's first bytes are kept."""
 
     __slots__ = ("_client", "_pump", "gone", "pipelined")
 
@@ -936,9 +984,9 @@ class _HubWatch:
             return False  # nothing after all: watch on
         if received == 0:
             self.gone = True
-            idle = self._pump.idle
-            if idle is not None:
-                idle.cancel()
+            alarm = self._pump.alarm
+            if alarm is not None:
+                alarm.client_gone()
         else:
             self.pipelined = bytes(_BODY_BUFFER.watch_view[:received])
         return True
@@ -960,6 +1008,8 @@ class _ClientWatcher:
         try:
             received = await self._transport.recv_into(buffer)
         except TransportClosed:
+            if self._transport.closed:
+                return  # closed by the relay (the body's idle alarm): the client stayed
             received = 0
         if received == 0:
             self.gone = True
@@ -981,11 +1031,10 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
         hub, hub_sock = current_hub(), upstream.sock
     current_time = trio.current_time
     buffer = _BODY_BUFFER.buffer
-    slack_s = idle_s * IDLE_DEADLINE_SLACK
-    # One scope for the whole body, not one per read (it costs more than the read); its
+    # One alarm for the whole body, not one per read (it costs more than the read); its
     # deadline moves only once it is nearer than idle_s (see IDLE_DEADLINE_SLACK).
-    with trio.CancelScope(deadline=current_time() + slack_s) as idle:
-        pump.idle, pump.idle_s = idle, idle_s
+    alarm = pump.alarm = _IdleAlarm(idle_s, upstream, client)
+    try:
         # The bytes that came with the head go out with it, in one write.
         prefix, woken = response_head, None
         while already:
@@ -997,6 +1046,8 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
         if prefix:
             await _send_all(client, prefix)
         while woken is not _ENDED:
+            if alarm.fired:
+                return False  # fired while this task was about to run: both are closed
             if woken is _UNSENT:
                 rest, pump.unsent = pump.unsent, b""
                 await _send_all(client, rest)
@@ -1005,13 +1056,18 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
             if hub_sock is not None and upstream.drained:
                 woken = await hub.serve(hub_sock, pump.hub_read)
             else:
-                if idle.deadline - current_time() < idle_s:
-                    idle.deadline = current_time() + slack_s
+                now = current_time()
+                if alarm.at - now < idle_s:
+                    alarm.move(now)
                 woken = pump.forward(await upstream.recv_into(buffer))
-        pump.idle = None
         return pump.complete
-    pump.idle = None
-    return False  # the upstream was silent for idle_s
+    except (TransportClosed, _ClientGone):
+        if alarm.fired:
+            return False  # the upstream was silent for idle_s, or the client went
+        raise
+    finally:
+        alarm.stop()
+        pump.alarm = None
 
 
 async def _send_all(client: Transport, data: bytes | memoryview) -> None:
