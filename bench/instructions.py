@@ -19,9 +19,20 @@ Per path (the byte splice, the relay, optionally the relay of another work tree)
 At this load every read holds one frame, the regime of a real-time session at low
 concurrency, so the figure is the full per-message cost (wakeup, reads, parse,
 write) without batching. It is a ratio between paths and between commits, not a
-time. Usage::
+time.
+
+``--rest`` counts the REST proxy instead: instructions per request, the relay under
+callgrind in front of the C streamed chat completions upstream
+(``bench/c/sse_upstream.c``, ``--stream-chunks`` SSE chunks per answer every
+:data:`REST_CHUNK_INTERVAL_MS`), ``--sessions`` keep-alive loops (default one) of our
+load client (``bench/rest_client.py``), requests counted by completion in the window
+(at one stream no two requests share a wakeup, and the count repeats within 0.3 %; at
+four it moves by 2-3 % with how the reads coalesce). Two runs,
+``--stream-chunks 1`` and ``--stream-chunks 20``, split a request's fixed cost from
+its cost per chunk. Usage::
 
     python bench/instructions.py [--sessions 4] [--duration-s 8] [--relay-before DIR]
+    python bench/instructions.py --rest [--duration-s 10] [--stream-chunks 1] [--relay-before DIR]
 """
 
 from __future__ import annotations
@@ -37,7 +48,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from harness import NODE_DIR, REPO, Rig, free_port, load_events, node_binary, wait_for_port
+from harness import (
+    CLIENT_KEY,
+    NODE_DIR,
+    REPO,
+    Rig,
+    free_port,
+    load_events,
+    node_binary,
+    wait_for_port,
+)
 
 #: Valgrind slows a Python process ~50x; its start-up (uninstrumented) takes seconds.
 VALGRIND_STARTUP_TIMEOUT_S: Final = 120.0
@@ -45,6 +65,17 @@ VALGRIND_STARTUP_TIMEOUT_S: Final = 120.0
 #: under callgrind well ahead of it.
 APPENDS_PER_S_PER_SESSION: Final = 40
 LOAD_SLACK_S: Final = 60.0
+DEFAULT_SESSIONS: Final = 4
+#: ``--rest``: one stream, so that no two requests share a wakeup: the count per request
+#: repeats within 0.3 % (at 4 streams it moves by 2-3 % with how reads coalesce).
+DEFAULT_REST_STREAMS: Final = 1
+#: ``--rest``: the C upstream's pacing (ms between its chunks) and the client's model.
+REST_CHUNK_INTERVAL_MS: Final = 20
+REST_MODEL: Final = "gpt-4o-mini"
+#: ``--rest``: seconds the requests in flight get after the window, and per request
+#: (a relay ~50x slower under valgrind still answers well within it).
+REST_DRAIN_S: Final = 10.0
+REST_REQUEST_TIMEOUT_S: Final = 60.0
 _TOTALS: Final = re.compile(rb"^(?:summary|totals):\s+(\d+)", re.MULTILINE)
 
 
@@ -54,6 +85,8 @@ class Counted:
     instructions: int
     messages: int
     lost: int
+    #: ``--rest``: the SSE events the requests carried (``messages`` are the requests).
+    chunks: int = 0
 
     @property
     def per_message(self) -> float:
@@ -87,6 +120,7 @@ def count(
     cwd: Path = REPO,
     load_args: tuple[str, ...] = (),
     churn: bool = False,
+    rest: bool = False,
 ) -> Counted:
     out_dir = rig.work_dir / f"callgrind-{name.replace('/', '_').replace('@', '_')}"
     out_dir.mkdir()
@@ -106,34 +140,14 @@ def count(
     try:
         wait_for_port(port, process, VALGRIND_STARTUP_TIMEOUT_S)
         _callgrind(process.pid, "--instr=on")
+        if rest:
+            load_command = _rest_load(port, sessions, warmup_s, duration_s)
+        else:
+            load_command = _realtime_load(
+                env, port, sessions, warmup_s, duration_s, churn, load_args
+            )
         load = subprocess.Popen(
-            [
-                node_binary(),
-                str(NODE_DIR / "loadgen.mjs"),
-                "--url",
-                f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime",
-                "--key",
-                env.get("RELAY_SERVE_CLIENT_KEYS", "sk-bench-simulator-key"),
-                *(
-                    ("--mode", "churn", "--concurrency", str(sessions))
-                    if churn
-                    else ("--mode", "stream", "--sessions", str(sessions))
-                ),
-                "--rate",
-                str(APPENDS_PER_S_PER_SESSION),
-                "--warmup-s",
-                str(warmup_s),
-                "--duration-s",
-                str(duration_s),
-                "--open-timeout-s",
-                "60",
-                "--grace-s",
-                "5",
-                *load_args,
-            ],
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            load_command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         assert load.stdout is not None
         result: dict[str, object] = {}
@@ -150,6 +164,17 @@ def count(
         _, stderr = load.communicate(timeout=10)
         if not result:
             raise RuntimeError(f"{name}: the load gave no result: {stderr[-400:]!r}")
+        if rest:
+            # A request is counted by its completion; its chunks are the per-chunk part.
+            errors = result.get("errors")
+            lost = sum(errors.values()) if isinstance(errors, dict) else 0
+            return Counted(
+                name,
+                _dumped_total(out_dir, process.pid),
+                int(str(result["requests"])),
+                lost,
+                chunks=int(str(result["chunks"])),
+            )
         # Churn's unit is a session opened, used and closed inside the window.
         messages = (
             int(str(result["sessions_completed"]))
@@ -167,9 +192,62 @@ def count(
             process.kill()
 
 
+def _realtime_load(
+    env: dict[str, str],
+    port: int,
+    sessions: int,
+    warmup_s: float,
+    duration_s: float,
+    churn: bool,
+    load_args: tuple[str, ...],
+) -> list[str]:
+    """The Node load generator's command: sessions streaming appends, or churning."""
+    return [
+        node_binary(),
+        str(NODE_DIR / "loadgen.mjs"),
+        "--url",
+        f"ws://127.0.0.1:{port}/v1/realtime?model=gpt-realtime",
+        "--key",
+        env.get("RELAY_SERVE_CLIENT_KEYS", "sk-bench-simulator-key"),
+        *(
+            ("--mode", "churn", "--concurrency", str(sessions))
+            if churn
+            else ("--mode", "stream", "--sessions", str(sessions))
+        ),
+        "--rate",
+        str(APPENDS_PER_S_PER_SESSION),
+        "--warmup-s",
+        str(warmup_s),
+        "--duration-s",
+        str(duration_s),
+        "--open-timeout-s",
+        "60",
+        "--grace-s",
+        "5",
+        *load_args,
+    ]
+
+
+def _rest_load(port: int, streams: int, warmup_s: float, duration_s: float) -> list[str]:
+    """``bench/rest_client.py``: ``streams`` keep-alive loops of streamed chat completions."""
+    return [
+        sys.executable,
+        str(REPO / "bench/rest_client.py"),
+        *("--port", str(port), "--key", CLIENT_KEY, "--model", REST_MODEL),
+        *("--streams", str(streams), "--stagger-ms", str(REST_CHUNK_INTERVAL_MS)),
+        *("--warmup-s", str(warmup_s), "--duration-s", str(duration_s)),
+        *("--drain-s", str(REST_DRAIN_S), "--request-timeout-s", str(REST_REQUEST_TIMEOUT_S)),
+    ]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sessions", type=int, default=4)
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        help=f"sessions (--rest: streams), default {DEFAULT_SESSIONS} ({DEFAULT_REST_STREAMS} "
+        "with --rest)",
+    )
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--duration-s", type=float, default=8.0)
     parser.add_argument("--paths", default="splice,relay")
@@ -189,21 +267,48 @@ def main() -> int:
         help="instructions per session instead of per message: --sessions closed loops, "
         "each opening a session, exchanging 5 appends and closing it (loadgen --mode churn)",
     )
+    parser.add_argument(
+        "--rest",
+        action="store_true",
+        help="instructions per REST request: --sessions keep-alive loops of streamed chat "
+        "completions (bench/rest_client.py) through the REST proxy to the C upstream "
+        "(bench/c/sse_upstream.c)",
+    )
+    parser.add_argument(
+        "--stream-chunks",
+        type=int,
+        default=1,
+        help="--rest: SSE chunks the upstream streams per answer (two runs, 1 and N, "
+        "split the fixed cost per request from the cost per chunk)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument(
         "--keep", type=Path, help="keep the callgrind dumps here (for callgrind_annotate)"
     )
     args = parser.parse_args()
+    if args.sessions is None:
+        args.sessions = DEFAULT_REST_STREAMS if args.rest else DEFAULT_SESSIONS
     with tempfile.TemporaryDirectory(prefix="instructions-") as tmp:
         work_dir = Path(tmp) if args.keep is None else args.keep
         work_dir.mkdir(parents=True, exist_ok=True)
-        rig = Rig(work_dir)
+        # The REST bench's relay logs at warning (bench/rest.py): no line per request.
+        rig = Rig(work_dir, relay_log_level="warning" if args.rest else "info")
         try:
-            upstream_port = rig.start_echo_upstream(mode="delta" if args.audio else "echo")
+            if args.rest:
+                upstream_port = rig.start_light_sse_upstream(
+                    chunk_interval_ms=REST_CHUNK_INTERVAL_MS, stream_chunks=args.stream_chunks
+                )
+            else:
+                upstream_port = rig.start_echo_upstream(mode="delta" if args.audio else "echo")
             upstream_url = f"ws://127.0.0.1:{upstream_port}/v1"
             plan: list[tuple[str, list[str], dict[str, str], int, Path, tuple[str, ...]]] = []
             relay_command = [sys.executable, "-m", "relay", "serve"]
-            paths = ["relay/json", "relay/binary"] if args.audio else args.paths.split(",")
+            if args.rest:
+                paths = ["relay"]
+            elif args.audio:
+                paths = ["relay/json", "relay/binary"]
+            else:
+                paths = args.paths.split(",")
             for path in paths:
                 port = free_port()
                 if path == "splice":
@@ -237,11 +342,24 @@ def main() -> int:
                     cwd=cwd,
                     load_args=load_args,
                     churn=args.churn,
+                    rest=args.rest,
                 )
                 for name, command, env, port, cwd, load_args in plan
             ]
         finally:
             rig.stop()
+    if args.rest:
+        print_rest(counted, args)
+    else:
+        print_messages(counted, args)
+    if args.json is not None:
+        args.json.write_text(
+            json.dumps([{**c.__dict__, "per_message": c.per_message} for c in counted], indent=2)
+        )
+    return 0
+
+
+def print_messages(counted: list[Counted], args: argparse.Namespace) -> None:
     floor_path = "relay/json" if args.audio else "splice"
     floor = next((c.per_message for c in counted if c.path == floor_path), float("nan"))
     unit = "session" if args.churn else "message"
@@ -260,11 +378,18 @@ def main() -> int:
     for c in counted:
         ratio = c.per_message / floor
         print(f"| {c.path} | {c.per_message:,.0f} | {ratio:.2f} | {c.messages} | {c.lost} |")
-    if args.json is not None:
-        args.json.write_text(
-            json.dumps([{**c.__dict__, "per_message": c.per_message} for c in counted], indent=2)
-        )
-    return 0
+
+
+def print_rest(counted: list[Counted], args: argparse.Namespace) -> None:
+    print(
+        f"{args.sessions} REST streams, {args.stream_chunks} chunk(s) per answer every "
+        f"{REST_CHUNK_INTERVAL_MS} ms; {args.duration_s:.0f} s window"
+    )
+    print("| path | instructions per request | requests | chunks per request | errors |")
+    print("|---|---|---|---|---|")
+    for c in counted:
+        chunks = c.chunks / c.messages if c.messages else float("nan")
+        print(f"| {c.path} | {c.per_message:,.0f} | {c.messages} | {chunks:.1f} | {c.lost} |")
 
 
 if __name__ == "__main__":

@@ -224,6 +224,8 @@ class RelayMetrics:
             ["model", "kind"],
             registry=r,
         )
+        # Every REST response with usage counts two or three kinds (model, kind order).
+        self.usage_tokens_by = Children(self.usage_tokens)
 
         self.key_file_reload_failures = Counter(
             "relay_key_file_reload_failures",

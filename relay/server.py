@@ -82,7 +82,7 @@ from relay.net.transport import (
 from relay.net.websocket import OP_TEXT, ConnectionClosed, WebSocket
 from relay.protocol import binary_audio, handshake
 from relay.protocol.handshake import HandshakeError, RequestHead
-from relay.rest.proxy import RestProxy
+from relay.rest.proxy import RestProxy, next_request_head
 from relay.upstreams.chooser import UpstreamHealth
 from relay.upstreams.table import LiveSessions, UpstreamTable, build_upstream_table
 from relay.upstreams.urls import UpstreamKind
@@ -319,15 +319,15 @@ class RelayServer:
             leftover = await self.rest.serve(transport, head)
             if leftover is None:
                 return
-            with trio.move_on_after(self.config.rest_keep_alive_timeout_s):
-                next_head = await http.read_request_head(transport, leftover)
-                if next_head is None:
-                    return
-                head = next_head
-                if not self.rest.handles(head):
-                    break
-                continue
-            return  # idle for too long between requests
+            # None also when idle for too long between requests (a timer, not a scope).
+            next_head = await next_request_head(
+                transport, leftover, self.config.rest_keep_alive_timeout_s
+            )
+            if next_head is None:
+                return
+            head = next_head
+            if not self.rest.handles(head):
+                break
         if head.path in REALTIME_PATHS and head.is_websocket_upgrade():
             await self._realtime(transport, head)
         else:

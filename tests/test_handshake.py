@@ -294,3 +294,39 @@ def test_unusual_heads_go_to_h11(raw: bytes) -> None:
 def test_an_interim_response_s_framing_headers_go_to_h11() -> None:
     raw = b"HTTP/1.1 103 Early Hints\r\nContent-Length: 0\r\n\r\n"
     assert handshake._fast_head(raw, handshake._FAST_STATUS_LINE) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(_HEAD_PIECES, max_size=14),
+    st.sampled_from([handshake.parse_request_head, handshake.parse_response_head]),
+)
+def test_a_head_reads_the_same_from_known_lines_as_from_the_match(
+    pieces: list[bytes], parse: Any
+) -> None:
+    """The known-lines cache: a head read with its lines cached (twice, the second time
+    from the cache) reads as with the cache empty, and holds only lines that matched."""
+    if parse is handshake.parse_response_head and pieces[:1] != [b"HTTP/1.1"]:
+        pieces = [b"HTTP/1.1 200 ", *pieces]
+    raw = b"".join(pieces) + b"\r\n\r\n"
+    handshake._KNOWN_LINES.clear()
+    cold = _outcome(parse, raw)
+    warm = _outcome(parse, raw)
+    assert warm == cold
+    for line, pair in handshake._KNOWN_LINES.items():
+        field = handshake._FAST_HEADER.fullmatch(line)
+        assert field is not None
+        assert pair == (field[1].lower(), field[2])
+
+
+def test_known_lines_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(handshake, "MAX_KNOWN_LINES", 3)
+    handshake._KNOWN_LINES.clear()
+    long_value = b"v" * handshake.MAX_KNOWN_LINE_BYTES
+    for index in range(10):
+        raw = b"GET / HTTP/1.1\r\nHost: a\r\nX-Id: %d\r\nX-Long: %s\r\n\r\n" % (index, long_value)
+        head = handshake.parse_request_head(raw)
+        assert head is not None
+        assert head.headers == ((b"host", b"a"), (b"x-id", b"%d" % index), (b"x-long", long_value))
+        assert len(handshake._KNOWN_LINES) <= 3
+    assert not any(line.startswith(b"X-Long") for line in handshake._KNOWN_LINES)

@@ -297,3 +297,20 @@ async def test_an_upstream_that_closes_mid_body_ends_it_incomplete(hub: bool) ->
         with trio.fail_after(WAIT_S):
             complete, _ = await proxy._watched_body(pump, HEAD, b"", IDLE_S)
         assert not complete
+
+
+@pytest.mark.parametrize("hub", [True, False], ids=["hub", "awaited"])
+async def test_a_client_that_never_reads_is_cut_after_the_idle_timeout(
+    hub: bool, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The idle alarm ends a write that waits on the client too (it closes both legs),
+    not only an upstream read; and the client is not taken for gone."""
+    async with legs(hub, buffer_bytes=16 * 1024) as found:
+        payload = bytes(range(256)) * 64
+        wire = b"".join(chunk(payload) for _ in range(64))  # 1 MiB, never all taken
+        sent = found.upstream_peer.send(wire)
+        pump = pump_for(found)
+        with trio.fail_after(IDLE_S * 3):  # virtual time
+            assert await proxy._watched_body(pump, HEAD, b"", IDLE_S) == (False, b"")
+        assert 0 < sent < len(wire)
+        assert current_hub().parked == 0

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import trio
 import trio.lowlevel
@@ -22,7 +23,10 @@ from openai import AsyncOpenAI
 
 from relay.config import UpstreamSettings
 from relay.credentials.keyfiles import create_app_key, rotate_signing_key
+from relay.protocol import handshake
+from relay.rest import proxy as proxy_module
 from relay.simulator import rest_payloads
+from relay.upstreams.table import build_upstream_table
 from tests.conftest import (
     CLIENT_KEY,
     SIM_KEY,
@@ -541,3 +545,123 @@ async def test_a_pooled_connection_that_fails_before_any_answer_is_retried_fresh
     assert retried.connection != first.connection
     assert retried.status == 200
     assert upstream_outcomes(relay) == {"success": 2}
+
+
+async def test_a_reload_reroutes_the_next_request_and_a_cool_down_is_honoured_at_once(
+    nursery: trio.Nursery,
+) -> None:
+    """The proxy keeps each model's route (upstreams, candidates, pool keys) while the
+    upstream table lasts: a reload must take effect on the next request, and what a
+    route does not hold (cool-downs) must still change the order request by request."""
+    first = await rest_sim(nursery, api_keys=(KEY_A,))
+    second = await rest_sim(nursery, api_keys=(KEY_B,))
+    environ = {"KEY_A": KEY_A, "KEY_B": KEY_B}
+    relay = await start_routed_relay(
+        nursery,
+        {"first": UpstreamSettings(url=first.ws_base, api_key_env=("KEY_A",), models=("m",))},
+        environ,
+    )
+
+    async def chat(model: str = "m") -> int:
+        async with httpx.AsyncClient() as client:
+            response = await client.post(
+                f"{relay.http_base}/chat/completions",
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                json={"model": model, "messages": MESSAGES},
+            )
+        return response.status_code
+
+    assert await chat() == 200
+    assert await chat("n") == 400  # not served: refused without an upstream call
+    config = msgspec.structs.replace(
+        relay.server.config,
+        upstreams={
+            "first": UpstreamSettings(
+                url=first.ws_base, api_key_env=("KEY_A",), models=("m",), priority=0
+            ),
+            "second": UpstreamSettings(
+                url=second.ws_base, api_key_env=("KEY_B",), models=("m", "n"), priority=1
+            ),
+        },
+    )
+    relay.server.apply_config(config, build_upstream_table(config, environ=environ))
+    assert await chat("n") == 200  # the new table's route, not the cached refusal
+    assert [r.status for r in second.sim.rest_requests] == [200]
+    # A 429 cools "first" down: the very next request of the same route goes to "second".
+    first.sim.rest_faults.refuse_next(429, retry_after_s=30)
+    assert await chat() == 200
+    assert await chat() == 200
+    assert [r.status for r in first.sim.rest_requests] == [200, 429]
+    assert [r.status for r in second.sim.rest_requests] == [200, 200, 200]
+
+
+async def test_routes_kept_are_bounded_when_an_upstream_serves_every_model(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Model names are the client's: with an upstream serving every model, each new name
+    would keep a route for ever without the bound."""
+    monkeypatch.setattr(proxy_module, "MAX_CACHED_ROUTES", 2)
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base)
+    async with httpx.AsyncClient() as client:
+        for model in ("gpt-4.1", "gpt-4.1-mini", "gpt-4o", "gpt-4o-mini"):
+            response = await client.post(
+                f"{relay.http_base}/chat/completions",
+                headers={"Authorization": f"Bearer {CLIENT_KEY}"},
+                json={"model": model, "messages": MESSAGES},
+            )
+            assert response.status_code == 200
+            assert len(relay.server.rest._routes) <= 2
+
+
+async def read_until(stream: trio.SocketStream, end: bytes, timeout_s: float = 10) -> bytes:
+    data = b""
+    with trio.fail_after(timeout_s):
+        while not data.endswith(end):
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+async def test_the_first_byte_and_keep_alive_timers_end_with_their_reads(
+    nursery: trio.Nursery,
+) -> None:
+    """Both timeouts are timers that close the connection when they come due: each must
+    be off once its read is done, or it would cut a response that streams for longer
+    than the timeout (the first byte's the upstream's, the keep-alive's the client's)."""
+    sim = await rest_sim(nursery, rest_chunk_interval_ms=60, rest_stream_chunks=8)
+    relay = await start_relay(
+        nursery, sim.ws_base, rest_first_byte_timeout_s=0.2, rest_keep_alive_timeout_s=0.2
+    )
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES, "stream": True}).encode()
+    head = post_head("/v1/chat/completions", len(body)).replace(b"Connection: close\r\n", b"")
+    stream = await raw_request(relay.port, head, body)
+    async with stream:
+        for _ in range(2):  # the second on the same client and upstream connections
+            answer = await read_until(stream, b"0\r\n\r\n")
+            assert answer.startswith(b"HTTP/1.1 200")
+            assert answer.endswith(b"0\r\n\r\n")  # whole, past both timeouts
+            assert b"data: [DONE]" in answer
+            await stream.send_all(head + body)
+        answer = await read_until(stream, b"0\r\n\r\n")
+    first, second, third = sim.sim.rest_requests
+    assert first.connection == second.connection == third.connection
+    assert [r.status for r in sim.sim.rest_requests] == [200, 200, 200]
+
+
+async def test_a_keep_alive_client_silent_past_the_timeout_is_closed(
+    nursery: trio.Nursery,
+) -> None:
+    sim = await rest_sim(nursery)
+    relay = await start_relay(nursery, sim.ws_base, rest_keep_alive_timeout_s=0.2)
+    body = json.dumps({"model": "gpt-4.1", "messages": MESSAGES}).encode()
+    head = post_head("/v1/chat/completions", len(body)).replace(b"Connection: close\r\n", b"")
+    stream = await raw_request(relay.port, head, body)
+    async with stream:
+        answer = await read_all(stream)  # the answer, then the relay's close
+    assert answer.startswith(b"HTTP/1.1 200")
+    response = handshake.parse_response_head(answer)
+    assert response is not None
+    assert len(response.trailing) == response.content_length  # whole, then closed

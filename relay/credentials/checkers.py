@@ -67,6 +67,9 @@ class StaticKeyChecker:
 
     def __init__(self, digests_hex: Iterable[str]) -> None:
         self._digests = tuple(parse_digest_hex(d) for d in digests_hex)
+        # The id names the key by a digest prefix: stable, loggable, not the key. One
+        # grant per key, made once (a grant is immutable): not a format per request.
+        self._grants = tuple(AuthGrant(credential_id=f"key:{d.hex()[:12]}") for d in self._digests)
 
     def check(self, credential: str | None, head: RequestHead) -> AuthGrant | AuthRefusal:
         if not credential:
@@ -74,8 +77,7 @@ class StaticKeyChecker:
         index = matches_any(credential, self._digests)
         if index is None:
             return INVALID
-        # The id names the key by a digest prefix: stable, loggable, not the key.
-        return AuthGrant(credential_id=f"key:{self._digests[index].hex()[:12]}")
+        return self._grants[index]
 
 
 class NoAuthChecker:

@@ -167,8 +167,9 @@ class Router:
     ) -> None:
         """One dial's (or REST attempt's) outcome: health, the counter, the log."""
         change = self.health.record(AttemptResult(key, outcome, retry_after_s), trio.current_time())
-        self.metrics.upstream_handshakes_by(key.upstream, key.key_id, outcome.value).inc()
-        self.outcomes[(key, outcome.value)] += 1
+        value = outcome.value  # (an enum's value is a descriptor call each time)
+        self.metrics.upstream_handshakes_by(key.upstream, key.key_id, value).inc()
+        self.outcomes[(key, value)] += 1
         if change is Change.KEY_MARKED_BAD:
             LOGGER.error(
                 "upstream %s rejected key %s (HTTP 401/403): it is not used again until a "

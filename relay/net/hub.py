@@ -357,7 +357,7 @@ class ReadHub:
                     except Exception:  # a watcher's own failure ends its watch
                         done = True
                     if done:
-                        del self._watched[fd]
+                        self._watched.pop(fd, None)  # (a callback may close its socket)
                 elif fd in registered:
                     self._ready.add(fd)
                 continue

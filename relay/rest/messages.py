@@ -327,9 +327,17 @@ def forwarded_response_headers(
 
 
 def response_head(status: int, headers: Iterable[tuple[bytes, bytes]]) -> bytes:
-    lines = [b"HTTP/1.1 %d %s" % (status, reason_phrase(status).encode())]
+    line = _STATUS_LINES.get(status)
+    if line is None:
+        # At most one per three-digit code (the parsers take no other): a bounded cache.
+        line = _STATUS_LINES[status] = b"HTTP/1.1 %d %s" % (status, reason_phrase(status).encode())
+    lines = [line]
     lines.extend(name + b": " + value for name, value in headers)
     return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+#: Status lines by code, built on first use.
+_STATUS_LINES: dict[int, bytes] = {}
 
 
 def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None:

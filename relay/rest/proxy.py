@@ -55,6 +55,7 @@ from relay.dataplane.admission import quoted
 from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
 from relay.net import http
+from relay.net.timers import Timer, current_timers
 from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
@@ -69,8 +70,15 @@ from relay.rest.messages import (
     UsageReader,
 )
 from relay.rest.pool import ConnectionKey, ConnectionPool
-from relay.upstreams.chooser import FAILS_OVER, KeyRef, Outcome, outcome_for_status, plan_attempts
-from relay.upstreams.table import Upstream
+from relay.upstreams.chooser import (
+    FAILS_OVER,
+    KeyRef,
+    Outcome,
+    UpstreamCandidate,
+    outcome_for_status,
+    plan_attempts,
+)
+from relay.upstreams.table import Upstream, UpstreamTable
 from relay.upstreams.urls import UpstreamKind
 
 LOGGER = logging.getLogger("relay.rest")
@@ -80,6 +88,9 @@ MAX_REFUSAL_BODY_BYTES: Final = 64 * 1024
 REFUSAL_BODY_TIMEOUT_S: Final = 5.0
 #: Upstream response headers named in the log line (never a credential).
 _LOGGED_REQUEST_ID: Final = b"x-request-id"
+#: Routes kept per upstream table (one per model asked for); past it they are built anew
+#: (a table whose upstream serves every model would otherwise keep one per name sent).
+MAX_CACHED_ROUTES: Final = 1024
 
 
 class RestState(Protocol):
@@ -141,6 +152,36 @@ class _Exchange:
     usage: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class _Route:
+    """What the attempts of one model need of the upstream table, built once per table:
+    the upstreams serving it, by name, as the chooser's candidates, and their pool keys.
+    Nothing here changes while the table lives (a reload swaps the table whole); health,
+    cool-downs and live counts are read afresh by every plan."""
+
+    upstreams: tuple[Upstream, ...]
+    by_name: dict[str, Upstream]
+    candidates: tuple[UpstreamCandidate, ...]
+    pool_keys: dict[str, ConnectionKey]
+
+    @classmethod
+    def of(cls, upstreams: tuple[Upstream, ...]) -> _Route:
+        return cls(
+            upstreams,
+            {upstream.name: upstream for upstream in upstreams},
+            tuple(upstream.candidate() for upstream in upstreams),
+            {
+                upstream.name: (
+                    upstream.name,
+                    upstream.target.host,
+                    upstream.target.port,
+                    upstream.target.tls,
+                )
+                for upstream in upstreams
+            },
+        )
+
+
 class _ClientGone(Exception):
     """The client closed its connection while the response was on its way."""
 
@@ -155,6 +196,9 @@ class RestProxy:
         self.pool = ConnectionPool(
             max_idle=config.rest_pool_max_idle, idle_timeout_s=config.rest_pool_idle_timeout_s
         )
+        #: Routes by (model, a model-less read's fallback), for ``_routes_table`` only.
+        self._routes: dict[tuple[str | None, bool], _Route] = {}
+        self._routes_table: UpstreamTable | None = None
 
     def handles(self, head: RequestHead) -> bool:
         config = self._state.config
@@ -223,8 +267,8 @@ class RestProxy:
             raise RestRequestError(
                 403, "This token does not allow this model.", "model_not_allowed", "model"
             )
-        upstreams = self._candidates(model, head)
-        leftover = await self._proxy(transport, head, body, model, upstreams, exchange)
+        route = self._candidates(model, head)
+        leftover = await self._proxy(transport, head, body, model, route, exchange)
         return None if leftover is None else early + leftover
 
     def _authorize(self, head: RequestHead, exchange: _Exchange) -> tuple[str, ...]:
@@ -306,11 +350,32 @@ class RestProxy:
             buffer += chunk[:received]
         return bytes(buffer)
 
-    def _candidates(self, model: str | None, head: RequestHead) -> tuple[Upstream, ...]:
+    def _route(self, model: str | None, shaped: bool) -> _Route:
+        """The route of ``model`` in the table of the moment (``shaped``: the OpenAI-shaped
+        upstreams, for a read that names no model), cached while that table lasts."""
         table = self._state.router.table
-        upstreams = table.route(model)
-        if upstreams:
-            return upstreams
+        routes = self._routes
+        if table is not self._routes_table:
+            routes.clear()  # a reload: the old table's upstreams are not reused
+            self._routes_table = table
+        route = routes.get((model, shaped))
+        if route is None:
+            if shaped:
+                upstreams = tuple(
+                    up for up in table.upstreams if up.spec.kind is not UpstreamKind.AZURE
+                )
+            else:
+                upstreams = table.route(model)
+            route = _Route.of(upstreams)
+            if len(routes) >= MAX_CACHED_ROUTES:
+                routes.clear()
+            routes[(model, shaped)] = route
+        return route
+
+    def _candidates(self, model: str | None, head: RequestHead) -> _Route:
+        route = self._route(model, False)
+        if route.upstreams:
+            return route
         if model is not None:
             raise RestRequestError(
                 400,
@@ -326,8 +391,8 @@ class RestProxy:
                 "model",
             )
         # A read without a model (GET /v1/responses/<id>): the OpenAI-shaped upstreams.
-        shaped = tuple(up for up in table.upstreams if up.spec.kind is not UpstreamKind.AZURE)
-        if not shaped:
+        shaped = self._route(None, True)
+        if not shaped.upstreams:
             raise RestRequestError(404, f"No endpoint at {head.path[:100]}.", "not_found")
         return shaped
 
@@ -358,13 +423,12 @@ class RestProxy:
         head: RequestHead,
         body: _Body,
         model: str | None,
-        upstreams: tuple[Upstream, ...],
+        route: _Route,
         exchange: _Exchange,
     ) -> bytes | None:
         state = self._state
         config, router = state.config, state.router
-        by_name = {upstream.name: upstream for upstream in upstreams}
-        candidates = [upstream.candidate() for upstream in upstreams]
+        by_name, candidates = route.by_name, route.candidates
         policy = router.health.policy
         tried: set[KeyRef] = set()
         last: _Refusal | None = None
@@ -404,7 +468,16 @@ class RestProxy:
             exchange.attempts += 1
             router.live.add(key)
             try:
-                outcome = await self._attempt(transport, head, body, model, upstream, key, exchange)
+                outcome = await self._attempt(
+                    transport,
+                    head,
+                    body,
+                    model,
+                    upstream,
+                    route.pool_keys[upstream.name],
+                    key,
+                    exchange,
+                )
             finally:
                 router.live.remove(key)
             if isinstance(outcome, _Refusal):
@@ -419,6 +492,7 @@ class RestProxy:
         body: _Body,
         model: str | None,
         upstream: Upstream,
+        pool_key: ConnectionKey,
         key: KeyRef,
         exchange: _Exchange,
     ) -> _Refusal | bytes | None:
@@ -426,12 +500,6 @@ class RestProxy:
         client's leftover bytes, or None to close)."""
         state = self._state
         config = state.config
-        pool_key: ConnectionKey = (
-            upstream.name,
-            upstream.target.host,
-            upstream.target.port,
-            upstream.target.tls,
-        )
         request = self._upstream_request(head, body, model, upstream, key)
         started = self._clock()
         connection: Transport | None = None
@@ -450,14 +518,9 @@ class RestProxy:
                         await _copy_exactly(
                             transport, connection, body.rest, config.rest_idle_timeout_s
                         )
-                    # A bare scope, not trio.fail_after (a generator context manager).
-                    deadline = trio.current_time() + config.rest_first_byte_timeout_s
-                    with trio.CancelScope(deadline=deadline) as first_byte:
-                        response = await http.read_response_head(
-                            connection, skip_informational=True
-                        )
-                    if first_byte.cancelled_caught:
-                        raise trio.TooSlowError
+                    response = await _first_response_head(
+                        connection, config.rest_first_byte_timeout_s
+                    )
                     break
                 except TransportClosed:
                     connection.close()
@@ -636,8 +699,9 @@ class RestProxy:
             if usage.usage is not None:
                 exchange.usage = {k: v for k, v in usage.usage.as_kinds().items() if v}
                 model = usage.model or exchange.model or "unknown"
+                usage_tokens_by = self._state.metrics.usage_tokens_by
                 for kind, value in exchange.usage.items():
-                    self._state.metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
+                    usage_tokens_by(model, kind).inc(value)
             if complete and upstream_reusable:
                 self.pool.give(pool_key, connection, self._clock())
                 pooled = True
@@ -725,9 +789,8 @@ class _BodyPump:
         "_left",
         "_scanner",
         "_upstream",
+        "alarm",
         "complete",
-        "idle",
-        "idle_s",
         "unsent",
     )
 
@@ -749,9 +812,8 @@ class _BodyPump:
         self.complete = False
         #: The bytes of the last write the client's socket did not take at once.
         self.unsent: bytes | memoryview = b""
-        #: The idle scope, its deadline moved on by reads (see :func:`_relay_body`).
-        self.idle: trio.CancelScope | None = None
-        self.idle_s = 0.0
+        #: The idle timeout, moved on by reads (see :func:`_relay_body`).
+        self.alarm: _IdleAlarm | None = None
 
     def forward(self, size: int, prefix: bytes = b"") -> object:
         """The ``size`` bytes just read into the shared buffer, to the client after
@@ -798,11 +860,11 @@ class _BodyPump:
         size = upstream.recv_now(_BODY_BUFFER.view)
         if size < 0:
             return None
-        idle = self.idle
-        if idle is not None and size:
+        alarm = self.alarm
+        if alarm is not None and size:
             now = trio.current_time()
-            if idle.deadline - now < self.idle_s:
-                idle.deadline = now + self.idle_s * IDLE_DEADLINE_SLACK
+            if alarm.at - now < alarm.idle_s:
+                alarm.move(now)
         woken = self.forward(size)
         if woken is None and not upstream.drained:
             return _FULL
@@ -813,6 +875,56 @@ class _BodyPump:
 #: nearer than one (a move is a heap update): a silent upstream is cut after one to this
 #: many idle timeouts.
 IDLE_DEADLINE_SLACK: Final = 1.25
+
+
+class _IdleAlarm:
+    """A body's idle timeout, and the end of its relay when the client goes: a timer
+    (one heap entry in the run's :class:`~relay.net.timers.Timers`), not a cancel scope
+    around the body (a scope's entry and exit cost several times a timer's). When it
+    fires it closes both connections (an incomplete body ends both anyway), which wakes
+    the body's task, parked or waiting on either, with ``TransportClosed`` (or
+    :class:`_ClientGone`); :func:`_relay_body` tells that from a peer's own failure by
+    :attr:`fired`."""
+
+    __slots__ = ("_client", "_timer", "_timers", "_upstream", "at", "fired", "idle_s")
+
+    def __init__(self, idle_s: float, upstream: Transport, client: Transport) -> None:
+        self.idle_s = idle_s
+        self._upstream, self._client = upstream, client
+        self._timers = current_timers()
+        self.at = trio.current_time() + idle_s * IDLE_DEADLINE_SLACK
+        self._timer: Timer | None = self._timers.call_at(self.at, self.fire)
+        self.fired = False
+
+    def move(self, now: float) -> None:
+        """A read came at ``now``: the deadline is one idle timeout (and the slack) on."""
+        timer = self._timer
+        if timer is None:
+            return
+        self._timers.cancel(timer)
+        self.at = now + self.idle_s * IDLE_DEADLINE_SLACK
+        self._timer = self._timers.call_at(self.at, self.fire)
+
+    def fire(self) -> None:
+        """The deadline came: end the relay now (the timers' task calls this)."""
+        self._timer = None
+        self.fired = True
+        self._upstream.close()
+        self._client.close()
+
+    def client_gone(self) -> None:
+        """The client went (a read-hub watch saw its end): end the relay now. The client's
+        close waits for the timers' task: closing a socket drops its watch, which the hub
+        itself does once this watch's callback returns."""
+        self.stop()
+        self.fired = True
+        self._upstream.close()
+        self._timers.call_at(trio.current_time(), self._client.close)
+
+    def stop(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None:
+            self._timers.cancel(timer)
 
 
 async def _watched_body(
@@ -850,8 +962,8 @@ async def _watched_body(
 
 class _HubWatch:
     """A plain client socket watched from the read hub while its response streams: the
-    client gone cancels the body's scope (its idle scope: one scope fewer per response);
-    its next request's first bytes are kept."""
+    client gone fires the body's idle alarm at once (one timer for both ends); its next
+    request's first bytes are kept."""
 
     __slots__ = ("_client", "_pump", "gone", "pipelined")
 
@@ -871,9 +983,9 @@ class _HubWatch:
             return False  # nothing after all: watch on
         if received == 0:
             self.gone = True
-            idle = self._pump.idle
-            if idle is not None:
-                idle.cancel()
+            alarm = self._pump.alarm
+            if alarm is not None:
+                alarm.client_gone()
         else:
             self.pipelined = bytes(_BODY_BUFFER.watch_view[:received])
         return True
@@ -895,6 +1007,8 @@ class _ClientWatcher:
         try:
             received = await self._transport.recv_into(buffer)
         except TransportClosed:
+            if self._transport.closed:
+                return  # closed by the relay (the body's idle alarm): the client stayed
             received = 0
         if received == 0:
             self.gone = True
@@ -914,11 +1028,10 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
     hub = upstream.hub if type(upstream) is Transport else None
     current_time = trio.current_time
     buffer = _BODY_BUFFER.buffer
-    slack_s = idle_s * IDLE_DEADLINE_SLACK
-    # One scope for the whole body, not one per read (it costs more than the read); its
+    # One alarm for the whole body, not one per read (it costs more than the read); its
     # deadline moves only once it is nearer than idle_s (see IDLE_DEADLINE_SLACK).
-    with trio.CancelScope(deadline=current_time() + slack_s) as idle:
-        pump.idle, pump.idle_s = idle, idle_s
+    alarm = pump.alarm = _IdleAlarm(idle_s, upstream, client)
+    try:
         # The bytes that came with the head go out with it, in one write.
         prefix, woken = response_head, None
         while already:
@@ -930,6 +1043,8 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
         if prefix:
             await _send_all(client, prefix)
         while woken is not _ENDED:
+            if alarm.fired:
+                return False  # fired while this task was about to run: both are closed
             if woken is _UNSENT:
                 rest, pump.unsent = pump.unsent, b""
                 await _send_all(client, rest)
@@ -938,13 +1053,18 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
             if hub is not None and upstream.drained:
                 woken = await hub.serve(upstream.sock, pump.hub_read)
             else:
-                if idle.deadline - current_time() < idle_s:
-                    idle.deadline = current_time() + slack_s
+                now = current_time()
+                if alarm.at - now < idle_s:
+                    alarm.move(now)
                 woken = pump.forward(await upstream.recv_into(buffer))
-        pump.idle = None
         return pump.complete
-    pump.idle = None
-    return False  # the upstream was silent for idle_s
+    except (TransportClosed, _ClientGone):
+        if alarm.fired:
+            return False  # the upstream was silent for idle_s, or the client went
+        raise
+    finally:
+        alarm.stop()
+        pump.alarm = None
 
 
 async def _send_all(client: Transport, data: bytes | memoryview) -> None:
@@ -983,6 +1103,60 @@ async def _client_read(transport: Transport, buffer: bytearray, most: int, idle_
     if received == 0:
         raise _ClientGone
     return received
+
+
+class _CloseAlarm:
+    """A timeout on one read of a connection: a timer (one heap entry in the run's
+    :class:`~relay.net.timers.Timers`) that closes the connection when it comes due,
+    instead of a cancel scope around the read (a scope's entry and exit cost several
+    times a timer's). The read it cuts raises ``TransportClosed``; :attr:`fired` tells
+    that from the peer's own close. Used where the connection is closed on a timeout
+    anyway: the first byte of an upstream's answer, a keep-alive client's next request."""
+
+    __slots__ = ("_transport", "fired")
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+        self.fired = False
+
+    def fire(self) -> None:
+        self.fired = True
+        self._transport.close()
+
+
+async def _first_response_head(connection: Transport, timeout_s: float) -> ResponseHead:
+    """The upstream's response head, interim answers skipped; ``trio.TooSlowError`` when
+    it did not come within ``timeout_s`` (the connection is then closed)."""
+    alarm = _CloseAlarm(connection)
+    timers = current_timers()
+    timer = timers.call_at(trio.current_time() + timeout_s, alarm.fire)
+    try:
+        return await http.read_response_head(connection, skip_informational=True)
+    except TransportClosed:
+        if alarm.fired:
+            raise trio.TooSlowError from None
+        raise
+    finally:
+        timers.cancel(timer)
+
+
+async def next_request_head(
+    transport: Transport, leftover: bytes, timeout_s: float
+) -> RequestHead | None:
+    """A keep-alive client's next request head (``leftover``: its bytes already read);
+    None when the client closed, or sent nothing for ``timeout_s`` (then its connection
+    is closed)."""
+    alarm = _CloseAlarm(transport)
+    timers = current_timers()
+    timer = timers.call_at(trio.current_time() + timeout_s, alarm.fire)
+    try:
+        return await http.read_request_head(transport, leftover)
+    except TransportClosed:
+        if alarm.fired:
+            return None  # idle for too long between requests
+        raise
+    finally:
+        timers.cancel(timer)
 
 
 async def _read_refusal_body(connection: Transport, response: ResponseHead) -> bytes:

@@ -126,9 +126,15 @@ class UpstreamCandidate:
     key_ids: tuple[str, ...]
     #: Live sessions this upstream may hold; 0 = no limit.
     max_sessions: int = 0
+    #: :meth:`key_refs`, built once: a plan per REST request would build them anew.
+    _key_refs: tuple[KeyRef, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        refs = tuple(KeyRef(self.name, key_id) for key_id in self.key_ids)
+        object.__setattr__(self, "_key_refs", refs)
 
     def key_refs(self) -> tuple[KeyRef, ...]:
-        return tuple(KeyRef(self.name, key_id) for key_id in self.key_ids)
+        return self._key_refs
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +209,8 @@ class UpstreamHealth:
         """Learn from one dial that ended at ``now``."""
         key, outcome = result.key, result.outcome
         if outcome is Outcome.SUCCESS:
+            if not self.key_cooling_until and not self.upstream_cooling_until:
+                return Change.NONE  # the usual success: nothing cooling, nothing to clear
             cleared = self.key_cooling_until.pop(key, None) is not None
             cleared |= self.upstream_cooling_until.pop(key.upstream, None) is not None
             return Change.CLEARED if cleared else Change.NONE
@@ -229,17 +237,25 @@ class UpstreamHealth:
 
 def _ordered_keys(candidates: Iterable[UpstreamCandidate], live: LiveCounts) -> list[KeyRef]:
     """Every key of every upstream with room, in the order of the module docstring."""
-    upstreams = sorted(
-        candidates,
-        key=lambda up: (up.priority, live.by_upstream.get(up.name, 0), up.name),
-    )
+    upstreams = list(candidates)
+    if len(upstreams) > 1:
+        upstreams.sort(key=lambda up: (up.priority, live.by_upstream.get(up.name, 0), up.name))
     ordered: list[KeyRef] = []
     seen: set[KeyRef] = set()  # an upstream or key listed twice is still tried once
     for upstream in upstreams:
-        live_sessions = live.by_upstream.get(upstream.name, 0)
-        if upstream.max_sessions and live_sessions >= upstream.max_sessions:
+        if (
+            upstream.max_sessions
+            and live.by_upstream.get(upstream.name, 0) >= upstream.max_sessions
+        ):
             continue
-        keys = set(upstream.key_refs()) - seen
+        refs = upstream.key_refs()
+        if len(refs) == 1:
+            # One key (the usual pool): nothing to sort, the same key order as below.
+            if refs[0] not in seen:
+                seen.add(refs[0])
+                ordered.append(refs[0])
+            continue
+        keys = set(refs) - seen
         seen |= keys
         ordered.extend(sorted(keys, key=lambda key: (live.by_key.get(key, 0), key.key_id)))
     return ordered
@@ -260,13 +276,16 @@ def plan_attempts(
     deadline leaves no room for one attempt.
     """
     policy = health.policy
-    ordered = [
-        key
-        for key in _ordered_keys(candidates, live)
-        if key not in tried and not health.is_bad(key)
-    ]
-    fresh = [key for key in ordered if not health.is_cooling(key, now)]
-    chosen = fresh or ordered  # the cooled-down ones only when nothing fresh is left
+    ordered = _ordered_keys(candidates, live)
+    # The filters are skipped when they cannot drop a key (the usual first plan: nothing
+    # tried, bad or cooling); each test is a hash of the key.
+    if tried or health.bad_keys:
+        ordered = [key for key in ordered if key not in tried and not health.is_bad(key)]
+    if health.key_cooling_until or health.upstream_cooling_until:
+        fresh = [key for key in ordered if not health.is_cooling(key, now)]
+        chosen = fresh or ordered  # the cooled-down ones only when nothing fresh is left
+    else:
+        chosen = ordered
     attempts: list[Attempt] = []
     left_s = deadline - now
     for key in chosen:

@@ -187,11 +187,14 @@ class UpstreamTable:
 class LiveSessions:
     """Live sessions and dials in flight, per key and per upstream (the chooser's counts)."""
 
-    __slots__ = ("by_key", "by_upstream")
+    __slots__ = ("_counts", "by_key", "by_upstream")
 
     def __init__(self) -> None:
         self.by_key: Counter[KeyRef] = Counter()
         self.by_upstream: Counter[str] = Counter()
+        # The counters themselves, wrapped once: planning is synchronous, nothing
+        # changes under it, and a REST request plans once or more.
+        self._counts = LiveCounts(by_key=self.by_key, by_upstream=self.by_upstream)
 
     def add(self, key: KeyRef) -> None:
         self.by_key[key] += 1
@@ -203,8 +206,7 @@ class LiveSessions:
         _decrement(self.by_upstream, key.upstream)
 
     def counts(self) -> LiveCounts:
-        # The counters themselves: planning is synchronous, nothing changes under it.
-        return LiveCounts(by_key=self.by_key, by_upstream=self.by_upstream)
+        return self._counts
 
 
 def _decrement(counter: Counter[_Item], item: _Item) -> None:
