@@ -289,6 +289,26 @@ async def test_a_framing_error_or_a_cut_ends_the_body_incomplete(hub: bool, bad:
 
 
 @pytest.mark.parametrize("hub", [True, False], ids=["hub", "awaited"])
+async def test_an_upstream_reset_mid_body_ends_it_incomplete_not_as_the_clients_going(
+    hub: bool,
+) -> None:
+    """A reset from the upstream after some of the body is the upstream's failure: the
+    body ends incomplete (the client's connection is then closed unframed), and it is
+    not taken for the client going away (which is what the log would say)."""
+    async with legs(hub) as found:
+        pump = pump_for(found)
+        found.upstream.sock.send(b"x")  # unread when the peer closes: the close resets
+        found.upstream_peer.send(chunk(b"data: 1\n\n"))
+        found.upstream_peer.close()
+        with trio.fail_after(WAIT_S):
+            complete, pipelined = await proxy._watched_body(pump, HEAD, b"", IDLE_S)
+        assert (complete, pipelined) == (False, b"")
+        assert HEAD + chunk(b"data: 1\n\n") == await read_all(
+            found.client_peer, chunk(b"data: 1\n\n")
+        )
+
+
+@pytest.mark.parametrize("hub", [True, False], ids=["hub", "awaited"])
 async def test_an_upstream_that_closes_mid_body_ends_it_incomplete(hub: bool) -> None:
     async with legs(hub) as found:
         pump = pump_for(found)

@@ -1058,10 +1058,15 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
                     alarm.move(now)
                 woken = pump.forward(await upstream.recv_into(buffer))
         return pump.complete
-    except (TransportClosed, _ClientGone):
+    except _ClientGone:
         if alarm.fired:
             return False  # the upstream was silent for idle_s, or the client went
         raise
+    except TransportClosed:
+        # The upstream's read failed (a write to the client that fails is _ClientGone):
+        # a reset mid-body is a cut, as a close before the framing's end is, not the
+        # client going away. (With the alarm fired, both were closed on purpose.)
+        return False
     finally:
         alarm.stop()
         pump.alarm = None
