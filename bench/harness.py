@@ -55,6 +55,9 @@ CLIENT_KEY: Final = "bench-client-key"
 #: Appended to the simulator's URL for the echo profiles (stream, flat, churn).
 ECHO_QUERY: Final = "sim_mode=echo"
 STARTUP_TIMEOUT_S: Final = 20.0
+#: The relay's per-session client limits in bench runs (see ``Rig.relay_env``).
+BENCH_CLIENT_MAX_FRAMES_PER_S: Final = 1_000_000
+BENCH_CLIENT_MAX_BYTES_PER_S: Final = 1 << 30
 STOP_TIMEOUT_S: Final = 10.0
 NODE_DIR: Final = REPO / "bench/node"
 C_DIR: Final = REPO / "bench/c"
@@ -338,6 +341,14 @@ class Rig:
             "RELAY_SERVE_UPSTREAM_CA_FILE": ca_file,
             "RELAY_SERVE_CLIENT_KEYS": CLIENT_KEY,
             "RELAY_SERVE_MAX_SESSIONS": "100000",
+            # The flat profile echoes as fast as a window allows (over 10k frames/s per
+            # session, over the default 1000/s and 8 MiB/s): limits a bench run would
+            # otherwise hit, closing its sessions 1008. High, not off, so every frame
+            # still pays the rate limit's check, as in production.
+            "RELAY_SERVE_CLIENT_MAX_FRAMES_PER_S": str(BENCH_CLIENT_MAX_FRAMES_PER_S),
+            "RELAY_SERVE_CLIENT_FRAME_BURST": str(BENCH_CLIENT_MAX_FRAMES_PER_S),
+            "RELAY_SERVE_CLIENT_MAX_BYTES_PER_S": str(BENCH_CLIENT_MAX_BYTES_PER_S),
+            "RELAY_SERVE_CLIENT_BYTE_BURST_BYTES": str(BENCH_CLIENT_MAX_BYTES_PER_S),
             # Echo mode is chosen per session with the simulator's query hook.
             "RELAY_SERVE_UPSTREAM_QUERY_PARAMS": "sim_mode",
             "RELAY_SERVE_LOG_LEVEL": self.relay_log_level,
