@@ -413,7 +413,7 @@ async def test_closing_a_transport_wakes_its_waiting_writer_with_transport_close
         # Held by the hub (registered by a read wait), as a relay leg's socket is.
         with trio.move_on_after(0):
             await hub.wait_readable(transport.sock)
-        assert hub.holds(transport.sock)
+        assert hub._registered.get(transport.sock.fileno()) is transport.sock
     failures: list[BaseException] = []
 
     async def writer() -> None:

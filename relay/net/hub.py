@@ -285,13 +285,6 @@ class ReadHub:
         re-arms) it and a close unregisters it, a system call each."""
         await self.serve(sock, _wake)
 
-    def holds(self, sock: socket.socket) -> bool:
-        """Whether ``sock`` is registered here (until it is forgotten or closed)."""
-        try:
-            return self._registered.get(sock.fileno()) is sock
-        except OSError:
-            return False
-
     async def wait_writable(self, sock: socket.socket) -> None:
         """Trio's ``wait_writable`` for a plain socket of a transport that uses the hub.
 
@@ -330,14 +323,23 @@ class ReadHub:
             except OSError:  # closed meanwhile: its registration went with it
                 pass
 
-    def dispatch(self, events: Iterable[tuple[int, int]]) -> None:
-        """Run the handlers of the sockets ``events`` (from an epoll) report ready."""
+    def dispatch(self, events: Iterable[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """Run the handlers of the sockets ``events`` (from an epoll) report ready; the
+        events of sockets not registered here (inline: Trio's own), or None for none."""
         parked = self._parked
         registered = self._registered
         writers = self._writers
         handle = self._handle
         reschedule = trio.lowlevel.reschedule
-        for fd, events_of in events:
+        others: list[tuple[int, int]] | None = None
+        for event in events:
+            fd, events_of = event
+            if fd not in registered:
+                if others is None:
+                    others = [event]
+                else:
+                    others.append(event)
+                continue
             if events_of & _WRITE_EVENTS and writers:
                 writer = writers.pop(fd, None)
                 if writer is not None:
@@ -346,7 +348,7 @@ class ReadHub:
                 if not events_of & _READ_EVENTS:
                     continue
             ended = events_of & _HANG_UPS
-            if ended and fd in registered:
+            if ended and fd in registered:  # (a handler before this one may have closed it)
                 self._hung_up.add(fd)
             waiting = parked.get(fd)
             if waiting is None:
@@ -373,6 +375,7 @@ class ReadHub:
             if result is not None:
                 del parked[fd]
                 reschedule(waiting.task, outcome.Value(result))
+        return others
 
     async def run(self) -> None:
         """The hub's system task: nested, wait for the epoll and dispatch what is ready;
@@ -445,25 +448,13 @@ def _install_inline_dispatch(io: Any, hub: ReadHub) -> Callable[[], None]:
         return self._epoll.poll(timeout, max(1, room))
 
     def process_events(self: Any, events: Any) -> None:
-        mine = None
-        theirs = None
-        for event in events:
-            if event[0] in registered:
-                if mine is None:
-                    mine = [event]
-                else:
-                    mine.append(event)
-            elif theirs is None:
-                theirs = [event]
-            else:
-                theirs.append(event)
-        if theirs is not None:
+        try:
+            theirs = dispatch(events)  # one pass: the hub's handled, Trio's handed back
+        except BaseException:  # never into Trio's loop: that ends the run
+            LOGGER.exception("read hub: dispatch failed")
+            theirs = [event for event in events if event[0] not in registered]
+        if theirs:
             base.process_events(self, theirs)
-        if mine is not None:
-            try:
-                dispatch(mine)
-            except BaseException:  # never into Trio's loop: that ends the run
-                LOGGER.exception("read hub: dispatch failed")
 
     inline_class = type(
         "InlineHubEpollIOManager",
