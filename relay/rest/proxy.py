@@ -42,9 +42,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import orjson
 import trio
@@ -82,6 +82,7 @@ from relay.upstreams.table import Upstream, UpstreamTable
 from relay.upstreams.urls import UpstreamKind
 
 LOGGER = logging.getLogger("relay.rest")
+_T = TypeVar("_T")
 #: Largest upstream error body kept to pass on to the client.
 MAX_REFUSAL_BODY_BYTES: Final = 64 * 1024
 #: Seconds an upstream's refusal body may take to arrive before it is passed on cut.
@@ -913,13 +914,10 @@ class _IdleAlarm:
         self._client.close()
 
     def client_gone(self) -> None:
-        """The client went (a read-hub watch saw its end): end the relay now. The client's
-        close waits for the timers' task: closing a socket drops its watch, which the hub
-        itself does once this watch's callback returns."""
+        """The client went (a read-hub watch saw its end): end the relay now, as the
+        deadline would (the hub lets a watch's callback close its own socket)."""
         self.stop()
-        self.fired = True
-        self._upstream.close()
-        self._timers.call_at(trio.current_time(), self._client.close)
+        self.fire()
 
     def stop(self) -> None:
         timer, self._timer = self._timer, None
@@ -1129,14 +1127,14 @@ class _CloseAlarm:
         self._transport.close()
 
 
-async def _first_response_head(connection: Transport, timeout_s: float) -> ResponseHead:
-    """The upstream's response head, interim answers skipped; ``trio.TooSlowError`` when
-    it did not come within ``timeout_s`` (the connection is then closed)."""
-    alarm = _CloseAlarm(connection)
+async def _read_closing_after(transport: Transport, timeout_s: float, read: Awaitable[_T]) -> _T:
+    """``read`` (a read of ``transport``), or ``trio.TooSlowError`` when it did not end
+    within ``timeout_s``: a :class:`_CloseAlarm` then closed the connection, which cut it."""
+    alarm = _CloseAlarm(transport)
     timers = current_timers()
     timer = timers.call_at(trio.current_time() + timeout_s, alarm.fire)
     try:
-        return await http.read_response_head(connection, skip_informational=True)
+        return await read
     except TransportClosed:
         if alarm.fired:
             raise trio.TooSlowError from None
@@ -1145,23 +1143,25 @@ async def _first_response_head(connection: Transport, timeout_s: float) -> Respo
         timers.cancel(timer)
 
 
+async def _first_response_head(connection: Transport, timeout_s: float) -> ResponseHead:
+    """The upstream's response head, interim answers skipped; ``trio.TooSlowError`` when
+    it did not come within ``timeout_s`` (the connection is then closed)."""
+    read = http.read_response_head(connection, skip_informational=True)
+    return await _read_closing_after(connection, timeout_s, read)
+
+
 async def next_request_head(
     transport: Transport, leftover: bytes, timeout_s: float
 ) -> RequestHead | None:
     """A keep-alive client's next request head (``leftover``: its bytes already read);
     None when the client closed, or sent nothing for ``timeout_s`` (then its connection
     is closed)."""
-    alarm = _CloseAlarm(transport)
-    timers = current_timers()
-    timer = timers.call_at(trio.current_time() + timeout_s, alarm.fire)
     try:
-        return await http.read_request_head(transport, leftover)
-    except TransportClosed:
-        if alarm.fired:
-            return None  # idle for too long between requests
-        raise
-    finally:
-        timers.cancel(timer)
+        return await _read_closing_after(
+            transport, timeout_s, http.read_request_head(transport, leftover)
+        )
+    except trio.TooSlowError:
+        return None  # idle for too long between requests
 
 
 async def _read_refusal_body(connection: Transport, response: ResponseHead) -> bytes:
