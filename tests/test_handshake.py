@@ -330,3 +330,21 @@ def test_known_lines_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         assert head.headers == ((b"host", b"a"), (b"x-id", b"%d" % index), (b"x-long", long_value))
         assert len(handshake._KNOWN_LINES) <= 3
     assert not any(line.startswith(b"X-Long") for line in handshake._KNOWN_LINES)
+
+
+def test_known_lines_never_keep_a_credential_or_a_websocket_key() -> None:
+    """A client's key outlives its request in no cache, and a handshake's fresh key does
+    not churn it; the head still reads them (twice: the second parse is no different)."""
+    handshake._KNOWN_LINES.clear()
+    raw = (
+        b"GET /v1/realtime HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer sk-secret\r\n"
+        b"api-key: sk-azure\r\nCookie: s=1\r\nProxy-Authorization: Basic eA==\r\n"
+        b"Sec-WebSocket-Protocol: realtime, openai-insecure-api-key.sk-browser\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+    for _ in range(2):
+        head = handshake.parse_request_head(raw)
+        assert head is not None
+        assert head.header(b"authorization") == "Bearer sk-secret"
+        assert head.header(b"sec-websocket-key") == "dGhlIHNhbXBsZSBub25jZQ=="
+    assert list(handshake._KNOWN_LINES) == [b"Host: a"]

@@ -81,6 +81,18 @@ _FAST_CONTENT_LENGTH: Final = re.compile(rb"[0-9]{1,20}")
 _KNOWN_LINES: Final[dict[bytes, tuple[bytes, bytes]]] = {}
 MAX_KNOWN_LINE_BYTES: Final = 256
 MAX_KNOWN_LINES: Final = 4096
+#: Lines never kept: a credential's (kept past its request, it would outlive it in
+#: memory) and a WebSocket key's (new each handshake: it would only fill the cache).
+_UNKEPT_HEADER_NAMES: Final = frozenset(
+    {
+        b"authorization",
+        b"proxy-authorization",
+        b"api-key",
+        b"cookie",
+        b"sec-websocket-protocol",
+        b"sec-websocket-key",
+    }
+)
 
 
 def _fast_head(
@@ -102,7 +114,7 @@ def _fast_head(
             if field is None:
                 return None
             pair = (field[1].lower(), field[2])
-            if len(line) <= MAX_KNOWN_LINE_BYTES:
+            if len(line) <= MAX_KNOWN_LINE_BYTES and pair[0] not in _UNKEPT_HEADER_NAMES:
                 if len(known) >= MAX_KNOWN_LINES:
                     known.clear()
                 known[line] = pair
