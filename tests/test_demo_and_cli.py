@@ -78,16 +78,20 @@ def test_config_layers_and_one_line_errors(tmp_path: Path) -> None:
     assert "ck-1" not in str(shown)
 
 
-def test_cli_bad_value_exits_2_with_one_line() -> None:
-    env = {**os.environ, "RELAY_SERVE_MAX_SESSIONS": "lots"}
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", "serve"],
-        env=env,
+def _relay_with(command: str, **environment: str) -> subprocess.CompletedProcess[str]:
+    """``relay COMMAND`` with ``environment`` added, to its end (bounded)."""
+    return subprocess.run(
+        [sys.executable, "-m", "relay", command],
+        env={**os.environ, **environment},
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
+
+
+def test_cli_bad_value_exits_2_with_one_line() -> None:
+    result = _relay_with("serve", RELAY_SERVE_MAX_SESSIONS="lots")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == ["relay: configuration error: serve.max_sessions: Expected `int`, got `str`"]
@@ -95,15 +99,7 @@ def test_cli_bad_value_exits_2_with_one_line() -> None:
 
 @pytest.mark.parametrize("command", ["serve", "simulate"])
 def test_an_unknown_read_hub_dispatch_exits_2_with_one_line(command: str) -> None:
-    env = {**os.environ, "RELAY_READ_HUB": "threaded"}
-    result = subprocess.run(
-        [sys.executable, "-m", "relay", command],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = _relay_with(command, RELAY_READ_HUB="threaded")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "relay: configuration error: RELAY_READ_HUB must be one of inline, nested, not 'threaded'"
