@@ -485,8 +485,10 @@ def run_audio(running: Rig, plan: Plan, *, load_procs: int) -> list[dict[str, An
                 runs: list[Measured] = runs,
                 json_runs: list[Measured] = json_runs,
             ) -> Spread:
+                # A short run can read no CPU tick for the JSON path (/proc counts in
+                # 10 ms ticks): that pair has no ratio, not a ZeroDivisionError.
                 return Spread.of(
-                    figure(mine) / figure(theirs)
+                    figure(mine) / figure(theirs) if figure(theirs) else math.nan
                     for mine, theirs in zip(runs, json_runs, strict=True)
                 )
 
