@@ -611,7 +611,8 @@ def table(
     columns = (
         f"{'path':<7} {'requests':>8} {'chunks':>8} {'TTFB p50 ms':>17} {'p99 ms':>17} "
         f"{'added p50':>17} {'added p99':>17} {'gap p99 ms':>17} {'added':>17} "
-        f"{'CPU us/req':>17} {'us/chunk':>17} {'x nginx':>17} {'load %':>9} {'sim %':>9} errors"
+        f"{'CPU us/req':>17} {'us/chunk':>17} {'x nginx':>17} {'proxy %':>9} {'load %':>9} "
+        f"{'sim %':>9} errors"
     )
     lines = [
         f"REST proxy: streamed chat completions ({args.stream_chunks} deltas, one SSE event "
@@ -640,6 +641,7 @@ def table(
                     f"{row['cpu_us_per_request'].show('.0f'):>17} "
                     f"{row['cpu_us_per_chunk'].show('.1f'):>17} "
                     f"{x_nginx if path in PROXIES_X_NGINX else '':>17} "
+                    f"{'' if base else load_flag(row['cpu_percent']):>9} "
                     f"{load_flag(row['load_cpu_percent']):>9} "
                     f"{sim_cell:>9} "
                     f"{json.dumps(row['errors']) if row['errors'] else '-'}"
@@ -663,7 +665,9 @@ def table(
         "",
         "TTFB: request written -> first SSE event; gap: one event's arrival to the next; "
         "added: paired with direct in the same round. CPU: the proxy's user+sys over the "
-        "measured window (nginx: its workers too). load %: the load process's own CPU "
+        "measured window (nginx: its workers too); proxy %: that in % of a core ('!' at "
+        f"{SATURATED_PERCENT:.0f} %: the proxy is saturated, its latencies are its queue). "
+        "load %: the load process's own CPU "
         f"('!' at {SATURATED_PERCENT:.0f} % of a core: its latencies measure the load); "
         "sim %: the upstream's, on the load's core when pinned ('!' when it and the "
         "load together reach that share of the core).",
