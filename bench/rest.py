@@ -779,7 +779,7 @@ def main() -> int:
                 return 1
             litellm.reason = f"it could not be installed: {error}"
             paths.remove("litellm")
-            print(f"rest.py: litellm {litellm.reason}", file=sys.stderr)
+            print(f"rest.py: litellm not measured: {litellm.reason}", file=sys.stderr)
         else:
             litellm.version = installed.version
     runs: list[Run] = []
