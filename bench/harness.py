@@ -265,17 +265,20 @@ class Rig:
         env: dict[str, str] | None = None,
         cpus: set[int] | None = None,
         cwd: Path = REPO,
+        output: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         """Start ``command``; with ``cpus``, pinned before it runs, so every thread it
-        starts (Node's and V8's helpers) inherits the pinning."""
-        process = subprocess.Popen(
-            command,
-            cwd=cwd,
-            env=env or self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
-        )
+        starts (Node's and V8's helpers) inherits the pinning; with ``output``, its stdout
+        and stderr go to that file instead of nowhere."""
+        with output.open("ab") if output is not None else open(os.devnull, "wb") as sink:
+            process = subprocess.Popen(
+                command,
+                cwd=cwd,
+                env=env or self.env,
+                stdout=sink,
+                stderr=sink,
+                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
+            )
         self.processes.append(process)
         return process
 
@@ -500,6 +503,33 @@ class Rig:
         target = Target(name, f"ws://127.0.0.1:{port}/v1", SIM_KEY, process.pid)
         self.targets[name] = target
         return target
+
+    def start_server(
+        self,
+        name: str,
+        command: list[str],
+        port: int,
+        key: str,
+        *,
+        env: dict[str, str] | None = None,
+        cwd: Path = REPO,
+        timeout_s: float = STARTUP_TIMEOUT_S,
+    ) -> Target:
+        """A proxy under test that brings its own command and listens on ``port``
+        (``bench/rest.py``'s LiteLLM), on the servers' cores; its output is kept in the
+        run's directory (``<name>.log``, see :meth:`server_log`)."""
+        process = self._spawn(
+            command, env, cpus=self.server_cpus, cwd=cwd, output=self.server_log(name)
+        )
+        wait_for_port(port, process, timeout_s)
+        for proc, _ in _tree(process.pid):
+            pin(int(proc.name), self.server_cpus)
+        target = Target(name, f"ws://127.0.0.1:{port}/v1", key, process.pid)
+        self.targets[name] = target
+        return target
+
+    def server_log(self, name: str) -> Path:
+        return self.work_dir / f"{name.replace('/', '-')}.log"
 
     def start_splice(self, upstream_port: int) -> Target:
         port = free_port()

@@ -9,14 +9,25 @@ the default 20: role, deltas, finish, usage, ``[DONE]``), one HTTP chunk per eve
 ``bench/c/sse_upstream.c``, which sends the simulator's bytes at the simulator's pace
 in C on one epoll loop, so the load core is not saturated by the upstream; ``--upstream
 simulator`` is ``relay simulate`` itself (about 125 µs of the load core per chunk).
-Three paths, all in one run, round-robin over ``--rounds`` short repetitions (the order
-rotated each round):
+Four paths (``--paths``, all by default), all in one run, round-robin over ``--rounds``
+short repetitions (the order rotated each round):
 
 - ``direct``: the upstream itself;
 - ``relay``: our relay (``relay serve``, one upstream, a client key);
 - ``nginx``: nginx as a plain HTTP reverse proxy (:data:`REST_NGINX_CONF`: HTTP/1.1 to an
   ``upstream`` block with ``keepalive 64``, ``Connection ""``, no buffering either way),
-  the floor.
+  the floor;
+- ``litellm``: LiteLLM's proxy, what many users would deploy instead
+  (``bench/litellm_proxy.py``: its own venv ``bench/.litellm-venv``, made on first use
+  from the pinned ``bench/litellm/requirements.txt``; one model routed to the upstream,
+  a master key as the load's bearer token, no database, error-level logs, one uvicorn
+  worker on uvloop). When LiteLLM cannot be installed or started, the path is reported
+  "not measured" with the reason; when ``--paths`` names it, that is an error instead.
+
+Before the rounds, a request per path (:func:`check_path`: the second, after one that
+warms the proxy) checks that the answer streams: 200, chunked, the SSE events arriving
+in separate reads over the answer's length rather than at once, a ``usage`` chunk and
+``data: [DONE]``.
 
 Two load clients, each driving every path in every round: ``ours``
 (``bench/rest_client.py``: raw asyncio sockets on uvloop, parsing the chunked HTTP
@@ -29,7 +40,8 @@ time to first byte (request written -> first SSE event) p50/p99 and, paired with
 round, added against ``direct``; the inter-chunk gap p99 and its added p99; requests
 and chunks completed in the measured window and errors; the proxy's CPU (user+sys from
 /proc, nginx's workers included, over exactly the measured window) per request and per
-chunk; relay CPU per chunk ÷ nginx's, paired per round; the load process's own CPU
+chunk; relay's and LiteLLM's CPU per chunk ÷ nginx's, and the relay's ÷ LiteLLM's, paired
+per round; the load process's own CPU
 (flagged ``!`` at 90 % of a core: then its latencies measure the load, not the proxy)
 and the simulator's. Judged against issue 15's targets: added p99 time to first byte
 under :data:`TTFB_ADDED_P99_TARGET_MS` at 50 streams, relay CPU per streamed chunk
@@ -39,12 +51,12 @@ within :data:`CPU_X_NGINX_TARGET` times nginx's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -63,14 +75,27 @@ from harness import (
     Spread,
     cpu_seconds,
     find_nginx,
+    free_port,
     load_events,
     rig,
     rotated,
 )
+from litellm_proxy import (
+    MASTER_KEY,
+    STARTUP_TIMEOUT_S,
+    Installed,
+    LiteLLMUnavailable,
+    config_yaml,
+    ensure_installed,
+    proxy_command,
+    proxy_env,
+)
 
 from relay.loadgen import LatencyHistogram
 
-PATHS: Final = ("direct", "relay", "nginx")
+PATHS: Final = ("direct", "relay", "nginx", "litellm")
+#: The paths whose CPU per chunk is put against nginx's.
+PROXIES_X_NGINX: Final = ("relay", "litellm")
 CLIENTS: Final = ("ours", "node")
 DEFAULT_STREAMS: Final = "50,200"
 DEFAULT_ROUNDS: Final = 3
@@ -144,6 +169,8 @@ class Run:
     proxy_cpu_s: float = math.nan
     load_cpu_s: float = math.nan
     sim_cpu_s: float = math.nan
+    #: Why the load run gave no figures (only LiteLLM's runs may fail and be kept).
+    failure: str = ""
 
     def quantile(self, which: str, fraction: float) -> float:
         histogram = LatencyHistogram.from_wire(self.ttfb if which == "ttfb" else self.gap)
@@ -157,6 +184,183 @@ class Run:
 
     def percent(self, cpu_s: float) -> float:
         return 100.0 * cpu_s / self.window_s if self.window_s else math.nan
+
+
+@dataclass
+class LiteLLMStatus:
+    """Whether the ``litellm`` path was measured, and with what."""
+
+    #: ``--paths`` named it (then a failure to install or start it is an error).
+    explicit: bool
+    measured: bool = False
+    reason: str = ""
+    version: str = ""
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    config: str = ""
+
+    def note(self) -> str:
+        if self.measured:
+            return (
+                f"litellm: LiteLLM {self.version} (bench/litellm/requirements.txt), one uvicorn "
+                "worker on uvloop, one model to the upstream, master key, no database, "
+                "LITELLM_LOG=ERROR; its config is in the JSON (--out)."
+            )
+        return f"litellm: not measured: {self.reason}"
+
+
+class StreamCheckFailed(RuntimeError):
+    """One request through a path did not stream as the upstream does."""
+
+
+@dataclass
+class StreamCheck:
+    """One streamed answer through a path, read by :func:`check_stream`."""
+
+    events: int
+    #: Reads that completed at least one SSE event: one per event when nothing is held back.
+    reads_with_events: int
+    first_event_ms: float
+    #: First event to last.
+    span_ms: float
+    usage: dict[str, Any] | None
+
+    def show(self) -> str:
+        return (
+            f"{self.events} events in {self.reads_with_events} reads over "
+            f"{self.span_ms:.0f} ms, first after {self.first_event_ms:.1f} ms"
+        )
+
+
+def chat_request(port: int, key: str) -> bytes:
+    """The load clients' request (``bench/rest_client.py``), for :func:`check_stream`."""
+    body = json.dumps(
+        {
+            "model": MODEL,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Say something short."}],
+        },
+        separators=(",", ":"),
+    ).encode()
+    return (
+        f"POST {CHAT_PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+        f"Accept: text/event-stream\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def dechunk(body: bytes) -> bytes:
+    """A whole chunked body's data (``StreamCheckFailed`` when it is not one)."""
+    out = bytearray()
+    position = 0
+    while True:
+        line_end = body.find(b"\r\n", position)
+        if line_end < 0:
+            raise StreamCheckFailed("the chunked body ends without its last chunk")
+        try:
+            size = int(body[position:line_end].split(b";")[0], 16)
+        except ValueError as error:
+            raise StreamCheckFailed(
+                f"a bad chunk size line: {body[position:line_end]!r}"
+            ) from error
+        if size == 0:
+            return bytes(out)
+        out += body[line_end + 2 : line_end + 2 + size]
+        position = line_end + 2 + size + 2
+
+
+def streamed_head(head: bytes) -> bool:
+    """A ``200`` with a chunked body, as the load clients require."""
+    lowered = head.lower()
+    return lowered.startswith(b"http/1.1 200") and b"transfer-encoding: chunked" in lowered
+
+
+def check_stream(
+    port: int,
+    key: str,
+    *,
+    stream_chunks: int,
+    chunk_interval_ms: int,
+    timeout_s: float = 60.0,
+    judge_timing: bool = True,
+) -> StreamCheck:
+    """One request as the load sends it, every read timed: the answer must be 200 and
+    chunked, end with ``data: [DONE]``, carry a ``usage`` object (the request asks with
+    ``stream_options.include_usage``), and (``judge_timing``) arrive as it is made: each
+    delta in a read of its own, spread over at least half the upstream's pace. A
+    proxy's first request may be slow to start (LiteLLM's took 0.6 s here, its lazy
+    imports, and then sent the deltas it had gathered at once): :func:`check_path`
+    judges the timing of the second."""
+    reads: list[tuple[float, int]] = []  # (arrival, bytes so far)
+    raw = bytearray()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout_s) as connection:
+            sent = time.perf_counter()
+            connection.sendall(chat_request(port, key))
+            while not raw.endswith(b"\r\n0\r\n\r\n"):
+                data = connection.recv(65536)
+                if not data:
+                    break
+                raw += data
+                reads.append((time.perf_counter(), len(raw)))
+                head_end = raw.find(b"\r\n\r\n")
+                if head_end >= 0 and not streamed_head(bytes(raw[:head_end])):
+                    break  # an error's answer: it has no chunked end to wait for
+    except OSError as error:
+        raise StreamCheckFailed(f"the request failed: {error}") from error
+    head_end = raw.find(b"\r\n\r\n")
+    if head_end < 0:
+        raise StreamCheckFailed(f"no whole response head: {bytes(raw[:200])!r}")
+    if not streamed_head(bytes(raw[:head_end])):
+        raise StreamCheckFailed(f"answered {bytes(raw[:400])!r}, not a chunked 200")
+    text = dechunk(bytes(raw[head_end + 4 :]))
+    events = [event for event in text.split(b"\n\n") if event.strip()]
+    if not events or events[-1].strip() != b"data: [DONE]":
+        raise StreamCheckFailed("the stream does not end with data: [DONE]")
+    usage = None
+    for event in events[:-1]:
+        if not event.startswith(b"data: "):
+            continue
+        payload = json.loads(event[len(b"data: ") :])
+        if isinstance(payload.get("usage"), dict):
+            usage = payload["usage"]
+    if usage is None or "total_tokens" not in usage:
+        raise StreamCheckFailed("no usage chunk, though the request asked for one")
+    # When each event was complete: the read that brought its "\n\n" (the chunk framing
+    # has none of its own).
+    arrivals = []
+    start = 0
+    while (found := raw.find(b"\n\n", start)) >= 0:
+        arrivals.append(next(at for at, upto in reads if upto > found + 1))
+        start = found + 2
+    check = StreamCheck(
+        events=len(events),
+        reads_with_events=len(set(arrivals)),
+        first_event_ms=(arrivals[0] - sent) * 1e3,
+        span_ms=(arrivals[-1] - arrivals[0]) * 1e3,
+        usage=usage,
+    )
+    if judge_timing and (
+        check.reads_with_events < stream_chunks + 1
+        or check.span_ms < stream_chunks * chunk_interval_ms / 2
+    ):
+        raise StreamCheckFailed(f"the answer was held back, not streamed: {check.show()}")
+    return check
+
+
+def check_path(target: Endpoint, args: argparse.Namespace) -> StreamCheck:
+    """:func:`check_stream` twice on one path: the first request warms the proxy (its
+    shape is checked, not its timing), the second is judged and reported."""
+    for judged in (False, True):
+        check = check_stream(
+            target.port,
+            target.key,
+            stream_chunks=args.stream_chunks,
+            chunk_interval_ms=args.chunk_interval_ms,
+            judge_timing=judged,
+        )
+    return check
 
 
 def node_for_rest() -> str:
@@ -324,7 +528,9 @@ def load_core_percent(run: Run) -> float:
     return run.percent(run.load_cpu_s + run.sim_cpu_s)
 
 
-def summarise(runs: list[Run], clients: list[str], streams_list: list[int]) -> dict[str, Any]:
+def summarise(
+    runs: list[Run], clients: list[str], streams_list: list[int], paths: tuple[str, ...] = PATHS
+) -> dict[str, Any]:
     """Per client, stream count and path: the figures as Spreads, paired ones per round."""
     summary: dict[str, Any] = {}
     for client in clients:
@@ -333,7 +539,7 @@ def summarise(runs: list[Run], clients: list[str], streams_list: list[int]) -> d
             mine = [run for run in runs if run.client == client and run.streams == streams]
             by_round = {(run.path, run.round): run for run in mine}
             rows: dict[str, Any] = {}
-            for path in PATHS:
+            for path in paths:
                 path_runs = [run for run in mine if run.path == path]
                 if not path_runs:
                     continue
@@ -356,6 +562,7 @@ def summarise(runs: list[Run], clients: list[str], streams_list: list[int]) -> d
                     "cpu_us_per_chunk": spread(path_runs, per_chunk),
                     "cpu_percent": spread(path_runs, proxy_percent),
                     "cpu_per_chunk_x_nginx": paired(by_round, path, "nginx", per_chunk, ratio),
+                    "cpu_per_chunk_x_litellm": paired(by_round, path, "litellm", per_chunk, ratio),
                     "load_cpu_percent": spread(path_runs, load_percent),
                     "sim_cpu_percent": spread(path_runs, sim_percent),
                     "load_core_percent": spread(path_runs, load_core_percent),
@@ -394,11 +601,18 @@ def load_flag(judged: Spread, shown: Spread | None = None) -> str:
     return f"{text}!" if judged.n and judged.high >= SATURATED_PERCENT else text
 
 
-def table(summary: dict[str, Any], verdicts: dict[str, Any], args: argparse.Namespace) -> list[str]:
+def table(
+    summary: dict[str, Any],
+    verdicts: dict[str, Any],
+    args: argparse.Namespace,
+    litellm: LiteLLMStatus | None = None,
+    checks: dict[str, StreamCheck] | None = None,
+) -> list[str]:
     columns = (
         f"{'path':<7} {'requests':>8} {'chunks':>8} {'TTFB p50 ms':>17} {'p99 ms':>17} "
         f"{'added p50':>17} {'added p99':>17} {'gap p99 ms':>17} {'added':>17} "
-        f"{'CPU us/req':>17} {'us/chunk':>17} {'x nginx':>17} {'load %':>9} {'sim %':>9} errors"
+        f"{'CPU us/req':>17} {'us/chunk':>17} {'x nginx':>17} {'proxy %':>9} {'load %':>9} "
+        f"{'sim %':>9} errors"
     )
     lines = [
         f"REST proxy: streamed chat completions ({args.stream_chunks} deltas, one SSE event "
@@ -411,6 +625,7 @@ def table(summary: dict[str, Any], verdicts: dict[str, Any], args: argparse.Name
             lines += ["", f"client {client}, {streams} streams", columns]
             for path, row in rows.items():
                 base = path == "direct"
+                x_nginx = row["cpu_per_chunk_x_nginx"].show(".2f")
                 sim_cell = (
                     load_flag(row["load_core_percent"], row["sim_cpu_percent"])
                     if args.pin
@@ -425,7 +640,8 @@ def table(summary: dict[str, Any], verdicts: dict[str, Any], args: argparse.Name
                     f"{'' if base else row['gap_added_p99_ms'].show('+.2f'):>17} "
                     f"{row['cpu_us_per_request'].show('.0f'):>17} "
                     f"{row['cpu_us_per_chunk'].show('.1f'):>17} "
-                    f"{row['cpu_per_chunk_x_nginx'].show('.2f') if path == 'relay' else '':>17} "
+                    f"{x_nginx if path in PROXIES_X_NGINX else '':>17} "
+                    f"{'' if base else load_flag(row['cpu_percent']):>9} "
                     f"{load_flag(row['load_cpu_percent']):>9} "
                     f"{sim_cell:>9} "
                     f"{json.dumps(row['errors']) if row['errors'] else '-'}"
@@ -444,16 +660,43 @@ def table(summary: dict[str, Any], verdicts: dict[str, Any], args: argparse.Name
             f"{ratios or '-'} nginx's (target <= {CPU_X_NGINX_TARGET:g}x): "
             f"{verdict_word(verdict['cpu_met'])}"
         )
+    lines += litellm_lines(summary)
     lines += [
         "",
         "TTFB: request written -> first SSE event; gap: one event's arrival to the next; "
         "added: paired with direct in the same round. CPU: the proxy's user+sys over the "
-        "measured window (nginx: its workers too). load %: the load process's own CPU "
+        "measured window (nginx: its workers too); proxy %: that in % of a core ('!' at "
+        f"{SATURATED_PERCENT:.0f} %: the proxy is saturated, its latencies are its queue). "
+        "load %: the load process's own CPU "
         f"('!' at {SATURATED_PERCENT:.0f} % of a core: its latencies measure the load); "
         "sim %: the upstream's, on the load's core when pinned ('!' when it and the "
         "load together reach that share of the core).",
-        litellm_note(),
     ]
+    if checks:
+        lines.append(
+            "stream check, before the rounds (a path's second request; the first warms it): "
+            + "; ".join(f"{path} {check.show()}" for path, check in checks.items())
+        )
+    if litellm is not None:
+        lines.append(litellm.note())
+    return lines
+
+
+def litellm_lines(summary: dict[str, Any]) -> list[str]:
+    """Per client: LiteLLM's CPU per chunk against nginx's, and the relay's against it."""
+    lines = []
+    for client, by_streams in summary.items():
+        parts = []
+        for streams, rows in by_streams.items():
+            if "litellm" not in rows:
+                continue
+            against = [f"{rows['litellm']['cpu_per_chunk_x_nginx'].show('.2f')}x nginx's"]
+            if "relay" in rows:
+                relay_x = rows["relay"]["cpu_per_chunk_x_litellm"].show(".2f")
+                against.append(f"the relay's {relay_x}x LiteLLM's")
+            parts.append(f"{', '.join(against)} at {streams}")
+        if parts:
+            lines.append(f"LiteLLM, client {client}: CPU per chunk {'; '.join(parts)}")
     return lines
 
 
@@ -463,15 +706,6 @@ def number(value: float, spec: str) -> str:
 
 def verdict_word(met: bool | None) -> str:
     return "not measured" if met is None else "met" if met else "NOT met"
-
-
-def litellm_note() -> str:
-    if importlib.util.find_spec("litellm") is None:
-        return (
-            "LiteLLM (the proxy a user might deploy instead) is not measured: it is not in "
-            "the venv, and the bench does not pip install it."
-        )
-    return "LiteLLM is installed but not yet a path of this bench."
 
 
 def to_json(value: Any) -> Any:
@@ -516,15 +750,40 @@ def main() -> int:
     parser.add_argument("--relay-log-level", default="warning")
     parser.add_argument("--pin", action="store_true", help="relay on CPU 0, the rest on CPU 1")
     parser.add_argument("--out", type=Path, help="write the runs and the summary as JSON here")
+    parser.add_argument(
+        "--paths",
+        help=f"paths, comma-separated (default: all of {','.join(PATHS)}, LiteLLM reported "
+        "'not measured' when it cannot be installed or started; naming litellm here "
+        "makes that an error)",
+    )
     args = parser.parse_args()
     streams_list = [int(value) for value in args.streams.split(",") if value]
     clients = [value for value in args.clients.split(",") if value]
     for client in clients:
         if client not in CLIENTS:
             parser.error(f"unknown client {client!r}: {', '.join(CLIENTS)}")
-    if find_nginx() is None:
+    paths = list(PATHS) if args.paths is None else [v for v in args.paths.split(",") if v]
+    for path in paths:
+        if path not in PATHS:
+            parser.error(f"unknown path {path!r}: {', '.join(PATHS)}")
+    if "nginx" in paths and find_nginx() is None:
         parser.error("nginx is not installed (scripts/install installs it)")
+    litellm = LiteLLMStatus(explicit=args.paths is not None) if "litellm" in paths else None
+    installed: Installed | None = None
+    if litellm is not None:
+        try:
+            installed = ensure_installed()
+        except LiteLLMUnavailable as error:
+            if litellm.explicit:
+                print(f"rest.py: LiteLLM could not be installed: {error}", file=sys.stderr)
+                return 1
+            litellm.reason = f"it could not be installed: {error}"
+            paths.remove("litellm")
+            print(f"rest.py: litellm not measured: {litellm.reason}", file=sys.stderr)
+        else:
+            litellm.version = installed.version
     runs: list[Run] = []
+    checks: dict[str, StreamCheck] = {}
     began = time.monotonic()
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
         if args.upstream == "c":
@@ -541,33 +800,64 @@ def main() -> int:
                 )
             )
         sim_pid = running.targets["direct"].pid
-        relay = running.start_relay("relay", f"ws://127.0.0.1:{sim_port}/v1")
-        nginx = running.start_nginx(sim_port, conf_template=REST_NGINX_CONF)
-        assert nginx is not None
-        targets = {
-            "direct": Endpoint("direct", sim_port, SIM_KEY, sim_pid),
-            "relay": Endpoint("relay", port_of(relay.url), CLIENT_KEY, relay.pid),
-            "nginx": Endpoint("nginx", port_of(nginx.url), SIM_KEY, nginx.pid),
-        }
-        total = args.rounds * len(streams_list) * len(clients) * len(PATHS)
+        targets = {"direct": Endpoint("direct", sim_port, SIM_KEY, sim_pid)}
+        if "relay" in paths:
+            relay = running.start_relay("relay", f"ws://127.0.0.1:{sim_port}/v1")
+            targets["relay"] = Endpoint("relay", port_of(relay.url), CLIENT_KEY, relay.pid)
+        if "nginx" in paths:
+            nginx = running.start_nginx(sim_port, conf_template=REST_NGINX_CONF)
+            assert nginx is not None
+            targets["nginx"] = Endpoint("nginx", port_of(nginx.url), SIM_KEY, nginx.pid)
+        litellm_process: subprocess.Popen[bytes] | None = None
+        for path in paths:
+            try:
+                if path == "litellm":
+                    assert installed is not None
+                    assert litellm is not None
+                    targets[path], litellm_process = start_litellm(
+                        running, installed, sim_port, litellm
+                    )
+                checks[path] = check_path(targets[path], args)
+            except (LiteLLMUnavailable, StreamCheckFailed) as error:
+                if path != "litellm" or (litellm is not None and litellm.explicit):
+                    print(f"rest.py: {path}: {error}", file=sys.stderr)
+                    return 1
+                assert litellm is not None
+                litellm.reason = str(error)
+                print(f"rest.py: litellm not measured: {error}", file=sys.stderr)
+            else:
+                print(f"stream check, {path}: {checks[path].show()}", file=sys.stderr)
+        if litellm is not None and "litellm" in paths:
+            litellm.measured = "litellm" in checks
+            if not litellm.measured:
+                paths.remove("litellm")
+        total = args.rounds * len(streams_list) * len(clients) * len(paths)
         for number in range(args.rounds):
             for streams in streams_list:
                 for client in rotated(clients, number):
-                    for path in rotated(list(PATHS), number):
+                    for path in rotated(paths, number):
                         print(
                             f"[{len(runs) + 1}/{total}] round {number + 1}/{args.rounds}: "
                             f"{client}, {streams} streams, {path}",
                             file=sys.stderr,
                         )
                         run = Run(client, streams, path, number)
+                        if path != "litellm":
+                            runs.append(
+                                measure_rest(
+                                    running, targets[path], sim_pid, client, streams, run, args
+                                )
+                            )
+                            continue
+                        assert litellm_process is not None
                         runs.append(
-                            measure_rest(
-                                running, targets[path], sim_pid, client, streams, run, args
+                            measure_kept(
+                                running, targets[path], litellm_process, sim_pid, run, args
                             )
                         )
-    summary = summarise(runs, clients, streams_list)
+    summary = summarise(runs, clients, streams_list, tuple(paths))
     verdicts = judge(summary)
-    lines = table(summary, verdicts, args)
+    lines = table(summary, verdicts, args, litellm, checks)
     print("\n".join(lines))
     print(f"({time.monotonic() - began:.0f} s)", file=sys.stderr)
     if args.out is not None:
@@ -578,6 +868,7 @@ def main() -> int:
                         "rounds": args.rounds,
                         "streams": streams_list,
                         "clients": clients,
+                        "paths": paths,
                         "duration_s": args.duration_s,
                         "warmup_s": args.warmup_s,
                         "chunk_interval_ms": args.chunk_interval_ms,
@@ -596,7 +887,12 @@ def main() -> int:
                         "cpu_per_chunk_x_nginx": CPU_X_NGINX_TARGET,
                         "verdicts": verdicts,
                     },
-                    "litellm": litellm_note(),
+                    "stream_checks": {path: asdict(check) for path, check in checks.items()},
+                    "litellm": (
+                        {"note": litellm.note(), **asdict(litellm)}
+                        if litellm is not None
+                        else {"note": "litellm: not asked for (--paths)"}
+                    ),
                     "table": lines,
                     "runs": [asdict(run) for run in runs],
                 },
@@ -605,6 +901,61 @@ def main() -> int:
             )
         )
     return 0
+
+
+def start_litellm(
+    running: Rig, installed: Installed, upstream_port: int, status: LiteLLMStatus
+) -> tuple[Endpoint, subprocess.Popen[bytes]]:
+    """LiteLLM's proxy on the servers' cores, configured in the run's directory."""
+    directory = running.work_dir / "litellm"
+    directory.mkdir(exist_ok=True)
+    config = directory / "config.yaml"
+    status.config = config_yaml(upstream_port=upstream_port, model=MODEL, upstream_key=SIM_KEY)
+    config.write_text(status.config)
+    port = free_port()
+    status.command = proxy_command(installed, config, port)
+    env = proxy_env(running.env)
+    status.env = {key: env[key] for key in sorted(set(env) - set(running.env))}
+    try:
+        target = running.start_server(
+            "litellm",
+            status.command,
+            port,
+            MASTER_KEY,
+            env=env,
+            cwd=directory,
+            timeout_s=STARTUP_TIMEOUT_S,
+        )
+    except RuntimeError as error:
+        log = running.server_log("litellm")
+        tail = log.read_text(errors="replace")[-1500:] if log.exists() else ""
+        raise LiteLLMUnavailable(f"it did not start: {error}; its output ends: {tail}") from error
+    process = next(p for p in running.processes if p.pid == target.pid)
+    return Endpoint("litellm", port, MASTER_KEY, target.pid), process
+
+
+def measure_kept(
+    running: Rig,
+    target: Endpoint,
+    process: subprocess.Popen[bytes],
+    sim_pid: int,
+    run: Run,
+    args: argparse.Namespace,
+) -> Run:
+    """:func:`measure_rest` for LiteLLM, whose failures are figures, not the end of the
+    bench: a load run that fails is kept with the reason, and once the proxy has exited
+    its remaining runs say so."""
+    if process.poll() is not None:
+        run.errors["proxy_exited"] = 1
+        run.failure = f"LiteLLM exited with {process.returncode} before this run"
+        return run
+    try:
+        return measure_rest(running, target, sim_pid, run.client, run.streams, run, args)
+    except (RuntimeError, TimeoutError) as error:
+        run.errors["load_failed"] = 1
+        run.failure = str(error)[-1000:]
+        print(f"rest.py: litellm run failed: {run.failure}", file=sys.stderr)
+        return run
 
 
 def port_of(url: str) -> int:
