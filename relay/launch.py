@@ -27,6 +27,7 @@ ones before anything is logged.
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import secrets
@@ -166,6 +167,21 @@ async def open_relay(config: ServeConfig) -> AsyncIterator[RunningRelay]:
         raise StartupError(failure)
 
 
+def freeze_startup_heap() -> None:
+    """Move every object alive once the relay listens out of the collector's reach.
+
+    The modules, the configuration, the upstream table and the server's caches live
+    as long as the process; left tracked, every full collection walks all of them
+    (about 60,000 objects) to free a session's few cycles. ``gc.freeze`` parks them
+    in the permanent generation, so a collection walks only what sessions made:
+    measured in README, "The collector". Collecting first keeps
+    startup's garbage out of the frozen set.
+    """
+    gc.collect()
+    gc.freeze()
+    LOGGER.debug("froze %d startup objects out of the collector", gc.get_freeze_count())
+
+
 def notify_systemd(message: str) -> None:
     """Send an sd_notify message (``READY=1``, ``STOPPING=1``) if systemd asked for them."""
     address = os.environ.get("NOTIFY_SOCKET")
@@ -211,6 +227,7 @@ async def run_relay(config: ServeConfig, reload: Callable[[], ServeConfig] | Non
         async with trio.open_nursery() as nursery:
             # Signals are handled before systemd (or anyone) hears we are ready.
             await nursery.start(handle_signals)
+            freeze_startup_heap()
             notify_systemd("READY=1\nSTATUS=listening")
             await stop.wait()
             notify_systemd("STOPPING=1\nSTATUS=draining")
