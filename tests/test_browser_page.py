@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 from collections.abc import Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -258,33 +259,37 @@ async def two_turns(
             return await finish(page, demo, tmp_path, name)
 
 
-#: Samples per block in which the tone's purity is judged (50 ms: 22 cycles of 440 Hz).
+#: Samples per block in which the tone is judged (50 ms: 22 cycles of 440 Hz).
 TONE_BLOCK_SAMPLES = audio.PCM16_SAMPLE_RATE_HZ // 20
 #: Share of blocks that must be nothing but the tone.
-TONE_BLOCKS_PURE_SHARE = 0.9
+TONE_BLOCKS_PURE_SHARE = 0.75
 
 
 def check_is_the_tone(samples: list[float], tolerance: float) -> None:
     """A stretch of the tone: its frequency, its RMS, and little else.
 
-    Purity is judged per 50 ms block, each at its own frequency: on a busy machine
-    Chromium's fake microphone drifts in rate and skips within a turn, which a single
-    projection over the whole turn reads as no tone at all (its phase walks away), while
-    noise or the wrong signal still fails every block.
+    Frequency and purity are judged per 50 ms block, each block at its own frequency,
+    and the frequency as the blocks' median: on a busy machine Chromium's fake
+    microphone drifts in rate and skips within a turn (CI runs saw 17 of 20 blocks pure,
+    and a whole-turn zero-crossing count 11% high from the spurious crossings at the
+    skips), which a single measure over the whole turn reads as the wrong tone or none,
+    while noise, silence or the wrong signal still fail most blocks. The bytes are held
+    exact by the digest, the page's resampler by test_resampler_in_the_browser.
     """
     rate = audio.PCM16_SAMPLE_RATE_HZ
-    frequency = tone_frequency_hz(samples, rate)
-    assert frequency == pytest.approx(TONE_HZ, rel=tolerance)
     assert rms(samples) == pytest.approx(TONE_AMPLITUDE / math.sqrt(2), rel=0.05)
     blocks = [
         samples[at : at + TONE_BLOCK_SAMPLES]
         for at in range(0, len(samples) - TONE_BLOCK_SAMPLES + 1, TONE_BLOCK_SAMPLES)
     ]
     assert blocks
+    frequencies = [tone_frequency_hz(block, rate) for block in blocks]
+    assert statistics.median(frequencies) == pytest.approx(TONE_HZ, rel=tolerance)
     pure = [
-        tone_power_fraction(block, tone_frequency_hz(block, rate), rate) > 0.95 for block in blocks
+        tone_power_fraction(block, frequency, rate) > 0.95
+        for block, frequency in zip(blocks, frequencies, strict=True)
     ]
-    assert sum(pure) >= TONE_BLOCKS_PURE_SHARE * len(blocks), pure
+    assert sum(pure) >= TONE_BLOCKS_PURE_SHARE * len(blocks), (pure, frequencies)
 
 
 def check_simulator_got_what_was_sent(simulator: RunningSimulator, run: Run) -> None:
@@ -447,7 +452,11 @@ async def test_voice_page_hands_free(
     assert state["playedRms"] == pytest.approx(answer_rms(), rel=0.10)
     assert len(state["latencyMs"]) >= 3
     for entry in state["latencyMs"]:
-        assert 0 < entry["receivedMs"] <= entry["playedMs"] < 5000
+        # The simulator answers the moment its detector sends speech_stopped, so on a
+        # quiet machine the first delta arrives within the same millisecond over
+        # loopback and rounds to 0; rendering it takes the output's latency on top.
+        assert 0 <= entry["receivedMs"] <= entry["playedMs"] < 5000
+        assert entry["playedMs"] > 0
 
 
 async def test_resampler_in_the_browser(chromium: webdriver.Chrome) -> None:
