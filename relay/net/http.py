@@ -8,6 +8,7 @@ write one response. Timeouts are the caller's cancel scopes.
 
 from __future__ import annotations
 
+import threading
 from typing import Final
 
 from relay.net.transport import Transport, TransportClosed
@@ -17,6 +18,21 @@ from relay.protocol.handshake import HandshakeError, RequestHead, ResponseHead
 
 #: Read size while waiting for a head: heads are small.
 HEAD_READ_BYTES: Final = 8 * 1024
+
+
+class _HeadReads(threading.local):
+    """Where heads and small bodies are read: one buffer per thread (one Trio run),
+    shared by its connections. Each read's bytes are copied out before the reader's
+    next await (``Transport.recv_into`` lets nothing run between the bytes landing and
+    its return), so no two readers ever hold it at once; a buffer per read was 8 KiB
+    allocated and zeroed per head."""
+
+    def __init__(self) -> None:
+        self.chunk = bytearray(HEAD_READ_BYTES)
+        self.view = memoryview(self.chunk)
+
+
+_HEAD_READS: Final = _HeadReads()
 
 
 async def read_request_head(transport: Transport, initial: bytes = b"") -> RequestHead | None:
@@ -30,14 +46,14 @@ async def read_request_head(transport: Transport, initial: bytes = b"") -> Reque
         head = handshake.parse_request_head(buffer)
         if head is not None:
             return head
-    chunk = bytearray(HEAD_READ_BYTES)
+    reads = _HEAD_READS
     while True:
-        received = await transport.recv_into(chunk)
+        received = await transport.recv_into(reads.chunk)
         if received == 0:
             if buffer:
                 raise HandshakeError(400, "Connection closed in the middle of a request head.")
             return None
-        buffer += chunk[:received]
+        buffer += reads.view[:received]
         head = handshake.parse_request_head(buffer)
         if head is not None:
             return head
@@ -53,12 +69,12 @@ async def read_response_head(
     the answer.
     """
     buffer = bytearray()
-    chunk = bytearray(HEAD_READ_BYTES)
+    reads = _HEAD_READS
     while True:
-        received = await transport.recv_into(chunk)
+        received = await transport.recv_into(reads.chunk)
         if received == 0:
             raise TransportClosed("upstream closed before its response head")
-        buffer += chunk[:received]
+        buffer += reads.view[:received]
         head = handshake.parse_response_head(buffer)
         while head is not None and skip_informational and 100 <= head.status < 200:
             buffer = bytearray(head.trailing)
@@ -77,12 +93,12 @@ async def read_body(
     if content_length is not None and content_length > max_bytes:
         raise HandshakeError(413, f"Request body larger than {max_bytes} bytes.")
     body = bytearray(already)
-    chunk = bytearray(HEAD_READ_BYTES)
+    reads = _HEAD_READS
     while content_length is None or len(body) < content_length:
-        received = await transport.recv_into(chunk)
+        received = await transport.recv_into(reads.chunk)
         if received == 0:
             break
-        body += chunk[:received]
+        body += reads.view[:received]
         if len(body) > max_bytes:
             raise HandshakeError(413, f"Body larger than {max_bytes} bytes.")
     return bytes(body if content_length is None else body[:content_length])

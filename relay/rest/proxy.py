@@ -343,12 +343,15 @@ class RestProxy:
         return _Body(bytes(held_buffer), length - len(held_buffer), length, found), found.value
 
     async def _read_exactly(self, transport: Transport, already: bytes, length: int) -> bytes:
-        buffer = bytearray(already[:length])
-        chunk = bytearray(RECEIVE_BYTES)
+        if len(already) >= length:
+            return already[:length]  # the usual JSON body: it came with the head
+        buffer = bytearray(already)
+        # Read into the shared body buffer, each read copied out before the next await.
+        chunk, view = _BODY_BUFFER.buffer, _BODY_BUFFER.view
         idle_s = self._state.config.rest_idle_timeout_s
         while len(buffer) < length:
             received = await _client_read(transport, chunk, length - len(buffer), idle_s)
-            buffer += chunk[:received]
+            buffer += view[:received]
         return bytes(buffer)
 
     def _route(self, model: str | None, shaped: bool) -> _Route:
