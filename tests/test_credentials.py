@@ -212,7 +212,7 @@ def test_a_secret_field_of_the_wrong_type_is_the_usual_one_line(
 
 def test_the_upstream_table_holds_the_key_as_a_secret() -> None:
     table = build_upstream_table(
-        cfg.ServeConfig(upstream_url="wss://api.example/v1", upstream_api_key=VALUE)
+        cfg.ServeConfig(upstream_url="wss://api.example/v1", upstream_api_key=Secret(VALUE))
     )
     (key,) = table.upstreams[0].keys
     assert type(key.credential().value) is Secret

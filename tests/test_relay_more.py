@@ -185,7 +185,7 @@ def test_client_address_trusts_only_configured_proxies() -> None:
             trusted_proxies=("10.0.0.1", "10.0.0.2"),
             client_keys=(Secret("k"),),
             upstream_url="ws://127.0.0.1:1/v1",
-            upstream_api_key="sk-x",
+            upstream_api_key=Secret("sk-x"),
         )
     )
     spoofed = head("X-Forwarded-For: 6.6.6.6")

@@ -12,7 +12,7 @@ import random
 import tracemalloc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import msgspec
@@ -405,8 +405,8 @@ def post_head(path: str, length: int, content_type: str = "application/json") ->
 
 def upstream_outcomes(relay: RunningRelay) -> dict[str, int]:
     (upstream,) = relay.server.list_upstreams()
-    (key,) = upstream["keys"]  # type: ignore[misc]
-    return dict(key["handshakes"])  # type: ignore[index]
+    (key,) = cast(list[dict[str, dict[str, int]]], upstream["keys"])
+    return dict(key["handshakes"])
 
 
 async def test_a_body_trickled_a_byte_at_a_time_goes_through(nursery: trio.Nursery) -> None:

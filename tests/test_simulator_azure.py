@@ -22,7 +22,7 @@ from trio_websocket import ConnectionClosed, WebSocketConnection
 from relay import cli
 from relay import config as cfg
 from relay.simulator.engine import SimulatedSession
-from relay.simulator.faults import HandshakeRecord
+from relay.simulator.faults import AuthScheme, HandshakeRecord
 from relay.simulator.flavors import AZURE_DEPLOYMENT_NOT_FOUND, AZURE_KEY_DENIED, AZURE_TOKEN_DENIED
 from tests.conftest import SIM_KEY, RunningSimulator, open_ws, raw_handshake, run_asyncio
 from tests.sdk_client import CHUNK_MS, SAMPLE_RATE_HZ, _speech_pcm16
@@ -333,7 +333,7 @@ async def test_azure_sdk_client_voice_turn_on_the_preview_url(
     summary = await run_asyncio(turn)
     assert summary["model"] == DEPLOYMENT
     assert summary["audio_deltas"] > 0
-    scheme = "api-key" if credential == "api_key" else "entra"
+    scheme: AuthScheme = "api-key" if credential == "api_key" else "entra"
     key_index = 0 if credential == "api_key" else None
     assert sim.sim.handshakes == [
         HandshakeRecord("/openai/realtime", DEPLOYMENT, scheme, key_index, 101)

@@ -7,7 +7,7 @@ import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -135,7 +135,8 @@ async def test_sessions_spread_over_a_pool_of_keys(nursery: trio.Nursery) -> Non
     async with held_sessions(relay, "gpt-realtime", 4):
         assert dict(sim.sim.sessions_by_key_index) == {0: 2, 1: 2}
         listing = relay.server.list_upstreams()
-        assert [key["live_sessions"] for key in listing[0]["keys"]] == [2, 2]  # type: ignore[index]
+        keys = cast(list[dict[str, object]], listing[0]["keys"])
+        assert [key["live_sessions"] for key in keys] == [2, 2]
 
 
 async def test_a_refused_connection_fails_over_within_the_handshake(

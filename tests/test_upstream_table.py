@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from relay import config as cfg
+from relay.credentials.secret import Secret
 from relay.dataplane.admission import AdmissionPolicy, Occupancy, Refused, admit
 from relay.upstreams.chooser import KeyRef
 from relay.upstreams.table import (
@@ -63,7 +64,7 @@ def test_the_readme_deployment_builds_two_upstreams_with_their_pools(tmp_path: P
     assert len(openai.keys) == 2
     assert openai.max_session_s == 0
     assert {key.credential().value.reveal() for key in openai.keys} == {KEY_A, KEY_B}
-    assert table.served_models == {"gpt-realtime", "gpt-realtime-mini"}
+    assert table.served_models == frozenset({"gpt-realtime", "gpt-realtime-mini"})
     assert [up.name for up in table.route("gpt-realtime")] == ["azure-east", "openai"]
     assert [up.name for up in table.route("gpt-realtime-mini")] == ["openai"]
     assert table.route("whisper-1") == ()
@@ -95,7 +96,7 @@ def test_the_environment_cannot_set_a_table_of_tables() -> None:
 
 def test_the_shorthand_is_one_upstream_serving_every_model() -> None:
     table = build_upstream_table(
-        cfg.ServeConfig(upstream_url="wss://api.openai.com/v1", upstream_api_key=KEY_A)
+        cfg.ServeConfig(upstream_url="wss://api.openai.com/v1", upstream_api_key=Secret(KEY_A))
     )
     (only,) = table.upstreams
     assert only.name == DEFAULT_UPSTREAM_NAME
@@ -174,8 +175,8 @@ def test_the_checks_refuse_the_shorthand_beside_tables_and_name_every_bad_table(
 ) -> None:
     monkeypatch.setenv("OPENAI_KEY_A", KEY_A)
     config = cfg.ServeConfig(
-        client_keys=("client-key",),
-        upstream_api_key=KEY_B,
+        client_keys=(Secret("client-key"),),
+        upstream_api_key=Secret(KEY_B),
         upstreams={
             "good": cfg.UpstreamSettings(url="wss://a.example/v1", api_key_env=("OPENAI_KEY_A",)),
             "bad1": cfg.UpstreamSettings(url="", api_key_env=("OPENAI_KEY_A",)),
