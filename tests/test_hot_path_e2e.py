@@ -14,6 +14,7 @@ Two :class:`RelaySession` objects on ``socket.socketpair()`` legs wrapped in
 
 from __future__ import annotations
 
+import base64
 import socket
 from dataclasses import dataclass, field
 from functools import partial
@@ -29,6 +30,7 @@ from relay.dataplane.session import RelaySession
 from relay.net.hub import current_hub
 from relay.net.transport import Transport, TransportClosed, tune_stream_socket
 from relay.net.websocket import ConnectionClosed, WebSocket
+from relay.protocol import binary_audio as binary_audio_protocol
 from relay.protocol import frames
 from relay.protocol.frames import OP_TEXT
 from tests.doubles import MAX_MESSAGE_BYTES, limits
@@ -123,6 +125,7 @@ def socket_session(
     stall_client: bool = False,
     stall_upstream: bool = False,
     remask: bool = False,
+    binary_audio: bool = False,
     **limit_overrides: float,
 ) -> SocketSession:
     relay_client, client_end = _pair(STALLED_SNDBUF_BYTES if stall_client else None)
@@ -133,6 +136,9 @@ def socket_session(
         limits(**limit_overrides),
         remask_upstream=remask,
         session_id=name,
+        binary_audio_max_message_bytes=(
+            binary_audio_protocol.DEFAULT_MAX_AUDIO_MESSAGE_BYTES if binary_audio else None
+        ),
     )
     client = FarEnd(
         WebSocket(client_end, client_side=True, max_message_bytes=MAX_MESSAGE_BYTES), expect=down
@@ -222,6 +228,72 @@ async def test_a_client_that_stops_reading_gets_what_its_upstream_sent_as_anothe
             for s in (a, b):
                 s.session.end(Ending(EndKind.SHUTDOWN))
     assert relayed(a.client) == a_down
+    assert relayed(b.upstream) == b_up
+    assert relayed(b.client) == b_down
+    assert a.session.stats.messages_down == len(a_down)
+
+
+def _audio_delta(index: int) -> tuple[bytes, bytes]:
+    """An upstream audio delta (item_1 of resp_1) and the PCM16 audio it carries."""
+    audio = bytes((index + i) % 251 for i in range(4800))
+    event = orjson.dumps(
+        {
+            "type": "response.output_audio.delta",
+            "event_id": f"event_{index}",
+            "response_id": "resp_1",
+            "item_id": "item_1",
+            "output_index": 0,
+            "content_index": 0,
+            "delta": base64.b64encode(audio).decode(),
+        }
+    )
+    return event, audio
+
+
+async def test_a_binary_path_client_that_stops_reading_gets_every_converted_delta_in_order() -> (
+    None
+):
+    """Stalled: session A's client on the binary audio path, whose deltas the relay turns
+    into binary frames (the relay's down write blocks part-way). Busy: session B, plain,
+    through the same receive buffer. Then A's client drains: one start marker, each
+    delta's audio as a binary frame, the other events as they came, in order."""
+    a_down: list[bytes] = []
+    expected: list[bytes] = [binary_audio_protocol.start_marker("resp_1", "item_1", 0, 0)]
+    for index in range(400):
+        if index % 50 == 7:
+            transcript = b'{"type":"response.output_audio_transcript.delta","delta":"%d"}' % index
+            a_down.append(transcript)
+            expected.append(transcript)
+        event, audio = _audio_delta(index)
+        a_down.append(event)
+        expected.append(audio)
+    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
+    a = socket_session("A", up=0, down=len(expected), stall_client=True, binary_audio=True)
+    b = socket_session("B", up=len(b_up), down=len(b_down))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for s in (a, b):
+                nursery.start_soon(s.session.run)
+            nursery.start_soon(a.upstream.read)
+            nursery.start_soon(partial(a.upstream.send, a_down, batch=20))
+            await trio.testing.wait_all_tasks_blocked()
+            assert not a.upstream.sent_all.is_set()
+            assert a.session.stats.messages_down < len(a_down)
+
+            nursery.start_soon(b.upstream.read)
+            nursery.start_soon(b.client.read)
+            nursery.start_soon(b.client.send, b_up)
+            nursery.start_soon(b.upstream.send, b_down)
+            await b.upstream.got_all.wait()
+            await b.client.got_all.wait()
+            assert not a.upstream.sent_all.is_set()
+
+            nursery.start_soon(a.client.read)  # the stalled client drains
+            await a.client.got_all.wait()
+            await a.upstream.sent_all.wait()
+            for s in (a, b):
+                s.session.end(Ending(EndKind.SHUTDOWN))
+    assert relayed(a.client) == expected
     assert relayed(b.upstream) == b_up
     assert relayed(b.client) == b_down
     assert a.session.stats.messages_down == len(a_down)

@@ -786,7 +786,8 @@ class RelaySession:
         after a ``relay.output_audio.start`` marker when a new content part starts. A
         delta that cannot be converted, and every other event, goes as it came (the
         tap and the input-format tracker see it first). The whole common frames of
-        one read are walked in one pass (``frame_at``) and written in one write;
+        one read are walked in one pass (``frame_at``) and written in one write, by
+        the read hub's handler as in :meth:`_pump_down` (no task woken per delta);
         anything else (control, large or fragmented frames) is taken as events.
         """
         client, upstream = self.client, self.upstream
@@ -794,36 +795,52 @@ class RelaySession:
         stats = self.stats
         converted_text = self._converted_text
         frame_at = reader.frame_at
+        fresh_read = upstream.fresh_read
         recv_into, read_view = upstream.transport.recv_into, upstream.read_view
         send_now = client.send_now
         for first in self.first_client_events:
             await client.send_text(first)
+
+        def forward(received: int) -> object:
+            # One read's whole common frames (all of it, mostly) in one pass and one
+            # write, each delta converted, the rest as it came: None, or the bytes the
+            # kernel (or another writer) did not take.
+            data = fresh_read(received)
+            if data is None:
+                return None
+            pieces: list[bytes | memoryview] = []
+            pos = 0
+            size = len(data)
+            while pos < size and (span := frame_at(data, pos)) is not None:
+                start, end = span
+                converted = converted_text(data[start:end]) if data[pos] == 0x81 else None
+                pieces.append(data[pos:end] if converted is None else converted)
+                pos = end
+            if pos < size:
+                reader.feed(data[pos:])
+            if pieces:
+                out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+                sent = send_now(out)
+                stats.messages_down += len(pieces)
+                if sent < len(out):
+                    return client.keep_unsent(out, sent)
+            return None
+
+        hub_leg = _hub_transport(upstream)
+        if hub_leg is not None:
+            hub, hub_sock = _hub_of(hub_leg), hub_leg.sock
+            handler = _hub_handler(hub_leg, read_view, reader, forward)
         while True:
             event = reader.next_event() if reader.may_hold else None  # as in _pump_up
             if event is None:
-                # The read made here, then fresh_read: no coroutine of its own per message.
-                received = await recv_into(read_view)
-                data = upstream.fresh_read(received)
-                if data is None:
-                    continue
-                # The whole common frames at the front of the read (all of it, mostly),
-                # in one pass and one write: each delta converted, the rest as it came.
-                pieces: list[bytes | memoryview] = []
-                pos = 0
-                size = len(data)
-                while pos < size and (span := frame_at(data, pos)) is not None:
-                    start, end = span
-                    converted = converted_text(data[start:end]) if data[pos] == 0x81 else None
-                    pieces.append(data[pos:end] if converted is None else converted)
-                    pos = end
-                if pos < size:
-                    reader.feed(data[pos:])
-                if pieces:
-                    out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-                    sent = send_now(out)  # as in _pump_up
-                    if sent < len(out):
-                        await client.send_rest(out, sent)
-                    stats.messages_down += len(pieces)
+                if hub_leg is not None and hub_leg.drained:
+                    woken = await hub.serve(hub_sock, handler)
+                    if woken is _SESSION_ENDED:
+                        return
+                else:
+                    woken = forward(await recv_into(read_view))
+                if type(woken) is UnsentRest:
+                    await client.send_unsent(woken)
             elif type(event) is Frame:
                 opcode = event.opcode
                 if opcode >= OP_CLOSE:
