@@ -32,7 +32,7 @@ from relay.net.transport import Transport, TransportClosed, tune_stream_socket
 from relay.net.websocket import ConnectionClosed, WebSocket
 from relay.protocol import binary_audio as binary_audio_protocol
 from relay.protocol import frames
-from relay.protocol.frames import OP_TEXT
+from relay.protocol.frames import OP_BINARY, OP_TEXT
 from tests.doubles import MAX_MESSAGE_BYTES, limits
 
 pytestmark = pytest.mark.usefixtures("hub_dispatch")
@@ -297,6 +297,64 @@ async def test_a_binary_path_client_that_stops_reading_gets_every_converted_delt
     assert relayed(b.upstream) == b_up
     assert relayed(b.client) == b_down
     assert a.session.stats.messages_down == len(a_down)
+
+
+async def test_a_binary_path_upstream_that_stops_reading_gets_every_append_in_order() -> None:
+    """Stalled: session A's upstream, while A's client sends binary audio (the relay turns
+    each message into an append; the relay's up write blocks part-way), some of it
+    refused (odd lengths: a partial sample). Busy: session B. Then A's upstream drains:
+    every accepted message as its append, in order; A's client got each refusal."""
+    audio = [bytes((index + i) % 251 for i in range(3840)) for index in range(400)]
+    wire: list[bytes] = []
+    appends: list[bytes] = []
+    refused = 0
+    for index, chunk in enumerate(audio):
+        if index % 40 == 3:
+            chunk = chunk[:-1]  # a partial sample: refused, told, not forwarded
+            refused += 1
+        else:
+            appends.append(binary_audio_protocol.append_event(chunk))
+        wire.append(frames.encode_frame(OP_BINARY, chunk, mask_key=frames.fresh_mask_key()))
+    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
+    a = socket_session("A", up=len(appends), down=refused, stall_upstream=True, binary_audio=True)
+    b = socket_session("B", up=len(b_up), down=len(b_down))
+
+    async def send_audio() -> None:
+        await a.client.ws.send_raw(b"".join(wire[:20]))  # one read: one pass, one write
+        for frame in wire[20:]:
+            await a.client.ws.send_raw(frame)
+        a.client.sent_all.set()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for s in (a, b):
+                nursery.start_soon(s.session.run)
+            nursery.start_soon(a.client.read)
+            nursery.start_soon(send_audio)
+            await trio.testing.wait_all_tasks_blocked()
+            assert not a.client.sent_all.is_set()  # the relay's write upstream is stuck
+            assert a.session.stats.messages_up < len(appends)
+
+            nursery.start_soon(b.upstream.read)
+            nursery.start_soon(b.client.read)
+            nursery.start_soon(b.client.send, b_up)
+            nursery.start_soon(b.upstream.send, b_down)
+            await b.upstream.got_all.wait()
+            await b.client.got_all.wait()
+            assert not a.client.sent_all.is_set()
+
+            nursery.start_soon(a.upstream.read)  # the stalled upstream drains
+            await a.upstream.got_all.wait()
+            await a.client.sent_all.wait()
+            await a.client.got_all.wait()
+            for s in (a, b):
+                s.session.end(Ending(EndKind.SHUTDOWN))
+    assert relayed(a.upstream) == appends
+    codes = [orjson.loads(m)["error"]["code"] for m in relayed(a.client)]
+    assert codes == [binary_audio_protocol.CODE_PARTIAL_SAMPLE] * refused
+    assert relayed(b.upstream) == b_up
+    assert relayed(b.client) == b_down
+    assert a.session.stats.messages_up == len(appends)
 
 
 async def test_a_client_close_ends_a_parked_session_without_a_cancellation() -> None:

@@ -165,6 +165,7 @@ class RelaySession:
         self.binary_audio_max_message_bytes = binary_audio_max_message_bytes
         self._audio_format: binary_audio.AudioFormat | None = None
         self._deltas: binary_audio.DeltaConverter | None = None
+        self._audio_hub_handler: Callable[[], object] | None = None
         #: Which whole client frames a run may forward as they came (None: all).
         self._client_run_gate: Callable[[int, bool, bytes | memoryview], bool] | None = (
             _is_one_frame_append if lock is not None else None
@@ -461,15 +462,19 @@ class RelaySession:
         await self.upstream.send_text(binary_audio.append_event(audio))
         self.stats.messages_up += 1
 
-    async def _take_audio_read(self, data: memoryview) -> bool:
-        """One fresh client read on the binary path; ``False`` once over its rate.
+    def _take_audio_read(self, data: memoryview) -> object:
+        """One fresh client read on the binary path, taken without awaiting (the read
+        hub's handler calls it, or the pump after its own read).
 
         The whole common frames at the front of the read (all of it, for a
         real-time client) are taken in one pass without the frame loop: a binary
         frame becomes an append (or a refusal told to the client), a text frame the
         run gate lets through goes as it came. What they make goes upstream in one
         write, charged to the rate limit at once; the rest goes to the reader, whose
-        events the pump takes next.
+        events the pump takes next. Returns None when all of it is done,
+        ``_RATE_LIMITED`` once the client ran over its rate, or an
+        :class:`_AudioRest`: what the pump must still write (a write the upstream did
+        not take whole, refusals for the client).
         """
         reader = self.client.reader
         frame_at = reader.frame_at
@@ -502,20 +507,36 @@ class RelaySession:
         if pos < size:
             reader.feed(data[pos:])
         if not taken_frames:
-            return True
+            return None
         if not self._rate.admit(pos, taken_frames):
-            self._finish(self._rate_ending())
-            return False
+            return _RATE_LIMITED
+        unsent: UnsentRest | None = None
         if pieces:
             out = pieces[0] if len(pieces) == 1 else b"".join(pieces)
             upstream = self.upstream
             sent = upstream.send_now(out)  # as in _pump_up
-            if sent < len(out):
-                await upstream.send_rest(out, sent)
             self.stats.messages_up += messages
-        for refusal in refusals:
-            await self.client.send_text(refusal)
-        return True
+            if sent < len(out):
+                unsent = upstream.keep_unsent(out, sent)
+        if unsent is None and not refusals:
+            return None
+        return _AudioRest(unsent, refusals)
+
+    def _audio_forward(self, received: int) -> object:
+        """A binary-path client read of ``received`` bytes (see :meth:`_take_audio_read`)."""
+        data = self.client.fresh_read(received)
+        return None if data is None else self._take_audio_read(data)
+
+    async def _finish_audio_read(self, woken: object) -> None:
+        """What a binary-path read left for the pump: the end, or writes to finish."""
+        if woken is _RATE_LIMITED:
+            self._finish(self._rate_ending())
+            raise _SessionEnded
+        if type(woken) is _AudioRest:
+            if woken.unsent is not None:
+                await self.upstream.send_unsent(woken.unsent)
+            for refusal in woken.refusals:
+                await self.client.send_text(refusal)
 
     async def _forward_client_run(
         self, accept: Callable[[int, bool, bytes | memoryview], bool] | None = None
@@ -563,6 +584,18 @@ class RelaySession:
             else:
                 await self._locked_message(lock, event)
 
+    def _audio_handler(self) -> Callable[[], object]:
+        """The binary path's read-hub handler for the client leg, made on first use."""
+        handler = self._audio_hub_handler
+        if handler is None:
+            transport = _hub_transport(self.client)
+            assert transport is not None
+            client = self.client
+            handler = self._audio_hub_handler = _hub_handler(
+                transport, client.read_view, client.reader, self._audio_forward
+            )
+        return handler
+
     async def _next_client_event(self) -> Frame | FrameStart:
         """The client's next data frame (or large frame's start); control frames handled.
 
@@ -577,11 +610,19 @@ class RelaySession:
             event = reader.next_event() if reader.may_hold else None  # as in _pump_up
             if event is None:
                 if self._audio_format is not None:
-                    # The read made here, then fresh_read: no coroutine of its own per message.
-                    received = await client.transport.recv_into(client.read_view)
-                    data = client.fresh_read(received)
-                    if data is not None and not await self._take_audio_read(data):
-                        raise _SessionEnded
+                    # Parked in the read hub, whose handler takes each read inline (no
+                    # task woken per message), else the read made here, as in _pump_up.
+                    hub_leg = _hub_transport(client)
+                    if hub_leg is not None and hub_leg.drained:
+                        woken = await _hub_of(hub_leg).serve(hub_leg.sock, self._audio_handler())
+                        if woken is _SESSION_ENDED:
+                            raise _SessionEnded
+                    else:
+                        woken = self._audio_forward(
+                            await client.transport.recv_into(client.read_view)
+                        )
+                    if woken is not None and woken is not _AWAKE:
+                        await self._finish_audio_read(woken)
                 # The hot path as in _pump_up, for the frames the gate lets through.
                 elif not await self._forward_client_run(self._client_run_gate):
                     raise _SessionEnded
@@ -1024,6 +1065,15 @@ class _Watchdog:
 
 #: What a hub handler wakes its pump with (besides an UnsentRest): the rate limit
 #: refused the run; the pump's own loop has work (held frame events, a full read).
+@dataclass(slots=True)
+class _AudioRest:
+    """What a binary-path client read left for its pump to write (see
+    :meth:`RelaySession._take_audio_read`): the rest of the upstream write, refusals."""
+
+    unsent: UnsentRest | None
+    refusals: list[bytes]
+
+
 _RATE_LIMITED: Final = object()
 _AWAKE: Final = object()
 #: What :meth:`RelaySession._wake_pumps` wakes a parked pump with: return, the session
