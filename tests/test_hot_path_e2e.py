@@ -158,6 +158,35 @@ def relayed(far: FarEnd) -> list[bytes]:
     return received
 
 
+@dataclass
+class BusySession:
+    """Session B of the stalled-leg tests: plain, moving data both ways through the
+    receive buffer the stalled session A shares, while A's write is blocked."""
+
+    socket: SocketSession
+    up: list[bytes]
+    down: list[bytes]
+
+    @classmethod
+    def make(cls, *, remask: bool = False) -> BusySession:
+        up, down = _messages(b"B", 300), _messages(b"b", 300)
+        return cls(socket_session("B", up=len(up), down=len(down), remask=remask), up, down)
+
+    async def stream(self, nursery: trio.Nursery) -> None:
+        """Both ways at once; returns once both far ends have everything."""
+        b = self.socket
+        nursery.start_soon(b.upstream.read)
+        nursery.start_soon(b.client.read)
+        nursery.start_soon(b.client.send, self.up)
+        nursery.start_soon(b.upstream.send, self.down)
+        await b.upstream.got_all.wait()
+        await b.client.got_all.wait()
+
+    def check_relayed(self) -> None:
+        assert relayed(self.socket.upstream) == self.up
+        assert relayed(self.socket.client) == self.down
+
+
 @pytest.mark.parametrize("remask", [False, True], ids=["wss_verbatim", "ws_remasked"])
 async def test_an_upstream_that_stops_reading_gets_what_its_client_sent_as_another_session_streams(
     remask: bool,
@@ -165,12 +194,11 @@ async def test_an_upstream_that_stops_reading_gets_what_its_client_sent_as_anoth
     """Stalled: session A's upstream (never reads until the end). Busy: session B, both
     ways, through the same receive buffer while A's relay write is blocked."""
     a_up = FIRST_RUN + _messages(b"A", 400)  # ~8 MB: far more than the stalled socket queues
-    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
     a = socket_session("A", up=len(a_up), down=0, stall_upstream=True, remask=remask)
-    b = socket_session("B", up=len(b_up), down=len(b_down), remask=remask)
+    b = BusySession.make(remask=remask)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            for s in (a, b):
+            for s in (a, b.socket):
                 nursery.start_soon(s.session.run)
             nursery.start_soon(a.client.read)
             nursery.start_soon(partial(a.client.send, a_up, batch=len(FIRST_RUN)))
@@ -179,34 +207,27 @@ async def test_an_upstream_that_stops_reading_gets_what_its_client_sent_as_anoth
             assert not a.client.sent_all.is_set()
             assert a.session.stats.messages_up < len(a_up)
 
-            nursery.start_soon(b.upstream.read)
-            nursery.start_soon(b.client.read)
-            nursery.start_soon(b.client.send, b_up)
-            nursery.start_soon(b.upstream.send, b_down)
-            await b.upstream.got_all.wait()
-            await b.client.got_all.wait()
+            await b.stream(nursery)
             assert not a.client.sent_all.is_set()  # A stayed stalled all along
 
             nursery.start_soon(a.upstream.read)  # the stalled upstream drains
             await a.upstream.got_all.wait()
             await a.client.sent_all.wait()
-            for s in (a, b):
+            for s in (a, b.socket):
                 s.session.end(Ending(EndKind.SHUTDOWN))
     assert relayed(a.upstream) == a_up
-    assert relayed(b.upstream) == b_up
-    assert relayed(b.client) == b_down
+    b.check_relayed()
     assert a.session.stats.messages_up == len(a_up)
 
 
 async def test_a_client_that_stops_reading_gets_what_its_upstream_sent_as_another_streams() -> None:
     """Stalled: session A's client (the relay's down write blocks). Busy: session B."""
     a_down = FIRST_RUN + _messages(b"A", 400)
-    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
     a = socket_session("A", up=0, down=len(a_down), stall_client=True)
-    b = socket_session("B", up=len(b_up), down=len(b_down))
+    b = BusySession.make()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            for s in (a, b):
+            for s in (a, b.socket):
                 nursery.start_soon(s.session.run)
             nursery.start_soon(a.upstream.read)
             nursery.start_soon(partial(a.upstream.send, a_down, batch=len(FIRST_RUN)))
@@ -214,22 +235,16 @@ async def test_a_client_that_stops_reading_gets_what_its_upstream_sent_as_anothe
             assert not a.upstream.sent_all.is_set()
             assert a.session.stats.messages_down < len(a_down)
 
-            nursery.start_soon(b.upstream.read)
-            nursery.start_soon(b.client.read)
-            nursery.start_soon(b.client.send, b_up)
-            nursery.start_soon(b.upstream.send, b_down)
-            await b.upstream.got_all.wait()
-            await b.client.got_all.wait()
+            await b.stream(nursery)
             assert not a.upstream.sent_all.is_set()
 
             nursery.start_soon(a.client.read)  # the stalled client drains
             await a.client.got_all.wait()
             await a.upstream.sent_all.wait()
-            for s in (a, b):
+            for s in (a, b.socket):
                 s.session.end(Ending(EndKind.SHUTDOWN))
     assert relayed(a.client) == a_down
-    assert relayed(b.upstream) == b_up
-    assert relayed(b.client) == b_down
+    b.check_relayed()
     assert a.session.stats.messages_down == len(a_down)
 
 
@@ -267,12 +282,11 @@ async def test_a_binary_path_client_that_stops_reading_gets_every_converted_delt
         event, audio = _audio_delta(index)
         a_down.append(event)
         expected.append(audio)
-    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
     a = socket_session("A", up=0, down=len(expected), stall_client=True, binary_audio=True)
-    b = socket_session("B", up=len(b_up), down=len(b_down))
+    b = BusySession.make()
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            for s in (a, b):
+            for s in (a, b.socket):
                 nursery.start_soon(s.session.run)
             nursery.start_soon(a.upstream.read)
             nursery.start_soon(partial(a.upstream.send, a_down, batch=20))
@@ -280,22 +294,16 @@ async def test_a_binary_path_client_that_stops_reading_gets_every_converted_delt
             assert not a.upstream.sent_all.is_set()
             assert a.session.stats.messages_down < len(a_down)
 
-            nursery.start_soon(b.upstream.read)
-            nursery.start_soon(b.client.read)
-            nursery.start_soon(b.client.send, b_up)
-            nursery.start_soon(b.upstream.send, b_down)
-            await b.upstream.got_all.wait()
-            await b.client.got_all.wait()
+            await b.stream(nursery)
             assert not a.upstream.sent_all.is_set()
 
             nursery.start_soon(a.client.read)  # the stalled client drains
             await a.client.got_all.wait()
             await a.upstream.sent_all.wait()
-            for s in (a, b):
+            for s in (a, b.socket):
                 s.session.end(Ending(EndKind.SHUTDOWN))
     assert relayed(a.client) == expected
-    assert relayed(b.upstream) == b_up
-    assert relayed(b.client) == b_down
+    b.check_relayed()
     assert a.session.stats.messages_down == len(a_down)
 
 
@@ -315,9 +323,8 @@ async def test_a_binary_path_upstream_that_stops_reading_gets_every_append_in_or
         else:
             appends.append(binary_audio_protocol.append_event(chunk))
         wire.append(frames.encode_frame(OP_BINARY, chunk, mask_key=frames.fresh_mask_key()))
-    b_up, b_down = _messages(b"B", 300), _messages(b"b", 300)
     a = socket_session("A", up=len(appends), down=refused, stall_upstream=True, binary_audio=True)
-    b = socket_session("B", up=len(b_up), down=len(b_down))
+    b = BusySession.make()
 
     async def send_audio() -> None:
         await a.client.ws.send_raw(b"".join(wire[:20]))  # one read: one pass, one write
@@ -327,7 +334,7 @@ async def test_a_binary_path_upstream_that_stops_reading_gets_every_append_in_or
 
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            for s in (a, b):
+            for s in (a, b.socket):
                 nursery.start_soon(s.session.run)
             nursery.start_soon(a.client.read)
             nursery.start_soon(send_audio)
@@ -335,25 +342,19 @@ async def test_a_binary_path_upstream_that_stops_reading_gets_every_append_in_or
             assert not a.client.sent_all.is_set()  # the relay's write upstream is stuck
             assert a.session.stats.messages_up < len(appends)
 
-            nursery.start_soon(b.upstream.read)
-            nursery.start_soon(b.client.read)
-            nursery.start_soon(b.client.send, b_up)
-            nursery.start_soon(b.upstream.send, b_down)
-            await b.upstream.got_all.wait()
-            await b.client.got_all.wait()
+            await b.stream(nursery)
             assert not a.client.sent_all.is_set()
 
             nursery.start_soon(a.upstream.read)  # the stalled upstream drains
             await a.upstream.got_all.wait()
             await a.client.sent_all.wait()
             await a.client.got_all.wait()
-            for s in (a, b):
+            for s in (a, b.socket):
                 s.session.end(Ending(EndKind.SHUTDOWN))
     assert relayed(a.upstream) == appends
     codes = [orjson.loads(m)["error"]["code"] for m in relayed(a.client)]
     assert codes == [binary_audio_protocol.CODE_PARTIAL_SAMPLE] * refused
-    assert relayed(b.upstream) == b_up
-    assert relayed(b.client) == b_down
+    b.check_relayed()
     assert a.session.stats.messages_up == len(appends)
 
 

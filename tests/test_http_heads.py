@@ -8,6 +8,7 @@ byte at a time, so that every read of one lands between two reads of the others.
 from __future__ import annotations
 
 import socket
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -42,15 +43,29 @@ def response_bytes(index: int) -> bytes:
     ) + body
 
 
-def socket_pairs() -> list[tuple[Transport, socket.socket]]:
+async def read_all_trickled(
+    read: Callable[[int, Transport], Awaitable[None]], messages: list[bytes]
+) -> None:
+    """``read(index, transport)`` for each message's connection at once, while the
+    messages arrive interleaved a byte at a time (:func:`trickle_interleaved`)."""
     current_hub()  # before the transports, as in the relay: only then do they use it
     pairs = []
-    for _ in range(READERS):
+    for _ in messages:
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
         theirs.setblocking(False)
         pairs.append((Transport(ours), theirs))
-    return pairs
+    try:
+        with trio.fail_after(WAIT_S):
+            async with trio.open_nursery() as nursery:
+                for index, (transport, _) in enumerate(pairs):
+                    nursery.start_soon(read, index, transport)
+                await trio.testing.wait_all_tasks_blocked()
+                await trickle_interleaved([peer for _, peer in pairs], messages)
+    finally:
+        for transport, peer in pairs:
+            transport.close()
+            peer.close()
 
 
 async def trickle_interleaved(peers: list[socket.socket], messages: list[bytes]) -> None:
@@ -63,7 +78,6 @@ async def trickle_interleaved(peers: list[socket.socket], messages: list[bytes])
 
 
 async def test_request_heads_read_at_once_a_byte_at_a_time_each_get_their_own() -> None:
-    pairs = socket_pairs()
     heads: dict[int, RequestHead] = {}
     bodies: dict[int, bytes] = {}
 
@@ -74,28 +88,15 @@ async def test_request_heads_read_at_once_a_byte_at_a_time_each_get_their_own() 
         length = int(head.header(b"content-length") or 0)
         bodies[index] = await http.read_body(transport, head.trailing, length, max_bytes=1024)
 
-    try:
-        with trio.fail_after(WAIT_S):
-            async with trio.open_nursery() as nursery:
-                for index, (transport, _) in enumerate(pairs):
-                    nursery.start_soon(read, index, transport)
-                await trio.testing.wait_all_tasks_blocked()
-                await trickle_interleaved(
-                    [peer for _, peer in pairs], [request_bytes(i) for i in range(READERS)]
-                )
-        for index in range(READERS):
-            head = heads[index]
-            assert head.query == f"reader={index}"
-            assert head.header(b"x-reader") == str(index)
-            assert bodies[index] == b'{"model":"m-%d"}' % index
-    finally:
-        for transport, peer in pairs:
-            transport.close()
-            peer.close()
+    await read_all_trickled(read, [request_bytes(i) for i in range(READERS)])
+    for index in range(READERS):
+        head = heads[index]
+        assert head.query == f"reader={index}"
+        assert head.header(b"x-reader") == str(index)
+        assert bodies[index] == b'{"model":"m-%d"}' % index
 
 
 async def test_response_heads_read_at_once_a_byte_at_a_time_each_get_their_own() -> None:
-    pairs = socket_pairs()
     seen: dict[int, tuple[int, str | None, bytes]] = {}
 
     async def read(index: int, transport: Transport) -> None:
@@ -103,19 +104,7 @@ async def test_response_heads_read_at_once_a_byte_at_a_time_each_get_their_own()
         body = await http.read_body(transport, head.trailing, head.content_length, max_bytes=1024)
         seen[index] = (head.status, head.header(b"x-reader"), body)
 
-    try:
-        with trio.fail_after(WAIT_S):
-            async with trio.open_nursery() as nursery:
-                for index, (transport, _) in enumerate(pairs):
-                    nursery.start_soon(read, index, transport)
-                await trio.testing.wait_all_tasks_blocked()
-                await trickle_interleaved(
-                    [peer for _, peer in pairs], [response_bytes(i) for i in range(READERS)]
-                )
-        for index in range(READERS):
-            expected = response_bytes(index)
-            assert seen[index] == (200, str(index), expected[expected.index(b"\r\n\r\n") + 4 :])
-    finally:
-        for transport, peer in pairs:
-            transport.close()
-            peer.close()
+    await read_all_trickled(read, [response_bytes(i) for i in range(READERS)])
+    for index in range(READERS):
+        expected = response_bytes(index)
+        assert seen[index] == (200, str(index), expected[expected.index(b"\r\n\r\n") + 4 :])

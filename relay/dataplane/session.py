@@ -1063,8 +1063,6 @@ class _Watchdog:
         self._timer = self._timers.call_at(clock.next_check_at(), self._check)
 
 
-#: What a hub handler wakes its pump with (besides an UnsentRest): the rate limit
-#: refused the run; the pump's own loop has work (held frame events, a full read).
 @dataclass(slots=True)
 class _AudioRest:
     """What a binary-path client read left for its pump to write (see
@@ -1074,6 +1072,8 @@ class _AudioRest:
     refusals: list[bytes]
 
 
+#: What a hub handler wakes its pump with (besides an UnsentRest or an _AudioRest): the
+#: rate limit refused the run; the pump's own loop has work (held frame events, a full read).
 _RATE_LIMITED: Final = object()
 _AWAKE: Final = object()
 #: What :meth:`RelaySession._wake_pumps` wakes a parked pump with: return, the session
