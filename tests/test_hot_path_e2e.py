@@ -358,11 +358,15 @@ async def test_a_binary_path_upstream_that_stops_reading_gets_every_append_in_or
     assert a.session.stats.messages_up == len(appends)
 
 
-async def test_a_client_close_ends_a_parked_session_without_a_cancellation() -> None:
+@pytest.mark.parametrize("binary_audio", [False, True], ids=["json", "binary_audio"])
+async def test_a_client_close_ends_a_parked_session_without_a_cancellation(
+    binary_audio: bool,
+) -> None:
     """The client's close frame reaches the up pump; the down pump, parked in the read
     hub, is woken there instead of cancelled: the session's scope is never cancelled,
-    both legs get the close table's frames, and nothing is left parked."""
-    s = socket_session("closing", up=1, down=1)
+    both legs get the close table's frames, and nothing is left parked. The same on the
+    binary audio path, whose pumps park in the hub too."""
+    s = socket_session("closing", up=1, down=1, binary_audio=binary_audio)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(s.session.run)
@@ -382,10 +386,14 @@ async def test_a_client_close_ends_a_parked_session_without_a_cancellation() -> 
     assert current_hub().parked == 0
 
 
-async def test_an_end_from_outside_wakes_both_parked_pumps_and_a_busy_one_is_cancelled() -> None:
+@pytest.mark.parametrize("binary_audio", [False, True], ids=["json", "binary_audio"])
+async def test_an_end_from_outside_wakes_both_parked_pumps_and_a_busy_one_is_cancelled(
+    binary_audio: bool,
+) -> None:
     """``end()`` (admin, drain) from another task: both pumps parked are woken without a
-    cancellation; a session whose pump is stuck in a write still ends by cancelling."""
-    idle = socket_session("idle", up=1, down=1)
+    cancellation (on the binary audio path too, the idle session's); a session whose
+    pump is stuck in a write still ends by cancelling."""
+    idle = socket_session("idle", up=1, down=1, binary_audio=binary_audio)
     stuck = socket_session("stuck", up=10**6, down=0, stall_upstream=True)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
@@ -411,6 +419,42 @@ async def test_an_end_from_outside_wakes_both_parked_pumps_and_a_busy_one_is_can
     assert stuck.session._cancel_scope.cancel_called  # its up pump was in a write
     for s in (idle, stuck):
         assert s.session.stats.ending == Ending(EndKind.SHUTDOWN)
+
+
+async def test_a_binary_path_client_over_its_frame_rate_is_ended_with_only_its_allowance_sent() -> (
+    None
+):
+    """The rate limit on the binary path's hub handler: a client sending binary audio
+    one frame per read, past its burst, gets its session ended RATE_LIMITED (1008),
+    and the upstream got exactly the burst's appends."""
+    burst = 3
+    s = socket_session(
+        "fast",
+        up=burst,
+        down=0,
+        binary_audio=True,
+        client_max_frames_per_s=0.001,
+        client_frame_burst=burst,
+    )
+    audio = [bytes([index]) * 960 for index in range(burst + 2)]
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.session.run)
+            nursery.start_soon(s.client.read)
+            nursery.start_soon(s.upstream.read)
+            for chunk in audio:  # one write, one read each: the pump parked in the hub
+                await s.client.ws.send_raw(
+                    frames.encode_frame(OP_BINARY, chunk, mask_key=frames.fresh_mask_key())
+                )
+                await trio.testing.wait_all_tasks_blocked()
+                if s.session.ended.is_set():
+                    break
+            await s.session.ended.wait()
+    assert s.session.stats.ending is not None
+    assert s.session.stats.ending.kind is EndKind.RATE_LIMITED
+    assert s.upstream.received == [binary_audio_protocol.append_event(a) for a in audio[:burst]]
+    assert s.client.ws.close_received is not None
+    assert s.client.ws.close_received[0] == frames.CLOSE_POLICY_VIOLATION
 
 
 async def test_an_end_while_a_ping_is_stuck_in_its_write_cancels_the_session() -> None:
