@@ -423,6 +423,43 @@ async def test_a_body_trickled_a_byte_at_a_time_goes_through(nursery: trio.Nurse
     assert [r.request_sha256 for r in sim.sim.rest_requests] == [hashlib.sha256(body).hexdigest()]
 
 
+async def test_a_body_trickled_while_another_response_streams_arrives_whole(
+    nursery: trio.Nursery,
+) -> None:
+    """A JSON body that did not come with its head is read through the buffer the
+    response bodies of the thread share: trickled in small pieces, each sent as the
+    streaming response of another request brings a read, it reaches the upstream byte
+    for byte, and the stream it was interleaved with arrives whole."""
+    sim = await rest_sim(nursery, rest_chunk_interval_ms=5, rest_stream_chunks=120)
+    relay = await start_relay(nursery, sim.ws_base)
+    streamed = json.dumps({"model": "gpt-4.1", "messages": MESSAGES, "stream": True}).encode()
+    trickled = json.dumps({"model": "gpt-4.1", "messages": MESSAGES * 4}).encode()
+    piece_bytes = len(trickled) // 40 + 1
+    pieces = [trickled[at : at + piece_bytes] for at in range(0, len(trickled), piece_bytes)]
+    streaming = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    trickling = await trio.open_tcp_stream("127.0.0.1", relay.port)
+    async with streaming, trickling:
+        await streaming.send_all(post_head("/v1/chat/completions", len(streamed)) + streamed)
+        await trickling.send_all(post_head("/v1/chat/completions", len(trickled)))
+        stream_answer = b""
+        with trio.fail_after(30):
+            while not stream_answer.endswith(b"0\r\n\r\n"):
+                data = await streaming.receive_some(65536)
+                assert data, "the stream ended early"
+                stream_answer += data
+                if pieces and b"data: " in data:  # a body read of the other response
+                    await trickling.send_all(pieces.pop(0))
+        assert not pieces, "the stream ended before the trickled body was sent"
+        trickled_answer = await read_all(trickling)
+    assert stream_answer.startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" in stream_answer
+    assert trickled_answer.startswith(b"HTTP/1.1 200")
+    assert b'"chat.completion"' in trickled_answer
+    assert sorted(r.request_sha256 for r in sim.sim.rest_requests) == sorted(
+        hashlib.sha256(body).hexdigest() for body in (streamed, trickled)
+    )
+
+
 async def test_a_client_silent_or_gone_mid_body_is_not_the_upstream_s_fault(
     nursery: trio.Nursery,
 ) -> None:
