@@ -466,7 +466,9 @@ class Rig:
         )
         return port
 
-    def start_light_sse_upstream(self, *, chunk_interval_ms: int, stream_chunks: int) -> int:
+    def start_light_sse_upstream(
+        self, *, chunk_interval_ms: int, stream_chunks: int, chunk_jitter_ms: int = 0
+    ) -> int:
         """The C streamed chat completions upstream (``bench/c/sse_upstream.c``, built on
         first use) on the load's core: the simulator's bytes and pacing for
         ``POST /v1/chat/completions`` with ``stream: true``, at a fraction of its CPU. It
@@ -476,6 +478,7 @@ class Rig:
             str(build_light_sse()),
             *("--port", str(port), "--api-key", SIM_KEY),
             *("--chunk-interval-ms", str(chunk_interval_ms)),
+            *("--chunk-jitter-ms", str(chunk_jitter_ms)),
             *("--stream-chunks", str(stream_chunks)),
         ]
         process = self._spawn(command, cpus=self.load_cpus)

@@ -5,7 +5,10 @@ keep-alive connection looping ``POST /v1/chat/completions`` with ``stream: true`
 ``stream_options.include_usage``, reading the SSE answer to ``data: [DONE]``. The
 upstream answers each with ``--stream-chunks`` text deltas (24 SSE events in all at
 the default 20: role, deltas, finish, usage, ``[DONE]``), one HTTP chunk per event,
-``--chunk-interval-ms`` apart. By default (``--upstream c``) the upstream is
+``--chunk-interval-ms`` apart, each wait jittered by up to ``--chunk-jitter-ms`` either
+way (:data:`DEFAULT_CHUNK_JITTER_MS`; 0 is the lockstep pacing of runs 1-7, where the
+streams' events bunch and the table measures how a proxy's per-request latency spreads
+them, see the README). By default (``--upstream c``) the upstream is
 ``bench/c/sse_upstream.c``, which sends the simulator's bytes at the simulator's pace
 in C on one epoll loop, so the load core is not saturated by the upstream; ``--upstream
 simulator`` is ``relay simulate`` itself (about 125 µs of the load core per chunk).
@@ -105,6 +108,11 @@ DEFAULT_WARMUP_S: Final = 1.0
 DRAIN_S: Final = 5.0
 DEFAULT_CHUNK_INTERVAL_MS: Final = 20
 DEFAULT_STREAM_CHUNKS: Final = 20
+#: ``--upstream c``: each wait between events is the interval plus a uniform draw in
+#: [-this, +this] ms. Real token streams are irregular; with a fixed interval, streams
+#: that once started together stay in lockstep, and their events reach a proxy in
+#: bursts it handles per wake-up (README, "REST proxy": the lockstep pacing).
+DEFAULT_CHUNK_JITTER_MS: Final = 5
 #: The upstreams ``--upstream`` chooses from: the C stand-in, or the Python simulator.
 UPSTREAMS: Final = ("c", "simulator")
 DEFAULT_UPSTREAM: Final = "c"
@@ -614,9 +622,10 @@ def table(
         f"{'CPU us/req':>17} {'us/chunk':>17} {'x nginx':>17} {'proxy %':>9} {'load %':>9} "
         f"{'sim %':>9} errors"
     )
+    jitter = f" ±{args.chunk_jitter_ms} ms" if args.chunk_jitter_ms else ""
     lines = [
         f"REST proxy: streamed chat completions ({args.stream_chunks} deltas, one SSE event "
-        f"per HTTP chunk, {args.chunk_interval_ms} ms apart), {args.rounds} interleaved "
+        f"per HTTP chunk, {args.chunk_interval_ms} ms apart{jitter}), {args.rounds} interleaved "
         f"rounds of {args.duration_s:g} s{', pinned' if args.pin else ''}, upstream "
         f"{UPSTREAM_NAMES[args.upstream]}; median (min-max)",
     ]
@@ -735,6 +744,13 @@ def main() -> int:
         "--rest-chunk-interval-ms)",
     )
     parser.add_argument(
+        "--chunk-jitter-ms",
+        type=int,
+        help="--upstream c: each wait between events is the interval plus a uniform draw "
+        f"in [-J, +J] ms (default {DEFAULT_CHUNK_JITTER_MS}; 0: a fixed interval, and "
+        "streams that start together stay in lockstep)",
+    )
+    parser.add_argument(
         "--stream-chunks",
         type=int,
         default=DEFAULT_STREAM_CHUNKS,
@@ -758,6 +774,12 @@ def main() -> int:
     )
     args = parser.parse_args()
     streams_list = [int(value) for value in args.streams.split(",") if value]
+    if args.chunk_jitter_ms is None:
+        args.chunk_jitter_ms = DEFAULT_CHUNK_JITTER_MS if args.upstream == "c" else 0
+    elif args.chunk_jitter_ms and args.upstream != "c":
+        parser.error("--chunk-jitter-ms needs --upstream c")
+    if not 0 <= args.chunk_jitter_ms <= args.chunk_interval_ms:
+        parser.error("--chunk-jitter-ms must be from 0 to --chunk-interval-ms")
     clients = [value for value in args.clients.split(",") if value]
     for client in clients:
         if client not in CLIENTS:
@@ -788,7 +810,9 @@ def main() -> int:
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
         if args.upstream == "c":
             sim_port = running.start_light_sse_upstream(
-                chunk_interval_ms=args.chunk_interval_ms, stream_chunks=args.stream_chunks
+                chunk_interval_ms=args.chunk_interval_ms,
+                stream_chunks=args.stream_chunks,
+                chunk_jitter_ms=args.chunk_jitter_ms,
             )
         else:
             sim_port = running.start_simulator(
@@ -872,6 +896,7 @@ def main() -> int:
                         "duration_s": args.duration_s,
                         "warmup_s": args.warmup_s,
                         "chunk_interval_ms": args.chunk_interval_ms,
+                        "chunk_jitter_ms": args.chunk_jitter_ms,
                         "stream_chunks": args.stream_chunks,
                         "upstream": args.upstream,
                         "pinned": args.pin,

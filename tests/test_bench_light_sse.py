@@ -4,7 +4,8 @@ Against the in-process simulator (``relay simulate``'s REST side) on the same re
 the same head and the same SSE events in the same HTTP chunks once ids and timestamps
 are masked, with and without ``stream_options.include_usage``, on one keep-alive
 connection; the official SDK's stream types accept it; a client that leaves mid-stream
-does not stop it serving others; and its refusals. Counts and bytes, never timings.
+does not stop it serving others; jittered waits (``--chunk-jitter-ms``) keep every
+stream's bytes; and its refusals. Counts and bytes, never timings.
 """
 
 from __future__ import annotations
@@ -187,3 +188,46 @@ async def test_its_refusals(sse_port: int, request_bytes: bytes, status: bytes) 
                 received += await stream.receive_some()
         assert received.startswith(b"HTTP/1.1 " + status + b" ")
         assert b'{"error":{' in received or b"Content-Length: " in received
+
+
+async def test_jittered_waits_keep_every_streams_bytes() -> None:
+    """``--chunk-jitter-ms`` as large as the interval (waits of 0 to twice it): twenty
+    streams at once, each on its own connection, get the same answer as without jitter
+    (the pacing queue's ordered insert keeps every stream, whatever their due times)."""
+    plain, plain_port = _start(
+        *("--api-key", SIM_KEY, "--chunk-interval-ms", "2", "--stream-chunks", str(PIECES))
+    )
+    jittered, jittered_port = _start(
+        *("--api-key", SIM_KEY, "--chunk-interval-ms", "2", "--chunk-jitter-ms", "2"),
+        *("--stream-chunks", str(PIECES)),
+    )
+    request = _request(_chat(include_usage=True))
+    try:
+        (expected,) = await _answers(plain_port, [request])
+        got: list[bytes] = []
+
+        async def one() -> None:
+            got.extend(await _answers(jittered_port, [request, request]))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(one)
+        assert len(got) == 40
+        assert {_masked(answer) for answer in got} == {_masked(expected)}
+        assert jittered.poll() is None
+    finally:
+        for process in (plain, jittered):
+            process.terminate()
+            process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("jitter_ms", ["-1", "3"], ids=["negative", "over_the_interval"])
+def test_a_jitter_outside_zero_to_the_interval_is_refused(jitter_ms: str) -> None:
+    command = [str(build_light_sse()), "--port", str(free_port()), "--chunk-interval-ms", "2"]
+    result = subprocess.run(
+        [*command, "--chunk-jitter-ms", jitter_ms],
+        capture_output=True,
+        timeout=10,
+    )
+    assert result.returncode == 2
+    assert b"--chunk-jitter-ms 0 to the interval" in result.stderr

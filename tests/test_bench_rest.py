@@ -21,7 +21,7 @@ def test_rest_bench_tiny_run(tmp_path: Path) -> None:
     completed = run_bench_script(
         "bench/rest.py",
         *("--rounds", "1", "--duration-s", "1", "--warmup-s", "0.5", "--streams", "4"),
-        *("--paths", "direct,relay,nginx"),
+        *("--paths", "direct,relay,nginx", "--chunk-jitter-ms", "3"),
         *("--out", str(out)),
         timeout_s=180,
     )
@@ -45,6 +45,8 @@ def test_rest_bench_tiny_run(tmp_path: Path) -> None:
             assert figure in rows["relay"], (client, figure)
         assert client in report["targets"]["verdicts"]
     assert report["config"]["streams"] == [4]
+    assert report["config"]["chunk_jitter_ms"] == 3
+    assert "20 ms apart ±3 ms" in report["table"][0]
     assert len(report["runs"]) == 6
     assert report["litellm"]["note"] == "litellm: not asked for (--paths)"
     assert set(report["stream_checks"]) == {"direct", "relay", "nginx"}

@@ -31,7 +31,8 @@
  * written (a peer that does not read). Loopback only.
  *
  * Build: cc -O2 -o sse_upstream sse_upstream.c
- * Usage: sse_upstream --port PORT [--chunk-interval-ms 20] [--stream-chunks 20] [--api-key KEY]
+ * Usage: sse_upstream --port PORT [--chunk-interval-ms 20] [--chunk-jitter-ms 0]
+ *                     [--stream-chunks 20] [--api-key KEY]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -83,13 +84,18 @@ struct conn {
     long created;
     char id[ID_BODY_CHARS + 1];
     char model[MODEL_MAX_BYTES + 1];
-    /* the pacing queue: every wait is the same interval, so first in is first due */
+    /* the pacing queue, ordered by due time (without jitter every wait is the same
+       interval and a new entry goes at the tail) */
     struct conn *prev, *next;
     int queued;
     uint64_t due_ns;
 };
 
 static int chunk_interval_ms = DEFAULT_CHUNK_INTERVAL_MS;
+/* Each wait between events is the interval plus a uniform draw in [-jitter, +jitter]:
+   real token streams are irregular, and a fixed interval keeps streams that once started
+   together in lockstep for ever (their events arrive at a proxy in bursts). */
+static int chunk_jitter_ms = 0;
 static int stream_chunks = DEFAULT_STREAM_CHUNKS;
 static char api_key[KEY_MAX_BYTES + 1];
 static struct conn *queue_head, *queue_tail, *graveyard;
@@ -120,12 +126,26 @@ static void new_id(char *out) {
 
 static void enqueue(struct conn *c, uint64_t due_ns) {
     c->due_ns = due_ns;
-    c->next = NULL;
-    c->prev = queue_tail;
-    if (queue_tail) queue_tail->next = c;
+    /* after the last entry due no later (the tail at once, without jitter) */
+    struct conn *after = queue_tail;
+    while (after && after->due_ns > due_ns) after = after->prev;
+    c->prev = after;
+    c->next = after ? after->next : queue_head;
+    if (c->next) c->next->prev = c;
+    else queue_tail = c;
+    if (after) after->next = c;
     else queue_head = c;
-    queue_tail = c;
     c->queued = 1;
+}
+
+/* The wait before a stream's next event, in nanoseconds. */
+static uint64_t next_wait_ns(void) {
+    int64_t wait_us = (int64_t)chunk_interval_ms * 1000;
+    if (chunk_jitter_ms > 0) {
+        int64_t span_us = (int64_t)chunk_jitter_ms * 1000;
+        wait_us += (int64_t)(next_random() % (uint64_t)(2 * span_us + 1)) - span_us;
+    }
+    return (uint64_t)wait_us * 1000u;
 }
 
 static void dequeue(struct conn *c) {
@@ -276,7 +296,7 @@ static int advance(int epfd, struct conn *c) {
     while (c->streaming && chunk_interval_ms == 0)
         if (send_next_event(epfd, c)) return -1;
     if (c->streaming) {
-        enqueue(c, now_ns() + (uint64_t)chunk_interval_ms * 1000000u);
+        enqueue(c, now_ns() + next_wait_ns());
         return 0;
     }
     if (c->close_after) return c->out.pos < c->out.len ? 0 : -1;
@@ -478,6 +498,7 @@ int main(int argc, char **argv) {
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--port")) port = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--chunk-interval-ms")) chunk_interval_ms = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--chunk-jitter-ms")) chunk_jitter_ms = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--stream-chunks")) stream_chunks = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--api-key")) snprintf(api_key, sizeof api_key, "%s", argv[i + 1]);
         else {
@@ -486,9 +507,10 @@ int main(int argc, char **argv) {
         }
     }
     if (port <= 0 || port > 65535 || chunk_interval_ms < 0 || stream_chunks < 1 ||
-        stream_chunks > MAX_STREAM_CHUNKS) {
+        stream_chunks > MAX_STREAM_CHUNKS || chunk_jitter_ms < 0 ||
+        chunk_jitter_ms > chunk_interval_ms) {
         fprintf(stderr, "sse_upstream: --port PORT is required; --chunk-interval-ms >= 0; "
-                        "--stream-chunks 1 to %d\n",
+                        "--chunk-jitter-ms 0 to the interval; --stream-chunks 1 to %d\n",
                 MAX_STREAM_CHUNKS);
         return 2;
     }
