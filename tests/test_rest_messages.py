@@ -268,3 +268,24 @@ def test_a_chat_stream_without_usage_and_an_oversized_event_read_nothing() -> No
     reader.feed(b"\n\n")
     reader.finish()
     assert reader.usage is None
+
+
+@pytest.mark.parametrize(
+    ("event", "start", "end", "expected"),
+    [
+        (b'{"usage":null}', 0, None, False),  # every chunk of an upstream's stream but one
+        (b'{"usage": null}', 0, None, False),
+        (b'{"usage":null,"choices":[],"usage":{"total_tokens":3}}', 0, None, True),
+        (b'data: {"usage":null}\n\ndata: {"usage":{"total_tokens":3}}\n\n', 0, None, True),
+        (b'{"usage" : {"total_tokens":3}}', 0, None, True),
+        (b'{"usage":{}}', 1, None, True),
+        # The span ends inside the null: what follows it is not looked at.
+        (b'{"usage":nu{"usage":{}}', 0, 11, False),
+        (b'{"usage":{"a":1}}', 0, 8, False),
+        (b'{"x":{"usage":{"a":1}}}', 7, None, False),  # the span starts past the key
+    ],
+)
+def test_only_a_usage_key_with_an_object_inside_the_span_counts(
+    event: bytes, start: int, end: int | None, expected: bool
+) -> None:
+    assert messages._has_usage_object(event, start, len(event) if end is None else end) is expected

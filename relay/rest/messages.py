@@ -96,7 +96,7 @@ MAX_USAGE_JSON_BYTES: Final = 4 * 1024 * 1024
 MAX_MULTIPART_PREFIX_BYTES: Final = 64 * 1024
 _BOUNDARY_RE: Final = re.compile(r'boundary=(?:"([^"]{1,70})"|([^;\s]{1,70}))', re.I)
 _NAME_RE: Final = re.compile(rb'\bname="([^"]*)"', re.I)
-_HEX_DIGITS: Final = frozenset(b"0123456789abcdefABCDEF")
+_HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
 
 
 class RestRequestError(Exception):
@@ -390,7 +390,8 @@ class ChunkedScanner:
                 # The usual case, a whole chunk in the buffer: size line, data, CRLF.
                 newline = buffer.find(b"\r\n", position, end)
                 size_text = buffer[position:newline]
-                if 0 < newline - position <= 16 and set(size_text) <= _HEX_DIGITS:
+                # (All hex digits when deleting them leaves nothing: no set per chunk.)
+                if 0 < newline - position <= 16 and not size_text.translate(None, _HEX_DIGITS):
                     size = int(size_text, 16)
                     data_start = newline + 2
                     data_end = data_start + size
@@ -419,7 +420,7 @@ class ChunkedScanner:
             self._line.clear()
             if state == self._SIZE:
                 size_text = line.split(b";", 1)[0].strip()
-                if not size_text or not set(size_text) <= _HEX_DIGITS or len(size_text) > 16:
+                if not size_text or size_text.translate(None, _HEX_DIGITS) or len(size_text) > 16:
                     raise UpstreamFramingError("bad chunk size")
                 size = int(size_text, 16)
                 if size == 0:
@@ -465,6 +466,9 @@ def _has_usage_object(event: bytes | bytearray, start: int, end: int) -> bool:
     the last one is worth parsing."""
     position = event.find(b'"usage"', start, end)
     while position >= 0:
+        if event.startswith(b'"usage":null', position, end):  # every chunk's but the last
+            position = event.find(b'"usage"', position + len(b'"usage":null'), end)
+            continue
         after = position + len(b'"usage"')
         while after < end and event[after] in b" \t\r\n:":
             after += 1
