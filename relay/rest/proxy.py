@@ -875,8 +875,8 @@ class _BodyPump:
             if alarm.at - now < alarm.idle_s:
                 alarm.move(now)
         woken = self.forward(size)
-        if woken is None and not upstream.drained:
-            return _FULL
+        if woken is None and size == len(self._view):
+            return _FULL  # the read filled the buffer: more may wait with no edge to come
         return woken
 
 
