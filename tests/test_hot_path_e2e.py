@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Final
@@ -187,6 +188,42 @@ class BusySession:
         assert relayed(self.socket.client) == self.down
 
 
+async def stall_then_drain(
+    a: SocketSession,
+    b: BusySession,
+    *,
+    stalled: FarEnd,
+    feeder: FarEnd,
+    feed: Callable[[], Awaitable[None]],
+    relayed_so_far: Callable[[], int],
+    total: int,
+) -> None:
+    """Session A's ``stalled`` far end reads nothing while ``feed`` sends from ``feeder``
+    (the relay's write to ``stalled`` blocks) and busy session B streams both ways; then
+    ``stalled`` drains, and both sessions are shut down once everything arrived."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for s in (a, b.socket):
+                nursery.start_soon(s.session.run)
+            nursery.start_soon(feeder.read)
+            nursery.start_soon(feed)
+            await trio.testing.wait_all_tasks_blocked()
+            # The relay's write to A's stalled end is stuck, and so is the feeder behind it.
+            assert not feeder.sent_all.is_set()
+            assert relayed_so_far() < total
+
+            await b.stream(nursery)
+            assert not feeder.sent_all.is_set()  # A stayed stalled all along
+
+            nursery.start_soon(stalled.read)  # the stalled end drains
+            await stalled.got_all.wait()
+            await feeder.sent_all.wait()
+            if feeder.expect:
+                await feeder.got_all.wait()
+            for s in (a, b.socket):
+                s.session.end(Ending(EndKind.SHUTDOWN))
+
+
 @pytest.mark.parametrize("remask", [False, True], ids=["wss_verbatim", "ws_remasked"])
 async def test_an_upstream_that_stops_reading_gets_what_its_client_sent_as_another_session_streams(
     remask: bool,
@@ -196,25 +233,15 @@ async def test_an_upstream_that_stops_reading_gets_what_its_client_sent_as_anoth
     a_up = FIRST_RUN + _messages(b"A", 400)  # ~8 MB: far more than the stalled socket queues
     a = socket_session("A", up=len(a_up), down=0, stall_upstream=True, remask=remask)
     b = BusySession.make(remask=remask)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for s in (a, b.socket):
-                nursery.start_soon(s.session.run)
-            nursery.start_soon(a.client.read)
-            nursery.start_soon(partial(a.client.send, a_up, batch=len(FIRST_RUN)))
-            await trio.testing.wait_all_tasks_blocked()
-            # The relay's write to A's upstream is stuck, and so is A's client behind it.
-            assert not a.client.sent_all.is_set()
-            assert a.session.stats.messages_up < len(a_up)
-
-            await b.stream(nursery)
-            assert not a.client.sent_all.is_set()  # A stayed stalled all along
-
-            nursery.start_soon(a.upstream.read)  # the stalled upstream drains
-            await a.upstream.got_all.wait()
-            await a.client.sent_all.wait()
-            for s in (a, b.socket):
-                s.session.end(Ending(EndKind.SHUTDOWN))
+    await stall_then_drain(
+        a,
+        b,
+        stalled=a.upstream,
+        feeder=a.client,
+        feed=partial(a.client.send, a_up, batch=len(FIRST_RUN)),
+        relayed_so_far=lambda: a.session.stats.messages_up,
+        total=len(a_up),
+    )
     assert relayed(a.upstream) == a_up
     b.check_relayed()
     assert a.session.stats.messages_up == len(a_up)
@@ -225,24 +252,15 @@ async def test_a_client_that_stops_reading_gets_what_its_upstream_sent_as_anothe
     a_down = FIRST_RUN + _messages(b"A", 400)
     a = socket_session("A", up=0, down=len(a_down), stall_client=True)
     b = BusySession.make()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for s in (a, b.socket):
-                nursery.start_soon(s.session.run)
-            nursery.start_soon(a.upstream.read)
-            nursery.start_soon(partial(a.upstream.send, a_down, batch=len(FIRST_RUN)))
-            await trio.testing.wait_all_tasks_blocked()
-            assert not a.upstream.sent_all.is_set()
-            assert a.session.stats.messages_down < len(a_down)
-
-            await b.stream(nursery)
-            assert not a.upstream.sent_all.is_set()
-
-            nursery.start_soon(a.client.read)  # the stalled client drains
-            await a.client.got_all.wait()
-            await a.upstream.sent_all.wait()
-            for s in (a, b.socket):
-                s.session.end(Ending(EndKind.SHUTDOWN))
+    await stall_then_drain(
+        a,
+        b,
+        stalled=a.client,
+        feeder=a.upstream,
+        feed=partial(a.upstream.send, a_down, batch=len(FIRST_RUN)),
+        relayed_so_far=lambda: a.session.stats.messages_down,
+        total=len(a_down),
+    )
     assert relayed(a.client) == a_down
     b.check_relayed()
     assert a.session.stats.messages_down == len(a_down)
@@ -284,24 +302,15 @@ async def test_a_binary_path_client_that_stops_reading_gets_every_converted_delt
         expected.append(audio)
     a = socket_session("A", up=0, down=len(expected), stall_client=True, binary_audio=True)
     b = BusySession.make()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for s in (a, b.socket):
-                nursery.start_soon(s.session.run)
-            nursery.start_soon(a.upstream.read)
-            nursery.start_soon(partial(a.upstream.send, a_down, batch=20))
-            await trio.testing.wait_all_tasks_blocked()
-            assert not a.upstream.sent_all.is_set()
-            assert a.session.stats.messages_down < len(a_down)
-
-            await b.stream(nursery)
-            assert not a.upstream.sent_all.is_set()
-
-            nursery.start_soon(a.client.read)  # the stalled client drains
-            await a.client.got_all.wait()
-            await a.upstream.sent_all.wait()
-            for s in (a, b.socket):
-                s.session.end(Ending(EndKind.SHUTDOWN))
+    await stall_then_drain(
+        a,
+        b,
+        stalled=a.client,
+        feeder=a.upstream,
+        feed=partial(a.upstream.send, a_down, batch=20),
+        relayed_so_far=lambda: a.session.stats.messages_down,
+        total=len(a_down),
+    )
     assert relayed(a.client) == expected
     b.check_relayed()
     assert a.session.stats.messages_down == len(a_down)
@@ -332,25 +341,15 @@ async def test_a_binary_path_upstream_that_stops_reading_gets_every_append_in_or
             await a.client.ws.send_raw(frame)
         a.client.sent_all.set()
 
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for s in (a, b.socket):
-                nursery.start_soon(s.session.run)
-            nursery.start_soon(a.client.read)
-            nursery.start_soon(send_audio)
-            await trio.testing.wait_all_tasks_blocked()
-            assert not a.client.sent_all.is_set()  # the relay's write upstream is stuck
-            assert a.session.stats.messages_up < len(appends)
-
-            await b.stream(nursery)
-            assert not a.client.sent_all.is_set()
-
-            nursery.start_soon(a.upstream.read)  # the stalled upstream drains
-            await a.upstream.got_all.wait()
-            await a.client.sent_all.wait()
-            await a.client.got_all.wait()
-            for s in (a, b.socket):
-                s.session.end(Ending(EndKind.SHUTDOWN))
+    await stall_then_drain(
+        a,
+        b,
+        stalled=a.upstream,
+        feeder=a.client,
+        feed=send_audio,
+        relayed_so_far=lambda: a.session.stats.messages_up,
+        total=len(appends),
+    )
     assert relayed(a.upstream) == appends
     codes = [orjson.loads(m)["error"]["code"] for m in relayed(a.client)]
     assert codes == [binary_audio_protocol.CODE_PARTIAL_SAMPLE] * refused
