@@ -449,6 +449,15 @@ def _install_inline_dispatch(io: Any, hub: ReadHub) -> Callable[[], None]:
     base = type(io)
     registered = hub._registered
     dispatch = hub.dispatch
+
+    def guarded(events: list[tuple[int, int]]) -> list[tuple[int, int]] | None:
+        """One pass of ``dispatch``: the hub's handled, Trio's handed back."""
+        try:
+            return dispatch(events)
+        except BaseException:  # never into Trio's loop: that ends the run
+            LOGGER.exception("read hub: dispatch failed")
+            return [event for event in events if event[0] not in registered]
+
     runner = _run.GLOBAL_RUN_CONTEXT.runner
     instruments = runner.instruments
     # Only on the real clock: a test's MockClock (autojump) must see every wake-up.
@@ -466,17 +475,11 @@ def _install_inline_dispatch(io: Any, hub: ReadHub) -> Callable[[], None]:
             or "after_io_wait" in instruments
         ):
             return events
-        return _wait_past_hub_wakeups(self._epoll, room, events, runner, dispatch, registered)
+        return _wait_past_hub_wakeups(self._epoll, room, events, runner, guarded)
 
     def process_events(self: Any, events: Any) -> None:
-        if type(events) is _TriosEvents:  # the hub's were handled in get_events
-            base.process_events(self, events)
-            return
-        try:
-            theirs = dispatch(events)  # one pass: the hub's handled, Trio's handed back
-        except BaseException:  # never into Trio's loop: that ends the run
-            LOGGER.exception("read hub: dispatch failed")
-            theirs = [event for event in events if event[0] not in registered]
+        # (_TriosEvents: the hub's were handled in get_events already.)
+        theirs = events if type(events) is _TriosEvents else guarded(events)
         if theirs:
             base.process_events(self, theirs)
 
@@ -509,8 +512,7 @@ def _wait_past_hub_wakeups(
     room: int,
     events: list[tuple[int, int]],
     runner: Any,
-    dispatch: Callable[[Iterable[tuple[int, int]]], list[tuple[int, int]] | None],
-    registered: dict[int, socket.socket],
+    dispatch: Callable[[list[tuple[int, int]]], list[tuple[int, int]] | None],
 ) -> Any:
     """Trio asked to sleep until its next deadline and ``events`` came first: handle the
     hub's here, and while they wake no task and none of Trio's came, wait again
@@ -535,11 +537,7 @@ def _wait_past_hub_wakeups(
     perf_counter = time.perf_counter
     poll = epoll.poll
     while True:
-        try:
-            theirs = dispatch(events)
-        except BaseException:  # never into Trio's loop: that ends the run
-            LOGGER.exception("read hub: dispatch failed")
-            theirs = [event for event in events if event[0] not in registered]
+        theirs = dispatch(events)
         if theirs or runq:
             return _TriosEvents(theirs or ())
         timeout = deadlines.next_deadline() - (offset + perf_counter())

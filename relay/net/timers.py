@@ -36,10 +36,9 @@ COMPACT_MIN_ENTRIES: Final = 64
 class Timer:
     """One scheduled callback; :meth:`cancel` before it ran means it never runs."""
 
-    __slots__ = ("at", "callback", "cancelled")
+    __slots__ = ("callback", "cancelled")
 
-    def __init__(self, at: float, callback: Callable[[], None]) -> None:
-        self.at = at
+    def __init__(self, callback: Callable[[], None]) -> None:
         self.callback = callback
         self.cancelled = False
 
@@ -69,7 +68,7 @@ class Timers:
     def call_at(self, at: float, callback: Callable[[], None]) -> Timer:
         """Run ``callback`` in the timers' task at Trio time ``at`` (never if ``at`` is inf)."""
         self._seq += 1
-        timer = Timer(at, callback)
+        timer = Timer(callback)
         if at == math.inf:
             timer.cancelled = True  # a clock with nothing to do ever: nothing to keep
             return timer

@@ -1035,7 +1035,7 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
     """
     upstream, client = pump._upstream, pump._client
     hub = upstream.hub if type(upstream) is Transport else None
-    buffer = _BODY_BUFFER.buffer
+    buffer = pump._buffer
     # One alarm for the whole body, not one per read (it costs more than the read); its
     # deadline moves only once it is nearer than idle_s (see IDLE_DEADLINE_SLACK).
     alarm = pump.alarm = _IdleAlarm(idle_s, upstream, client)
