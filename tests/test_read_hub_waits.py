@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import socket
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import pytest
 import trio
 
 from relay.net.hub import ReadHub, current_hub
+from relay.net.timers import current_timers
 from relay.net.transport import Transport
 
 pytestmark = [pytest.mark.trio, pytest.mark.usefixtures("hub_dispatch")]
@@ -43,6 +44,8 @@ class _Parked:
         self.reads = 0
         self.wake_at = wake_at
         self.woken = trio.Event()
+        #: Also called when ``wake_at`` bytes have come (in the handler, inside the hub).
+        self.on_wake: Callable[[], object] = lambda: None
         self._buffer = bytearray(64)
 
     def handler(self) -> object:
@@ -52,6 +55,7 @@ class _Parked:
         self.reads += received
         if 0 < self.wake_at <= self.reads and not self.woken.is_set():
             self.woken.set()  # reschedules a task: the inline wait must hand back to Trio
+            self.on_wake()
         return None
 
     async def park(self, hub: ReadHub) -> object:
@@ -85,73 +89,78 @@ def _feeding(parked: _Parked, also: socket.socket | None = None) -> Iterator[thr
         thread.join(WAIT_S)
 
 
-async def test_a_deadline_ends_its_sleep_while_the_hubs_wakeups_wake_nobody() -> None:
-    parked = _Parked(wake_at=5)
+@asynccontextmanager
+async def _parked_and_fed(
+    wake_at: int = -1, also: socket.socket | None = None
+) -> AsyncIterator[tuple[_Parked, threading.Event]]:
+    """A :class:`_Parked` handler in the hub, fed by :func:`_feeding` while the body runs;
+    the event is the feed's end."""
+    parked = _Parked(wake_at)
     hub = current_hub()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(parked.park, hub)
         await trio.testing.wait_all_tasks_blocked()
-        with _feeding(parked) as done:
-            with trio.fail_after(WAIT_S):
-                await parked.woken.wait()  # the feed is under way
-                # Trio sleeps to this deadline while the feed's wake-ups come.
-                with trio.move_on_after(0.05) as sleep:
-                    await trio.sleep_forever()
-            assert sleep.cancelled_caught
-            assert not done.is_set()
+        with _feeding(parked, also) as done:
+            yield parked, done
         nursery.cancel_scope.cancel()
     parked.close()
+
+
+async def test_a_deadline_ends_its_sleep_while_the_hubs_wakeups_wake_nobody() -> None:
+    async with _parked_and_fed(wake_at=5) as (parked, done):
+        with trio.fail_after(WAIT_S):
+            await parked.woken.wait()  # the feed is under way
+            # Trio sleeps to this deadline while the feed's wake-ups come.
+            with trio.move_on_after(0.05) as sleep:
+                await trio.sleep_forever()
+        assert sleep.cancelled_caught
+        assert not done.is_set()
+
+
+async def test_a_deadline_a_handler_sets_nearer_ends_the_wait_at_it() -> None:
+    """The wait's timeout is read again after each pass: a handler's timer (the REST
+    body's idle alarm is one) nearer than every deadline Trio knew of still fires."""
+    timers = current_timers()
+    fired = trio.Event()
+
+    def set_a_near_timer() -> None:
+        timers.call_at(trio.current_time() + 0.05, fired.set)
+
+    async with _parked_and_fed(wake_at=5) as (parked, done):
+        parked.on_wake = set_a_near_timer
+        with trio.fail_after(WAIT_S):  # the only deadline Trio knew of when it slept
+            await fired.wait()
+        assert not done.is_set()
 
 
 async def test_a_task_a_handler_wakes_runs_at_once() -> None:
-    parked = _Parked(wake_at=FEED_SENDS // 2)
-    hub = current_hub()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(parked.park, hub)
-        await trio.testing.wait_all_tasks_blocked()
-        with _feeding(parked) as done:
-            with trio.fail_after(WAIT_S):
-                await parked.woken.wait()
-            # Woken at the hundredth byte, not when the feed (and its wake-ups) stopped.
-            assert not done.is_set()
-        nursery.cancel_scope.cancel()
-    parked.close()
+    async with _parked_and_fed(wake_at=FEED_SENDS // 2) as (parked, done):
+        with trio.fail_after(WAIT_S):
+            await parked.woken.wait()
+        # Woken at the hundredth byte, not when the feed (and its wake-ups) stopped.
+        assert not done.is_set()
 
 
 async def test_a_socket_of_trios_own_wakes_its_task_during_the_hubs_wakeups() -> None:
-    parked = _Parked()
-    hub = current_hub()
     trios, trios_peer = socket.socketpair()  # waited on by Trio, not the hub
     trios.setblocking(False)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(parked.park, hub)
-        await trio.testing.wait_all_tasks_blocked()
-        with _feeding(parked, also=trios_peer) as done:
-            with trio.fail_after(WAIT_S):
-                await trio.lowlevel.wait_readable(trios)
-            assert trios.recv(8) == b"y"
-            assert not done.is_set()
-        nursery.cancel_scope.cancel()
-    parked.close()
+    async with _parked_and_fed(also=trios_peer) as (_, done):
+        with trio.fail_after(WAIT_S):
+            await trio.lowlevel.wait_readable(trios)
+        assert trios.recv(8) == b"y"
+        assert not done.is_set()
     trios.close()
     trios_peer.close()
 
 
 async def test_a_callback_from_another_thread_runs_during_the_hubs_wakeups() -> None:
-    parked = _Parked()
-    hub = current_hub()
     token = trio.lowlevel.current_trio_token()
     called = trio.Event()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(parked.park, hub)
-        await trio.testing.wait_all_tasks_blocked()
-        with _feeding(parked) as done:
-            threading.Timer(0.05, token.run_sync_soon, args=(called.set,)).start()
-            with trio.fail_after(WAIT_S):
-                await called.wait()
-            assert not done.is_set()
-        nursery.cancel_scope.cancel()
-    parked.close()
+    async with _parked_and_fed() as (_, done):
+        threading.Timer(0.05, token.run_sync_soon, args=(called.set,)).start()
+        with trio.fail_after(WAIT_S):
+            await called.wait()
+        assert not done.is_set()
 
 
 async def test_inline_the_hubs_wakeups_take_no_pass_of_trios_loop(hub_dispatch: str) -> None:

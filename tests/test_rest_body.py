@@ -15,7 +15,7 @@ import trio
 import trio.testing
 
 from relay.net.hub import current_hub
-from relay.net.transport import Transport
+from relay.net.transport import RECEIVE_BYTES, Transport
 from relay.rest import proxy
 from relay.rest.messages import UsageReader
 
@@ -144,6 +144,30 @@ async def test_a_chunked_stream_goes_through_verbatim_with_its_usage(
         assert current_hub().parked == 0
         # Through the hub, the reads after the first were the hub's, inline.
         assert hub_reads >= len(split) - 1 if hub else hub_reads == 0
+
+
+@pytest.mark.parametrize("hub", [True, False], ids=["hub", "awaited"])
+async def test_more_than_a_read_in_one_edge_and_then_nothing_arrives_whole(hub: bool) -> None:
+    """The pump parked in the hub, the upstream writes more than one read's buffer at
+    once and then waits for the client to have it all: a read that fills the buffer
+    must go on reading (no edge comes for the rest), or the body stalls."""
+    async with legs(hub) as found:
+        first = chunk(b'data: {"n":0}\n\n')
+        big = b"".join(chunk(b"data: %s\n\n" % (b"x" * 4000)) for _ in range(40))
+        assert len(big) > RECEIVE_BYTES
+        rest = big + chunk(USAGE_EVENT) + b"0\r\n\r\n"
+        pump = pump_for(found)
+
+        async def upstream() -> None:
+            found.upstream_peer.send(first)
+            await trio.testing.wait_all_tasks_blocked()  # the pump is parked again
+            assert found.upstream_peer.send(rest) == len(rest)  # one write, one edge
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(proxy._watched_body, pump, HEAD, b"", IDLE_S)
+            nursery.start_soon(upstream)
+            got = await read_all(found.client_peer, b"0\r\n\r\n")
+        assert got == HEAD + first + rest
 
 
 @pytest.mark.parametrize("hub", [True, False], ids=["hub", "awaited"])
