@@ -537,7 +537,12 @@ class UsageReader:
             and not self._event
             and stop - start >= 2
             and buffer.endswith(b"\n\n", start, stop)
-            and not _has_usage_object(buffer, start, stop)
+            and (
+                # Every "usage" a null (a chat chunk's when usage was asked for): two
+                # scans in C where the walk below is a Python call and a loop.
+                buffer.count(b'"usage"', start, stop) == buffer.count(b'"usage":null', start, stop)
+                or not _has_usage_object(buffer, start, stop)
+            )
         ):
             return
         self.feed(memoryview(buffer)[start:stop])

@@ -190,9 +190,13 @@ class _ClientGone(Exception):
 class RestProxy:
     """Serves proxied REST requests on client connections the server routed here."""
 
-    def __init__(self, state: RestState, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(self, state: RestState, clock: Callable[[], float] | None = None) -> None:
+        """``clock``: Trio time by default, the run's clock read directly once the first
+        request is served (``trio.current_time`` is two more calls per read, and a request
+        reads the time nine times); the proxy serves one Trio run."""
         self._state = state
-        self._clock = clock
+        self._clock: Callable[[], float] = clock or trio.current_time
+        self._clock_bound = clock is not None
         config = state.config
         self.pool = ConnectionPool(
             max_idle=config.rest_pool_max_idle, idle_timeout_s=config.rest_pool_idle_timeout_s
@@ -212,6 +216,9 @@ class RestProxy:
 
     async def serve(self, transport: Transport, head: RequestHead) -> bytes | None:
         """Answer one request; the bytes after it when the connection stays open, else None."""
+        if not self._clock_bound:
+            self._clock = trio.lowlevel.current_clock().current_time
+            self._clock_bound = True
         started = self._clock()
         exchange = _Exchange()
         keep_alive: bytes | None = None
@@ -797,6 +804,7 @@ class _BodyPump:
         "_view",
         "alarm",
         "complete",
+        "read",
         "unsent",
     )
 
@@ -821,8 +829,10 @@ class _BodyPump:
         self.complete = False
         #: The bytes of the last write the client's socket did not take at once.
         self.unsent: bytes | memoryview = b""
-        #: The idle timeout, moved on by reads (see :func:`_relay_body`).
+        #: The idle timeout (see :func:`_relay_body`), and whether a read came since
+        #: its last check: a flag each read sets, not a clock each read reads.
         self.alarm: _IdleAlarm | None = None
+        self.read = False
 
     def forward(self, size: int, prefix: bytes = b"") -> object:
         """The ``size`` bytes just read into the shared buffer, to the client after
@@ -869,60 +879,63 @@ class _BodyPump:
         size = upstream.recv_now(self._view)
         if size < 0:
             return None
-        alarm = self.alarm
-        if alarm is not None and size:
-            now = alarm.now()
-            if alarm.at - now < alarm.idle_s:
-                alarm.move(now)
+        self.read = True
         woken = self.forward(size)
         if woken is None and size == len(self._view):
             return _FULL  # the read filled the buffer: more may wait with no edge to come
         return woken
 
 
-#: A body's idle deadline is set this many idle timeouts ahead and moved only once it is
-#: nearer than one (a move is a heap update): a silent upstream is cut after one to this
-#: many idle timeouts.
-IDLE_DEADLINE_SLACK: Final = 1.25
+#: A body's idle timeout is checked this many times per timeout: a check that finds no
+#: read since the one before counts, and this many such checks in a row cut the body. A
+#: silent upstream is cut after one to (1 + 1 / this) idle timeouts, and a read costs a
+#: flag, not a look at the clock and a move of a heap entry.
+IDLE_CHECKS_PER_TIMEOUT: Final = 4
 
 
 class _IdleAlarm:
     """A body's idle timeout, and the end of its relay when the client goes: a timer
     (one heap entry in the run's :class:`~relay.net.timers.Timers`), not a cancel scope
-    around the body (a scope's entry and exit cost several times a timer's). When it
-    fires it closes both connections (an incomplete body ends both anyway), which wakes
-    the body's task, parked or waiting on either, with ``TransportClosed`` (or
-    :class:`_ClientGone`); :func:`_relay_body` tells that from a peer's own failure by
-    :attr:`fired`."""
+    around the body (a scope's entry and exit cost several times a timer's), that
+    checks every ``idle_s / IDLE_CHECKS_PER_TIMEOUT`` whether the pump read since (its
+    :attr:`_BodyPump.read`). When it fires it closes both connections (an incomplete
+    body ends both anyway), which wakes the body's task, parked or waiting on either,
+    with ``TransportClosed`` (or :class:`_ClientGone`); :func:`_relay_body` tells that
+    from a peer's own failure by :attr:`fired`."""
 
-    __slots__ = ("_client", "_timer", "_timers", "_upstream", "at", "fired", "idle_s", "now")
+    __slots__ = ("_check_s", "_pump", "_quiet_checks", "_timer", "_timers", "fired")
 
-    def __init__(self, idle_s: float, upstream: Transport, client: Transport) -> None:
-        self.idle_s = idle_s
-        self._upstream, self._client = upstream, client
+    def __init__(self, idle_s: float, pump: _BodyPump) -> None:
+        self._pump = pump
+        self._check_s = idle_s / IDLE_CHECKS_PER_TIMEOUT
+        self._quiet_checks = 0
         self._timers = current_timers()
-        #: Trio's time now: the run's clock read directly (``trio.current_time`` is two
-        #: more calls per read of the body).
-        self.now: Callable[[], float] = trio.lowlevel.current_clock().current_time
-        self.at = self.now() + idle_s * IDLE_DEADLINE_SLACK
-        self._timer: Timer | None = self._timers.call_at(self.at, self.fire)
+        pump.read = False
+        self._timer: Timer | None = self._timers.call_at(
+            trio.current_time() + self._check_s, self._check
+        )
         self.fired = False
 
-    def move(self, now: float) -> None:
-        """A read came at ``now``: the deadline is one idle timeout (and the slack) on."""
-        timer = self._timer
-        if timer is None:
-            return
-        self._timers.cancel(timer)
-        self.at = now + self.idle_s * IDLE_DEADLINE_SLACK
-        self._timer = self._timers.call_at(self.at, self.fire)
+    def _check(self) -> None:
+        """A check is due (the timers' task calls this): cut the body after
+        ``IDLE_CHECKS_PER_TIMEOUT`` checks in a row without a read, else check again."""
+        pump = self._pump
+        if pump.read:
+            pump.read = False
+            self._quiet_checks = 0
+        else:
+            self._quiet_checks += 1
+            if self._quiet_checks >= IDLE_CHECKS_PER_TIMEOUT:
+                self.fire()
+                return
+        self._timer = self._timers.call_at(trio.current_time() + self._check_s, self._check)
 
     def fire(self) -> None:
-        """The deadline came: end the relay now (the timers' task calls this)."""
+        """The body was idle too long: end the relay now (the timers' task calls this)."""
         self._timer = None
         self.fired = True
-        self._upstream.close()
-        self._client.close()
+        self._pump._upstream.close()
+        self._pump._client.close()
 
     def client_gone(self) -> None:
         """The client went (a read-hub watch saw its end): end the relay now, as the
@@ -1036,10 +1049,9 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
     upstream, client = pump._upstream, pump._client
     hub = upstream.hub if type(upstream) is Transport else None
     buffer = pump._buffer
-    # One alarm for the whole body, not one per read (it costs more than the read); its
-    # deadline moves only once it is nearer than idle_s (see IDLE_DEADLINE_SLACK).
-    alarm = pump.alarm = _IdleAlarm(idle_s, upstream, client)
-    current_time = alarm.now
+    # One alarm for the whole body, not one per read (it costs more than the read); a
+    # read only sets the pump's flag (see IDLE_CHECKS_PER_TIMEOUT).
+    alarm = pump.alarm = _IdleAlarm(idle_s, pump)
     try:
         # The bytes that came with the head go out with it, in one write.
         prefix, woken = response_head, None
@@ -1062,10 +1074,9 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
             if hub is not None and upstream.drained:
                 woken = await hub.serve(upstream.sock, pump.hub_read)
             else:
-                now = current_time()
-                if alarm.at - now < idle_s:
-                    alarm.move(now)
-                woken = pump.forward(await upstream.recv_into(buffer))
+                size = await upstream.recv_into(buffer)
+                pump.read = True
+                woken = pump.forward(size)
         return pump.complete
     except _ClientGone:
         if alarm.fired:
