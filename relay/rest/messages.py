@@ -478,30 +478,36 @@ def _has_usage_object(event: bytes | bytearray, start: int, end: int) -> bool:
     return False
 
 
+def _count(value: object) -> int:
+    return value if type(value) is int and value > 0 else 0
+
+
+def _details(usage: Mapping[str, Any], *names: str) -> Mapping[str, Any]:
+    for name in names:
+        found = usage.get(name)
+        if type(found) is dict:
+            return found
+    return _NO_DETAILS
+
+
+_NO_DETAILS: Final[Mapping[str, Any]] = {}
+
+
 def usage_counts(usage: Mapping[str, Any]) -> UsageCounts:
     """Chat/completions (``prompt_tokens``…), Responses and transcriptions
     (``input_tokens``…) and embeddings usage objects, in one set of kinds."""
-
-    def number(value: object) -> int:
-        return value if isinstance(value, int) and value > 0 else 0
-
-    def details(*names: str) -> Mapping[str, Any]:
-        for name in names:
-            found = usage.get(name)
-            if isinstance(found, dict):
-                return found
-        return {}
-
-    inputs = number(usage.get("prompt_tokens", usage.get("input_tokens")))
-    outputs = number(usage.get("completion_tokens", usage.get("output_tokens")))
-    in_details = details("prompt_tokens_details", "input_tokens_details", "input_token_details")
-    out_details = details("completion_tokens_details", "output_tokens_details")
-    input_audio = min(inputs, number(in_details.get("audio_tokens")))
-    output_audio = min(outputs, number(out_details.get("audio_tokens")))
+    inputs = _count(usage.get("prompt_tokens", usage.get("input_tokens")))
+    outputs = _count(usage.get("completion_tokens", usage.get("output_tokens")))
+    in_details = _details(
+        usage, "prompt_tokens_details", "input_tokens_details", "input_token_details"
+    )
+    out_details = _details(usage, "completion_tokens_details", "output_tokens_details")
+    input_audio = min(inputs, _count(in_details.get("audio_tokens")))
+    output_audio = min(outputs, _count(out_details.get("audio_tokens")))
     return UsageCounts(
         input_text=inputs - input_audio,
         input_audio=input_audio,
-        input_cached=min(inputs, number(in_details.get("cached_tokens"))),
+        input_cached=min(inputs, _count(in_details.get("cached_tokens"))),
         output_text=outputs - output_audio,
         output_audio=output_audio,
     )
@@ -537,14 +543,17 @@ class UsageReader:
             and not self._event
             and stop - start >= 2
             and buffer.endswith(b"\n\n", start, stop)
-            and (
-                # Every "usage" a null (a chat chunk's when usage was asked for): two
-                # scans in C where the walk below is a Python call and a loop.
-                buffer.count(b'"usage"', start, stop) == buffer.count(b'"usage":null', start, stop)
-                or not _has_usage_object(buffer, start, stop)
-            )
         ):
-            return
+            # Every "usage" a null (a chat chunk's when usage was asked for): two scans
+            # in C where the walk of _has_usage_object is a Python call and a loop.
+            if buffer.count(b'"usage"', start, stop) == buffer.count(
+                b'"usage":null', start, stop
+            ) or not _has_usage_object(buffer, start, stop):
+                return
+            if buffer.startswith(b"data:", start) and buffer.find(b"\n", start, stop - 2) < 0:
+                # One event of one data line (the usage chunk): parsed where it lies.
+                self._read_data(memoryview(buffer)[start + len(b"data:") : stop - 2])
+                return
         self.feed(memoryview(buffer)[start:stop])
 
     def feed(self, payload: bytes | memoryview) -> None:
@@ -579,9 +588,14 @@ class UsageReader:
             del event[: end + 2]
 
     def _read_event(self, text: bytes) -> None:
-        data = b"\n".join(
-            line[5:].lstrip(b" ") for line in text.split(b"\n") if line.startswith(b"data:")
+        self._read_data(
+            b"\n".join(
+                line[5:].lstrip(b" ") for line in text.split(b"\n") if line.startswith(b"data:")
+            )
         )
+
+    def _read_data(self, data: bytes | memoryview) -> None:
+        """An event's data (JSON; the space after ``data:`` may lead it)."""
         try:
             document = orjson.loads(data)
         except orjson.JSONDecodeError:
