@@ -2,7 +2,10 @@
 
 This module owns the metric names, their labels and units. Nothing here runs on
 the per-message path: sessions add their message and byte counts and their usage
-when they end, and gauges are read by callback when ``/metrics`` is scraped.
+when they end, and gauges are read by callback when ``/metrics`` is scraped. What is
+counted per REST request (requests, first-byte times, usage, upstream outcomes) uses
+:class:`LightCounter` and :class:`LightHistogram`: a dict update where
+prometheus-client's children cost a few calls and a lock, exported the same way.
 
 Label values never carry a credential: close codes, sides, model names, token
 kinds, error kinds, key file names, upstream names and key ids (a digest prefix,
@@ -11,13 +14,21 @@ kinds, error kinds, key file names, upstream names and key ids (a digest prefix,
 
 from __future__ import annotations
 
+import bisect
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from relay.credentials.keyfiles import APP_KEYS_LABEL, SIGNING_KEYS_LABEL
 
@@ -67,6 +78,115 @@ class Children(Generic[_Labelled]):
             child: _Labelled = self._metric.labels(*values)
             self._children[values] = child
             return child
+
+
+LabelValues = tuple[str, ...]
+#: How prometheus-client writes a bucket's bound (``le``), typed.
+_BUCKET_BOUND_TEXT: Final[Callable[[float], str]] = floatToGoString
+
+
+class LightCounter(Collector):
+    """A labelled counter for the per-request path: :meth:`inc` is a dict update.
+
+    prometheus-client's child ``inc()`` is four Python calls and a lock; the REST proxy
+    made four such calls per request, 4 % of a small request's instructions
+    (``bench/instructions.py --rest``). The relay adds from its one Trio thread, and
+    ``/metrics`` is rendered there too, so nothing here needs a lock. Exported as
+    prometheus-client's ``Counter`` would be: ``<name>_total`` and ``<name>_created``
+    per label set, in the order the sets first counted.
+    """
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: LabelValues, registry: CollectorRegistry
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        #: Counts by label values (in ``labelnames`` order).
+        self.values: dict[LabelValues, float] = {}
+        self._created: dict[LabelValues, float] = {}
+        registry.register(self)
+
+    def inc(self, labels: LabelValues, amount: float = 1.0) -> None:
+        """Add ``amount`` (not negative: a counter only goes up) to ``labels``' count."""
+        if amount < 0:
+            raise ValueError("a counter can only be increased")
+        values = self.values
+        value = values.get(labels)
+        if value is None:
+            if len(labels) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}")
+            self._created[labels] = time.time()
+            value = 0.0
+        values[labels] = value + amount
+
+    def describe(self) -> Iterable[Metric]:
+        return [CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        created = self._created
+        for labels, value in self.values.items():
+            family.add_metric(labels, value, created=created[labels])
+        return [family]
+
+
+class LightHistogram(Collector):
+    """A labelled histogram for the per-request path: :meth:`observe` is a bisect and
+    two list updates (prometheus-client's is a loop over the buckets in Python, a call
+    and a lock per bucket). Exported as its ``Histogram`` would be (cumulative
+    ``_bucket`` samples up to ``+Inf``, ``_count``, ``_sum``, ``_created``)."""
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: LabelValues,
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._bounds = tuple(float(bound) for bound in buckets)
+        if list(self._bounds) != sorted(set(self._bounds)):
+            raise ValueError("buckets must be increasing")
+        #: Per label values: the count in each bucket (the last is +Inf's), and the sum.
+        self._counts: dict[LabelValues, list[int]] = {}
+        self._sums: dict[LabelValues, float] = {}
+        self._created: dict[LabelValues, float] = {}
+        registry.register(self)
+
+    def observe(self, labels: LabelValues, amount: float) -> None:
+        counts = self._counts.get(labels)
+        if counts is None:
+            if len(labels) != len(self._labelnames):
+                raise ValueError(f"{self._name} takes labels {self._labelnames}")
+            counts = self._counts[labels] = [0] * (len(self._bounds) + 1)
+            self._sums[labels] = 0.0
+            self._created[labels] = time.time()
+        # The first bound at or above the amount: Prometheus buckets are "le".
+        counts[bisect.bisect_left(self._bounds, amount)] += 1
+        self._sums[labels] += amount
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)]
+
+    def collect(self) -> Iterable[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        edges = [_BUCKET_BOUND_TEXT(bound) for bound in self._bounds] + ["+Inf"]
+        for labels, counts in self._counts.items():
+            cumulative, total = [], 0
+            for edge, count in zip(edges, counts, strict=True):
+                total += count
+                cumulative.append((edge, float(total)))
+            family.add_metric(labels, cumulative, self._sums[labels])
+            family.add_sample(
+                self._name + "_created",
+                dict(zip(self._labelnames, labels, strict=True)),
+                self._created[labels],
+            )
+        return [family]
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,31 +281,29 @@ class RelayMetrics:
             buckets=HANDSHAKE_BUCKETS_S,
             registry=r,
         )
-        self.upstream_handshakes = Counter(
+        # Counted per REST request (and per dial): light, see LightCounter.
+        self.upstream_handshakes = LightCounter(
             "relay_upstream_handshakes",
             "Upstream dials, by upstream, key id and outcome (success, rate_limited, "
             "server_error, refused, timeout, key_rejected, client_error).",
-            ["upstream", "key_id", "outcome"],
-            registry=r,
+            ("upstream", "key_id", "outcome"),
+            r,
         )
         self.sessions_ended_by = Children(self.sessions_ended)
         self.upstream_attempt_seconds_by = Children(self.upstream_attempt_seconds)
-        self.upstream_handshakes_by = Children(self.upstream_handshakes)
-        self.rest_requests = Counter(
+        self.rest_requests = LightCounter(
             "relay_rest_requests",
             "REST proxy requests, by the upstream that answered and the status sent.",
-            ["upstream", "status"],
-            registry=r,
+            ("upstream", "status"),
+            r,
         )
-        self.rest_first_byte_seconds = Histogram(
+        self.rest_first_byte_seconds = LightHistogram(
             "relay_rest_first_byte_seconds",
             "REST proxy: request sent upstream to its response head, by upstream.",
-            ["upstream"],
-            buckets=HANDSHAKE_BUCKETS_S,
-            registry=r,
+            ("upstream",),
+            HANDSHAKE_BUCKETS_S,
+            r,
         )
-        self.rest_requests_by = Children(self.rest_requests)
-        self.rest_first_byte_seconds_by = Children(self.rest_first_byte_seconds)
         self.messages = Counter(
             "relay_messages",
             "Messages relayed, by direction (up: client to upstream).",
@@ -218,14 +336,13 @@ class RelayMetrics:
         )
         for outcome in ("applied", "refused"):
             self.config_reloads.labels(outcome=outcome)
-        self.usage_tokens = Counter(
+        # Every REST response with usage counts two or three kinds (model, kind order).
+        self.usage_tokens = LightCounter(
             "relay_usage_tokens",
             "Tokens from response.done usage, by model and kind.",
-            ["model", "kind"],
-            registry=r,
+            ("model", "kind"),
+            r,
         )
-        # Every REST response with usage counts two or three kinds (model, kind order).
-        self.usage_tokens_by = Children(self.usage_tokens)
 
         self.key_file_reload_failures = Counter(
             "relay_key_file_reload_failures",

@@ -246,7 +246,7 @@ class SessionRegistry:
         )
         for kind, value in zip(USAGE_KINDS, counts, strict=True):
             if value:
-                metrics.usage_tokens.labels(model=model, kind=kind).inc(value)
+                metrics.usage_tokens.inc((model, kind), value)
         if ending is not None and ending.kind is EndKind.INTERNAL_ERROR:
             metrics.errors.labels(kind="session_internal_error").inc()
         if not SESSION_LOG.isEnabledFor(logging.INFO):

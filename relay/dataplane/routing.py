@@ -168,7 +168,7 @@ class Router:
         """One dial's (or REST attempt's) outcome: health, the counter, the log."""
         change = self.health.record(AttemptResult(key, outcome, retry_after_s), trio.current_time())
         value = outcome.value  # (an enum's value is a descriptor call each time)
-        self.metrics.upstream_handshakes_by(key.upstream, key.key_id, value).inc()
+        self.metrics.upstream_handshakes.inc((key.upstream, key.key_id, value))
         self.outcomes[(key, value)] += 1
         if change is Change.KEY_MARKED_BAD:
             LOGGER.error(

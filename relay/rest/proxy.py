@@ -583,7 +583,7 @@ class RestProxy:
         exchange.upstream, exchange.key_id, exchange.status = key.upstream, key.key_id, status
         request_id = messages.header_value(response.headers, _LOGGED_REQUEST_ID)
         exchange.request_id = request_id.decode("latin-1")[:100] if request_id else ""
-        state.metrics.rest_first_byte_seconds_by(key.upstream).observe(exchange.first_byte_s)
+        state.metrics.rest_first_byte_seconds.observe((key.upstream,), exchange.first_byte_s)
         return await self._stream_response(
             transport, head, connection, response, pool_key, exchange
         )
@@ -710,9 +710,9 @@ class RestProxy:
             if usage.usage is not None:
                 exchange.usage = {k: v for k, v in usage.usage.as_kinds().items() if v}
                 model = usage.model or exchange.model or "unknown"
-                usage_tokens_by = self._state.metrics.usage_tokens_by
+                usage_tokens = self._state.metrics.usage_tokens
                 for kind, value in exchange.usage.items():
-                    usage_tokens_by(model, kind).inc(value)
+                    usage_tokens.inc((model, kind), value)
             if complete and upstream_reusable:
                 self.pool.give(pool_key, connection, self._clock())
                 pooled = True
@@ -730,7 +730,7 @@ class RestProxy:
     ) -> None:
         state = self._state
         status = str(exchange.status) if exchange.status else "none"
-        state.metrics.rest_requests_by(exchange.upstream or "none", status).inc()
+        state.metrics.rest_requests.inc((exchange.upstream or "none", status))
         if not LOGGER.isEnabledFor(logging.INFO):
             return  # the fields below cost more than the rest of a small request's record
         LOGGER.info(
