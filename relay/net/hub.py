@@ -52,7 +52,7 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, Final, Protocol, TypeVar
 
 import outcome
@@ -283,11 +283,12 @@ class ReadHub:
         # A new registration reports the bytes already there as an edge on the next poll.
         self._registered[fd] = sock
 
-    async def wait_readable(self, sock: socket.socket) -> None:
+    def wait_readable(self, sock: socket.socket) -> Coroutine[Any, Any, object]:
         """Trio's ``wait_readable`` for a drained plain socket, over the hub's epoll: the
         socket is registered once for its life, where each Trio wait registers (or
-        re-arms) it and a close unregisters it, a system call each."""
-        await self.serve(sock, _wake)
+        re-arms) it and a close unregisters it, a system call each. (The park itself,
+        not a coroutine around it: each level of awaits is paid again on every wake.)"""
+        return self.serve(sock, _wake)
 
     async def wait_writable(self, sock: socket.socket) -> None:
         """Trio's ``wait_writable`` for a plain socket of a transport that uses the hub.

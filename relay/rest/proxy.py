@@ -1165,11 +1165,12 @@ async def _read_closing_after(transport: Transport, timeout_s: float, read: Awai
         timers.cancel(timer)
 
 
-async def _first_response_head(connection: Transport, timeout_s: float) -> ResponseHead:
+def _first_response_head(connection: Transport, timeout_s: float) -> Awaitable[ResponseHead]:
     """The upstream's response head, interim answers skipped; ``trio.TooSlowError`` when
-    it did not come within ``timeout_s`` (the connection is then closed)."""
+    it did not come within ``timeout_s`` (the connection is then closed). (The read
+    itself, not a coroutine around it: each level of awaits is paid again on a wake.)"""
     read = http.read_response_head(connection, skip_informational=True)
-    return await _read_closing_after(connection, timeout_s, read)
+    return _read_closing_after(connection, timeout_s, read)
 
 
 async def next_request_head(
