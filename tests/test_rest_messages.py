@@ -173,13 +173,17 @@ def test_no_client_credential_account_or_hop_header_is_forwarded() -> None:
 CHUNKED = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\nTrailer: x\r\n\r\n"
 
 
+@pytest.mark.parametrize("with_view", [False, True], ids=["bytes", "view"])
 @pytest.mark.parametrize("piece", [1, 2, 3, 7, len(CHUNKED)])
-def test_the_chunked_scanner_finds_the_end_and_the_payload_however_it_is_cut(piece: int) -> None:
+def test_the_chunked_scanner_finds_the_end_and_the_payload_however_it_is_cut(
+    piece: int, with_view: bool
+) -> None:
     scanner = ChunkedScanner()
     payload = b""
     for start in range(0, len(CHUNKED), piece):
-        data = CHUNKED[start : start + piece]
-        used, spans = scanner.feed(data, 0, len(data))
+        data = bytearray(CHUNKED[start : start + piece])
+        view = memoryview(data) if with_view else None
+        used, spans = scanner.feed(data, 0, len(data), view)
         payload += b"".join(data[a:b] for a, b in spans)
         assert used == len(data)
     assert scanner.done
@@ -192,10 +196,39 @@ def test_the_chunked_scanner_stops_at_the_body_s_end() -> None:
     assert data[used:] == b"HTTP/1.1 200 OK\r\n"
 
 
-@pytest.mark.parametrize("data", [b"zz\r\n", b"3\r\nabcX\r\n", b"1" * 20 + b"\r\n", b"9" * 5000])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"zz\r\n",
+        b"3\r\nabcX\r\n",
+        b"1" * 20 + b"\r\n",
+        b"9" * 5000,
+        b"0x3\r\nabc\r\n",
+        b"+3\r\nabc\r\n",
+    ],
+)
 def test_bad_upstream_framing_is_an_error(data: bytes) -> None:
-    with pytest.raises(UpstreamFramingError):
-        ChunkedScanner().feed(data, 0, len(data))
+    for _ in range(2):  # the second time with whatever the first left known
+        with pytest.raises(UpstreamFramingError):
+            ChunkedScanner().feed(data, 0, len(data))
+
+
+def test_known_chunk_sizes_read_as_the_first_time_and_stay_bounded() -> None:
+    known = messages._KNOWN_CHUNK_SIZES
+    known.clear()
+    body = b"".join(b"%x\r\n%s\r\n" % (size, b"a" * size) for size in (3, 3, 12, 3)) + b"0\r\n\r\n"
+    for _ in range(2):
+        scanner = ChunkedScanner()
+        used, spans = scanner.feed(body, 0, len(body))
+        assert (used, scanner.done) == (len(body), True)
+        assert [b - a for a, b in spans] == [3, 3, 12, 3]
+    assert known == {b"3": 3, b"c": 12, b"0": 0}
+    # Past the bound the sizes known start again: never more than the bound.
+    for size in range(1, messages.MAX_KNOWN_CHUNK_SIZES + 10):
+        chunk = b"%x\r\n%s\r\n" % (size, b"a" * size)
+        ChunkedScanner().feed(chunk, 0, len(chunk))
+        assert len(known) <= messages.MAX_KNOWN_CHUNK_SIZES
+    assert 0 < len(known) < messages.MAX_KNOWN_CHUNK_SIZES
 
 
 def sse(*events: dict[str, object]) -> bytes:
@@ -233,6 +266,36 @@ def test_usage_from_the_final_chat_chunk_however_the_stream_is_cut(piece: int) -
         "output_audio": 2,
     }
     assert reader.model == "gpt-4.1"
+
+
+NULL_CHUNK = b'data: {"object":"chat.completion.chunk","choices":[],"usage":null}\n\n'
+USAGE_CHUNK = (
+    b'data: {"object":"chat.completion.chunk","model":"gpt-4.1","choices":[],'
+    b'"usage":{"prompt_tokens":5,"completion_tokens":2}}\n\n'
+)
+
+
+@pytest.mark.parametrize(
+    ("spans", "tokens"),
+    [
+        ([NULL_CHUNK], None),  # every chunk but the last: not parsed
+        ([USAGE_CHUNK], (5, 2)),  # the last, parsed where it lies
+        ([USAGE_CHUNK + NULL_CHUNK], (5, 2)),  # a usage object before a null one
+        ([NULL_CHUNK + USAGE_CHUNK], (5, 2)),
+        ([USAGE_CHUNK[:30], USAGE_CHUNK[30:]], (5, 2)),  # an event over two spans
+        ([b"event: x\n" + USAGE_CHUNK], (5, 2)),  # two lines
+        ([b"data: {\ndata: " + USAGE_CHUNK[7:]], (5, 2)),  # the JSON over two data lines
+        ([NULL_CHUNK[:-1], b"\n"], None),
+    ],
+)
+def test_usage_from_spans_of_a_stream(spans: list[bytes], tokens: tuple[int, int] | None) -> None:
+    reader = UsageReader("text/event-stream")
+    for span in spans:
+        padded = b"xx" + span + b"yy"  # the span inside a bigger buffer, as the pump's
+        reader.feed_span(bytearray(padded), 2, 2 + len(span))
+    reader.finish()
+    got = None if reader.usage is None else (reader.usage.input_text, reader.usage.output_text)
+    assert got == tokens
 
 
 def test_usage_from_response_completed_and_from_json_bodies() -> None:

@@ -97,6 +97,11 @@ MAX_MULTIPART_PREFIX_BYTES: Final = 64 * 1024
 _BOUNDARY_RE: Final = re.compile(r'boundary=(?:"([^"]{1,70})"|([^;\s]{1,70}))', re.I)
 _NAME_RE: Final = re.compile(rb'\bname="([^"]*)"', re.I)
 _HEX_DIGITS: Final = b"0123456789abcdefABCDEF"
+#: Chunk size lines already read (1-16 hex digits, no extension), and their sizes: a
+#: stream's chunks repeat a few sizes, and a look-up costs a third of the check of the
+#: digits and their parse (about 2k instructions a chunk). Bounded: cleared when full.
+_KNOWN_CHUNK_SIZES: Final[dict[bytes, int]] = {}
+MAX_KNOWN_CHUNK_SIZES: Final = 4096
 
 
 class RestRequestError(Exception):
@@ -360,6 +365,11 @@ def is_chunked(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 # ------------------------------------------------------------------ response framing
 
 
+#: A chunked body's reading states (module constants: a class attribute read through
+#: ``self`` is a type look-up each time).
+_SIZE, _DATA, _DATA_END, _TRAILER = range(4)
+
+
 class ChunkedScanner:
     """Where a ``Transfer-Encoding: chunked`` body ends, and its payload, without copies.
 
@@ -367,45 +377,58 @@ class ChunkedScanner:
     ``(used, payload)``: the position in ``buffer`` where this body's bytes stop (the
     rest is not this response's) and the payload's ``(start, stop)`` spans inside them,
     for the usage reader. :attr:`done` once the last chunk and its trailers have passed.
+    ``view``, a memoryview of ``buffer`` when the caller has one, saves a copy per chunk.
     """
 
     __slots__ = ("_line", "_remaining", "_state", "done")
 
-    _SIZE, _DATA, _DATA_END, _TRAILER = range(4)
-
     def __init__(self) -> None:
-        self._state = self._SIZE
+        self._state = _SIZE
         self._remaining = 0
         self._line = bytearray()
         self.done = False
 
     def feed(
-        self, buffer: bytes | bytearray, start: int, end: int
+        self,
+        buffer: bytes | bytearray,
+        start: int,
+        end: int,
+        view: memoryview | None = None,
     ) -> tuple[int, list[tuple[int, int]]]:
         payload: list[tuple[int, int]] = []
         position = start
+        known = _KNOWN_CHUNK_SIZES
         while position < end and not self.done:
             state = self._state
-            if state == self._SIZE and not self._line:
+            if state == _SIZE and not self._line:
                 # The usual case, a whole chunk in the buffer: size line, data, CRLF.
                 newline = buffer.find(b"\r\n", position, end)
-                size_text = buffer[position:newline]
-                # (All hex digits when deleting them leaves nothing: no set per chunk.)
-                if 0 < newline - position <= 16 and not size_text.translate(None, _HEX_DIGITS):
-                    size = int(size_text, 16)
-                    data_start = newline + 2
-                    data_end = data_start + size
-                    if size and data_end + 2 <= end and buffer.startswith(b"\r\n", data_end):
-                        payload.append((data_start, data_end))
-                        position = data_end + 2
-                        continue
-            if state == self._DATA:
+                if 0 < newline - position <= 16:
+                    line = (
+                        view[position:newline].tobytes()
+                        if view is not None
+                        else bytes(buffer[position:newline])
+                    )
+                    size = known.get(line)
+                    # (All hex digits when deleting them leaves nothing: no set per line.)
+                    if size is None and not line.translate(None, _HEX_DIGITS):
+                        if len(known) >= MAX_KNOWN_CHUNK_SIZES:
+                            known.clear()
+                        size = known[line] = int(line, 16)
+                    if size:  # (not hex, or the last chunk: the general way below)
+                        data_start = newline + 2
+                        data_end = data_start + size
+                        if data_end + 2 <= end and buffer.startswith(b"\r\n", data_end):
+                            payload.append((data_start, data_end))
+                            position = data_end + 2
+                            continue
+            if state == _DATA:
                 take = min(self._remaining, end - position)
                 payload.append((position, position + take))
                 position += take
                 self._remaining -= take
                 if self._remaining == 0:
-                    self._state = self._DATA_END
+                    self._state = _DATA_END
                 continue
             newline = buffer.find(b"\n", position, end)
             if newline < 0:
@@ -418,20 +441,20 @@ class ChunkedScanner:
             position = newline + 1
             line = bytes(self._line).rstrip(b"\r")
             self._line.clear()
-            if state == self._SIZE:
+            if state == _SIZE:
                 size_text = line.split(b";", 1)[0].strip()
                 if not size_text or size_text.translate(None, _HEX_DIGITS) or len(size_text) > 16:
                     raise UpstreamFramingError("bad chunk size")
                 size = int(size_text, 16)
                 if size == 0:
-                    self._state = self._TRAILER
+                    self._state = _TRAILER
                 else:
                     self._remaining = size
-                    self._state = self._DATA
-            elif state == self._DATA_END:
+                    self._state = _DATA
+            elif state == _DATA_END:
                 if line:
                     raise UpstreamFramingError("chunk data not followed by CRLF")
-                self._state = self._SIZE
+                self._state = _SIZE
             elif not line:  # the empty line after the trailers
                 self.done = True
         return position, payload
@@ -458,6 +481,10 @@ class UsageCounts:
             "output_text": self.output_text,
             "output_audio": self.output_audio,
         }
+
+
+#: How a chat chunk's event ends when usage was asked for and this is not the last one.
+_NULL_USAGE_END: Final = b'"usage":null}\n\n'
 
 
 def _has_usage_object(event: bytes | bytearray, start: int, end: int) -> bool:
@@ -538,17 +565,17 @@ class UsageReader:
     def feed_span(self, buffer: bytes | bytearray, start: int, stop: int) -> None:
         """:meth:`feed` of ``buffer[start:stop]``, without copying the common case: an
         SSE span of whole events, none with a usage object, while nothing is pending."""
-        if (
-            self._kind == "sse"
-            and not self._event
-            and stop - start >= 2
-            and buffer.endswith(b"\n\n", start, stop)
-        ):
-            # Every "usage" a null (a chat chunk's when usage was asked for): two scans
-            # in C where the walk of _has_usage_object is a Python call and a loop.
-            if buffer.count(b'"usage"', start, stop) == buffer.count(
-                b'"usage":null', start, stop
-            ) or not _has_usage_object(buffer, start, stop):
+        if self._kind == "sse" and not self._event:
+            # A chat chunk when usage was asked for: one event ending in a null usage, and
+            # no other "usage" before it. One scan in C, no Python walk.
+            if buffer.endswith(_NULL_USAGE_END, start, stop) and (
+                buffer.find(b'"usage"', start, stop - len(_NULL_USAGE_END)) < 0
+            ):
+                return
+            if stop - start < 2 or not buffer.endswith(b"\n\n", start, stop):
+                self.feed(memoryview(buffer)[start:stop])
+                return
+            if not _has_usage_object(buffer, start, stop):
                 return
             if buffer.startswith(b"data:", start) and buffer.find(b"\n", start, stop - 2) < 0:
                 # One event of one data line (the usage chunk): parsed where it lies.

@@ -846,7 +846,7 @@ class _BodyPump:
         scanner = self._scanner
         if scanner is not None:
             try:
-                used, spans = scanner.feed(buffer, 0, size)
+                used, spans = scanner.feed(buffer, 0, size, view)
             except UpstreamFramingError:
                 self.complete = False
                 return _ENDED
