@@ -418,7 +418,13 @@ class ChunkedScanner:
                     if size:  # (not hex, or the last chunk: the general way below)
                         data_start = newline + 2
                         data_end = data_start + size
-                        if data_end + 2 <= end and buffer.startswith(b"\r\n", data_end):
+                        # (Two indexings: a bytes method call builds a tuple of its
+                        # arguments, several times their cost.)
+                        if (
+                            data_end + 2 <= end
+                            and buffer[data_end] == 13  # \r
+                            and buffer[data_end + 1] == 10  # \n
+                        ):
                             payload.append((data_start, data_end))
                             position = data_end + 2
                             continue
