@@ -98,7 +98,9 @@ from relay.loadgen import LatencyHistogram
 
 PATHS: Final = ("direct", "relay", "nginx", "litellm")
 #: The paths whose CPU per chunk is put against nginx's.
-PROXIES_X_NGINX: Final = ("relay", "litellm")
+PROXIES_X_NGINX: Final = ("relay", "litellm", "relay@before")
+#: ``--relay-before``: another work tree's relay, measured in the same rounds.
+RELAY_BEFORE: Final = "relay@before"
 CLIENTS: Final = ("ours", "node")
 DEFAULT_STREAMS: Final = "50,200"
 DEFAULT_ROUNDS: Final = 3
@@ -617,7 +619,7 @@ def table(
     checks: dict[str, StreamCheck] | None = None,
 ) -> list[str]:
     columns = (
-        f"{'path':<7} {'requests':>8} {'chunks':>8} {'TTFB p50 ms':>17} {'p99 ms':>17} "
+        f"{'path':<12} {'requests':>8} {'chunks':>8} {'TTFB p50 ms':>17} {'p99 ms':>17} "
         f"{'added p50':>17} {'added p99':>17} {'gap p99 ms':>17} {'added':>17} "
         f"{'CPU us/req':>17} {'us/chunk':>17} {'x nginx':>17} {'proxy %':>9} {'load %':>9} "
         f"{'sim %':>9} errors"
@@ -641,7 +643,7 @@ def table(
                     else row["sim_cpu_percent"].show(".0f")
                 )
                 lines.append(
-                    f"{path:<7} {row['requests']:>8} {row['chunks']:>8} "
+                    f"{path:<12} {row['requests']:>8} {row['chunks']:>8} "
                     f"{row['ttfb_p50_ms'].show('.2f'):>17} {row['ttfb_p99_ms'].show('.2f'):>17} "
                     f"{'' if base else row['ttfb_added_p50_ms'].show('+.2f'):>17} "
                     f"{'' if base else row['ttfb_added_p99_ms'].show('+.2f'):>17} "
@@ -767,6 +769,12 @@ def main() -> int:
     parser.add_argument("--pin", action="store_true", help="relay on CPU 0, the rest on CPU 1")
     parser.add_argument("--out", type=Path, help="write the runs and the summary as JSON here")
     parser.add_argument(
+        "--relay-before",
+        type=Path,
+        help=f"another work tree's relay (an older commit), measured as {RELAY_BEFORE} in the "
+        "same interleaved rounds: a before/after on one machine state",
+    )
+    parser.add_argument(
         "--paths",
         help=f"paths, comma-separated (default: all of {','.join(PATHS)}, LiteLLM reported "
         "'not measured' when it cannot be installed or started; naming litellm here "
@@ -786,8 +794,13 @@ def main() -> int:
             parser.error(f"unknown client {client!r}: {', '.join(CLIENTS)}")
     paths = list(PATHS) if args.paths is None else [v for v in args.paths.split(",") if v]
     for path in paths:
-        if path not in PATHS:
+        if path not in PATHS and not (path == RELAY_BEFORE and args.relay_before):
             parser.error(f"unknown path {path!r}: {', '.join(PATHS)}")
+    if args.relay_before is not None:
+        if not (args.relay_before / "relay" / "__init__.py").is_file():
+            parser.error(f"--relay-before {args.relay_before}: no relay package there")
+        if RELAY_BEFORE not in paths:
+            paths.insert(paths.index("relay") + 1 if "relay" in paths else len(paths), RELAY_BEFORE)
     if "nginx" in paths and find_nginx() is None:
         parser.error("nginx is not installed (scripts/install installs it)")
     litellm = LiteLLMStatus(explicit=args.paths is not None) if "litellm" in paths else None
@@ -828,6 +841,13 @@ def main() -> int:
         if "relay" in paths:
             relay = running.start_relay("relay", f"ws://127.0.0.1:{sim_port}/v1")
             targets["relay"] = Endpoint("relay", port_of(relay.url), CLIENT_KEY, relay.pid)
+        if RELAY_BEFORE in paths:
+            before = running.start_relay(
+                RELAY_BEFORE, f"ws://127.0.0.1:{sim_port}/v1", checkout=args.relay_before
+            )
+            targets[RELAY_BEFORE] = Endpoint(
+                RELAY_BEFORE, port_of(before.url), CLIENT_KEY, before.pid
+            )
         if "nginx" in paths:
             nginx = running.start_nginx(sim_port, conf_template=REST_NGINX_CONF)
             assert nginx is not None

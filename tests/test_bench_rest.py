@@ -22,6 +22,8 @@ def test_rest_bench_tiny_run(tmp_path: Path) -> None:
         "bench/rest.py",
         *("--rounds", "1", "--duration-s", "1", "--warmup-s", "0.5", "--streams", "4"),
         *("--paths", "direct,relay,nginx", "--chunk-jitter-ms", "3"),
+        # This checkout again as the "before" relay: the before/after path runs.
+        *("--relay-before", str(Path(__file__).resolve().parents[1])),
         *("--out", str(out)),
         timeout_s=180,
     )
@@ -31,7 +33,8 @@ def test_rest_bench_tiny_run(tmp_path: Path) -> None:
     assert set(summary) == {"ours", "node"}
     for client, by_streams in summary.items():
         rows = by_streams["4"]
-        assert set(rows) == {"direct", "relay", "nginx"}, client
+        assert set(rows) == {"direct", "relay", "relay@before", "nginx"}, client
+        assert rows["relay@before"]["cpu_per_chunk_x_nginx"]["median"] > 0, client
         for path, row in rows.items():
             assert row["requests"] > 0, (client, path)
             # Chunks by arrival, requests by completion: the window's edges split some.
@@ -47,7 +50,7 @@ def test_rest_bench_tiny_run(tmp_path: Path) -> None:
     assert report["config"]["streams"] == [4]
     assert report["config"]["chunk_jitter_ms"] == 3
     assert "20 ms apart ±3 ms" in report["table"][0]
-    assert len(report["runs"]) == 6
+    assert len(report["runs"]) == 8
     assert report["litellm"]["note"] == "litellm: not asked for (--paths)"
-    assert set(report["stream_checks"]) == {"direct", "relay", "nginx"}
+    assert set(report["stream_checks"]) == {"direct", "relay", "relay@before", "nginx"}
     assert "issue 15, client ours" in completed.stdout
