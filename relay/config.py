@@ -305,7 +305,8 @@ class ServeConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     rest_connect_timeout_s: PositiveSeconds = 10.0
     #: Request sent to response head (a long non-streamed answer takes minutes).
     rest_first_byte_timeout_s: PositiveSeconds = 600.0
-    #: Longest silence between two reads of a body, either way.
+    #: Longest silence between two reads of a body, either way (a response body is cut
+    #: within a quarter of this more: its alarm checks four times per timeout).
     rest_idle_timeout_s: PositiveSeconds = 120.0
     #: A client connection may wait this long for its next request.
     rest_keep_alive_timeout_s: PositiveSeconds = 60.0

@@ -6,7 +6,7 @@ pipelining, a client that does not read (backpressure) and framing errors."""
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -113,14 +113,21 @@ async def test_a_chunked_stream_goes_through_verbatim_with_its_usage(
     hub: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hub_reads = 0
-    hub_read = proxy._BodyPump.hub_read
+    hub_reader = Transport.hub_reader
 
-    def counted(pump: proxy._BodyPump) -> object:
-        nonlocal hub_reads
-        hub_reads += 1
-        return hub_read(pump)
+    def counted(
+        transport: Transport, view: memoryview, consume: Callable[[int], object], full: object
+    ) -> Callable[[], object]:
+        read = hub_reader(transport, view, consume, full)
 
-    monkeypatch.setattr(proxy._BodyPump, "hub_read", counted)
+        def counting() -> object:
+            nonlocal hub_reads
+            hub_reads += 1
+            return read()
+
+        return counting
+
+    monkeypatch.setattr(Transport, "hub_reader", counted)
     async with legs(hub) as found:
         pieces = sse_body(6)
         # Split reads too: a chunk's size line, its data and its CRLF apart.

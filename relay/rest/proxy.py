@@ -790,7 +790,7 @@ class _BodyPump:
 
     :meth:`forward` takes a read's bytes (in the shared buffer) through the framing,
     the usage reader and a write that does not wait; the awaited loop
-    (:func:`_relay_body`) and the read hub's handler (:meth:`hub_read`) both call it.
+    (:func:`_relay_body`) and the read hub's handler (:meth:`hub_handler`) both call it.
     """
 
     __slots__ = (
@@ -838,6 +838,7 @@ class _BodyPump:
         """The ``size`` bytes just read into the shared buffer, to the client after
         ``prefix`` (the response head, with the bytes that came with it); 0: the upstream
         closed. Raises :class:`_ClientGone` when the client's socket fails."""
+        self.read = True
         if size == 0:
             # The upstream closed: the end of a close-delimited body, else a cut.
             self.complete = self._scanner is None and self._left is None
@@ -873,17 +874,11 @@ class _BodyPump:
             return _UNSENT
         return _ENDED if done else None
 
-    def hub_read(self) -> object:
-        """The read hub's handler: one read of the upstream, forwarded inline."""
-        upstream = self._upstream
-        size = upstream.recv_now(self._view)
-        if size < 0:
-            return None
-        self.read = True
-        woken = self.forward(size)
-        if woken is None and size == len(self._view):
-            return _FULL  # the read filled the buffer: more may wait with no edge to come
-        return woken
+    def hub_handler(self) -> Callable[[], object]:
+        """The read hub's handler for this body: one read of the upstream (a plain
+        socket), forwarded inline (:meth:`Transport.hub_reader`; ``_FULL`` when the read
+        filled the buffer)."""
+        return self._upstream.hub_reader(self._view, self.forward, _FULL)
 
 
 #: A body's idle timeout is checked this many times per timeout: a check that finds no
@@ -1042,7 +1037,7 @@ class _ClientWatcher:
 async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idle_s: float) -> bool:
     """Forward the response body as it arrives; True once it ended where its framing says.
 
-    A plain upstream socket's reads are made by the read hub (:meth:`_BodyPump.hub_read`
+    A plain upstream socket's reads are made by the read hub (:meth:`_BodyPump.hub_handler`
     inline, no task woken per chunk) while nothing else is needed; a write the client
     did not take whole, a full read, TLS or a test double's stream come here.
     """
@@ -1063,6 +1058,7 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
                 break
         if prefix:
             await _send_all(client, prefix)
+        handler = pump.hub_handler() if hub is not None else None
         while woken is not _ENDED:
             if alarm.fired:
                 return False  # fired while this task was about to run: both are closed
@@ -1071,12 +1067,11 @@ async def _relay_body(pump: _BodyPump, response_head: bytes, already: bytes, idl
                 await _send_all(client, rest)
                 if pump.complete:
                     break
-            if hub is not None and upstream.drained:
-                woken = await hub.serve(upstream.sock, pump.hub_read)
+            if handler is not None and upstream.drained:
+                assert hub is not None
+                woken = await hub.serve(upstream.sock, handler)
             else:
-                size = await upstream.recv_into(buffer)
-                pump.read = True
-                woken = pump.forward(size)
+                woken = pump.forward(await upstream.recv_into(buffer))
         return pump.complete
     except _ClientGone:
         if alarm.fired:
