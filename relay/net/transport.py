@@ -38,6 +38,10 @@ import trio
 
 from relay.net.hub import ReadHub, running_hub
 
+#: What a socket's ``send`` raises when the kernel (or TLS) takes nothing now: the
+#: write waits, the connection is fine. (For a caller that writes ``sock.send`` itself.)
+WRITE_WOULD_BLOCK: Final = (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError)
+
 #: Operations that complete without blocking before we yield to the scheduler anyway.
 CHECKPOINT_EVERY_OPS: Final = 32
 #: Unsent bytes the kernel may hold per socket before it stops being writable.
@@ -294,7 +298,7 @@ class Transport:
         # The usual write: the kernel takes it all at once.
         try:
             sent = sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except WRITE_WOULD_BLOCK:
             sent = 0
         except (OSError, ValueError) as exc:
             raise TransportClosed(_describe(exc)) from None
@@ -315,7 +319,7 @@ class Transport:
         """
         try:
             return self.sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+        except WRITE_WOULD_BLOCK:
             return 0
         except (OSError, ValueError) as exc:
             raise TransportClosed(_describe(exc)) from None

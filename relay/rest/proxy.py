@@ -56,7 +56,13 @@ from relay.dataplane.routing import Router
 from relay.metrics import RelayMetrics
 from relay.net import http
 from relay.net.timers import Timer, current_timers
-from relay.net.transport import RECEIVE_BYTES, Transport, TransportClosed, open_transport
+from relay.net.transport import (
+    RECEIVE_BYTES,
+    WRITE_WOULD_BLOCK,
+    Transport,
+    TransportClosed,
+    open_transport,
+)
 from relay.protocol import handshake
 from relay.protocol.events import http_error_body
 from relay.protocol.handshake import HandshakeError, RequestHead, ResponseHead
@@ -796,6 +802,7 @@ class _BodyPump:
     __slots__ = (
         "_buffer",
         "_client",
+        "_client_send",
         "_exchange",
         "_feed_usage",
         "_left",
@@ -819,6 +826,7 @@ class _BodyPump:
     ) -> None:
         self._upstream = upstream
         self._client = client
+        self._client_send = client.sock.send
         self._scanner = ChunkedScanner() if chunked else None
         self._left = length if not chunked else None
         self._feed_usage = usage.feed_span
@@ -863,9 +871,12 @@ class _BodyPump:
             done = left == 0
         out: bytes | memoryview = prefix + view[:used] if prefix else view[:used]
         try:
-            # The kernel's first try without a coroutine; only a full socket waits.
-            sent = self._client.send_now(out)
-        except TransportClosed:
+            # The kernel's first try without a coroutine (Transport.send_now's, without
+            # its frame); only a full socket waits.
+            sent = self._client_send(out)
+        except WRITE_WOULD_BLOCK:
+            sent = 0
+        except (OSError, ValueError):  # the socket failed, or is closed
             raise _ClientGone from None
         self._exchange.response_bytes += used
         self.complete = done
