@@ -298,6 +298,23 @@ def test_usage_from_spans_of_a_stream(spans: list[bytes], tokens: tuple[int, int
     assert got == tokens
 
 
+@pytest.mark.parametrize("line_end", [b"\n", b"\r\n", b"\r"], ids=["lf", "crlf", "cr"])
+@pytest.mark.parametrize("piece", [1, 3, 100_000])
+def test_usage_from_a_stream_whatever_its_line_ends(line_end: bytes, piece: int) -> None:
+    usage = b'{"model":"gpt-4.1","usage":{"prompt_tokens":5,"completion_tokens":2}}'
+    stream = line_end.join(
+        [b"event: x", b'data: {"usage":null}', b"", b"data: " + usage, b"", b"data: [DONE]", b""]
+    )
+    reader = UsageReader("text/event-stream")
+    for start in range(0, len(stream), piece):  # cut between a CR and its LF too
+        span = bytearray(stream[start : start + piece])
+        reader.feed_span(span, 0, len(span))
+    reader.finish()
+    assert reader.usage is not None
+    assert (reader.usage.input_text, reader.usage.output_text) == (5, 2)
+    assert reader.model == "gpt-4.1"
+
+
 def test_usage_from_response_completed_and_from_json_bodies() -> None:
     completed = {
         "type": "response.completed",

@@ -489,6 +489,11 @@ class UsageCounts:
         }
 
 
+#: An SSE event's end: a line's end and an empty line's, each CRLF, LF or CR (WHATWG's
+#: event stream; OpenAI's streams use LF alone, other compatible servers may not). A CR
+#: is a line's end alone only when no LF follows it.
+_SSE_LINE_END: Final = rb"(?:\r\n|\n|\r(?!\n))"
+_SSE_EVENT_END: Final = re.compile(_SSE_LINE_END + _SSE_LINE_END)
 #: How a chat chunk's event ends when usage was asked for and this is not the last one.
 _NULL_USAGE_END: Final = b'"usage":null}\n\n'
 
@@ -611,19 +616,20 @@ class UsageReader:
         event = self._event
         event += payload
         while True:
-            end = event.find(b"\n\n")
-            if end < 0:
+            blank = _SSE_EVENT_END.search(event)
+            if blank is None:
                 if len(event) > MAX_SSE_EVENT_BYTES:
                     event.clear()  # too long to read; its end is still found later
                 return
+            end = blank.start()
             if _has_usage_object(event, 0, end):
                 self._read_event(bytes(event[:end]))
-            del event[: end + 2]
+            del event[: blank.end()]
 
     def _read_event(self, text: bytes) -> None:
         self._read_data(
             b"\n".join(
-                line[5:].lstrip(b" ") for line in text.split(b"\n") if line.startswith(b"data:")
+                line[5:].lstrip(b" ") for line in text.splitlines() if line.startswith(b"data:")
             )
         )
 
