@@ -52,6 +52,8 @@ REPO: Final = Path(__file__).resolve().parent.parent
 CLOCK_TICKS_PER_S: Final = os.sysconf("SC_CLK_TCK")
 SIM_KEY: Final = "sk-bench-simulator-key"
 CLIENT_KEY: Final = "bench-client-key"
+#: The path of another work tree's relay (``--relay-before``): a before/after in one run.
+RELAY_BEFORE: Final = "relay@before"
 #: Appended to the simulator's URL for the echo profiles (stream, flat, churn).
 ECHO_QUERY: Final = "sim_mode=echo"
 STARTUP_TIMEOUT_S: Final = 20.0

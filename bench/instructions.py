@@ -51,6 +51,7 @@ from typing import Final
 from harness import (
     CLIENT_KEY,
     NODE_DIR,
+    RELAY_BEFORE,
     REPO,
     Rig,
     free_port,
@@ -328,7 +329,7 @@ def main() -> int:
             if args.relay_before is not None:
                 port = free_port()
                 env = {**rig.relay_env(port, upstream_url), "PYTHONPATH": str(args.relay_before)}
-                plan.append(("relay@before", relay_command, env, port, args.relay_before, ()))
+                plan.append((RELAY_BEFORE, relay_command, env, port, args.relay_before, ()))
             counted = [
                 count(
                     rig,

@@ -72,6 +72,7 @@ from harness import (
     CLIENT_KEY,
     NGINX_PRELUDE,
     NODE_DIR,
+    RELAY_BEFORE,
     REPO,
     SIM_KEY,
     Rig,
@@ -98,9 +99,7 @@ from relay.loadgen import LatencyHistogram
 
 PATHS: Final = ("direct", "relay", "nginx", "litellm")
 #: The paths whose CPU per chunk is put against nginx's.
-PROXIES_X_NGINX: Final = ("relay", "litellm", "relay@before")
-#: ``--relay-before``: another work tree's relay, measured in the same rounds.
-RELAY_BEFORE: Final = "relay@before"
+PROXIES_X_NGINX: Final = ("relay", "litellm", RELAY_BEFORE)
 CLIENTS: Final = ("ours", "node")
 DEFAULT_STREAMS: Final = "50,200"
 DEFAULT_ROUNDS: Final = 3

@@ -60,6 +60,7 @@ from typing import Any, Final
 
 from harness import (
     NODE_DIR,
+    RELAY_BEFORE,
     REPO,
     Rig,
     Spread,
@@ -77,7 +78,7 @@ PATHS: Final = (
     "direct",
     "splice",
     "relay",
-    "relay@before",
+    RELAY_BEFORE,
     "relay/tls",
     "nginx",
     "websockets+uvloop",
@@ -1019,7 +1020,7 @@ def start_paths(running: Rig, before: Path | None = None) -> list[str]:
     running.start_splice(echo_port)
     running.start_relay("relay", upstream)
     if before is not None:
-        running.start_relay("relay@before", upstream, checkout=before)
+        running.start_relay(RELAY_BEFORE, upstream, checkout=before)
     running.start_tls_relay(node_echo=True)
     running.start_nginx(echo_port)
     running.start_websockets_relay(upstream)
@@ -1088,7 +1089,7 @@ def main() -> int:
     with rig(pinned=args.pin, relay_log_level=args.relay_log_level) as running:
         if not args.audio_only and not args.ramp_only:
             paths = start_paths(running, args.relay_before)
-            missing = [path for path in PATHS if path not in paths and path != "relay@before"]
+            missing = [path for path in PATHS if path not in paths and path != RELAY_BEFORE]
             if missing:
                 print(f"stranger: not measured (not installed): {missing}", file=sys.stderr)
             runs = run_rounds(running, settings, paths)
